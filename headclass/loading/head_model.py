@@ -1,0 +1,348 @@
+"""``HeadModel``: the one interface every score and classifier sees.
+
+A HeadModel wraps a TransformerLens model of either generation (a ``TransformerBridge`` in
+compatibility mode on TransformerLens >= 4, a ``HookedTransformer`` on 2.x/3.x) and exposes
+
+* shapes: ``n_layers``, ``n_heads``, ``d_model``, ``d_head``, ``d_vocab``, ``n_key_value_heads``;
+* processed per-head weights (LayerNorm folded, writing weights centred, as HookedTransformer
+  does at load time): ``W_Q, W_K, W_V`` ``[layer, head, d_model, d_head]`` and ``W_O``
+  ``[layer, head, d_head, d_model]``, grouped-query key/value heads expanded to one per query
+  head; ``W_E`` ``[d_vocab, d_model]``, ``W_U`` ``[d_model, d_vocab]``, ``W_pos``
+  ``[n_ctx, d_model]`` or ``None`` for rotary / no positional embedding;
+* tokens: ``tokenizer``, ``bos_token_id``, ``prepends_bos``, :meth:`to_tokens`;
+* :meth:`run_with_patterns`: one forward pass during which a callback receives each layer's
+  attention pattern ``[batch, head, query, key]`` as it is computed, so scores are reduced
+  inside the hook and no cache of all layers is ever held;
+* ``tl_model``: the underlying TransformerLens model, for power users (``run_with_hooks`` etc.).
+
+Tests may pass any object with the same attributes (see :class:`HeadModelLike`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from headclass.errors import ProbeError
+
+__all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name"]
+
+#: Receives ``(layer, pattern)`` with ``pattern`` of shape ``[batch, head, query, key]``.
+PatternCallback = Callable[[int, Tensor], None]
+
+
+def hook_name(layer: int, name: str) -> str:
+    """TransformerLens hook name of a layer's hook point, e.g. ``blocks.3.attn.hook_pattern``."""
+    if name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out"):
+        return f"blocks.{layer}.{name}"
+    return f"blocks.{layer}.attn.{name}"
+
+
+@runtime_checkable
+class HeadModelLike(Protocol):
+    """What scores rely on. :class:`HeadModel` implements it; tests may fake it."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_vocab: int
+
+    def run_with_patterns(
+        self, tokens: Tensor, callback: PatternCallback, *, layers: Optional[Iterable[int]] = None
+    ) -> None: ...
+
+
+def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
+    """Repeat grouped-query key/value heads so that head h uses kv head h // (n_heads / n_kv).
+
+    ``weight``: ``[layer, kv_head, ...]`` -> ``[layer, head, ...]``. Matches the
+    ``repeat_interleave`` TransformerLens and Hugging Face use in grouped-query attention.
+    """
+    n_kv = weight.shape[1]
+    if n_kv == n_heads:
+        return weight
+    if n_heads % n_kv:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}")
+    return weight.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+class HeadModel:
+    """A TransformerLens model seen as a grid of attention heads.
+
+    Build one with :func:`headclass.load_model`; the constructor only stores.
+
+    Parameters
+    ----------
+    tl_model
+        A ``TransformerBridge`` (with ``enable_compatibility_mode()`` applied) or a
+        ``HookedTransformer`` with processed weights.
+    name
+        A display name (the source the user gave, or the alias).
+    backend
+        ``"bridge"`` (TransformerLens >= 4) or ``"hooked"`` (TransformerLens 2.x/3.x).
+    source_kind
+        How it was loaded: ``hub``, ``folder``, ``gguf``, ``object``, ``alias``.
+    """
+
+    def __init__(self, tl_model: Any, *, name: str, backend: str, source_kind: str = "object"):
+        self.tl_model = tl_model
+        self.name = name
+        self.backend = backend
+        self.source_kind = source_kind
+        self._weights: dict[str, Optional[Tensor]] = {}
+
+    # -- shapes ----------------------------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        """The TransformerLens config object (``HookedTransformerConfig`` or bridge config)."""
+        return self.tl_model.cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.cfg.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def d_head(self) -> int:
+        return int(self.cfg.d_head)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.cfg.n_ctx)
+
+    @property
+    def n_key_value_heads(self) -> int:
+        """Key/value heads per layer (< n_heads for grouped-query attention)."""
+        n_kv = getattr(self.cfg, "n_key_value_heads", None)
+        return int(n_kv) if n_kv else self.n_heads
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """``standard`` (learned absolute, GPT-2), ``rotary``, ``shortformer``, ..."""
+        return str(getattr(self.cfg, "positional_embedding_type", "standard"))
+
+    @property
+    def architecture(self) -> str:
+        return str(getattr(self.cfg, "original_architecture", None) or getattr(self.cfg, "architecture", "") or "")
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_E.dtype
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters of the underlying model."""
+        return int(sum(p.numel() for p in self.tl_model.parameters()))
+
+    # -- weights ---------------------------------------------------------------------------
+    def _weight(self, key: str) -> Optional[Tensor]:
+        # Cached: the bridge rebuilds stacked weights on every attribute access.
+        if key not in self._weights:
+            with torch.no_grad():
+                if key == "W_pos":
+                    value = self._positional_weight()
+                else:
+                    value = getattr(self.tl_model, key).detach()
+                    if key in ("W_K", "W_V", "b_K", "b_V"):
+                        value = _expand_kv(value, self.n_heads)
+            self._weights[key] = value
+        return self._weights[key]
+
+    def _positional_weight(self) -> Optional[Tensor]:
+        if self.positional_embedding_type not in ("standard", "shortformer"):
+            return None
+        try:
+            return self.tl_model.W_pos.detach()
+        except AttributeError:
+            return None
+
+    @property
+    def W_Q(self) -> Tensor:
+        """Query weights ``[layer, head, d_model, d_head]`` (LayerNorm folded in)."""
+        return self._weight("W_Q")
+
+    @property
+    def W_K(self) -> Tensor:
+        """Key weights ``[layer, head, d_model, d_head]``, GQA heads expanded."""
+        return self._weight("W_K")
+
+    @property
+    def W_V(self) -> Tensor:
+        """Value weights ``[layer, head, d_model, d_head]``, GQA heads expanded."""
+        return self._weight("W_V")
+
+    @property
+    def W_O(self) -> Tensor:
+        """Output weights ``[layer, head, d_head, d_model]`` (centred)."""
+        return self._weight("W_O")
+
+    @property
+    def b_Q(self) -> Tensor:
+        """Query biases ``[layer, head, d_head]``."""
+        return self._weight("b_Q")
+
+    @property
+    def b_K(self) -> Tensor:
+        """Key biases ``[layer, head, d_head]``, GQA heads expanded."""
+        return self._weight("b_K")
+
+    @property
+    def W_E(self) -> Tensor:
+        """Token embedding ``[d_vocab, d_model]``."""
+        return self._weight("W_E")
+
+    @property
+    def W_U(self) -> Tensor:
+        """Unembedding ``[d_model, d_vocab]`` (centred, final LayerNorm folded in)."""
+        return self._weight("W_U")
+
+    @property
+    def W_pos(self) -> Optional[Tensor]:
+        """Learned absolute positions ``[n_ctx, d_model]``; ``None`` for rotary models."""
+        return self._weight("W_pos")
+
+    # -- tokens ----------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer, or ``None`` for models built without one."""
+        return getattr(self.tl_model, "tokenizer", None)
+
+    @property
+    def bos_token_id(self) -> Optional[int]:
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        if bos is None:
+            bos = getattr(self.cfg, "bos_token_id", None)
+        return int(bos) if bos is not None else None
+
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether the model expects a BOS token at position 0 (TransformerLens' default)."""
+        return bool(getattr(self.cfg, "default_prepend_bos", True)) and self.bos_token_id is not None
+
+    def special_token_ids(self) -> set[int]:
+        """Ids the tokenizer marks as special (BOS, EOS, PAD, chat markers...)."""
+        ids: set[int] = set()
+        tok = self.tokenizer
+        if tok is not None:
+            ids.update(int(i) for i in getattr(tok, "all_special_ids", []) if i is not None)
+            added = getattr(tok, "added_tokens_decoder", {}) or {}
+            ids.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+        if self.bos_token_id is not None:
+            ids.add(self.bos_token_id)
+        return {i for i in ids if 0 <= i < self.d_vocab}
+
+    def to_tokens(self, texts: Union[str, Sequence[str]], *, max_tokens: Optional[int] = None) -> list[Tensor]:
+        """Tokenise texts, BOS prepended exactly when :attr:`prepends_bos`.
+
+        Returns one 1-D id tensor per text (lengths differ; probes cut them to a common length).
+        """
+        tok = self.tokenizer
+        if tok is None:
+            raise ProbeError(
+                f"model {self.name!r} has no tokenizer, so text cannot be tokenised; "
+                "pass token id tensors instead."
+            )
+        if isinstance(texts, str):
+            texts = [texts]
+        out = []
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if self.prepends_bos:
+                ids = [self.bos_token_id] + list(ids)
+            if max_tokens is not None:
+                ids = ids[:max_tokens]
+            out.append(torch.tensor(ids, dtype=torch.long))
+        return out
+
+    def check_tokens(self, tokens: Tensor) -> Tensor:
+        """Validate a token batch ``[batch, pos]`` and move it to the model's device."""
+        if not isinstance(tokens, Tensor):
+            raise ProbeError(f"tokens must be a torch.Tensor of ids; got {type(tokens).__name__}.")
+        if tokens.ndim != 2:
+            raise ProbeError(f"tokens must have shape [batch, pos]; got shape {tuple(tokens.shape)}.")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ProbeError(f"token batch is empty (shape {tuple(tokens.shape)}); give at least one token.")
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ProbeError(f"tokens must be integer ids; got dtype {tokens.dtype}.")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.d_vocab:
+            raise ProbeError(
+                f"token ids must lie in [0, {self.d_vocab - 1}] for model {self.name!r}; "
+                f"got ids in [{low}, {high}]."
+            )
+        if tokens.shape[1] > self.n_ctx:
+            raise ProbeError(
+                f"sequences of {tokens.shape[1]} tokens exceed the model's context of {self.n_ctx}."
+            )
+        return tokens.to(device=self.device, dtype=torch.long)
+
+    # -- running ---------------------------------------------------------------------------
+    def run_with_patterns(
+        self,
+        tokens: Tensor,
+        callback: PatternCallback,
+        *,
+        layers: Optional[Iterable[int]] = None,
+    ) -> None:
+        """Run ``tokens`` ``[batch, pos]``; ``callback(layer, pattern)`` sees each layer's pattern.
+
+        ``pattern`` is ``[batch, head, query, key]`` (softmax over keys, causal), valid only
+        during the call: reduce it there, do not keep it. The forward stops after the last
+        requested layer (no unembedding), so only one layer's pattern is alive at a time.
+        """
+        tokens = self.check_tokens(tokens)
+        wanted = sorted(set(range(self.n_layers) if layers is None else layers))
+        if not wanted:
+            return
+
+        def make_hook(layer: int) -> Callable[[Tensor, Any], None]:
+            def hook(pattern: Tensor, hook: Any) -> None:
+                callback(layer, pattern.detach())
+
+            return hook
+
+        fwd_hooks = [(hook_name(layer, "hook_pattern"), make_hook(layer)) for layer in wanted]
+        stop = wanted[-1] + 1
+        with torch.no_grad():
+            self.tl_model.run_with_hooks(
+                tokens,
+                return_type=None,
+                fwd_hooks=fwd_hooks,
+                stop_at_layer=stop if stop < self.n_layers else None,
+            )
+
+    def forward(self, tokens: Tensor, **kwargs: Any) -> Any:
+        """The TransformerLens forward (``return_type`` etc. passed through)."""
+        return self.tl_model(self.check_tokens(tokens), **kwargs)
+
+    def run_with_hooks(self, tokens: Tensor, **kwargs: Any) -> Any:
+        """TransformerLens ``run_with_hooks`` on validated tokens."""
+        return self.tl_model.run_with_hooks(self.check_tokens(tokens), **kwargs)
+
+    def __repr__(self) -> str:
+        kv = f", kv_heads={self.n_key_value_heads}" if self.n_key_value_heads != self.n_heads else ""
+        return (
+            f"HeadModel({self.name!r}, layers={self.n_layers}, heads={self.n_heads}{kv}, "
+            f"d_model={self.d_model}, d_head={self.d_head}, vocab={self.d_vocab}, "
+            f"backend={self.backend!r})"
+        )

