@@ -15,15 +15,32 @@ import torch
 import headclass
 
 
+def save_word_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """Save a whitespace word-level tokenizer: ``"t5 t7"`` -> ``[5, 7]``, id 0 is BOS/EOS/PAD."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = "<|endoftext|>"
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token=special, eos_token=special,
+                            unk_token=special, pad_token=special).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_gpt2(folder: Path, *, n_layer: int = 2, n_head: int = 4, n_embd: int = 64,
-                   vocab_size: int = 128, n_positions: int = 64, seed: int = 0) -> Path:
-    """Save a randomly initialised GPT-2 (no tokenizer) with ``save_pretrained``."""
+                   vocab_size: int = 128, n_positions: int = 64, seed: int = 0,
+                   with_tokenizer: bool = False) -> Path:
+    """Save a randomly initialised GPT-2 with ``save_pretrained`` (and a word tokenizer if asked)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
                         n_positions=n_positions, bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(folder)
+    if with_tokenizer:
+        save_word_tokenizer(folder, vocab_size)
     return folder
 
 

@@ -23,7 +23,7 @@ import torch
 
 from headclass.errors import HeadclassError, ModelNotFoundError
 from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
-from headclass.loading.backends import available_backends, build_tl_model
+from headclass.loading.backends import available_backends, build_tl_model, has_tokenizer_files
 from headclass.loading.head_model import HeadModel, HeadModelLike, PatternCallback, hook_name
 from headclass.loading.sources import (
     check_causal_config,
@@ -85,7 +85,8 @@ def load_model(
         label = name or getattr(source.config, "_name_or_path", "") or type(source).__name__
         tl_model = build_tl_model(backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer,
                                   device=device, dtype=dtype)
-        return HeadModel(tl_model, name=str(label), backend=backend, source_kind="object")
+        return HeadModel(tl_model, name=str(label), backend=backend, source_kind="object",
+                         tokenizer=tokenizer, bos_token_id=_config_bos(source.config))
 
     if not isinstance(source, (str, os.PathLike)):
         raise ModelNotFoundError(
@@ -104,29 +105,46 @@ def load_model(
 
             raise ModelFileError(f"no file or folder at {text!r}.")
         if path.is_dir():
-            read_folder_config(path)
-            tl_model = build_tl_model(backend, folder=str(path.resolve()), tokenizer=tokenizer,
-                                      device=device, dtype=dtype)
-            return HeadModel(tl_model, name=name or path.name, backend=backend, source_kind="folder")
+            return _load_folder(path, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer,
+                                name=name or path.name, source_kind="folder")
         hf_model, gguf_tokenizer = load_gguf(path, dtype)
-        tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer or gguf_tokenizer,
-                                  device=device, dtype=dtype)
-        return HeadModel(tl_model, name=name or path.stem, backend=backend, source_kind="gguf")
+        tokenizer = tokenizer or gguf_tokenizer
+        tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+        return HeadModel(tl_model, name=name or path.stem, backend=backend, source_kind="gguf",
+                         tokenizer=tokenizer, bos_token_id=_config_bos(hf_model.config))
 
+    return _load_hub(text, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer,
+                     name=name or text, source_kind="hub")
+
+
+def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
     hub_name = resolve_hub_name(text)
     tl_model = build_tl_model(backend, hub_name=hub_name, tokenizer=tokenizer, device=device, dtype=dtype)
-    return HeadModel(tl_model, name=name or text, backend=backend, source_kind="hub")
+    return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind)
 
 
 def _load_alias(alias: ModelAlias, *, device, dtype, backend, name) -> HeadModel:
     label = name or alias.alias
     if alias.kind == "hub":
-        model = load_model(alias.name, device=device, dtype=dtype, backend=backend, name=label)
-        model.source_kind = "alias"
-        return model
-    folder = _dequantised_folder(alias)
-    tl_model = build_tl_model(backend, folder=str(folder), device=device, dtype=dtype)
-    return HeadModel(tl_model, name=label, backend=backend, source_kind="alias")
+        return _load_hub(alias.name, device=device, dtype=dtype, backend=backend, tokenizer=None,
+                         name=label, source_kind="alias")
+    return _load_folder(_dequantised_folder(alias), device=device, dtype=dtype, backend=backend,
+                        tokenizer=None, name=label, source_kind="alias")
+
+
+def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
+    config = read_folder_config(path)
+    folder = str(path.resolve())
+    tl_model = build_tl_model(backend, folder=folder, tokenizer=tokenizer, device=device, dtype=dtype)
+    if tokenizer is None and has_tokenizer_files(folder):
+        tokenizer = tl_model.tokenizer  # loaded from the folder by the backend
+    return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind,
+                     tokenizer=tokenizer, bos_token_id=_config_bos(config))
+
+
+def _config_bos(config: Any) -> Optional[int]:
+    bos = getattr(config, "bos_token_id", None)
+    return int(bos) if isinstance(bos, int) else None
 
 
 def _dequantised_folder(alias: ModelAlias) -> Path:

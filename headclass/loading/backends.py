@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["transformer_lens_major", "available_backends", "build_tl_model"]
+__all__ = ["transformer_lens_major", "available_backends", "build_tl_model", "placeholder_tokenizer", "has_tokenizer_files"]
 
 _PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
 
@@ -81,16 +82,22 @@ def build_tl_model(
 def _build_bridge(hub_name, folder, hf_model, tokenizer, device, dtype):
     from transformer_lens.model_bridge import TransformerBridge
 
-    if hf_model is not None:
-        name = getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
-        bridge = TransformerBridge.boot_transformers(
-            str(name), hf_model=hf_model.to(device=device, dtype=dtype), tokenizer=tokenizer,
-            device=device, dtype=dtype,
-        )
-    else:
-        bridge = TransformerBridge.boot_transformers(
-            hub_name or folder, device=device, dtype=dtype, tokenizer=tokenizer
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is None and hub_name is None and (folder is None or not has_tokenizer_files(folder)):
+            # TransformerLens 4 insists on a tokenizer (and reloads it from its path); a model
+            # saved without one gets a placeholder, and HeadModel reports tokenizer=None.
+            config = hf_model.config if hf_model is not None else _folder_config(folder)
+            tokenizer = placeholder_tokenizer(config, tmp)
+        if hf_model is not None:
+            name = getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
+            bridge = TransformerBridge.boot_transformers(
+                str(name), hf_model=hf_model.to(device=device, dtype=dtype), tokenizer=tokenizer,
+                device=device, dtype=dtype,
+            )
+        else:
+            bridge = TransformerBridge.boot_transformers(
+                hub_name or folder, device=device, dtype=dtype, tokenizer=tokenizer
+            )
     bridge.enable_compatibility_mode(disable_warnings=True, **_PROCESSING)
     bridge.eval()
     return bridge
@@ -117,6 +124,8 @@ def _build_hooked(hub_name, folder, hf_model, tokenizer, device, dtype):
             config.n_ctx = config.n_positions
         config.save_pretrained(tmp)
         cfg = loading.get_pretrained_model_config(tmp, fold_ln=True, device=device, dtype=dtype)
+        if tokenizer is None:
+            cfg.tokenizer_name = None  # otherwise it tries to load one from the config-only folder
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
         state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf_model=hf_model, dtype=dtype)
     model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **_PROCESSING)
@@ -125,9 +134,40 @@ def _build_hooked(hub_name, folder, hf_model, tokenizer, device, dtype):
     return model
 
 
+def _folder_config(folder: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def placeholder_tokenizer(config: Any, folder: str) -> Any:
+    """A word-level tokenizer ``t0 .. t{V-1}`` standing in for a model saved without one.
+
+    Saved to ``folder`` and read back, since TransformerLens reloads tokenizers by path.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(int(config.vocab_size))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    bos = getattr(config, "bos_token_id", None)
+    special = f"t{bos}" if bos is not None and 0 <= bos < len(vocab) else "t0"
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token=special, eos_token=special,
+                            unk_token="t0", pad_token=special).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    return any((Path(folder) / name).is_file() for name in names)
+
+
 def _folder_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
+    if not has_tokenizer_files(path):
+        return None
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):

@@ -29,6 +29,8 @@ from headclass.errors import ProbeError
 
 __all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name"]
 
+_FROM_TL_MODEL = object()
+
 #: Receives ``(layer, pattern)`` with ``pattern`` of shape ``[batch, head, query, key]``.
 PatternCallback = Callable[[int, Tensor], None]
 
@@ -86,13 +88,30 @@ class HeadModel:
         ``"bridge"`` (TransformerLens >= 4) or ``"hooked"`` (TransformerLens 2.x/3.x).
     source_kind
         How it was loaded: ``hub``, ``folder``, ``gguf``, ``object``, ``alias``.
+    tokenizer
+        The user-facing tokenizer; by default the TransformerLens model's. ``None`` for models
+        saved without one (TransformerLens 4 is then given a placeholder it requires, which is
+        never shown to users).
+    bos_token_id
+        BOS id from the Hugging Face config, used when there is no tokenizer.
     """
 
-    def __init__(self, tl_model: Any, *, name: str, backend: str, source_kind: str = "object"):
+    def __init__(
+        self,
+        tl_model: Any,
+        *,
+        name: str,
+        backend: str,
+        source_kind: str = "object",
+        tokenizer: Any = _FROM_TL_MODEL,
+        bos_token_id: Optional[int] = None,
+    ):
         self.tl_model = tl_model
         self.name = name
         self.backend = backend
         self.source_kind = source_kind
+        self._tokenizer = getattr(tl_model, "tokenizer", None) if tokenizer is _FROM_TL_MODEL else tokenizer
+        self._bos_token_id = bos_token_id
         self._weights: dict[str, Optional[Tensor]] = {}
 
     # -- shapes ----------------------------------------------------------------------------
@@ -224,15 +243,16 @@ class HeadModel:
     @property
     def tokenizer(self) -> Any:
         """The Hugging Face tokenizer, or ``None`` for models built without one."""
-        return getattr(self.tl_model, "tokenizer", None)
+        return self._tokenizer
 
     @property
     def bos_token_id(self) -> Optional[int]:
+        """BOS id: the tokenizer's, else the model config's; ``None`` when neither has one."""
         tok = self.tokenizer
         bos = getattr(tok, "bos_token_id", None) if tok is not None else None
         if bos is None:
-            bos = getattr(self.cfg, "bos_token_id", None)
-        return int(bos) if bos is not None else None
+            bos = self._bos_token_id
+        return int(bos) if bos is not None and 0 <= int(bos) < self.d_vocab else None
 
     @property
     def prepends_bos(self) -> bool:
@@ -346,3 +366,43 @@ class HeadModel:
             f"d_model={self.d_model}, d_head={self.d_head}, vocab={self.d_vocab}, "
             f"backend={self.backend!r})"
         )
+
+    def run_from_layer(
+        self,
+        resid: Tensor,
+        start_layer: int,
+        *,
+        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+        return_type: Optional[str] = "logits",
+    ) -> Any:
+        """Resume the forward at block ``start_layer``; blocks below it are not run.
+
+        ``resid`` ``[batch, pos, d_model]`` is the residual stream entering that block (what
+        ``blocks.{start_layer}.hook_resid_pre`` saw in an earlier run; its batch may differ,
+        e.g. replicated). Returns what the TransformerLens forward returns for ``return_type``
+        (``"logits"``: ``[batch, pos, d_vocab]``); ``fwd_hooks`` as in ``run_with_hooks``.
+
+        ``HookedTransformer(start_at_layer=...)`` skips the earlier blocks itself. The
+        TransformerLens 4 bridge still runs blocks ``0..start_layer-1`` and discards their
+        output, so here their wrapped Hugging Face layers are made pass-throughs for the
+        call: the same logits (bit for bit on the models tested) at a fraction of the cost.
+        """
+        if not 0 <= start_layer < self.n_layers:
+            raise ValueError(f"start_layer must be in [0, {self.n_layers - 1}]; got {start_layer}.")
+        run = lambda: self.tl_model.run_with_hooks(  # noqa: E731
+            resid, start_at_layer=start_layer, fwd_hooks=list(fwd_hooks), return_type=return_type
+        )
+        if self.backend != "bridge" or start_layer == 0:
+            return run()
+
+        def passthrough(*args: Any, **kwargs: Any) -> Any:
+            return args[0] if args else kwargs["hidden_states"]
+
+        skipped = [self.tl_model.blocks[i].original_component for i in range(start_layer)]
+        try:
+            for layer in skipped:  # instance attribute shadows the class's forward
+                layer.forward = passthrough
+            return run()
+        finally:
+            for layer in skipped:
+                layer.__dict__.pop("forward", None)

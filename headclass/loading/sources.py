@@ -163,16 +163,14 @@ def rebuild_from_config(hf_model: Any) -> Any:
     The GGUF reader leaves a ``quantization_config`` and GGUF bookkeeping on the model that
     TransformerLens' adapters do not expect; rebuilding from a clean config drops them.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     config = hf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     dtype = next(hf_model.parameters()).dtype
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    fresh.load_state_dict(hf_model.state_dict(), strict=True, assign=True)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fresh.load_state_dict(hf_model.state_dict(), strict=True)
     if getattr(config, "tie_word_embeddings", False):
         fresh.tie_weights()
     return fresh.eval()
@@ -195,7 +193,7 @@ def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    except (ValueError, OSError, KeyError, RuntimeError, IndexError) as exc:
+    except Exception as exc:  # the reader raises struct/KeyError/ValueError... on bad files
         raise ModelFileError(f"cannot read GGUF file {str(path)!r} (corrupt or unsupported): {exc}") from None
     check_causal_config(hf_model.config, f"GGUF file {str(path)!r}")
     return rebuild_from_config(hf_model), tokenizer

@@ -1,0 +1,551 @@
+"""Weight-based head scores: what a head's circuits do, read from its weights alone.
+
+No forward pass on text: every score here is a function of the processed weights a
+:class:`~headclass.loading.HeadModel` exposes (LayerNorm folded, writing weights centred), in
+TransformerLens' row-vector convention: a residual vector ``x`` is read as ``x @ W_V``, so a head's
+OV circuit is ``W_OV = W_V @ W_O`` (``[d_model, d_model]``) and its QK circuit
+``W_QK = W_Q @ W_K^T``. Nothing ``d_model x d_model`` per head, nor ``vocab x vocab``, is ever
+built: every quantity goes through ``d_head x d_head`` factors (thin QR of the
+``[d_model, d_head]`` weights, cyclic permutation of products).
+
+:func:`weight_scores` returns every score below as a ``[layer, head]`` tensor, in one call:
+
+==========================  ============  ==========================================================
+key                         range         meaning (function that documents it)
+==========================  ============  ==========================================================
+``copy_eigen``              [-1, 1]       ``sum(eig) / sum(|eig|)`` of the full OV circuit
+                                          ``W_E W_V W_O W_U`` (:func:`copy_eigen_score`)
+``copy_topk``               [0, 1]        fraction of sampled tokens whose own logit is among the
+                                          head's top-k OV logits (:func:`topk_copy_scores`)
+``copy_suppression_topk``   [0, 1]        ... among the k most negative (:func:`topk_copy_scores`)
+``ov_identity_distance``    [0, 1]        relative distance of ``W_OV`` to the best ``c * I``
+``ov_projection_distance``  [0, 1]        relative distance to the best ``c * P_row(W_OV)``
+``ov_norm``                 >= 0          ``||W_OV||_F``
+``ov_norm_relative``        >= 0          ``ov_norm`` / median ``ov_norm`` of the head's layer
+``writes_nothing``          bool          ``ov_norm_relative < writes_nothing_below`` (0.01)
+``ov_effective_rank``       [1, d_head]   participation ratio of ``W_OV``'s singular values
+``qk_effective_rank``       [1, d_head]   the same for ``W_QK``
+``positional_prev_token``   [0, 1]        weights-only previous-token indicator from
+                                          ``W_pos W_QK W_pos^T``; only for learned absolute
+                                          positions (absent for rotary models)
+==========================  ============  ==========================================================
+
+(:func:`ov_svd_scores` documents the five ``ov_*`` / ``qk_*`` keys and ``writes_nothing``;
+:func:`positional_prev_token_score` the last.) The full singular-value spectra, for plots, come
+from :func:`ov_singular_values` and :func:`qk_singular_values`.
+
+Sources: Elhage et al. (2021), *A Mathematical Framework for Transformer Circuits* (OV/QK
+circuits, eigenvalue copying score); Wang et al. (2022), *Interpretability in the Wild* (IOI:
+top-k copy score, effective embedding); McDougall et al. (2023), *Copy Suppression*.
+
+Examples
+--------
+>>> import headclass
+>>> from headclass.scores.weights import weight_scores
+>>> model = headclass.load_model("smollm2-135m")
+>>> scores = weight_scores(model)
+>>> scores["copy_eigen"].shape
+torch.Size([30, 9])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from headclass.config import HeadclassConfig, load_config
+from headclass.errors import ScoreError
+
+__all__ = [
+    "WEIGHT_SCORE_KEYS",
+    "weight_scores",
+    "effective_embedding",
+    "ov_circuit_eigenvalues",
+    "copy_eigen_score",
+    "copy_token_sample",
+    "topk_copy_scores",
+    "ov_singular_values",
+    "qk_singular_values",
+    "ov_svd_scores",
+    "identity_distance",
+    "projection_distance",
+    "participation_ratio",
+    "positional_prev_token_score",
+    "r_factor",
+]
+
+#: Every key :func:`weight_scores` can return (``positional_prev_token`` only for models with
+#: learned absolute position embeddings).
+WEIGHT_SCORE_KEYS: tuple[str, ...] = (
+    "copy_eigen",
+    "copy_topk",
+    "copy_suppression_topk",
+    "ov_identity_distance",
+    "ov_projection_distance",
+    "ov_norm",
+    "ov_norm_relative",
+    "writes_nothing",
+    "ov_effective_rank",
+    "qk_effective_rank",
+    "positional_prev_token",
+)
+
+#: Default cutoff of ``writes_nothing``: OV norm below 1% of the layer's median.
+WRITES_NOTHING_BELOW = 0.01
+
+# Singular values below this fraction of a head's largest count as zero when the rank of its
+# row space is taken (ov_projection_distance). fp32 factors carry ~1e-6 relative noise.
+_RANK_RTOL = 1e-4
+
+# Bytes of one block of logits in the top-k copy scores (bounds memory, keeps blocks in cache).
+_TOPK_BLOCK_BYTES = 1 << 25
+
+
+# -- shared helpers ----------------------------------------------------------------------------
+
+def _f32(x: Tensor) -> Tensor:
+    """Half-precision weights are upcast: eigenvalues and ranks need at least fp32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _layers(model: Any, desc: str, progress: bool) -> Iterable[int]:
+    layers = range(int(model.n_layers))
+    if not progress:
+        return layers
+    from tqdm.auto import tqdm
+
+    return tqdm(layers, desc=desc, leave=False)
+
+
+def r_factor(weight: Tensor) -> Tensor:
+    """``R`` of the thin QR ``weight = Q R``: ``[..., m, n]`` (m >= n) -> ``[..., n, n]``.
+
+    ``R^T R = weight^T weight``, so for any ``M``: ``||weight @ M||_F = ||R @ M||_F`` and the
+    singular values of ``weight @ M`` are those of ``R @ M``. This is how ``d_model``-sized
+    factors shrink to ``d_head x d_head`` ones everywhere in this module and in
+    :mod:`headclass.scores.composition`.
+    """
+    return torch.linalg.qr(_f32(weight), mode="r")[1]
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
+        raise ScoreError(f"The {name!r} parameter must be a float in [0, 1). Got {value!r}.")
+    return float(value)
+
+
+# -- embeddings --------------------------------------------------------------------------------
+
+def effective_embedding(model: Any, *, chunk_size: int = 4096) -> Tensor:
+    """The token embedding as layer 1 sees it: ``W_E + MLP0(LN(W_E))``, ``[d_vocab, d_model]``.
+
+    In GPT-2 the first MLP works as an extension of the embedding, so the IOI paper (Wang et al.
+    2022) and the copy-suppression paper (McDougall et al. 2023) read OV circuits of later heads
+    through this "effective embedding" instead of ``W_E``. Here each token embedding goes through
+    the first block's second normalisation and MLP alone: layer 0's attention output and the
+    position embedding are left out (the token by itself, as in those papers' simplest form).
+
+    It runs the model's own ``tl_model.blocks[0].ln2`` and ``.mlp`` modules, so it works for both
+    TransformerLens backends and for any MLP they implement (GPT-2's, gated Llama MLPs with
+    RMSNorm, ...). A model without a first MLP (attention-only) or without a TransformerLens
+    model behind it (a test fake) raises :class:`ScoreError`.
+    """
+    blocks = getattr(getattr(model, "tl_model", None), "blocks", None)
+    try:
+        block = blocks[0]
+        norm, mlp = block.ln2, block.mlp
+    except (AttributeError, IndexError, TypeError, KeyError):
+        norm = mlp = None
+    if norm is None or mlp is None:
+        raise ScoreError(
+            f"effective_embedding needs the first block's MLP (tl_model.blocks[0].ln2 and .mlp); "
+            f"model {getattr(model, 'name', model)!r} has none (attention-only, or not a "
+            "TransformerLens model). Use effective_embedding=False."
+        )
+    W_E = model.W_E
+    out = torch.empty_like(W_E)
+    with torch.no_grad():
+        for start in range(0, W_E.shape[0], chunk_size):
+            rows = W_E[start:start + chunk_size]
+            out[start:start + chunk_size] = rows + mlp(norm(rows[None]))[0].to(rows.dtype)
+    return out
+
+
+def _embedding(model: Any, effective: bool) -> Tensor:
+    return _f32(effective_embedding(model) if effective else model.W_E)
+
+
+# -- 1. eigenvalue copying score ---------------------------------------------------------------
+
+def _ov_eigenvalues(model: Any, embedding: Tensor, progress: bool = False) -> Tensor:
+    # Non-zero eigenvalues of E W_V W_O W_U (vocab x vocab) are those of W_O (W_U E) W_V
+    # (d_head x d_head): eig(AB) and eig(BA) share their non-zero part.
+    unembed_embed = _f32(model.W_U) @ embedding  # [d_model, d_model], once per model
+    out = []
+    for layer in _layers(model, "OV eigenvalues", progress):
+        small = (_f32(model.W_O[layer]) @ unembed_embed) @ _f32(model.W_V[layer])
+        out.append(torch.linalg.eigvals(small.double()))
+    return torch.stack(out)
+
+
+def ov_circuit_eigenvalues(model: Any, *, effective_embedding: bool = False) -> Tensor:
+    """Non-zero eigenvalues of every head's full OV circuit, ``Complex[Tensor, "layer head d_head"]``.
+
+    The full OV circuit ``W_E W_V W_O W_U`` (``[d_vocab, d_vocab]``: how attending to a source
+    token moves each output logit) has rank <= ``d_head``; its non-zero eigenvalues equal those
+    of ``W_O (W_U W_E) W_V`` (``d_head x d_head``), computed here with ``W_U W_E`` formed once
+    per model. With ``effective_embedding=True`` the embedding is :func:`effective_embedding`.
+    """
+    return _ov_eigenvalues(model, _embedding(model, effective_embedding))
+
+
+def copy_eigen_score(eigenvalues: Tensor) -> Tensor:
+    """Eigenvalue copying score ``sum(eig) / sum(|eig|)`` in [-1, 1] (Elhage et al. 2021).
+
+    ``eigenvalues``: ``[..., n]`` complex (or real). ``sum(eig)`` is the trace, real for a real
+    matrix. +1: every eigenvalue is real and positive (attending to a token raises that token's
+    logit: copying); -1: all negative (suppression); near 0: no consistent sign. A head whose
+    eigenvalues are all zero gets 0. Returns a float32 tensor ``[...]``.
+    """
+    total = eigenvalues.sum(-1).real if eigenvalues.is_complex() else eigenvalues.sum(-1)
+    magnitude = eigenvalues.abs().sum(-1)
+    score = torch.where(magnitude > 0, total / magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny),
+                        torch.zeros_like(magnitude))
+    return score.clamp(-1.0, 1.0).float()
+
+
+# -- 2. top-k copy and copy-suppression scores -------------------------------------------------
+
+def copy_token_sample(model: Any, sample_size: int, *, seed: int = 0) -> Tensor:
+    """Sorted ids of ``sample_size`` ordinary tokens drawn without replacement (seeded).
+
+    Ordinary: not one of ``model.special_token_ids()`` (BOS, EOS, PAD, chat markers) and below
+    the tokenizer's length when the embedding is padded beyond it. All ordinary ids when there
+    are no more than ``sample_size``.
+    """
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+        raise ScoreError(f"The 'copy_sample_size' parameter must be an int >= 1. Got {sample_size!r}.")
+    n_ids = int(model.d_vocab)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        try:
+            n_ids = min(n_ids, len(tokenizer))
+        except TypeError:
+            pass
+    keep = torch.ones(n_ids, dtype=torch.bool)
+    special = getattr(model, "special_token_ids", None)
+    for token in (special() if callable(special) else ()):
+        if 0 <= token < n_ids:
+            keep[token] = False
+    ordinary = keep.nonzero().squeeze(1)
+    if ordinary.numel() == 0:
+        raise ScoreError(f"model {getattr(model, 'name', model)!r} has no ordinary tokens to sample.")
+    if ordinary.numel() <= sample_size:
+        return ordinary
+    generator = torch.Generator().manual_seed(int(seed))
+    chosen = torch.randperm(ordinary.numel(), generator=generator)[:sample_size]
+    return ordinary[chosen].sort().values
+
+
+def _topk_counts(model: Any, embedding: Tensor, tokens: Tensor, top_k: int,
+                 progress: bool = False) -> tuple[Tensor, Tensor]:
+    W_U = _f32(model.W_U)
+    n_vocab = W_U.shape[1]
+    d_head = int(model.d_head)
+    n_heads = int(model.n_heads)
+    sources = embedding[tokens]  # [sample, d_model]
+    # Heads per block: their W_O W_U ([head, d_head, vocab]) within one block of bytes; rows per
+    # block: the logits [head, rows, vocab] within another.
+    heads_per_block = max(1, min(n_heads, _TOPK_BLOCK_BYTES * 4 // (d_head * n_vocab * 4)))
+    copies = torch.zeros(model.n_layers, n_heads, dtype=torch.long)
+    suppressions = torch.zeros_like(copies)
+    for layer in _layers(model, "top-k copy", progress):
+        for h0 in range(0, n_heads, heads_per_block):
+            h1 = min(n_heads, h0 + heads_per_block)
+            out_logits = _f32(model.W_O[layer, h0:h1]) @ W_U          # [h, d_head, vocab]
+            values = sources @ _f32(model.W_V[layer, h0:h1])          # [h, sample, d_head]
+            rows = max(1, _TOPK_BLOCK_BYTES // ((h1 - h0) * n_vocab * 4))
+            for s0 in range(0, tokens.numel(), rows):
+                s1 = min(tokens.numel(), s0 + rows)
+                logits = values[:, s0:s1] @ out_logits                 # [h, rows, vocab]
+                own = logits.gather(2, tokens[s0:s1].view(1, -1, 1).expand(h1 - h0, -1, 1))
+                # Rank = number of strictly larger logits: own token in the top k iff rank < k.
+                above = (logits > own).sum(-1)
+                below = (logits < own).sum(-1)
+                copies[layer, h0:h1] += (above < top_k).sum(-1)
+                suppressions[layer, h0:h1] += (below < top_k).sum(-1)
+    return copies, suppressions
+
+
+def topk_copy_scores(
+    model: Any,
+    *,
+    top_k: int = 5,
+    sample_size: int = 2000,
+    seed: int = 0,
+    effective_embedding: bool = False,
+    tokens: Optional[Tensor] = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Top-k copy and copy-suppression scores (IOI paper; ARENA 1.4), ``[layer, head]`` in [0, 1].
+
+    For each sampled token ``t`` the head's direct effect on the logits when it attends to ``t``
+    is ``W_E[t] @ W_V @ W_O @ W_U`` (``vocab`` logits; the effective embedding with
+    ``effective_embedding=True``). Then
+
+    * ``copy_topk``: the fraction of sampled tokens whose own logit is among the ``top_k`` largest
+      (Wang et al. 2022 call such a head a copying head; they use the effective embedding);
+    * ``copy_suppression_topk``: the fraction whose own logit is among the ``top_k`` most negative,
+      i.e. the top-k of the negated logits (McDougall et al. 2023).
+
+    Ranks count strictly larger (smaller) logits over the whole vocabulary, so ties never help.
+    The sample is :func:`copy_token_sample` (special tokens excluded) unless ``tokens`` (1-D ids)
+    is given. Logits are computed as ``(W_E[t] W_V) (W_O W_U)`` in blocks of heads and tokens;
+    ``[heads, sample, vocab]`` is never held at once.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ScoreError(f"The 'top_k' parameter must be an int >= 1. Got {top_k!r}.")
+    if tokens is None:
+        tokens = copy_token_sample(model, sample_size, seed=seed)
+    else:
+        tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+        if tokens.numel() == 0 or int(tokens.min()) < 0 or int(tokens.max()) >= model.d_vocab:
+            raise ScoreError(f"tokens must be a non-empty 1-D tensor of ids in [0, {model.d_vocab - 1}].")
+    embedding = _embedding(model, effective_embedding)
+    with torch.no_grad():
+        copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device), top_k, progress)
+    n = float(tokens.numel())
+    return {"copy_topk": copies.float() / n, "copy_suppression_topk": suppressions.float() / n}
+
+
+# -- 3. singular values, identity-likeness -----------------------------------------------------
+
+def _svdvals(left: Tensor, right: Tensor) -> Tensor:
+    """Singular values of ``left @ right^T`` for ``left, right: [head, d_model, d_head]``."""
+    return torch.linalg.svdvals(r_factor(left) @ r_factor(right).mT)
+
+
+def ov_singular_values(model: Any, *, progress: bool = False) -> Tensor:
+    """Singular values of every head's ``W_OV = W_V W_O``, ``[layer, head, d_head]``, descending.
+
+    With ``W_V = Q_V R_V`` and ``W_O^T = Q_O R_O`` (thin QR), ``W_OV = Q_V (R_V R_O^T) Q_O^T``,
+    so its singular values are those of the ``d_head x d_head`` matrix ``R_V R_O^T``.
+    """
+    return torch.stack([_svdvals(model.W_V[layer], model.W_O[layer].mT)
+                        for layer in _layers(model, "OV spectra", progress)])
+
+
+def qk_singular_values(model: Any, *, progress: bool = False) -> Tensor:
+    """Singular values of every head's ``W_QK = W_Q W_K^T``, ``[layer, head, d_head]``, descending.
+
+    Via ``R_Q R_K^T`` as in :func:`ov_singular_values`. Grouped-query key heads are expanded.
+    """
+    return torch.stack([_svdvals(model.W_Q[layer], model.W_K[layer])
+                        for layer in _layers(model, "QK spectra", progress)])
+
+
+def participation_ratio(singular_values: Tensor) -> Tensor:
+    """Effective rank ``(sum s^2)^2 / sum s^4`` of ``[..., n]`` singular values, in [1, n].
+
+    The participation ratio of the squared singular values (the energy spectrum): ``r`` for
+    ``r`` equal singular values (a scaled projection of rank ``r``), 1 for rank one, in between
+    for decaying spectra. 0 for an all-zero spectrum. Scale-free.
+    """
+    s2 = singular_values.double().pow(2)
+    s4 = s2.pow(2).sum(-1)
+    ratio = torch.where(s4 > 0, s2.sum(-1).pow(2) / s4.clamp_min(torch.finfo(s4.dtype).tiny),
+                        torch.zeros_like(s4))
+    return ratio.float()
+
+
+def identity_distance(trace: Tensor, frobenius_sq: Tensor, d_model: int) -> Tensor:
+    """Relative Frobenius distance of ``W`` (``d x d``) to its best scaled identity, in [0, 1].
+
+    ``min_c ||W - c I||_F / ||W||_F``: the best ``c = tr(W) / d`` leaves
+    ``||W||^2 - tr(W)^2 / d``, so the score is ``sqrt(1 - tr(W)^2 / (d ||W||_F^2))``. Needs only
+    the trace and ``||W||_F^2``. Known answers: ``W = c I`` -> 0; a scaled projection of rank
+    ``r`` -> ``sqrt(1 - r / d)``; a traceless (e.g. random, or rotating) ``W`` -> 1. A zero
+    ``W`` gets 1 (nothing identity-like about writing nothing).
+    """
+    return _distance(trace, frobenius_sq, torch.full_like(frobenius_sq, float(d_model)))
+
+
+def projection_distance(trace: Tensor, singular_values: Tensor, *, rtol: float = _RANK_RTOL) -> Tensor:
+    """Relative distance of ``W`` to the best scaled projection onto its own row space, in [0, 1].
+
+    ``min_c ||W - c P||_F / ||W||_F`` with ``P`` the orthogonal projector onto the row space of
+    ``W`` (rank ``r``). Since ``W P = W``, ``<W, P>_F = tr(W)`` and ``||P||_F^2 = r``: the best
+    ``c = tr(W) / r`` leaves ``sqrt(1 - tr(W)^2 / (r ||W||_F^2))``. ``r`` counts the singular
+    values above ``rtol`` times the largest. Known answers: ``W = c P`` (any ``c != 0``, any rank)
+    -> 0; a rotation within its subspace (traceless) -> 1; zero ``W`` -> 1.
+
+    ``singular_values``: ``[..., n]``; ``trace``: ``[...]``.
+    """
+    s = singular_values.double()
+    rank = (s > rtol * s.amax(-1, keepdim=True)).sum(-1).double()
+    return _distance(trace, s.pow(2).sum(-1), rank)
+
+
+def _distance(trace: Tensor, frobenius_sq: Tensor, dim: Tensor) -> Tensor:
+    trace, frobenius_sq, dim = trace.double(), frobenius_sq.double(), dim.double()
+    valid = (frobenius_sq > 0) & (dim > 0)
+    cosine_sq = trace.pow(2) / (dim * frobenius_sq).clamp_min(torch.finfo(torch.float64).tiny)
+    distance = (1.0 - cosine_sq).clamp(0.0, 1.0).sqrt()
+    return torch.where(valid, distance, torch.ones_like(distance)).float()
+
+
+def ov_svd_scores(
+    model: Any,
+    *,
+    writes_nothing_below: float = WRITES_NOTHING_BELOW,
+    ov_spectra: Optional[Tensor] = None,
+    qk_spectra: Optional[Tensor] = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Identity-likeness, norms and effective ranks of the OV and QK circuits, ``[layer, head]``.
+
+    Is ``W_OV = W_V W_O`` "close to the identity"? It has rank <= ``d_head`` in a
+    ``d_model``-dimensional space, so even a perfect copying head is far from ``I``:
+
+    * ``ov_identity_distance`` (:func:`identity_distance`): ``min_c ||W_OV - c I|| / ||W_OV||``.
+      A head that copies perfectly within its ``d_head``-dimensional subspace (``W_OV = c P``)
+      still scores ``sqrt(1 - d_head / d_model)``, 0.96 for GPT-2 small: the rank deficit
+      dominates, and the score barely separates copying heads from random ones.
+    * ``ov_projection_distance`` (:func:`projection_distance`): the same against the best scaled
+      projector onto ``W_OV``'s own row space. ``W_OV = c P`` scores 0 whatever its rank; a head
+      that rotates or mixes directions within its subspace scores near 1. This is the measure
+      that asks "does it copy what it reads?" (the sign of ``c``, copy vs. suppress, is in
+      ``copy_eigen``).
+    * ``ov_norm``: ``||W_OV||_F`` (sqrt of the sum of squared singular values);
+      ``ov_norm_relative``: ``ov_norm`` over the median ``ov_norm`` of the head's layer (0 when
+      that median is 0); ``writes_nothing``: ``ov_norm_relative < writes_nothing_below``.
+    * ``ov_effective_rank``, ``qk_effective_rank``: :func:`participation_ratio` of the singular
+      values of ``W_OV`` and ``W_QK = W_Q W_K^T``.
+
+    Everything comes from the ``d_head x d_head`` factored forms: singular values via
+    :func:`ov_singular_values`, ``tr(W_OV) = tr(W_O W_V)``. Pass precomputed spectra to reuse
+    them.
+    """
+    writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
+    ov = ov_singular_values(model, progress=progress) if ov_spectra is None else ov_spectra
+    qk = qk_singular_values(model, progress=progress) if qk_spectra is None else qk_spectra
+    trace = torch.stack([
+        (_f32(model.W_V[layer]) * _f32(model.W_O[layer]).mT).sum((-2, -1)).double()
+        for layer in range(model.n_layers)
+    ])
+    frobenius_sq = ov.double().pow(2).sum(-1)
+    norm = frobenius_sq.sqrt()
+    median = norm.quantile(0.5, dim=1, keepdim=True)
+    relative = torch.where(median > 0, norm / median.clamp_min(torch.finfo(median.dtype).tiny),
+                           torch.zeros_like(norm))
+    return {
+        "ov_identity_distance": identity_distance(trace, frobenius_sq, int(model.d_model)),
+        "ov_projection_distance": projection_distance(trace, ov),
+        "ov_norm": norm.float(),
+        "ov_norm_relative": relative.float(),
+        "writes_nothing": relative < writes_nothing_below,
+        "ov_effective_rank": participation_ratio(ov),
+        "qk_effective_rank": participation_ratio(qk),
+    }
+
+
+# -- 4. positional signature of the QK circuit -------------------------------------------------
+
+def positional_prev_token_score(model: Any, *, first_query: int = 2, progress: bool = False) -> Tensor:
+    """How often a head's purely positional QK circuit prefers the previous position, ``[layer, head]``.
+
+    For models with learned absolute position embeddings (GPT-2, OPT...). The positional part of
+    head ``h``'s attention score from query position ``i`` to key position ``j`` is
+    ``p_i W_Q W_K^T p_j^T`` (the matrix ``W_pos W_QK W_pos^T``), computed as
+    ``(W_pos W_Q)(W_pos W_K)^T``, ``[n_ctx, d_head] x [d_head, n_ctx]`` per head, one layer at a
+    time. ``p_i`` is row ``i`` of ``W_pos`` normalised as the folded LayerNorm would (centred,
+    scaled to unit RMS): a key's score scales with its norm, and LayerNorm removes that.
+
+    The score is the fraction of query positions ``i = first_query .. n_ctx-1`` whose
+    highest-scoring causal key (``j <= i``) is ``j = i - 1``. ``first_query=2`` by default, so
+    every counted query has at least three keys to choose from (chance <= 1/3). Biases are left
+    out: ``b_K`` adds the same amount to every key of a query and cannot change the argmax;
+    ``b_Q`` adds a fixed, position-independent preference over keys that belongs to the head's
+    content, not its positional signature. Ties (e.g. a zero head) resolve to the first key, so a
+    head with no positional preference scores 0.
+
+    Raises :class:`ScoreError` for models without learned absolute positions (``W_pos is None``:
+    rotary, ALiBi...) and for contexts shorter than ``first_query + 1``.
+    """
+    W_pos = getattr(model, "W_pos", None)
+    if W_pos is None:
+        raise ScoreError(
+            f"positional_prev_token needs learned absolute position embeddings (W_pos); model "
+            f"{getattr(model, 'name', model)!r} has none (rotary or no positional embedding)."
+        )
+    if isinstance(first_query, bool) or not isinstance(first_query, int) or first_query < 1:
+        raise ScoreError(f"The 'first_query' parameter must be an int >= 1. Got {first_query!r}.")
+    n_ctx = W_pos.shape[0]
+    if n_ctx <= first_query:
+        raise ScoreError(f"positional_prev_token needs a context longer than {first_query} positions; "
+                         f"W_pos has {n_ctx}.")
+    positions = _f32(W_pos)
+    positions = positions - positions.mean(-1, keepdim=True)
+    positions = positions / positions.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    causal = torch.ones(n_ctx, n_ctx, dtype=torch.bool, device=positions.device).tril()
+    queries = torch.arange(first_query, n_ctx, device=positions.device)
+    heads_per_block = max(1, (1 << 26) // (n_ctx * n_ctx * 4))  # <= 64 MB of scores at once
+    out = torch.zeros(model.n_layers, model.n_heads)
+    for layer in _layers(model, "positional QK", progress):
+        for h0 in range(0, model.n_heads, heads_per_block):
+            h1 = min(model.n_heads, h0 + heads_per_block)
+            q = positions[first_query:] @ _f32(model.W_Q[layer, h0:h1])   # [h, queries, d_head]
+            k = positions @ _f32(model.W_K[layer, h0:h1])                  # [h, n_ctx, d_head]
+            scores = (q @ k.mT).masked_fill(~causal[first_query:], float("-inf"))
+            best = scores.argmax(-1)                                      # [h, queries]
+            out[layer, h0:h1] = (best == (queries - 1)).float().mean(-1).cpu()
+    return out
+
+
+# -- all of them -------------------------------------------------------------------------------
+
+def weight_scores(
+    model: Any,
+    *,
+    config: Union[None, str, Mapping[str, Any], HeadclassConfig] = None,
+    writes_nothing_below: float = WRITES_NOTHING_BELOW,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Every weight-based score of every head, ``{key: [layer, head] tensor}``, in one call.
+
+    Keys are :data:`WEIGHT_SCORE_KEYS` (see the module docstring); ``positional_prev_token`` is
+    present only when the model has learned absolute position embeddings (never NaN).
+    ``writes_nothing`` is a bool tensor, the rest float32. Options come from
+    ``config.weights`` (``top_k``, ``copy_sample_size``, ``effective_embedding``) and the token
+    sample of the top-k scores from ``config.probes.seed``.
+
+    Parameters
+    ----------
+    model
+        A :class:`~headclass.loading.HeadModel`, or any object with the same weight attributes.
+    config
+        A :class:`~headclass.config.HeadclassConfig`, a (partial) mapping, a YAML path, or None
+        for the defaults.
+    writes_nothing_below
+        Cutoff on ``ov_norm_relative`` under which a head is flagged ``writes_nothing``.
+    progress
+        Show progress bars.
+    """
+    cfg = load_config(config)
+    writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
+    options = cfg.weights
+    with torch.no_grad():
+        embedding = _embedding(model, options.effective_embedding)
+        scores = {"copy_eigen": copy_eigen_score(_ov_eigenvalues(model, embedding, progress))}
+        tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
+        copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device),
+                                            options.top_k, progress)
+        scores["copy_topk"] = copies.float() / tokens.numel()
+        scores["copy_suppression_topk"] = suppressions.float() / tokens.numel()
+        del embedding
+        scores.update(ov_svd_scores(model, writes_nothing_below=writes_nothing_below, progress=progress))
+        if getattr(model, "W_pos", None) is not None and model.W_pos.shape[0] > 2:
+            scores["positional_prev_token"] = positional_prev_token_score(model, progress=progress)
+    return {key: value.cpu() for key, value in scores.items()}

@@ -1,0 +1,454 @@
+"""The taxonomy: from per-head scores to labels, and :func:`classify` that runs it all.
+
+Labelling is a pure function of score tensors, :func:`label_heads`; :func:`classify` only
+gathers the scores (pattern scores on probe batches, weight scores, optionally ablations) and
+calls it. Every rule is listed in :data:`RULES` and documented in ``docs/labels.md``.
+
+Rules
+-----
+A label holds when every one of its conditions holds; a condition is ``score >= threshold``
+(or ``score <= threshold`` for ``max_attention``), thresholds from ``config.thresholds``:
+
+==================  =====================================================================
+label               conditions
+==================  =====================================================================
+copy                ``copy_eigen >= copy_eigen`` AND ``copy_topk >= copy_topk``
+previous-token      ``previous_token >= previous_token``
+induction           ``induction >= induction``
+bos                 ``bos >= bos``
+diffuse             ``diffuse_entropy >= diffuse_entropy`` AND
+                    ``max_attention <= diffuse_max_attention``
+duplicate-token     ``duplicate_token >= duplicate_token``
+current-token       ``current_token >= current_token``
+fixed-offset        ``fixed_offset >= fixed_offset``, the best offset k >= 2 (k = 1 is
+                    previous-token)
+copy-suppression    ``copy_suppression_topk >= copy_suppression_topk``
+==================  =====================================================================
+
+A head may carry several labels (``is_<label>`` columns). Its ``primary_label`` is the label
+with the largest *normalised margin*: for ``score >= t`` on a score ranging over [lo, hi],
+
+    margin = (score - t) / (hi - t)   if score >= t   (0 at the threshold, 1 at the top)
+    margin = (score - t) / (t - lo)   if score <  t   (-1 at the bottom)
+
+(mirrored for ``<=``), and for a label with several conditions the smallest of its conditions'
+margins. Margins thus lie in [-1, 1] whatever the score's scale, so labels compare. Ties go to
+the first label in :data:`PRIORITY`. A head with no label is ``unclassified`` and its
+``margin`` is its largest (negative) margin: how far it is from its nearest label.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from headclass.config import HeadclassConfig, Thresholds, load_config
+from headclass.errors import ScoreError
+from headclass.report.table import (
+    ABLATION_COLUMNS,
+    CORE_LABELS,
+    LABELS,
+    PRIORITY,
+    SCORE_COLUMNS,
+    UNCLASSIFIED,
+    HeadTaxonomy,
+    flag_column,
+    normalise_table,
+)
+
+__all__ = [
+    "classify",
+    "label_heads",
+    "label_margins",
+    "HeadTaxonomy",
+    "RULES",
+    "LabelRule",
+    "Condition",
+    "LABELS",
+    "CORE_LABELS",
+    "PRIORITY",
+    "UNCLASSIFIED",
+]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``score >= thresholds.<threshold>`` (or ``<=``), the score ranging over [low, high]."""
+
+    score: str
+    threshold: str
+    op: str = ">="
+    low: float = 0.0
+    high: float = 1.0
+
+    def holds(self, value: np.ndarray, t: float) -> np.ndarray:
+        """True where the condition holds; False for NaN scores."""
+        with np.errstate(invalid="ignore"):
+            return (value >= t) if self.op == ">=" else (value <= t)
+
+    def margin(self, value: np.ndarray, t: float) -> np.ndarray:
+        """Normalised margin in [-1, 1]: >= 0 exactly where the condition holds; NaN for NaN."""
+        value = np.asarray(value, dtype=np.float64)
+        signed = (value - t) if self.op == ">=" else (t - value)  # >= 0 where it holds
+        # Room on the passing side and on the failing side of the threshold.
+        room_pass = (self.high - t) if self.op == ">=" else (t - self.low)
+        room_fail = (t - self.low) if self.op == ">=" else (self.high - t)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(
+                signed >= 0,
+                signed / room_pass if room_pass > 0 else 0.0,
+                signed / room_fail if room_fail > 0 else -1.0,
+            )
+        return np.clip(out, -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """A label: all its conditions must hold; its margin is the smallest condition margin."""
+
+    label: str
+    conditions: tuple[Condition, ...]
+
+
+#: The labelling rules, one per label (see the module docstring and ``docs/labels.md``).
+RULES: dict[str, LabelRule] = {
+    rule.label: rule
+    for rule in (
+        LabelRule("copy", (Condition("copy_eigen", "copy_eigen", low=-1.0),
+                           Condition("copy_topk", "copy_topk"))),
+        LabelRule("previous-token", (Condition("previous_token", "previous_token"),)),
+        LabelRule("induction", (Condition("induction", "induction"),)),
+        LabelRule("bos", (Condition("bos", "bos"),)),
+        LabelRule("diffuse", (Condition("diffuse_entropy", "diffuse_entropy"),
+                              Condition("max_attention", "diffuse_max_attention", op="<="))),
+        LabelRule("duplicate-token", (Condition("duplicate_token", "duplicate_token"),)),
+        LabelRule("current-token", (Condition("current_token", "current_token"),)),
+        LabelRule("fixed-offset", (Condition("fixed_offset", "fixed_offset"),)),
+        LabelRule("copy-suppression", (Condition("copy_suppression_topk", "copy_suppression_topk"),)),
+    )
+}
+
+
+def _precision(value: Any) -> torch.dtype:
+    """The floating dtype a score was computed in (float64 for ints and Python numbers)."""
+    if isinstance(value, Tensor) and value.dtype.is_floating_point:
+        return value.dtype
+    if isinstance(value, np.ndarray) and value.dtype in (np.float16, np.float32):
+        return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[value.dtype]
+    return torch.float64
+
+
+def _at_precision(threshold: float, dtype: torch.dtype) -> float:
+    """``threshold`` rounded to ``dtype``, so a float32 score equal to float32(0.3) meets 0.3."""
+    return float(torch.tensor(threshold, dtype=torch.float64).to(dtype).double())
+
+
+def _as_grid(name: str, value: Any, shape: Optional[tuple[int, int]]) -> np.ndarray:
+    """A score as a float64 ``[layer, head]`` array, shape-checked."""
+    if isinstance(value, Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ScoreError(f"score {name!r} must be a tensor or array of numbers; got {type(value).__name__}.") from None
+    if arr.ndim != 2:
+        raise ScoreError(f"score {name!r} must have shape [layer, head]; got shape {tuple(arr.shape)}.")
+    if shape is not None and arr.shape != shape:
+        raise ScoreError(
+            f"score {name!r} has shape {tuple(arr.shape)} but the other scores have {shape}; "
+            "every score must cover the same [layer, head] grid."
+        )
+    return arr
+
+
+def _fixed_offset(scores: Mapping[str, Any], shape: Optional[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The best fixed-offset score over offsets k >= 2, and that k (0 where unknown).
+
+    Accepts either ``fixed_offset`` of shape ``[layer, head, offset]`` (index i is k = i + 1),
+    or ``fixed_offset`` ``[layer, head]`` with ``fixed_offset_k`` ``[layer, head]``. In the
+    latter form a best offset of k = 1 says nothing about k >= 2, so the score becomes NaN.
+    """
+    value = scores["fixed_offset"]
+    if isinstance(value, Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 3:
+        if shape is not None and arr.shape[:2] != shape:
+            raise ScoreError(f"score 'fixed_offset' has shape {tuple(arr.shape)}; expected {shape} + [offset].")
+        if arr.shape[2] < 2:
+            nan = np.full(arr.shape[:2], np.nan)
+            return nan, np.zeros(arr.shape[:2], dtype=np.int64)
+        beyond = arr[:, :, 1:]  # k = 2, 3, ...
+        filled = np.where(np.isnan(beyond), -np.inf, beyond)
+        idx = filled.argmax(axis=2)
+        best = np.take_along_axis(beyond, idx[..., None], axis=2)[..., 0]
+        k = np.where(np.isnan(best), 0, idx + 2).astype(np.int64)
+        return best, k
+    best = _as_grid("fixed_offset", arr, shape)
+    if "fixed_offset_k" not in scores:
+        raise ScoreError(
+            "a [layer, head] 'fixed_offset' score needs 'fixed_offset_k' (the offset behind it); "
+            "or give 'fixed_offset' as [layer, head, offset]."
+        )
+    k = _as_grid("fixed_offset_k", scores["fixed_offset_k"], best.shape)
+    k = np.where(np.isnan(k), 0, k).astype(np.int64)
+    best = np.where(k >= 2, best, np.nan)
+    return best, np.where(k >= 2, k, 0)
+
+
+def _threshold_values(thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig]) -> dict[str, float]:
+    if thresholds is None:
+        return load_config().thresholds.model_dump()
+    if isinstance(thresholds, HeadclassConfig):
+        return thresholds.thresholds.model_dump()
+    if isinstance(thresholds, Thresholds):
+        return thresholds.model_dump()
+    # A (partial) mapping: validated through the config, so bad keys and values fail clearly.
+    return load_config({"thresholds": dict(thresholds)}).thresholds.model_dump()
+
+
+def label_margins(
+    scores: Mapping[str, Any],
+    thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig] = None,
+) -> dict[str, np.ndarray]:
+    """Each label's normalised margin per head, ``{label: float64 [layer, head]}``.
+
+    ``margin >= 0`` exactly where the label holds; NaN where a score it needs is NaN.
+    ``scores`` as for :func:`label_heads`.
+    """
+    t = _threshold_values(thresholds)
+    grids = _score_grids(scores)
+    out = {}
+    for label, rule in RULES.items():
+        parts = [cond.margin(grids[cond.score], _threshold(cond, t, scores)) for cond in rule.conditions]
+        out[label] = np.minimum.reduce(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def _threshold(cond: Condition, thresholds: Mapping[str, float], scores: Mapping[str, Any]) -> float:
+    return _at_precision(thresholds[cond.threshold], _precision(scores[cond.score]))
+
+
+def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Check and convert the score dict to ``{column: float64 [layer, head]}`` (+ ``fixed_offset_k``)."""
+    if not isinstance(scores, Mapping):
+        raise ScoreError(f"scores must be a mapping of name -> [layer, head] tensor; got {type(scores).__name__}.")
+    missing = [name for name in SCORE_COLUMNS if name not in scores]
+    if missing:
+        raise ScoreError(
+            f"score(s) {', '.join(missing)} missing; labelling needs {', '.join(SCORE_COLUMNS)} "
+            "(NaN values are allowed where a score cannot be computed)."
+        )
+    shape: Optional[tuple[int, int]] = None
+    grids: dict[str, np.ndarray] = {}
+    for name in SCORE_COLUMNS:
+        if name == "fixed_offset":
+            continue
+        grids[name] = _as_grid(name, scores[name], shape)
+        shape = grids[name].shape
+    grids["fixed_offset"], grids["fixed_offset_k"] = _fixed_offset(scores, shape)
+    for name in ABLATION_COLUMNS:
+        if name in scores:
+            grids[name] = _as_grid(name, scores[name], shape)
+    return grids
+
+
+def label_heads(
+    scores: Mapping[str, Any],
+    thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig] = None,
+    *,
+    model: str = "model",
+) -> pd.DataFrame:
+    """Label every head from its scores: the pure core of :func:`classify`.
+
+    Parameters
+    ----------
+    scores
+        ``{name: Float[Tensor, "layer head"]}`` (tensors or arrays) with every name in
+        :data:`~headclass.report.table.SCORE_COLUMNS`; ``fixed_offset`` may instead be
+        ``[layer, head, offset]`` (index i is offset k = i + 1), otherwise ``fixed_offset_k``
+        must be given too. Optional: ``ablation_induction_dloss``, ``ablation_text_dloss``.
+        NaN means "could not be computed": labels that need it do not hold. Any further
+        ``[layer, head]`` tensor (e.g. ``ov_norm``, ``writes_nothing``) becomes an extra column
+        after the fixed ones (float64, or bool for bool tensors); other shapes are ignored.
+    thresholds
+        ``config.thresholds``, a whole config, a partial mapping over the defaults, or ``None``
+        for the defaults.
+    model
+        Value of the ``model`` column.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The head table, one row per head, schema in :mod:`headclass.report.table`.
+
+    Examples
+    --------
+    >>> label_heads({**scores, "induction": torch.tensor([[0.9, 0.1]])})["primary_label"]
+    """
+    grids = _score_grids(scores)
+    margins = label_margins(scores, thresholds)
+    t = _threshold_values(thresholds)
+    n_layers, n_heads = grids["copy_eigen"].shape
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+
+    flags = {}
+    for label, rule in RULES.items():
+        hold = np.ones((n_layers, n_heads), dtype=bool)
+        for cond in rule.conditions:
+            hold &= cond.holds(grids[cond.score], _threshold(cond, t, scores))
+        flags[label] = hold
+
+    primary, margin = _primary(flags, margins)
+    labels_text = np.array(
+        [", ".join(lab for lab in LABELS if flags[lab][i, j]) for i, j in zip(layer.ravel(), head.ravel())],
+        dtype=object,
+    )
+    data: dict[str, Any] = {
+        "model": model,
+        "layer": layer.ravel(),
+        "head": head.ravel(),
+        "relative_depth": (layer.ravel() + 0.5) / n_layers,
+        "primary_label": primary.ravel(),
+        "margin": margin.ravel(),
+        "labels": labels_text,
+    }
+    for label in LABELS:
+        data[flag_column(label)] = flags[label].ravel()
+    for name in SCORE_COLUMNS:
+        data[name] = grids[name].ravel()
+    k = grids["fixed_offset_k"].ravel()
+    data["fixed_offset_k"] = pd.array([int(x) if x >= 2 else pd.NA for x in k], dtype="Int64")
+    for name in ABLATION_COLUMNS:
+        if name in grids:
+            data[name] = grids[name].ravel()
+    for name, value in scores.items():  # further scores (ov_norm, writes_nothing...) ride along
+        extra = _extra_column(name, value, (n_layers, n_heads))
+        if extra is not None and name not in data and name != "fixed_offset_k":
+            data[name] = extra
+    return normalise_table(pd.DataFrame(data))
+
+
+def _extra_column(name: str, value: Any, shape: tuple[int, int]) -> Optional[np.ndarray]:
+    """A further ``[layer, head]`` score as a flat column (bool kept bool); None if not per head."""
+    if not isinstance(name, str) or not isinstance(value, (Tensor, np.ndarray)) or tuple(value.shape) != shape:
+        return None
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        return value.numpy().ravel().astype(bool) if value.dtype == torch.bool else value.double().numpy().ravel()
+    if value.dtype == bool:
+        return value.ravel().copy()
+    return value.astype(np.float64).ravel()
+
+
+def _primary(flags: dict[str, np.ndarray], margins: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Primary label and its margin per head (largest margin, ties by :data:`PRIORITY`)."""
+    order = list(PRIORITY)
+    stacked = np.stack([margins[label] for label in order])  # [label, layer, head]
+    flagged = np.stack([flags[label] for label in order])
+    filled = np.where(np.isnan(stacked), -np.inf, stacked)
+    # Among flagged labels (margin >= 0); argmax returns the first maximum = priority order.
+    best_flagged = np.where(flagged, filled, -np.inf).argmax(axis=0)
+    any_flag = flagged.any(axis=0)
+    nearest = filled.argmax(axis=0)
+    pick = np.where(any_flag, best_flagged, nearest)
+    margin = np.take_along_axis(stacked, pick[None], axis=0)[0]
+    names = np.array(order, dtype=object)[pick]
+    primary = np.where(any_flag, names, UNCLASSIFIED).astype(object)
+    return primary, margin
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from importlib import metadata as md
+
+    out: dict[str, Optional[str]] = {}
+    for name in ("headclass", "torch", "transformer_lens", "transformers", "pandas"):
+        try:
+            out[name] = md.version(name.replace("_", "-"))
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _model_metadata(model: Any, cfg: HeadclassConfig) -> dict[str, Any]:
+    def get(attr: str) -> Any:
+        try:
+            return getattr(model, attr)
+        except Exception:  # a fake model may lack parameters() etc.
+            return None
+
+    return {
+        "model": str(get("name")),
+        "n_layers": int(model.n_layers),
+        "n_heads": int(model.n_heads),
+        "n_params": get("n_params"),
+        "backend": get("backend"),
+        "architecture": get("architecture"),
+        "config": cfg.model_dump(mode="json"),
+        "probe_seed": int(cfg.probes.seed),
+        "versions": _versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def classify(
+    model: Any,
+    config: Any = None,
+    *,
+    probes: Any = None,
+    ablation: bool = False,
+    progress: bool = True,
+) -> HeadTaxonomy:
+    """Score and label every attention head of ``model``.
+
+    Parameters
+    ----------
+    model
+        A :class:`~headclass.HeadModel` (from :func:`headclass.load_model`) or anything with
+        its interface.
+    config
+        ``None`` (shipped defaults), a YAML path, a partial mapping, or a
+        :class:`~headclass.HeadclassConfig`; see ``configs/default.yaml``.
+    probes
+        Probe batches for the pattern scores (default: drawn from ``config.probes``); passed
+        to :func:`headclass.scores.patterns.pattern_scores`.
+    ablation
+        Also measure each head's effect on loss by ablating it
+        (:func:`headclass.scores.ablation.ablation_scores`; slow): adds the
+        ``ablation_induction_dloss`` and ``ablation_text_dloss`` columns.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    HeadTaxonomy
+        The labelled heads; it keeps no reference to ``model``.
+
+    Examples
+    --------
+    >>> model = headclass.load_model("smollm2-135m")
+    >>> tax = headclass.classify(model)
+    >>> tax.summary()
+    """
+    cfg = load_config(config)
+    from headclass.scores.patterns import pattern_scores
+    from headclass.scores.weights import weight_scores
+
+    scores: dict[str, Any] = {}
+    scores.update(pattern_scores(model, config=cfg, probes=probes, progress=progress))
+    scores.update(weight_scores(model, config=cfg, progress=progress))
+    if ablation:
+        from headclass.scores.ablation import ablation_scores
+
+        scores.update(ablation_scores(model, config=cfg))
+    metadata = _model_metadata(model, cfg)
+    metadata["ablation"] = bool(ablation)
+    table = label_heads(scores, cfg.thresholds, model=metadata["model"])
+    return HeadTaxonomy(table, metadata)

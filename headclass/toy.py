@@ -1,0 +1,429 @@
+"""Toy transformers that grow induction heads: a known answer to check headclass against.
+
+Olsson et al. (2022), *In-context Learning and Induction Heads*, found that induction heads
+(attend to the token *after* an earlier copy of the current token, and predict it) need two
+attention layers: a previous-token head in an earlier layer writes "my previous token was A"
+into each position, and the induction head's keys read it (K-composition). A one-layer model
+cannot build them.
+
+This module trains small GPT-2-architecture models, attention-only in effect (every MLP is
+zeroed and frozen, since transformers' GPT-2 always has one), on random token sequences that
+contain a repeated segment. The second copy of the segment is predictable only by induction, so
+a model that can build induction heads does. Training is seeded and takes well under a minute
+on a laptop CPU; the result is a normal Hugging Face folder (``save_pretrained``, with a tiny
+character-level tokenizer) that :func:`headclass.load_model` reads like any other model.
+
+Examples
+--------
+>>> import headclass
+>>> from headclass.toy import toy_model, toy_config
+>>> folder = toy_model(2)                 # trained once, then read from the per-user cache
+>>> model = headclass.load_model(folder)
+>>> cfg = headclass.load_config(toy_config())  # probe settings that fit the 64-token context
+
+Use :func:`train_toy_model` to train with other settings into a folder of your choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+
+from headclass.errors import HeadclassError
+
+__all__ = [
+    "TOY_VERSION",
+    "ToySpec",
+    "train_toy_model",
+    "toy_model",
+    "toy_config",
+    "toy_tokenizer",
+    "repeated_segment_batch",
+]
+
+#: Bump when the training recipe changes, so cached models are retrained.
+TOY_VERSION = "1"
+
+#: Special tokens at the start of the toy vocabulary; ordinary tokens follow.
+SPECIAL_TOKENS = ("<|bos|>", "<|unk|>")
+
+# Characters of the toy tokenizer, in id order after the special tokens. Text is lower-cased
+# first, so 64 ids cover English prose well enough for the text probe to mean something.
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-()\n/&%$#@*+=<>[]_"
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """Every setting that determines a toy model's weights (the cache key).
+
+    Parameters
+    ----------
+    n_layers
+        Attention layers (1, 2, 3...).
+    n_heads, d_model
+        Heads per layer and residual width (``d_head = d_model // n_heads``).
+    vocab_size
+        Token ids ``0 .. vocab_size - 1``; ids 0 (BOS) and 1 (unknown) are special.
+    seq_len
+        Tokens per training sequence, BOS included; also the model's context (``n_positions``).
+    steps, batch_size, lr, weight_decay, warmup
+        AdamW schedule: linear warm-up for ``warmup`` steps, then cosine decay to 10 %.
+    min_segment
+        Shortest repeated segment in the training data; the longest is ``(seq_len - 1) // 2``.
+    seed
+        Seeds initialisation and data: the same spec gives the same weights.
+    """
+
+    n_layers: int
+    n_heads: int = 4
+    d_model: int = 64
+    vocab_size: int = 64
+    seq_len: int = 64
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    min_segment: int = 4
+    seed: int = 0
+
+    def check(self) -> "ToySpec":
+        """Raise :class:`HeadclassError` naming the first setting out of range."""
+        rules = {
+            "n_layers": self.n_layers >= 1,
+            "n_heads": self.n_heads >= 1,
+            "d_model": self.d_model >= self.n_heads and self.d_model % self.n_heads == 0,
+            "vocab_size": len(SPECIAL_TOKENS) + 2 <= self.vocab_size,
+            "seq_len": self.seq_len >= 2 * self.min_segment + 1,
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup": self.warmup >= 0,
+            "min_segment": self.min_segment >= 2,
+        }
+        needs = {
+            "d_model": f"a positive multiple of n_heads={self.n_heads}",
+            "vocab_size": f"an int >= {len(SPECIAL_TOKENS) + 2}",
+            "seq_len": f"an int >= 2 * min_segment + 1 = {2 * self.min_segment + 1}",
+            "lr": "a float > 0",
+            "weight_decay": "a float >= 0",
+            "min_segment": "an int >= 2",
+        }
+        for name, ok in rules.items():
+            if not ok:
+                need = needs.get(name, "an int >= 1" if name != "warmup" else "an int >= 0")
+                raise HeadclassError(f"The toy parameter {name!r} must be {need}. Got {getattr(self, name)!r}.")
+        return self
+
+    def key(self) -> str:
+        """A short hash of every setting and :data:`TOY_VERSION` (cache folder name)."""
+        blob = json.dumps({"version": TOY_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def folder_name(self) -> str:
+        return f"toy-{self.n_layers}l-{self.n_heads}h-d{self.d_model}-s{self.seed}-{self.key()}"
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def repeated_segment_batch(
+    batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator, *, min_segment: int = 4
+) -> Tensor:
+    """Random token sequences, each holding one segment that appears twice.
+
+    ``[BOS] x x x S x x S x x`` with ``S`` of random length in ``[min_segment, (seq_len-1)//2]``
+    at random places. Lengths and places vary so that no fixed positional offset predicts the
+    second copy: only induction (find the earlier copy of the current token, read what came
+    next) does.
+
+    Returns
+    -------
+    Tensor
+        ``[batch, seq_len]`` int64 ids; position 0 is BOS (id 0), the rest are ordinary ids
+        ``len(SPECIAL_TOKENS) .. vocab_size - 1``.
+    """
+    n_special = len(SPECIAL_TOKENS)
+    tokens = torch.randint(n_special, vocab_size, (batch_size, seq_len), generator=generator)
+    tokens[:, 0] = 0
+    body = seq_len - 1
+    max_segment = body // 2
+    lengths = torch.randint(min_segment, max_segment + 1, (batch_size,), generator=generator)
+    for row in range(batch_size):
+        length = int(lengths[row])
+        prefix = int(torch.randint(0, body - 2 * length + 1, (1,), generator=generator))
+        start = 1 + prefix
+        n_copies = (body - prefix) // length
+        segment = tokens[row, start : start + length]
+        tokens[row, start : start + n_copies * length] = segment.repeat(n_copies)
+    return tokens
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+def toy_tokenizer(vocab_size: int = 64) -> Any:
+    """A lower-casing character tokenizer with exactly ``vocab_size`` ids.
+
+    Id 0 is ``<|bos|>`` (also EOS and padding), id 1 ``<|unk|>``, then one id per character of a
+    fixed alphabet (letters, digits, space, punctuation); a larger vocabulary is padded with
+    ``<|tN|>`` tokens, a smaller one keeps the alphabet's first characters.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    n_plain = vocab_size - len(SPECIAL_TOKENS)
+    pieces = list(_ALPHABET[:n_plain]) + [f"<|t{i}|>" for i in range(max(0, n_plain - len(_ALPHABET)))]
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + pieces)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS[1]))
+    core.normalizer = normalizers.Lowercase()
+    core.decoder = decoders.Fuse()
+    bos, unk = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=bos, eos_token=bos, pad_token=bos, unk_token=unk,
+        model_max_length=10**6,
+    )
+
+
+# -- model --------------------------------------------------------------------------------------
+
+
+def _build_model(spec: ToySpec) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=spec.vocab_size,
+        n_positions=spec.seq_len,
+        n_embd=spec.d_model,
+        n_layer=spec.n_layers,
+        n_head=spec.n_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = GPT2LMHeadModel(config)
+    # Attention-only in effect: GPT-2 always has MLPs, so zero and freeze them. Their output is
+    # then exactly 0 and every head's contribution reaches the logits directly.
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for param in list(block.mlp.parameters()) + list(block.ln_2.parameters()):
+                if param is block.ln_2.weight:
+                    param.fill_(1.0)
+                else:
+                    param.zero_()
+                param.requires_grad_(False)
+    return model
+
+
+def _lr_factor(step: int, spec: ToySpec) -> float:
+    if step < spec.warmup:
+        return (step + 1) / spec.warmup
+    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: Optional[int]) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_toy_model(
+    n_layers: int,
+    *,
+    n_heads: int = 4,
+    d_model: int = 64,
+    vocab_size: int = 64,
+    seq_len: int = 64,
+    steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    out_dir: Union[None, str, Path] = None,
+    progress: bool = True,
+    threads: Optional[int] = 1,
+    **extra: Any,
+) -> Path:
+    """Train a toy attention-only transformer on repeated-segment data and save it.
+
+    Parameters
+    ----------
+    n_layers
+        1 gives a model that cannot form induction heads; 2 or more usually does.
+    n_heads, d_model, vocab_size, seq_len, steps, batch_size, lr, seed
+        See :class:`ToySpec`; further :class:`ToySpec` fields (``weight_decay``, ``warmup``,
+        ``min_segment``) may be passed by name.
+    out_dir
+        Folder to write (created; must not hold a model already). ``None``: a new temporary
+        folder, which the caller owns.
+    progress
+        Print the loss every 100 steps and the training time.
+    threads
+        Torch CPU threads during training (restored afterwards); ``None`` keeps the current
+        setting.
+
+    Returns
+    -------
+    Path
+        The Hugging Face folder (``config.json``, ``model.safetensors``, tokenizer files and
+        ``toy_spec.json`` with the spec, final loss and training time).
+
+    Examples
+    --------
+    >>> folder = train_toy_model(2, steps=400, seed=0, out_dir="toy-2l")
+    >>> import headclass; model = headclass.load_model(folder)
+    """
+    unknown = set(extra) - {f.name for f in fields(ToySpec)}
+    if unknown:
+        raise HeadclassError(f"train_toy_model got unknown settings {sorted(unknown)}; see ToySpec.")
+    spec = ToySpec(n_layers=n_layers, n_heads=n_heads, d_model=d_model, vocab_size=vocab_size,
+                   seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr, seed=seed, **extra).check()
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="headclass-toy-"))
+    if (folder / "config.json").exists():
+        raise HeadclassError(f"out_dir {str(folder)!r} already holds a model; choose an empty folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    with _torch_threads(threads):
+        model, losses = _train(spec, progress)
+    seconds = time.perf_counter() - start
+
+    model.save_pretrained(folder)
+    toy_tokenizer(spec.vocab_size).save_pretrained(folder)
+    record = {"version": TOY_VERSION, "spec": asdict(spec), "final_loss": losses[-1],
+              "train_seconds": round(seconds, 2)}
+    (folder / "toy_spec.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if progress:
+        print(f"trained {spec.folder_name()} in {seconds:.1f} s (final loss {losses[-1]:.3f})")
+    return folder
+
+
+def _train(spec: ToySpec, progress: bool) -> tuple[Any, list[float]]:
+    torch.manual_seed(spec.seed)
+    model = _build_model(spec)
+    model.train()
+    generator = torch.Generator().manual_seed(spec.seed + 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=(0.9, 0.98),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, spec))
+    losses: list[float] = []
+    for step in range(spec.steps):
+        tokens = repeated_segment_batch(spec.batch_size, spec.seq_len, spec.vocab_size, generator,
+                                        min_segment=spec.min_segment)
+        logits = model(tokens).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, spec.vocab_size), tokens[:, 1:].reshape(-1)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss))
+        if progress and (step + 1) % 100 == 0:
+            print(f"  step {step + 1}/{spec.steps}: loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return model, losses
+
+
+# -- cache --------------------------------------------------------------------------------------
+
+
+def toy_model(
+    n_layers: int,
+    *,
+    cache_dir: Union[None, str, Path] = None,
+    progress: bool = True,
+    **settings: Any,
+) -> Path:
+    """The folder of a trained toy model, training it only the first time.
+
+    Parameters
+    ----------
+    n_layers
+        Attention layers.
+    cache_dir
+        Where trained models are kept; default ``headclass.loading.aliases.cache_dir() / "toy"``
+        (``$HEADCLASS_CACHE/toy`` or ``~/.cache/headclass/toy``).
+    progress
+        Print training progress when training happens.
+    **settings
+        Any :class:`ToySpec` field (``seed``, ``steps``, ``d_model``...). The cache key covers
+        all of them and :data:`TOY_VERSION`, so changed settings train a new model.
+
+    Returns
+    -------
+    Path
+        A folder :func:`headclass.load_model` reads. Written atomically: a crash or a concurrent
+        trainer never leaves a half-written model behind.
+    """
+    spec = ToySpec(n_layers=n_layers, **settings).check()
+    if cache_dir is None:
+        from headclass.loading.aliases import cache_dir as user_cache
+
+        root = user_cache() / "toy"
+    else:
+        root = Path(cache_dir)
+    folder = root / spec.folder_name()
+    if (folder / "toy_spec.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".training-", dir=root))
+    try:
+        hyper = {f.name: getattr(spec, f.name) for f in fields(ToySpec) if f.name != "n_layers"}
+        train_toy_model(n_layers, out_dir=staging / "model", progress=progress, **hyper)
+        try:
+            os.replace(staging / "model", folder)  # atomic on one filesystem
+        except OSError:
+            if not (folder / "toy_spec.json").is_file():  # not a concurrent winner: a real error
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def toy_config(seq_len: int = 64, segment_length: Optional[int] = None) -> dict[str, Any]:
+    """Config overrides that fit a toy model's short context (pass to :func:`load_config`).
+
+    The defaults probe with 2 x 64 repeated tokens and 128-token texts, longer than a toy's
+    ``seq_len``-token context. This keeps every probe inside it: a repeated segment of
+    ``segment_length`` tokens (default ``(seq_len - 1) // 2 - 4``, within the training
+    range of segment lengths) and texts cut to ``seq_len`` tokens. Thresholds stay the defaults.
+    """
+    if segment_length is None:
+        segment_length = (seq_len - 1) // 2 - 4
+    if 1 + 2 * segment_length > seq_len:
+        raise HeadclassError(
+            f"segment_length={segment_length} does not fit a {seq_len}-token context twice after BOS."
+        )
+    return {
+        "probes": {"repeated": {"segment_length": segment_length}, "text": {"max_tokens": seq_len}},
+        "ablation": {"induction_segment_length": segment_length, "text_max_tokens": seq_len},
+    }
