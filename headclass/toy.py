@@ -55,6 +55,7 @@ __all__ = [
 
 #: Bump when the training recipe changes, so cached models are retrained.
 TOY_VERSION = "1"
+MASKED = bool(int(os.environ.get("TOY_MASKED", "0")))
 
 #: Special tokens at the start of the toy vocabulary; ordinary tokens follow.
 SPECIAL_TOKENS = ("<|bos|>", "<|unk|>")
@@ -156,9 +157,18 @@ def repeated_segment_batch(
         ``[batch, seq_len]`` int64 ids; position 0 is BOS (id 0), the rest are ordinary ids
         ``len(SPECIAL_TOKENS) .. vocab_size - 1``.
     """
+    return _segment_batch(batch_size, seq_len, vocab_size, generator, min_segment)[0]
+
+
+def _segment_batch(
+    batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator, min_segment: int
+) -> tuple[Tensor, Tensor]:
+    """Tokens ``[batch, pos]`` and a bool mask ``[batch, pos]`` of the positions whose token is
+    determined by the earlier context (the second and later copies of the segment)."""
     n_special = len(SPECIAL_TOKENS)
     tokens = torch.randint(n_special, vocab_size, (batch_size, seq_len), generator=generator)
     tokens[:, 0] = 0
+    predictable = torch.zeros(batch_size, seq_len, dtype=torch.bool)
     body = seq_len - 1
     max_segment = body // 2
     lengths = torch.randint(min_segment, max_segment + 1, (batch_size,), generator=generator)
@@ -169,7 +179,8 @@ def repeated_segment_batch(
         n_copies = (body - prefix) // length
         segment = tokens[row, start : start + length]
         tokens[row, start : start + n_copies * length] = segment.repeat(n_copies)
-    return tokens
+        predictable[row, start + length : start + n_copies * length] = True
+    return tokens, predictable
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -230,6 +241,29 @@ def _build_model(spec: ToySpec) -> Any:
                     param.zero_()
                 param.requires_grad_(False)
     return model
+
+
+def _forward(model: Any, tokens: Tensor) -> Tensor:
+    """GPT-2's forward for a model whose MLPs are zero, without transformers' overhead.
+
+    Same parameters, same arithmetic (pre-LayerNorm attention blocks, final LayerNorm,
+    unembedding), about twice as fast on tiny models; a test checks it against
+    ``model(tokens).logits``. Returns logits ``[batch, pos, vocab]``.
+    """
+    import torch.nn.functional as F
+
+    body, config = model.transformer, model.config
+    batch, pos = tokens.shape
+    width, n_heads = config.n_embd, config.n_head
+    eps = config.layer_norm_epsilon
+    resid = body.wte.weight[tokens] + body.wpe.weight[:pos]
+    for block in body.h:
+        normed = F.layer_norm(resid, (width,), block.ln_1.weight, block.ln_1.bias, eps)
+        qkv = normed @ block.attn.c_attn.weight + block.attn.c_attn.bias
+        q, k, v = qkv.view(batch, pos, 3, n_heads, width // n_heads).permute(2, 0, 3, 1, 4)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        resid = resid + z.transpose(1, 2).reshape(batch, pos, width) @ block.attn.c_proj.weight + block.attn.c_proj.bias
+    return model.lm_head(F.layer_norm(resid, (width,), body.ln_f.weight, body.ln_f.bias, eps))
 
 
 def _lr_factor(step: int, spec: ToySpec) -> float:
@@ -335,18 +369,23 @@ def _train(spec: ToySpec, progress: bool) -> tuple[Any, list[float]]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, spec))
     losses: list[float] = []
     for step in range(spec.steps):
-        tokens = repeated_segment_batch(spec.batch_size, spec.seq_len, spec.vocab_size, generator,
-                                        min_segment=spec.min_segment)
-        logits = model(tokens).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, spec.vocab_size), tokens[:, 1:].reshape(-1)
+        tokens, predictable = _segment_batch(spec.batch_size, spec.seq_len, spec.vocab_size, generator,
+                                             spec.min_segment)
+        logits = _forward(model, tokens)
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, spec.vocab_size), tokens[:, 1:].reshape(-1), reduction="none"
         )
+        if MASKED:
+            w = predictable[:, 1:].reshape(-1).float()
+            loss = (per_token * w).sum() / w.sum()
+        else:
+            loss = per_token.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress and (step + 1) % 100 == 0:
             print(f"  step {step + 1}/{spec.steps}: loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()

@@ -257,7 +257,7 @@ def ablation_dloss_reference(
                 logits = model.run_with_hooks(
                     tokens, fwd_hooks=[(hook_name(layer, "hook_z"), hook)], return_type="logits"
                 )
-                out[layer, head] = _losses(logits, tokens, targets)[0] - clean
+                out[layer, head] = float(_losses(logits, tokens, targets)[0] - clean)
                 bar.update(1)
         bar.close()
     return out
@@ -455,7 +455,7 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
                     resid[layer].repeat(len(chunk), 1, 1), layer,
                     fwd_hooks=[(hook_name(layer, "hook_z"), hook)], return_type="logits",
                 )
-                out[layer, chunk] = _losses(logits, tokens, targets) - clean
+                out[layer, chunk] = (_losses(logits, tokens, targets) - clean).float()
                 del logits
                 bar.update(len(chunk))
         bar.close()

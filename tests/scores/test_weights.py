@@ -1,0 +1,388 @@
+"""Weight-based scores: planted heads, exact identities, agreement with explicit matrices, SmolLM2."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import headclass
+from headclass.errors import ScoreError
+from headclass.scores.weights import (
+    WEIGHT_SCORE_KEYS,
+    copy_eigen_score,
+    copy_token_sample,
+    effective_embedding,
+    identity_distance,
+    ov_circuit_eigenvalues,
+    ov_singular_values,
+    ov_svd_scores,
+    participation_ratio,
+    positional_prev_token_score,
+    projection_distance,
+    qk_singular_values,
+    topk_copy_scores,
+    weight_scores,
+)
+
+D_MODEL, N_HEADS, D_HEAD, VOCAB, N_CTX = 64, 4, 16, 128, 32
+
+
+def centred_basis(d: int, k: int, seed: int) -> torch.Tensor:
+    """``[d, k]`` orthonormal columns orthogonal to the all-ones vector.
+
+    TransformerLens centres writing and reading weights along d_model at load time; directions
+    orthogonal to (1, ..., 1) pass through that processing unchanged, so what is planted in the
+    Hugging Face weights is exactly what the processed HeadModel weights hold.
+    """
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, k, generator=g)
+    return torch.linalg.qr(m - m.mean(0, keepdim=True)).Q
+
+
+def tiny_gpt2_object(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_head=N_HEADS, n_embd=D_MODEL, vocab_size=VOCAB, n_positions=N_CTX,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def head_columns(kind: str, head: int) -> slice:
+    """Columns of GPT-2's fused c_attn weight ``[d_model, 3 d_model]`` for one head's q/k/v."""
+    offset = {"q": 0, "k": D_MODEL, "v": 2 * D_MODEL}[kind] + head * D_HEAD
+    return slice(offset, offset + D_HEAD)
+
+
+def plant_ov(hf, layer: int, head: int, w_v: torch.Tensor, w_o: torch.Tensor) -> None:
+    attn = hf.transformer.h[layer].attn
+    attn.c_attn.weight[:, head_columns("v", head)] = w_v
+    attn.c_attn.bias[head_columns("v", head)] = 0.0
+    attn.c_proj.weight[head * D_HEAD:(head + 1) * D_HEAD, :] = w_o
+
+
+def plant_qk(hf, layer: int, head: int, w_q: torch.Tensor, w_k: torch.Tensor) -> None:
+    attn = hf.transformer.h[layer].attn
+    for kind, weight in (("q", w_q), ("k", w_k)):
+        attn.c_attn.weight[:, head_columns(kind, head)] = weight
+        attn.c_attn.bias[head_columns(kind, head)] = 0.0
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """GPT-2 (2 layers x 4 heads, tied embeddings) with planted heads:
+
+    * L1H0 copies: ``W_OV = 2 B B^T`` (a scaled projection of rank d_head);
+    * L1H1 suppresses: ``W_OV = -2 B' B'^T``;
+    * L0H3 writes nothing (``W_O = 0``);
+    * L0H1 is a positional previous-token head: with sinusoidal position embeddings
+      ``p_i = sum_f cos(w_f i) u_f + sin(w_f i) v_f``, its queries rotate each frequency by
+      ``-w_f`` so that ``q_i . k_j = 3 sum_f cos(w_f (i - 1 - j))``, highest at ``j = i - 1``.
+    """
+    hf = tiny_gpt2_object(seed=1)
+    with torch.no_grad():
+        basis = centred_basis(D_MODEL, D_HEAD, seed=2)
+        plant_ov(hf, 1, 0, 2.0 * basis, basis.T)
+        other = centred_basis(D_MODEL, D_HEAD, seed=3)
+        plant_ov(hf, 1, 1, -2.0 * other, other.T)
+        hf.transformer.h[0].attn.c_proj.weight[3 * D_HEAD:4 * D_HEAD, :] = 0.0
+
+        n_freq = D_HEAD // 2
+        pos_basis = centred_basis(D_MODEL, D_HEAD, seed=4)
+        freqs = 2 * math.pi * torch.arange(1, n_freq + 1) / (2.5 * N_CTX)
+        angles = torch.arange(N_CTX)[:, None] * freqs[None, :]                # [pos, freq]
+        coords = torch.stack([angles.cos(), angles.sin()], -1).flatten(1)     # [pos, 2 freq]
+        hf.transformer.wpe.weight[:] = coords @ pos_basis.T
+        rotate = torch.zeros(D_HEAD, D_HEAD)
+        for f, w in enumerate(freqs.tolist()):
+            c, s = math.cos(w), math.sin(w)
+            rotate[2 * f:2 * f + 2, 2 * f:2 * f + 2] = torch.tensor([[c, -s], [s, c]])
+        plant_qk(hf, 0, 1, 3.0 * pos_basis @ rotate, pos_basis)
+    return headclass.load_model(hf)
+
+
+@pytest.fixture(scope="module")
+def planted_scores(planted):
+    return weight_scores(planted, config={"weights": {"copy_sample_size": VOCAB}})
+
+
+def test_planted_weights_survive_loading(planted):
+    basis = centred_basis(D_MODEL, D_HEAD, seed=2)
+    w_ov = planted.W_V[1, 0] @ planted.W_O[1, 0]
+    torch.testing.assert_close(w_ov, 2.0 * basis @ basis.T, atol=1e-5, rtol=0)
+    assert float(planted.W_O[0, 3].abs().max()) == 0.0
+
+
+def test_weight_scores_keys_shapes_and_ranges(planted_scores):
+    assert set(planted_scores) == set(WEIGHT_SCORE_KEYS)
+    for key, value in planted_scores.items():
+        assert value.shape == (2, N_HEADS), key
+        assert torch.isfinite(value.float()).all(), key
+    assert planted_scores["writes_nothing"].dtype == torch.bool
+    assert ((planted_scores["copy_eigen"] >= -1) & (planted_scores["copy_eigen"] <= 1)).all()
+    for key in ("copy_topk", "copy_suppression_topk", "ov_identity_distance", "ov_projection_distance",
+                "positional_prev_token"):
+        assert ((planted_scores[key] >= 0) & (planted_scores[key] <= 1)).all(), key
+
+
+def test_planted_copy_and_suppression_heads(planted_scores):
+    eig = planted_scores["copy_eigen"]
+    assert eig[1, 0] > 0.999          # W_OV = +c P, tied embeddings: all eigenvalues >= 0
+    assert eig[1, 1] < -0.999         # W_OV = -c P
+    random_heads = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
+    for layer, head in random_heads:
+        assert abs(float(eig[layer, head])) < 0.5, (layer, head, float(eig[layer, head]))
+    assert float(torch.tensor([abs(float(eig[l, h])) for l, h in random_heads]).mean()) < 0.3
+
+    assert planted_scores["copy_topk"][1, 0] > 0.95
+    assert planted_scores["copy_suppression_topk"][1, 1] > 0.95
+    assert planted_scores["copy_topk"][1, 1] < 0.05
+    assert planted_scores["copy_suppression_topk"][1, 0] < 0.05
+    for layer, head in random_heads:
+        assert planted_scores["copy_topk"][layer, head] < 0.5
+
+    # A scaled projection is as far from the identity as its rank allows, but is a projection.
+    proj = planted_scores["ov_projection_distance"]
+    assert proj[1, 0] < 1e-3 and proj[1, 1] < 1e-3
+    ident = planted_scores["ov_identity_distance"]
+    expected = math.sqrt(1 - D_HEAD / D_MODEL)
+    assert abs(float(ident[1, 0]) - expected) < 1e-4
+    assert abs(float(planted_scores["ov_effective_rank"][1, 0]) - D_HEAD) < 1e-3
+
+
+def test_planted_zero_head_writes_nothing(planted_scores):
+    flags = planted_scores["writes_nothing"]
+    assert bool(flags[0, 3])
+    assert int(flags.sum()) == 1
+    assert float(planted_scores["ov_norm"][0, 3]) == 0.0
+    assert float(planted_scores["ov_effective_rank"][0, 3]) == 0.0
+    assert float(planted_scores["copy_eigen"][0, 3]) == 0.0
+
+
+def test_planted_positional_previous_token_head(planted_scores):
+    score = planted_scores["positional_prev_token"]
+    assert score[0, 1] > 0.9
+    others = torch.cat([score[0, [0, 2, 3]], score[1]])
+    assert float(others.max()) < 0.5
+    assert int(score.flatten().argmax()) == 1
+
+
+def test_eigenvalue_summary_equals_explicit_vocab_matrix(tiny_gpt2):
+    model = tiny_gpt2
+    eig = ov_circuit_eigenvalues(model)
+    assert eig.shape == (model.n_layers, model.n_heads, model.d_head)
+    ours = copy_eigen_score(eig)
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            full = (model.W_E.double() @ model.W_V[layer, head].double() @ model.W_O[layer, head].double()
+                    @ model.W_U.double())                                     # [vocab, vocab]
+            explicit = copy_eigen_score(torch.linalg.eigvals(full))
+            assert abs(float(ours[layer, head]) - float(explicit)) < 1e-4, (layer, head)
+
+
+def test_effective_embedding_matches_first_mlp_and_feeds_the_scores(tiny_gpt2):
+    model = tiny_gpt2
+    block = model.tl_model.blocks[0]
+    tokens = torch.tensor([3, 17, 99])
+    with torch.no_grad():
+        expected = model.W_E[tokens] + block.mlp(block.ln2(model.W_E[tokens][None]))[0]
+    torch.testing.assert_close(effective_embedding(model)[tokens], expected, atol=1e-5, rtol=1e-5)
+    eig = copy_eigen_score(ov_circuit_eigenvalues(model, effective_embedding=True))
+    full = (effective_embedding(model).double() @ model.W_V[1, 2].double() @ model.W_O[1, 2].double()
+            @ model.W_U.double())
+    assert abs(float(eig[1, 2]) - float(copy_eigen_score(torch.linalg.eigvals(full)))) < 1e-4
+    scores = weight_scores(model, config={"weights": {"effective_embedding": True, "copy_sample_size": 50}})
+    assert torch.isfinite(scores["copy_topk"]).all()
+
+
+def test_effective_embedding_needs_a_first_mlp():
+    fake = fake_model(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 4, 8))
+    with pytest.raises(ScoreError, match="first block's MLP"):
+        effective_embedding(fake)
+
+
+def test_topk_matches_explicit_logits(tiny_gpt2):
+    model = tiny_gpt2
+    tokens = torch.arange(1, model.d_vocab)
+    scores = topk_copy_scores(model, top_k=3, tokens=tokens)
+    for layer, head in [(0, 0), (1, 3)]:
+        logits = model.W_E[tokens] @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_U
+        own = logits.gather(1, tokens[:, None])
+        copy = float(((logits > own).sum(1) < 3).float().mean())
+        suppress = float(((-logits > -own).sum(1) < 3).float().mean())
+        assert abs(float(scores["copy_topk"][layer, head]) - copy) < 1e-6
+        assert abs(float(scores["copy_suppression_topk"][layer, head]) - suppress) < 1e-6
+
+
+def test_token_sample_is_seeded_and_skips_special_tokens(tiny_gpt2):
+    a = copy_token_sample(tiny_gpt2, 40, seed=3)
+    assert torch.equal(a, copy_token_sample(tiny_gpt2, 40, seed=3))
+    assert not torch.equal(a, copy_token_sample(tiny_gpt2, 40, seed=4))
+    assert a.numel() == 40 and len(set(a.tolist())) == 40
+    assert not set(a.tolist()) & tiny_gpt2.special_token_ids()
+    everything = copy_token_sample(tiny_gpt2, 10_000)
+    assert everything.numel() == tiny_gpt2.d_vocab - len(tiny_gpt2.special_token_ids())
+    with pytest.raises(ScoreError, match="copy_sample_size"):
+        copy_token_sample(tiny_gpt2, 0)
+
+
+# -- exact identities on fakes with known answers ----------------------------------------------
+
+def fake_model(W_V: torch.Tensor, W_O: torch.Tensor, **extra) -> SimpleNamespace:
+    """A HeadModel-like object carrying only weights: ``W_V [L, H, d, r]``, ``W_O [L, H, r, d]``."""
+    n_layers, n_heads, d_model, d_head = W_V.shape
+    fields = dict(name="fake", n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
+                  d_vocab=16, W_V=W_V, W_O=W_O, W_Q=W_V.clone(), W_K=W_V.clone(), W_pos=None)
+    fields.update(extra)
+    return SimpleNamespace(**fields)
+
+
+def explicit_distances(w: torch.Tensor) -> tuple[float, float]:
+    """Brute force on the ``d x d`` matrix: best c by least squares against I and against P."""
+    w = w.double()
+    d = w.shape[0]
+    u, s, vh = torch.linalg.svd(w)
+    rank = int((s > 1e-4 * s.max()).sum()) if s.max() > 0 else 0
+    out = []
+    for target in (torch.eye(d, dtype=w.dtype), vh[:rank].T @ vh[:rank]):
+        if float(w.norm()) == 0 or float(target.norm()) == 0:
+            out.append(1.0)
+            continue
+        c = float((w * target).sum() / (target * target).sum())
+        out.append(float((w - c * target).norm() / w.norm()))
+    return out[0], out[1]
+
+
+def test_distance_identities_on_known_matrices():
+    d, r = 12, 4
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(d, r, generator=g)).Q
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    rotation = torch.block_diag(rot, rot)                 # traceless rotation inside the subspace
+    cases = {
+        # name: (W_V [d, r], W_O [r, d], identity distance, projection distance)
+        "scaled projection": (3.0 * basis, basis.T, math.sqrt(1 - r / d), 0.0),
+        "negative projection": (-0.5 * basis, basis.T, math.sqrt(1 - r / d), 0.0),
+        "rank-2 projection": (basis[:, :2], basis[:, :2].T, math.sqrt(1 - 2 / d), 0.0),
+        "rotation": (basis @ rotation, basis.T, 1.0, 1.0),
+        "zero": (torch.zeros(d, r), torch.zeros(r, d), 1.0, 1.0),
+        "random": (torch.randn(d, r, generator=g), torch.randn(r, d, generator=g), None, None),
+    }
+    W_V = torch.stack([case[0] for case in cases.values()])[None]
+    W_O = torch.stack([case[1] for case in cases.values()])[None]
+    scores = ov_svd_scores(fake_model(W_V, W_O))
+    for i, (name, (w_v, w_o, ident, proj)) in enumerate(cases.items()):
+        brute_ident, brute_proj = explicit_distances(w_v @ w_o)
+        assert abs(float(scores["ov_identity_distance"][0, i]) - brute_ident) < 1e-5, name
+        assert abs(float(scores["ov_projection_distance"][0, i]) - brute_proj) < 1e-4, name
+        if ident is not None:
+            assert abs(float(scores["ov_identity_distance"][0, i]) - ident) < 1e-5, name
+            assert abs(float(scores["ov_projection_distance"][0, i]) - proj) < 1e-4, name
+    # The random head is neither identity- nor projection-like.
+    assert float(scores["ov_projection_distance"][0, 5]) > 0.8
+
+
+def test_full_width_identity_head_scores_zero():
+    d = 6
+    eye = torch.eye(d)[None, None]
+    scores = ov_svd_scores(fake_model(2.0 * eye, eye))
+    assert float(scores["ov_identity_distance"][0, 0]) < 1e-6
+    assert float(scores["ov_projection_distance"][0, 0]) < 1e-6
+    assert abs(float(scores["ov_effective_rank"][0, 0]) - d) < 1e-4
+    assert abs(float(scores["ov_norm"][0, 0]) - 2.0 * math.sqrt(d)) < 1e-5
+
+
+def test_spectra_equal_explicit_svd_and_helpers():
+    g = torch.Generator().manual_seed(1)
+    W_V, W_O = torch.randn(2, 3, 20, 5, generator=g), torch.randn(2, 3, 5, 20, generator=g)
+    W_Q, W_K = torch.randn(2, 3, 20, 5, generator=g), torch.randn(2, 3, 20, 5, generator=g)
+    fake = fake_model(W_V, W_O, W_Q=W_Q, W_K=W_K)
+    ov, qk = ov_singular_values(fake), qk_singular_values(fake)
+    assert ov.shape == qk.shape == (2, 3, 5)
+    torch.testing.assert_close(ov, torch.linalg.svdvals(W_V @ W_O)[..., :5], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(qk, torch.linalg.svdvals(W_Q @ W_K.mT)[..., :5], atol=1e-4, rtol=1e-4)
+    assert float(participation_ratio(torch.tensor([1.0, 0.0, 0.0]))) == pytest.approx(1.0)
+    assert float(participation_ratio(torch.tensor([2.0, 2.0, 2.0]))) == pytest.approx(3.0)
+    assert float(participation_ratio(torch.zeros(3))) == 0.0
+    assert float(identity_distance(torch.tensor(0.0), torch.tensor(0.0), 4)) == 1.0
+    assert float(projection_distance(torch.tensor(2.0), torch.tensor([1.0, 1.0]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ov_norm_relative_and_writes_nothing_cutoff():
+    g = torch.Generator().manual_seed(2)
+    W_V, W_O = torch.randn(1, 4, 10, 3, generator=g), torch.randn(1, 4, 3, 10, generator=g)
+    W_O[0, 2] *= 0.05                                     # a head writing at ~5% of its peers
+    scores = ov_svd_scores(fake_model(W_V, W_O))
+    norm = scores["ov_norm"][0]
+    torch.testing.assert_close(scores["ov_norm_relative"][0], norm / norm.quantile(0.5))
+    assert not scores["writes_nothing"].any()
+    flagged = ov_svd_scores(fake_model(W_V, W_O), writes_nothing_below=0.2)["writes_nothing"][0]
+    assert flagged.tolist() == [False, False, True, False]
+    with pytest.raises(ScoreError, match="writes_nothing_below"):
+        ov_svd_scores(fake_model(W_V, W_O), writes_nothing_below=1.5)
+
+
+def test_positional_score_absent_for_rotary_models(tiny_llama_dir):
+    model = headclass.load_model(tiny_llama_dir)
+    assert model.W_pos is None
+    scores = weight_scores(model, config={"weights": {"copy_sample_size": 32}})
+    assert "positional_prev_token" not in scores
+    assert set(scores) == set(WEIGHT_SCORE_KEYS) - {"positional_prev_token"}
+    assert all(torch.isfinite(v.float()).all() for v in scores.values())
+    with pytest.raises(ScoreError, match="learned absolute position"):
+        positional_prev_token_score(model)
+
+
+def test_bad_options_are_named(tiny_gpt2):
+    with pytest.raises(ScoreError, match="top_k"):
+        topk_copy_scores(tiny_gpt2, top_k=0)
+    with pytest.raises(headclass.ConfigError, match="copy_sample_size"):
+        weight_scores(tiny_gpt2, config={"weights": {"copy_sample_size": 0}})
+
+
+# -- the real model ----------------------------------------------------------------------------
+
+def induction_scores(model, *, n_sequences: int = 4, segment: int = 40, seed: int = 0) -> torch.Tensor:
+    """Mean attention from each token of a repeat to the token after its first occurrence.
+
+    Inline (one hooked pass) so this test does not depend on :mod:`headclass.scores.patterns`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ordinary = copy_token_sample(model, model.d_vocab)
+    random = ordinary[torch.randint(0, ordinary.numel(), (n_sequences, segment), generator=g)]
+    bos = torch.full((n_sequences, 1), model.bos_token_id)
+    tokens = torch.cat([bos, random, random], 1)
+    queries = torch.arange(segment + 1, 2 * segment + 1)
+    keys = queries - segment + 1
+    out = torch.zeros(model.n_layers, model.n_heads)
+
+    def reduce(layer, pattern):
+        out[layer] = pattern[:, :, queries, keys].mean((0, 2))
+
+    model.run_with_patterns(tokens, reduce)
+    return out
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_smollm2_scores_finite_and_induction_heads_copy(smollm2):
+    scores = weight_scores(smollm2)
+    assert set(scores) == set(WEIGHT_SCORE_KEYS) - {"positional_prev_token"}   # rotary
+    for key, value in scores.items():
+        assert value.shape == (30, 9), key
+        assert torch.isfinite(value.float()).all(), key
+    induction = induction_scores(smollm2).flatten()
+    top = induction.argsort(descending=True)[:5]
+    report = []
+    for index in top.tolist():
+        layer, head = divmod(index, smollm2.n_heads)
+        report.append(f"L{layer}H{head}: induction {float(induction[index]):.2f}, "
+                      f"copy_eigen {float(scores['copy_eigen'][layer, head]):+.2f}")
+    print("top induction heads of smollm2-135m:\n  " + "\n  ".join(report))
+    assert float(induction[top[0]]) > 0.5
+    for index in top.tolist():
+        layer, head = divmod(index, smollm2.n_heads)
+        assert scores["copy_eigen"][layer, head] > 0, report
