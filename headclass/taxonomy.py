@@ -25,6 +25,10 @@ fixed-offset        ``fixed_offset >= fixed_offset``, the best offset k >= 2 (k 
 copy-suppression    ``copy_suppression_topk >= copy_suppression_topk``
 ==================  =====================================================================
 
+``copy`` and ``copy-suppression`` describe what a head writes, so a head the weight scores flag
+``writes_nothing`` (OV circuit norm near 0; its top-k ranks would be decided by ties) has
+neither.
+
 A head may carry several labels (``is_<label>`` columns). Its ``primary_label`` is the label
 with the largest *normalised margin*: for ``score >= t`` on a score ranging over [lo, hi],
 
@@ -54,6 +58,7 @@ from headclass.errors import ScoreError
 from headclass.report.table import (
     ABLATION_COLUMNS,
     CORE_LABELS,
+    TABLE_COLUMNS,
     LABELS,
     PRIORITY,
     SCORE_COLUMNS,
@@ -67,6 +72,8 @@ __all__ = [
     "classify",
     "label_heads",
     "label_margins",
+    "scores_from_table",
+    "resolve_thresholds",
     "HeadTaxonomy",
     "RULES",
     "LabelRule",
@@ -111,10 +118,15 @@ class Condition:
 
 @dataclass(frozen=True)
 class LabelRule:
-    """A label: all its conditions must hold; its margin is the smallest condition margin."""
+    """A label: all its conditions must hold; its margin is the smallest condition margin.
+
+    ``needs_output``: the label describes what the head writes (its OV circuit), so a head
+    flagged ``writes_nothing`` by the weight scores cannot have it (margin -1).
+    """
 
     label: str
     conditions: tuple[Condition, ...]
+    needs_output: bool = False
 
 
 #: The labelling rules, one per label (see the module docstring and ``docs/labels.md``).
@@ -122,7 +134,7 @@ RULES: dict[str, LabelRule] = {
     rule.label: rule
     for rule in (
         LabelRule("copy", (Condition("copy_eigen", "copy_eigen", low=-1.0),
-                           Condition("copy_topk", "copy_topk"))),
+                           Condition("copy_topk", "copy_topk")), needs_output=True),
         LabelRule("previous-token", (Condition("previous_token", "previous_token"),)),
         LabelRule("induction", (Condition("induction", "induction"),)),
         LabelRule("bos", (Condition("bos", "bos"),)),
@@ -131,7 +143,8 @@ RULES: dict[str, LabelRule] = {
         LabelRule("duplicate-token", (Condition("duplicate_token", "duplicate_token"),)),
         LabelRule("current-token", (Condition("current_token", "current_token"),)),
         LabelRule("fixed-offset", (Condition("fixed_offset", "fixed_offset"),)),
-        LabelRule("copy-suppression", (Condition("copy_suppression_topk", "copy_suppression_topk"),)),
+        LabelRule("copy-suppression", (Condition("copy_suppression_topk", "copy_suppression_topk"),),
+                  needs_output=True),
     )
 }
 
@@ -171,11 +184,12 @@ def _as_grid(name: str, value: Any, shape: Optional[tuple[int, int]]) -> np.ndar
 def _fixed_offset(scores: Mapping[str, Any], shape: Optional[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """The best fixed-offset score over offsets k >= 2, and that k (0 where unknown).
 
-    Accepts either ``fixed_offset`` of shape ``[layer, head, offset]`` (index i is k = i + 1),
-    or ``fixed_offset`` ``[layer, head]`` with ``fixed_offset_k`` ``[layer, head]``. In the
-    latter form a best offset of k = 1 says nothing about k >= 2, so the score becomes NaN.
+    Accepts, in this order of preference: ``fixed_offset_per_k`` ``[layer, head, offset]``
+    (index i is k = i + 1); ``fixed_offset`` of that shape; or ``fixed_offset`` ``[layer, head]``
+    with ``fixed_offset_k`` ``[layer, head]``. In the last form a best offset of k = 1 says
+    nothing about k >= 2, so the score becomes NaN there.
     """
-    value = scores["fixed_offset"]
+    value = scores["fixed_offset_per_k"] if "fixed_offset_per_k" in scores else scores["fixed_offset"]
     if isinstance(value, Tensor):
         value = value.detach().to("cpu", torch.float64).numpy()
     arr = np.asarray(value, dtype=np.float64)
@@ -203,7 +217,9 @@ def _fixed_offset(scores: Mapping[str, Any], shape: Optional[tuple[int, int]]) -
     return best, np.where(k >= 2, k, 0)
 
 
-def _threshold_values(thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig]) -> dict[str, float]:
+def resolve_thresholds(thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig]) -> dict[str, float]:
+    """Every threshold as a plain dict: from None (defaults), a config, ``config.thresholds`` or a
+    partial mapping over the defaults (validated: bad keys or values raise ConfigError)."""
     if thresholds is None:
         return load_config().thresholds.model_dump()
     if isinstance(thresholds, HeadclassConfig):
@@ -223,13 +239,23 @@ def label_margins(
     ``margin >= 0`` exactly where the label holds; NaN where a score it needs is NaN.
     ``scores`` as for :func:`label_heads`.
     """
-    t = _threshold_values(thresholds)
+    t = resolve_thresholds(thresholds)
     grids = _score_grids(scores)
+    silent = _writes_nothing(scores, grids["copy_eigen"].shape)
     out = {}
     for label, rule in RULES.items():
         parts = [cond.margin(grids[cond.score], _threshold(cond, t, scores)) for cond in rule.conditions]
-        out[label] = np.minimum.reduce(parts) if len(parts) > 1 else parts[0]
+        margin = np.minimum.reduce(parts) if len(parts) > 1 else parts[0]
+        out[label] = np.where(silent, -1.0, margin) if rule.needs_output else margin
     return out
+
+
+def _writes_nothing(scores: Mapping[str, Any], shape: tuple[int, int]) -> np.ndarray:
+    """The ``writes_nothing`` weight score as a bool ``[layer, head]`` mask (all False if absent)."""
+    if "writes_nothing" not in scores:
+        return np.zeros(shape, dtype=bool)
+    value = _as_grid("writes_nothing", scores["writes_nothing"], shape)
+    return np.nan_to_num(value, nan=0.0) != 0
 
 
 def _threshold(cond: Condition, thresholds: Mapping[str, float], scores: Mapping[str, Any]) -> float:
@@ -273,8 +299,9 @@ def label_heads(
     scores
         ``{name: Float[Tensor, "layer head"]}`` (tensors or arrays) with every name in
         :data:`~headclass.report.table.SCORE_COLUMNS`; ``fixed_offset`` may instead be
-        ``[layer, head, offset]`` (index i is offset k = i + 1), otherwise ``fixed_offset_k``
-        must be given too. Optional: ``ablation_induction_dloss``, ``ablation_text_dloss``.
+        ``[layer, head, offset]`` (index i is offset k = i + 1), or come with
+        ``fixed_offset_per_k`` of that shape; otherwise ``fixed_offset_k`` must be given too
+        (and heads whose best offset is 1 get a NaN ``fixed_offset``). Optional: ``ablation_induction_dloss``, ``ablation_text_dloss``.
         NaN means "could not be computed": labels that need it do not hold. Any further
         ``[layer, head]`` tensor (e.g. ``ov_norm``, ``writes_nothing``) becomes an extra column
         after the fixed ones (float64, or bool for bool tensors); other shapes are ignored.
@@ -295,16 +322,17 @@ def label_heads(
     """
     grids = _score_grids(scores)
     margins = label_margins(scores, thresholds)
-    t = _threshold_values(thresholds)
+    t = resolve_thresholds(thresholds)
     n_layers, n_heads = grids["copy_eigen"].shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
 
+    silent = _writes_nothing(scores, (n_layers, n_heads))
     flags = {}
     for label, rule in RULES.items():
         hold = np.ones((n_layers, n_heads), dtype=bool)
         for cond in rule.conditions:
             hold &= cond.holds(grids[cond.score], _threshold(cond, t, scores))
-        flags[label] = hold
+        flags[label] = hold & ~silent if rule.needs_output else hold
 
     primary, margin = _primary(flags, margins)
     labels_text = np.array(
@@ -363,6 +391,33 @@ def _primary(flags: dict[str, np.ndarray], margins: dict[str, np.ndarray]) -> tu
     names = np.array(order, dtype=object)[pick]
     primary = np.where(any_flag, names, UNCLASSIFIED).astype(object)
     return primary, margin
+
+
+def scores_from_table(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The ``[layer, head]`` score grids behind a head table, for relabelling without the model.
+
+    Returns every score column (``fixed_offset`` with ``fixed_offset_k``), the ablation columns
+    and any extra float / bool columns, each as a ``[n_layers, n_heads]`` array.
+    """
+    table = normalise_table(table)
+    n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
+    if len(table) != n_layers * n_heads:
+        raise ScoreError(
+            f"the table has {len(table)} heads, not a full grid of {n_layers} layers x {n_heads} heads; "
+            "relabelling needs every head."
+        )
+    fixed = set(TABLE_COLUMNS) - set(SCORE_COLUMNS)
+    out: dict[str, np.ndarray] = {}
+    for col in table.columns:
+        if col in fixed and col != "fixed_offset_k":
+            continue
+        values = table[col]
+        if col == "fixed_offset_k":
+            values = values.astype("float64")  # <NA> -> NaN: "no offset >= 2"
+        elif not (pd.api.types.is_float_dtype(values) or pd.api.types.is_bool_dtype(values)):
+            continue
+        out[col] = values.to_numpy().reshape(n_layers, n_heads)
+    return out
 
 
 def _versions() -> dict[str, Optional[str]]:

@@ -56,6 +56,7 @@ __all__ = [
 #: Bump when the training recipe changes, so cached models are retrained.
 TOY_VERSION = "1"
 MASKED = bool(int(os.environ.get("TOY_MASKED", "0")))
+SKIP = float(os.environ.get("TOY_SKIP", "0"))
 
 #: Special tokens at the start of the toy vocabulary; ordinary tokens follow.
 SPECIAL_TOKENS = ("<|bos|>", "<|unk|>")
@@ -161,10 +162,11 @@ def repeated_segment_batch(
 
 
 def _segment_batch(
-    batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator, min_segment: int
+    batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator, min_segment: int,
+    skip_fraction: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Tokens ``[batch, pos]`` and a bool mask ``[batch, pos]`` of the positions whose token is
-    determined by the earlier context (the second and later copies of the segment)."""
+    """Tokens ``[batch, pos]`` and a bool mask ``[batch, pos]`` of the positions whose token
+    depends on the earlier context (the loss is taken there only)."""
     n_special = len(SPECIAL_TOKENS)
     tokens = torch.randint(n_special, vocab_size, (batch_size, seq_len), generator=generator)
     tokens[:, 0] = 0
@@ -172,7 +174,10 @@ def _segment_batch(
     body = seq_len - 1
     max_segment = body // 2
     lengths = torch.randint(min_segment, max_segment + 1, (batch_size,), generator=generator)
+    skip = torch.rand(batch_size, generator=generator) < skip_fraction
     for row in range(batch_size):
+        if skip[row]:
+            continue
         length = int(lengths[row])
         prefix = int(torch.randint(0, body - 2 * length + 1, (1,), generator=generator))
         start = 1 + prefix
@@ -180,7 +185,25 @@ def _segment_batch(
         segment = tokens[row, start : start + length]
         tokens[row, start : start + n_copies * length] = segment.repeat(n_copies)
         predictable[row, start + length : start + n_copies * length] = True
+    if bool(skip.any()):
+        perm = _skip_permutation(vocab_size)
+        rows = skip.nonzero()[:, 0]
+        follow = torch.rand(len(rows), seq_len, generator=generator) < 0.5
+        for t in range(3, seq_len):
+            rule = perm[tokens[rows, t - 2]]
+            tokens[rows, t] = torch.where(follow[:, t], rule, tokens[rows, t])
+        predictable[rows, 3:] = True
     return tokens, predictable
+
+
+def _skip_permutation(vocab_size: int) -> Tensor:
+    """The fixed rule of skip sequences: ``x[t+1] = perm[x[t-1]]`` (ordinary ids to ordinary ids)."""
+    n_special = len(SPECIAL_TOKENS)
+    generator = torch.Generator().manual_seed(20220308)
+    order = torch.randperm(vocab_size - n_special, generator=generator) + n_special
+    perm = torch.arange(vocab_size)
+    perm[n_special:] = order
+    return perm
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -370,7 +393,7 @@ def _train(spec: ToySpec, progress: bool) -> tuple[Any, list[float]]:
     losses: list[float] = []
     for step in range(spec.steps):
         tokens, predictable = _segment_batch(spec.batch_size, spec.seq_len, spec.vocab_size, generator,
-                                             spec.min_segment)
+                                             spec.min_segment, SKIP)
         logits = _forward(model, tokens)
         per_token = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, spec.vocab_size), tokens[:, 1:].reshape(-1), reduction="none"

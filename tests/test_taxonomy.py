@@ -556,3 +556,92 @@ def test_further_per_head_scores_become_extra_columns():
     assert list(t.columns[-2:]) == ["ov_norm", "writes_nothing"]
     assert t["ov_norm"].dtype == "float64" and t["writes_nothing"].dtype == bool
     assert "spectrum" not in t.columns
+
+
+def test_relabel_from_stored_scores_matches_labelling_anew():
+    scores = random_scores(4, 5, seed=9)
+    tax = HeadTaxonomy(label_heads(scores, model="r"), {"model": "r", "config": {"thresholds": {"bos": 0.5}}})
+    again = tax.relabel({"induction": 0.2})
+    expected = label_heads(scores, {"bos": 0.5, "induction": 0.2}, model="r")
+    pd.testing.assert_frame_equal(again.table, expected)
+    assert again.metadata["config"]["thresholds"]["induction"] == 0.2
+    assert again.metadata["config"]["thresholds"]["bos"] == 0.5  # kept from the taxonomy
+    assert tax.relabel(None).table["is_induction"].sum() <= again.table["is_induction"].sum()
+    with pytest.raises(ConfigError, match="thresholds.induction"):
+        tax.relabel({"induction": -3})
+    partial = HeadTaxonomy(tax.table.iloc[:-1], tax.metadata)
+    with pytest.raises(ScoreError, match="full grid"):
+        partial.relabel(None)
+
+
+def test_per_offset_scores_take_precedence_over_best_of_all_offsets():
+    # what pattern_scores gives: the best over k = 1.. (here k = 1), plus the per-k means
+    scores = neutral_scores(1, 1)
+    scores["fixed_offset"] = torch.tensor([[0.9]])
+    scores["fixed_offset_k"] = torch.tensor([[1]])
+    scores["fixed_offset_per_k"] = torch.tensor([[[0.9, 0.05, 0.5, 0.0]]])
+    r = label_heads(scores).iloc[0]
+    assert r["fixed_offset"] == pytest.approx(0.5) and r["fixed_offset_k"] == 3 and r["is_fixed_offset"]
+
+
+def test_a_head_that_writes_nothing_neither_copies_nor_suppresses():
+    # a zero OV circuit: every logit ties, so both top-k scores can read 1
+    scores = neutral_scores(1, 3)
+    scores["copy_eigen"] = torch.tensor([[0.9, 0.0, 0.9]])
+    scores["copy_topk"] = torch.tensor([[1.0, 1.0, 1.0]])
+    scores["copy_suppression_topk"] = torch.tensor([[0.0, 1.0, 0.0]])
+    scores["current_token"] = torch.tensor([[0.0, 1.0, 0.0]])
+    scores["writes_nothing"] = torch.tensor([[True, True, False]])
+    t = label_heads(scores)
+    assert not t.loc[0, "is_copy"] and t.loc[0, "primary_label"] == UNCLASSIFIED
+    assert not t.loc[1, "is_copy_suppression"] and t.loc[1, "primary_label"] == "current-token"
+    assert t.loc[2, "is_copy"]
+    m = label_margins(scores)
+    assert m["copy"][0, 0] == -1.0 and m["copy-suppression"][0, 1] == -1.0
+    # relabelling from the table keeps the rule (writes_nothing rides along as a column)
+    tax = HeadTaxonomy(t, {"model": "model"})
+    pd.testing.assert_frame_equal(tax.relabel(None).table, t)
+
+
+# -- planted models: the real score modules on heads that do one known thing ----------------------
+PLANTED_PRIMARY = {
+    "previous_token": "previous-token",
+    "current_token": "current-token",
+    "bos": "bos",
+    "diffuse": "diffuse",
+    "induction": "induction",
+    "duplicate_token": "duplicate-token",
+    "fixed_offset": "fixed-offset",
+}
+# 64-token context, no tokenizer: repeated random tokens only, short enough to fit.
+PLANTED_CONFIG = {"probes": {"repeated": {"n_sequences": 4, "segment_length": 24}}}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    planted_module = pytest.importorskip("planted")
+    model, roles = planted_module.planted_attention_model(tmp_path_factory.mktemp("planted"))
+    return classify(model, PLANTED_CONFIG, progress=False), roles
+
+
+@pytest.mark.parametrize("role", sorted(PLANTED_PRIMARY))
+def test_planted_head_gets_its_primary_label(planted, role):
+    tax, roles = planted
+    layer, head = roles[role]
+    h = tax.head(layer, head)
+    assert h["primary_label"] == PLANTED_PRIMARY[role], h["labels"]
+    assert h["margin"] > 0.75  # near-perfect (diffuse: max attention ~ 1/keys on short probes)
+
+
+def test_planted_model_labels_nothing_twice_by_accident(planted):
+    tax, roles = planted
+    t = tax.table
+    assert len(t) == 8 and not t.duplicated(["layer", "head"]).any()
+    # only the planted induction head is an induction head, etc.
+    for role, label in PLANTED_PRIMARY.items():
+        assert (t["primary_label"] == label).sum() >= 1
+        if role != "current_token":  # the half-BOS-half-self head is also current-token
+            assert t[flag_column(label)].sum() == 1, label
+    layer, head = roles["fixed_offset"]
+    assert tax.head(layer, head)["fixed_offset_k"] == 3
+    assert not t["is_copy"].any() and not t["is_copy_suppression"].any()  # no head copies

@@ -269,6 +269,24 @@ class HeadTaxonomy:
             mask = self._table[flag_column(label)]
         return self._table[mask].sort_values("margin", ascending=False, kind="stable").reset_index(drop=True)
 
+    def relabel(self, thresholds: Any) -> "HeadTaxonomy":
+        """The same heads labelled with other thresholds, from the stored scores (no model needed).
+
+        ``thresholds``: a partial mapping (``{"induction": 0.3}``) over the thresholds this
+        taxonomy was made with, ``config.thresholds`` or a whole config. The metadata's
+        ``config.thresholds`` is updated.
+        """
+        from headclass.taxonomy import label_heads, resolve_thresholds, scores_from_table
+
+        if isinstance(thresholds, Mapping):
+            current = (self._metadata.get("config") or {}).get("thresholds") or {}
+            thresholds = {**current, **thresholds}
+        values = resolve_thresholds(thresholds)
+        table = label_heads(scores_from_table(self._table), values, model=self.model_name)
+        metadata = self.metadata
+        metadata.setdefault("config", {})["thresholds"] = values
+        return HeadTaxonomy(table, metadata)
+
     # -- summaries -------------------------------------------------------------------------
     def per_layer(self) -> pd.DataFrame:
         """Tidy per-layer counts: one row per layer x label (labels plus ``unclassified``).

@@ -342,9 +342,7 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
         induction = probes.repeated(model, a.induction_sequences, a.induction_segment_length,
                                     n_repeats=2, seed=cfg.probes.seed)
     tokens = _tokens_of(induction, "induction")
-    built["induction"] = _LossProbe(
-        "induction", tokens, induction_targets(tokens, segment_length=getattr(induction, "segment_length", None))
-    )
+    built["induction"] = _LossProbe("induction", tokens, _induction_probe_targets(induction, tokens))
     text = given.get("text")
     if text is None:
         if getattr(model, "tokenizer", None) is None:
@@ -359,7 +357,7 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
 
         text = probes.text(model, max_tokens=cfg.ablation.text_max_tokens, n_sequences=cfg.ablation.text_sequences)
     tokens = _tokens_of(text, "text")
-    built["text"] = _LossProbe("text", tokens, _text_probe_targets(text, tokens))
+    built["text"] = _LossProbe("text", tokens, text_targets(tokens))
     return built
 
 
@@ -372,14 +370,18 @@ def _tokens_of(probe: Any, name: str) -> Tensor:
     return tokens
 
 
-def _text_probe_targets(probe: Any, tokens: Tensor) -> Tensor:
-    targets = text_targets(tokens)
-    mask = getattr(probe, "mask", None)
-    if isinstance(mask, Tensor) and mask.shape == tokens.shape:
-        # A padded batch: a prediction counts only when both its position and target are real.
-        mask = mask.to(device=tokens.device, dtype=torch.bool)
-        targets = targets & mask[:, :-1] & mask[:, 1:]
-    return targets
+def _induction_probe_targets(probe: Any, tokens: Tensor) -> Tensor:
+    """A :class:`~headclass.probes.Probe` knows its induction positions; a tensor is searched."""
+    known = getattr(probe, "induction_target", None)
+    if isinstance(known, Tensor) and known.shape == tokens.shape:
+        targets = (known[:, :-1] >= 0).to(tokens.device)
+        if bool(targets.any()):
+            return targets
+        raise ProbeError(
+            f"induction loss needs repeated tokens; probe {getattr(probe, 'name', '?')!r} has no "
+            "position whose token occurred before. Use headclass.probes.repeated(model, ...)."
+        )
+    return induction_targets(tokens)
 
 
 def _check_targets(tokens: Tensor, targets: Optional[Tensor]) -> Tensor:

@@ -203,7 +203,13 @@ def top_k_composition_partners(
     import pandas as pd
 
     kind = _check_kinds(kind)[0]
-    grid = scores[kind] if isinstance(scores, Mapping) else scores
+    if isinstance(scores, Mapping):
+        if kind not in scores:
+            raise ScoreError(f"scores hold the kinds {sorted(scores)}, not {kind!r}; compute it with "
+                             f"composition_scores(model, kinds=[{kind!r}]).")
+        grid = scores[kind]
+    else:
+        grid = scores
     if not isinstance(grid, Tensor) or grid.ndim != 4:
         raise ScoreError(f"scores must be a [layer, head, layer, head] tensor (or a dict of them); "
                          f"got {type(grid).__name__} of shape {tuple(getattr(grid, 'shape', ()))}.")

@@ -286,9 +286,9 @@ _SCORES: dict[str, _Score] = {
                               "needs a token that occurs twice"),
     "fixed_offset": _Score(_count_offsets, _reduce_offsets, "needs sequences of >= 3 tokens"),
     "diffuse_entropy": _Score(_count_diffuse, _reduce_entropy,
-                              "needs sequences of >= diffuse_min_keys tokens"),
+                              "needs sequences of >= {min_keys} tokens (patterns.diffuse_min_keys)"),
     "max_attention": _Score(_count_diffuse, _reduce_max,
-                            "needs sequences of >= diffuse_min_keys tokens"),
+                            "needs sequences of >= {min_keys} tokens (patterns.diffuse_min_keys)"),
 }
 _TOKEN_MATCH = ("previous_token", "duplicate_token", "induction")
 
@@ -477,24 +477,32 @@ class _Engine:
                     f"probes must be Probe objects (see headclass.probes); got {type(probe).__name__}."
                 )
             probe.check(model)
-        self.counts = {name: self._count(name) for name in names}
+        self.counts: dict[str, Tensor] = {}
+        problems = []
+        for name in names:
+            count, problem = self._count(name)
+            self.counts[name] = count
+            if problem:
+                problems.append(problem)
+        if problems:
+            raise ProbeError("\n".join(problems))
 
-    def _count(self, name: str) -> Tensor:
+    def _count(self, name: str) -> tuple[Tensor, Optional[str]]:
+        """Valid query positions of ``name`` over all probes feeding it, or why there are none."""
         spec = _SCORES[name]
+        undefined = spec.undefined.format(min_keys=self.options.diffuse_min_keys)
         feeding = [p for p in self.probes if p.feeds(name)]
         total = sum((spec.count(p, self.options) for p in feeding), torch.tensor(0.0))
         if bool((total > 0).any()):
-            return total
+            return total, None
+        hint = (" Use probes.repeated(...)." if name in ("induction", "duplicate_token")
+                else " Use longer sequences.")
         if not feeding:
             given = ", ".join(repr(p.name) for p in self.probes)
-            raise ProbeError(
-                f"{name} {spec.undefined}; no probe given feeds it (probes {given} leave it out). "
-                + ("Use probes.repeated(...)." if name in ("induction", "duplicate_token")
-                   else "Pass a probe built with scores=None.")
-            )
+            return total, (f"{name} {undefined}; no probe given feeds it (probes {given} "
+                           f"leave it out, see Probe.scores).{hint}")
         label = " or ".join(repr(p.name) for p in feeding)
-        hint = " Use probes.repeated(...)." if name in ("induction", "duplicate_token") else ""
-        raise ProbeError(f"{name} {spec.undefined}; probe {label} has none.{hint}")
+        return total, f"{name} {undefined}; probe {label} has none.{hint}"
 
     def run(self, batch_size: int, progress: bool) -> dict[str, Tensor]:
         from tqdm.auto import tqdm

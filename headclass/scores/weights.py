@@ -253,30 +253,47 @@ def _topk_counts(model: Any, embedding: Tensor, tokens: Tensor, top_k: int,
                  progress: bool = False) -> tuple[Tensor, Tensor]:
     W_U = _f32(model.W_U)
     n_vocab = W_U.shape[1]
-    d_head = int(model.d_head)
-    n_heads = int(model.n_heads)
-    sources = embedding[tokens]  # [sample, d_model]
-    # Heads per block: their W_O W_U ([head, d_head, vocab]) within one block of bytes; rows per
-    # block: the logits [head, rows, vocab] within another.
-    heads_per_block = max(1, min(n_heads, _TOPK_BLOCK_BYTES * 4 // (d_head * n_vocab * 4)))
-    copies = torch.zeros(model.n_layers, n_heads, dtype=torch.long)
+    n_tokens = tokens.numel()
+    sources = embedding[tokens]                                    # [sample, d_model]
+    # Logits are made a block of vocabulary columns at a time, for all sampled tokens at once
+    # (a tall block keeps the matrix product efficient; [sample, vocab] is never whole).
+    cols = max(256, _TOPK_BLOCK_BYTES // (4 * n_tokens))
+    copies = torch.zeros(model.n_layers, model.n_heads, dtype=torch.long)
     suppressions = torch.zeros_like(copies)
     for layer in _layers(model, "top-k copy", progress):
-        for h0 in range(0, n_heads, heads_per_block):
-            h1 = min(n_heads, h0 + heads_per_block)
-            out_logits = _f32(model.W_O[layer, h0:h1]) @ W_U          # [h, d_head, vocab]
-            values = sources @ _f32(model.W_V[layer, h0:h1])          # [h, sample, d_head]
-            rows = max(1, _TOPK_BLOCK_BYTES // ((h1 - h0) * n_vocab * 4))
-            for s0 in range(0, tokens.numel(), rows):
-                s1 = min(tokens.numel(), s0 + rows)
-                logits = values[:, s0:s1] @ out_logits                 # [h, rows, vocab]
-                own = logits.gather(2, tokens[s0:s1].view(1, -1, 1).expand(h1 - h0, -1, 1))
-                # Rank = number of strictly larger logits: own token in the top k iff rank < k.
-                above = (logits > own).sum(-1)
-                below = (logits < own).sum(-1)
-                copies[layer, h0:h1] += (above < top_k).sum(-1)
-                suppressions[layer, h0:h1] += (below < top_k).sum(-1)
+        values = sources @ _f32(model.W_V[layer])                  # [head, sample, d_head]
+        for head in range(model.n_heads):
+            x = values[head]
+            out_logits = _f32(model.W_O[layer, head]) @ W_U         # [d_head, vocab]
+            own = (x * out_logits[:, tokens].T).sum(-1)             # [sample]
+            at_least = _count_logits(x, out_logits, own, tokens, cols, strict=False)
+            copies[layer, head] = int((at_least < top_k).sum())
+            # Own logit among the k lowest needs fewer than k others <= it, i.e. more than
+            # vocab - 1 - k others strictly above; only rows with that many >= are candidates.
+            candidate = at_least > n_vocab - 1 - top_k
+            if candidate.any():
+                above = _count_logits(x[candidate], out_logits, own[candidate], tokens[candidate],
+                                      cols, strict=True)
+                suppressions[layer, head] = int((n_vocab - 1 - above < top_k).sum())
     return copies, suppressions
+
+
+def _count_logits(x: Tensor, out_logits: Tensor, own: Tensor, tokens: Tensor, cols: int,
+                  *, strict: bool) -> Tensor:
+    """Per row of ``x``: how many other tokens' logits are ``>= own`` (``> own`` if strict).
+
+    The own token is left out of its own count.
+    """
+    count = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    threshold = own[:, None]
+    rows = torch.arange(x.shape[0], device=x.device)
+    for c0 in range(0, out_logits.shape[1], cols):
+        c1 = min(out_logits.shape[1], c0 + cols)
+        block = x @ out_logits[:, c0:c1]                            # [rows, cols]
+        mine = (tokens >= c0) & (tokens < c1)
+        block[rows[mine], tokens[mine] - c0] = float("-inf")        # never counts itself
+        count += (block > threshold).sum(-1) if strict else (block >= threshold).sum(-1)
+    return count
 
 
 def topk_copy_scores(
@@ -300,10 +317,12 @@ def topk_copy_scores(
     * ``copy_suppression_topk``: the fraction whose own logit is among the ``top_k`` most negative,
       i.e. the top-k of the negated logits (McDougall et al. 2023).
 
-    Ranks count strictly larger (smaller) logits over the whole vocabulary, so ties never help.
-    The sample is :func:`copy_token_sample` (special tokens excluded) unless ``tokens`` (1-D ids)
-    is given. Logits are computed as ``(W_E[t] W_V) (W_O W_U)`` in blocks of heads and tokens;
-    ``[heads, sample, vocab]`` is never held at once.
+    Ranks are taken over the whole vocabulary and count the other tokens whose logit is ``>=``
+    the own logit (``<=`` for suppression), so ties never help: a head whose logits are all
+    equal (e.g. one that writes nothing) scores 0 on both. The sample is :func:`copy_token_sample` (special tokens excluded) unless ``tokens`` (1-D ids)
+    is given. Logits are computed as ``(W_E[t] W_V) (W_O W_U)``, one head and one block of
+    vocabulary columns at a time: ``[heads, sample, vocab]`` is never held. Cost per head:
+    ``2 d_head vocab (sample + d_model)`` flops plus one comparison pass over ``sample x vocab``.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ScoreError(f"The 'top_k' parameter must be an int >= 1. Got {top_k!r}.")

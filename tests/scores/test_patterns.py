@@ -42,7 +42,10 @@ class CountingModel:
 
 
 class FakePatternModel:
-    """A HeadModelLike that hands out fixed patterns ``[layer][batch, head, query, key]``."""
+    """A HeadModelLike that hands out fixed patterns ``[layer][batch, head, query, key]``.
+
+    Row ``i`` of the patterns belongs to row ``i`` of ``tokens``; a chunk gets its own rows.
+    """
 
     name = "fake-patterns"
     d_vocab = 50
@@ -50,14 +53,15 @@ class FakePatternModel:
     bos_token_id = 0
     prepends_bos = True
 
-    def __init__(self, patterns):
-        self.patterns = patterns
+    def __init__(self, patterns, tokens):
+        self.patterns, self.tokens = patterns, tokens
         self.n_layers = len(patterns)
         self.n_heads = patterns[0].shape[1]
 
     def run_with_patterns(self, tokens, callback, *, layers=None):
+        rows = [int((self.tokens == row).all(-1).nonzero()[0]) for row in tokens]
         for layer, pattern in enumerate(self.patterns):
-            callback(layer, pattern[: tokens.shape[0]])
+            callback(layer, pattern[rows])
 
 
 def random_causal_patterns(n_layers, batch, heads, pos, seed=0, sharpness=3.0):
@@ -201,7 +205,7 @@ def test_formulas_match_naive_loops(has_bos, exclude_bos, exclude_current):
     tokens = torch.randint(1, 6, (3, 14), generator=generator)  # small vocabulary: many repeats
     if has_bos:
         tokens[:, 0] = 0
-    model = FakePatternModel(random_causal_patterns(2, 3, 3, 14))
+    model = FakePatternModel(random_causal_patterns(2, 3, 3, 14), tokens)
     probe = probes.from_tokens(model, tokens, has_bos=has_bos)
     ours = pattern_scores(model, probe, exclude_bos=exclude_bos, exclude_current_token=exclude_current,
                           progress=False, batch_size=2)
@@ -321,7 +325,7 @@ def test_text_only_probes_do_not_feed_induction(tiny_gpt2):
 
 
 def test_short_probe_for_diffuse(tiny_gpt2):
-    with pytest.raises(ProbeError, match="diffuse_entropy needs sequences of >= diffuse_min_keys"):
+    with pytest.raises(ProbeError, match=r"(?s)induction needs.*diffuse_entropy needs sequences of >= 4 tokens"):
         pattern_scores(tiny_gpt2, probes.from_tokens(tiny_gpt2, [[0, 3, 3]]), progress=False)
 
 
@@ -351,8 +355,9 @@ def test_nan_pattern_names_the_layer():
     patterns = random_causal_patterns(3, 2, 2, 10)
     patterns[1] = patterns[1].clone()
     patterns[1][0, 1, 2, 1] = float("nan")  # a row the entropy score does not cover
-    model = FakePatternModel(patterns)
-    probe = probes.from_tokens(model, torch.randint(1, 4, (2, 10)))
+    tokens = torch.randint(1, 4, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = FakePatternModel(patterns, tokens)
+    probe = probes.from_tokens(model, tokens)
     with pytest.raises(ScoreError, match="layer 1 contains NaN"):
         pattern_scores(model, probe, progress=False)
     with pytest.raises(ScoreError, match="layer 1 contains NaN"):

@@ -1,0 +1,109 @@
+"""Composition scores: TransformerLens' reference, causal layout, planted K-composition, partners."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import headclass
+from headclass.errors import ScoreError
+from headclass.scores.composition import composition_scores, top_k_composition_partners
+
+D_MODEL, N_HEADS, D_HEAD = 64, 4, 16
+
+
+def reference(model, mode: str) -> torch.Tensor:
+    """TransformerLens' own ``all_composition_scores`` (HookedTransformer or TransformerBridge)."""
+    scores = model.tl_model.all_composition_scores(mode)
+    return getattr(scores, "scores", scores)   # the bridge wraps the tensor in CompositionScores
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_equal_to_transformer_lens(fixture, request):
+    model = request.getfixturevalue(fixture)   # tiny_llama: grouped-query attention
+    ours = composition_scores(model)
+    assert set(ours) == {"q", "k", "v"}
+    for kind, values in ours.items():
+        expected = reference(model, kind.upper())
+        assert values.shape == (model.n_layers, model.n_heads, model.n_layers, model.n_heads)
+        torch.testing.assert_close(values, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    return headclass.load_model(tiny_llama_dir)
+
+
+def test_causal_layout_and_blocking(tmp_path):
+    from conftest import save_tiny_gpt2
+
+    model = headclass.load_model(save_tiny_gpt2(tmp_path / "four", n_layer=4, seed=5))
+    whole = composition_scores(model)
+    # A budget too small for more than one later layer per pass: same numbers, more passes.
+    blocked = composition_scores(model, kinds=["K", "v"], memory_bytes=1)
+    for kind in ("k", "v"):
+        torch.testing.assert_close(blocked[kind], whole[kind], atol=1e-6, rtol=1e-5)
+    later = torch.arange(4)[:, None] < torch.arange(4)[None, :]        # [layer_a, layer_b]
+    mask = later[:, None, :, None].expand(4, N_HEADS, 4, N_HEADS)
+    for values in whole.values():
+        assert (values[~mask] == 0).all()
+        assert (values[mask] > 0).all() and (values <= 1).all()
+
+
+def centred_basis(d: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, k, generator=g)
+    return torch.linalg.qr(m - m.mean(0, keepdim=True)).Q
+
+
+@pytest.fixture(scope="module")
+def planted_k_pair():
+    """L0H2 writes into a 4-dimensional subspace S (W_OV = projection onto S); L1H1's keys read
+    only S (W_K = basis of S). Its K-composition score is 1/sqrt(4) = 0.5; random pairs ~0.1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(11)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=N_HEADS, n_embd=D_MODEL, vocab_size=64,
+                                    n_positions=32, bos_token_id=0, eos_token_id=0))
+    subspace = torch.zeros(D_MODEL, D_HEAD)
+    subspace[:, :4] = centred_basis(D_MODEL, 4, seed=12)
+    with torch.no_grad():
+        a = hf.transformer.h[0].attn
+        a.c_attn.weight[:, 2 * D_MODEL + 2 * D_HEAD:2 * D_MODEL + 3 * D_HEAD] = subspace
+        a.c_proj.weight[2 * D_HEAD:3 * D_HEAD, :] = subspace.T
+        b = hf.transformer.h[1].attn
+        b.c_attn.weight[:, D_MODEL + D_HEAD:D_MODEL + 2 * D_HEAD] = subspace
+    return headclass.load_model(hf)
+
+
+def test_planted_k_composition_ranks_first(planted_k_pair):
+    scores = composition_scores(planted_k_pair)
+    assert abs(float(scores["k"][0, 2, 1, 1]) - 0.5) < 1e-4
+    partners = top_k_composition_partners(scores, 1, 1, kind="k", n=3)
+    assert list(partners.columns) == ["layer", "head", "score", "kind"]
+    assert (partners.loc[0, "layer"], partners.loc[0, "head"]) == (0, 2)
+    assert partners.loc[0, "score"] > 2 * partners.loc[1, "score"]
+    assert partners["score"].is_monotonic_decreasing and len(partners) == 3
+    readers = top_k_composition_partners(scores, 0, 2, kind="k", direction="later")
+    assert (readers.loc[0, "layer"], readers.loc[0, "head"]) == (1, 1)
+    assert len(readers) == N_HEADS
+    # Its queries read nothing special from L0H2: no Q-composition standout.
+    assert float(scores["q"][0, 2, 1, 1]) < 0.3
+
+
+def test_partners_edge_cases(planted_k_pair):
+    scores = composition_scores(planted_k_pair, kinds="k")
+    assert set(scores) == {"k"}
+    empty = top_k_composition_partners(scores, 0, 0)
+    assert isinstance(empty, pd.DataFrame) and empty.empty
+    single = top_k_composition_partners(scores["k"], 1, 1, n=1)
+    assert len(single) == 1 and single.loc[0, "kind"] == "k"
+    with pytest.raises(ScoreError, match="kinds"):
+        composition_scores(planted_k_pair, kinds=["x"])
+    with pytest.raises(ScoreError, match="outside"):
+        top_k_composition_partners(scores, 5, 0)
+    with pytest.raises(ScoreError, match="direction"):
+        top_k_composition_partners(scores, 1, 0, direction="sideways")
+    with pytest.raises(ScoreError, match="not 'q'"):
+        top_k_composition_partners(scores, 1, 0, kind="q")
