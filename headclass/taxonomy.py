@@ -30,7 +30,11 @@ copy-suppression    ``copy_suppression_topk >= copy_suppression_topk``
 neither.
 
 A head may carry several labels (``is_<label>`` columns). Its ``primary_label`` is the label
-with the largest *normalised margin*: for ``score >= t`` on a score ranging over [lo, hi],
+with the largest *normalised margin* among its *mechanism* labels (all but ``bos`` and
+``diffuse``); only a head whose labels are all among :data:`FALLBACK_LABELS` gets ``bos`` or
+``diffuse`` as primary label (many heads park on BOS whatever they otherwise do: an induction
+head that puts 45% of its attention on the induction target and 55% on BOS is an induction
+head). For ``score >= t`` on a score ranging over [lo, hi],
 
     margin = (score - t) / (hi - t)   if score >= t   (0 at the threshold, 1 at the top)
     margin = (score - t) / (t - lo)   if score <  t   (-1 at the bottom)
@@ -58,6 +62,7 @@ from headclass.errors import ScoreError
 from headclass.report.table import (
     ABLATION_COLUMNS,
     CORE_LABELS,
+    FALLBACK_LABELS,
     TABLE_COLUMNS,
     LABELS,
     PRIORITY,
@@ -81,6 +86,7 @@ __all__ = [
     "LABELS",
     "CORE_LABELS",
     "PRIORITY",
+    "FALLBACK_LABELS",
     "UNCLASSIFIED",
 ]
 
@@ -377,13 +383,21 @@ def _extra_column(name: str, value: Any, shape: tuple[int, int]) -> Optional[np.
 
 
 def _primary(flags: dict[str, np.ndarray], margins: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Primary label and its margin per head (largest margin, ties by :data:`PRIORITY`)."""
+    """Primary label and its margin per head.
+
+    The largest margin among the head's mechanism labels; only when it has none, among its
+    :data:`FALLBACK_LABELS` (bos, diffuse); ties by :data:`PRIORITY`. Heads with no label:
+    ``unclassified`` with their largest (negative) margin.
+    """
     order = list(PRIORITY)
     stacked = np.stack([margins[label] for label in order])  # [label, layer, head]
     flagged = np.stack([flags[label] for label in order])
+    fallback = np.array([label in FALLBACK_LABELS for label in order])[:, None, None]
     filled = np.where(np.isnan(stacked), -np.inf, stacked)
-    # Among flagged labels (margin >= 0); argmax returns the first maximum = priority order.
-    best_flagged = np.where(flagged, filled, -np.inf).argmax(axis=0)
+    specific = flagged & ~fallback
+    candidates = np.where(specific.any(axis=0, keepdims=True), specific, flagged)
+    # argmax returns the first of equal maxima: the priority order breaks ties.
+    best_flagged = np.where(candidates, filled, -np.inf).argmax(axis=0)
     any_flag = flagged.any(axis=0)
     nearest = filled.argmax(axis=0)
     pick = np.where(any_flag, best_flagged, nearest)
@@ -467,7 +481,8 @@ def classify(
     ----------
     model
         A :class:`~headclass.HeadModel` (from :func:`headclass.load_model`) or anything with
-        its interface.
+        its interface; anything else (an alias, hub name, path, ``transformers`` model) is
+        first loaded with :func:`headclass.load_model` defaults.
     config
         ``None`` (shipped defaults), a YAML path, a partial mapping, or a
         :class:`~headclass.HeadclassConfig`; see ``configs/default.yaml``.
@@ -493,6 +508,10 @@ def classify(
     >>> tax.summary()
     """
     cfg = load_config(config)
+    if not hasattr(model, "run_with_patterns"):  # a name, path or model object: load it here
+        from headclass.loading import load_model
+
+        model = load_model(model)
     from headclass.scores.patterns import pattern_scores
     from headclass.scores.weights import weight_scores
 
@@ -502,7 +521,7 @@ def classify(
     if ablation:
         from headclass.scores.ablation import ablation_scores
 
-        scores.update(ablation_scores(model, config=cfg))
+        scores.update(ablation_scores(model, config=cfg, progress=progress))
     metadata = _model_metadata(model, cfg)
     metadata["ablation"] = bool(ablation)
     table = label_heads(scores, cfg.thresholds, model=metadata["model"])

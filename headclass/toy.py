@@ -57,6 +57,7 @@ __all__ = [
 TOY_VERSION = "1"
 MASKED = bool(int(os.environ.get("TOY_MASKED", "0")))
 SKIP = float(os.environ.get("TOY_SKIP", "0"))
+TIE = bool(int(os.environ.get("TOY_TIE", "0")))
 
 #: Special tokens at the start of the toy vocabulary; ordinary tokens follow.
 SPECIAL_TOKENS = ("<|bos|>", "<|unk|>")
@@ -179,12 +180,13 @@ def _segment_batch(
         if skip[row]:
             continue
         length = int(lengths[row])
-        prefix = int(torch.randint(0, body - 2 * length + 1, (1,), generator=generator))
-        start = 1 + prefix
-        n_copies = (body - prefix) // length
-        segment = tokens[row, start : start + length]
-        tokens[row, start : start + n_copies * length] = segment.repeat(n_copies)
-        predictable[row, start + length : start + n_copies * length] = True
+        slack = body - 2 * length  # free positions around the two copies
+        gaps = torch.randint(0, slack + 1, (2,), generator=generator).sort().values
+        first = 1 + int(gaps[0])
+        second = first + length + int(gaps[1] - gaps[0])
+        tokens[row, second : second + length] = tokens[row, first : first + length]
+        # the copy's first token is a surprise; each later one follows an earlier copy
+        predictable[row, second + 1 : second + length] = True
     if bool(skip.any()):
         perm = _skip_permutation(vocab_size)
         rows = skip.nonzero()[:, 0]
@@ -250,7 +252,7 @@ def _build_model(spec: ToySpec) -> Any:
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=TIE,
     )
     model = GPT2LMHeadModel(config)
     # Attention-only in effect: GPT-2 always has MLPs, so zero and freeze them. Their output is

@@ -18,6 +18,7 @@ from headclass.config import load_config
 from headclass.errors import ConfigError, HeadclassError, ScoreError
 from headclass.report.table import (
     CORE_LABELS,
+    FALLBACK_LABELS,
     LABELS,
     PRIORITY,
     SCORE_COLUMNS,
@@ -157,15 +158,29 @@ def test_fixed_offset_with_only_offset_one_tried():
 
 # -- several labels, primary rule ------------------------------------------------------------------
 def test_multi_label_primary_is_largest_normalised_margin():
-    # previous-token: (0.9 - 0.4) / 0.6 = 0.833; bos: (0.7 - 0.6) / 0.4 = 0.25
-    r = single_head(previous_token=0.9, bos=0.7)
-    assert r["is_previous_token"] and r["is_bos"]
-    assert r["labels"] == "previous-token, bos"
+    # previous-token: (0.9 - 0.4) / 0.6 = 0.833; duplicate-token: (0.7 - 0.4) / 0.6 = 0.5
+    r = single_head(previous_token=0.9, duplicate_token=0.7)
+    assert r["is_previous_token"] and r["is_duplicate_token"]
+    assert r["labels"] == "previous-token, duplicate-token"
     assert r["primary_label"] == "previous-token"
     assert r["margin"] == pytest.approx(0.5 / 0.6)
-    # On raw scores bos would win (0.95 > 0.9); normalised, bos (0.875) still loses to 0.9 here
-    r = single_head(previous_token=0.9, bos=0.95)
-    assert r["primary_label"] == "bos"  # (0.95 - 0.6) / 0.4 = 0.875 > 0.833
+    # normalised, not raw: current-token 0.5 -> 0.167 loses to copy_topk 0.6 -> 0.2 (eigen 1 -> 1)
+    r = single_head(current_token=0.5, copy_eigen=1.0, copy_topk=0.6)
+    assert r["primary_label"] == "copy" and r["margin"] == pytest.approx(0.2)
+    # and among fallback labels: diffuse entropy 0.95 -> 0.75 beats bos 0.8 -> 0.5
+    r = single_head(bos=0.8, diffuse_entropy=0.95, max_attention=0.0)
+    assert r["primary_label"] == "diffuse"
+
+
+def test_bos_and_diffuse_yield_to_any_mechanism_label():
+    # an induction head that parks the rest of its attention on BOS
+    r = single_head(induction=0.45, bos=0.98)  # margins: induction 0.083, bos 0.95
+    assert r["is_induction"] and r["is_bos"]
+    assert r["primary_label"] == "induction"
+    assert r["margin"] == pytest.approx(0.05 / 0.6)
+    r = single_head(bos=0.98)
+    assert r["primary_label"] == "bos"
+    assert set(FALLBACK_LABELS) == {"bos", "diffuse"}
 
 
 def test_a_bos_sink_with_copying_ov_keeps_both_labels():
@@ -180,8 +195,8 @@ def test_ties_follow_priority():
     assert r["primary_label"] == "induction"
     assert PRIORITY.index("induction") < PRIORITY.index("previous-token")
     # both at the top of the range
-    r = single_head(bos=1.0, current_token=1.0)
-    assert r["primary_label"] == "current-token"
+    r = single_head(duplicate_token=1.0, current_token=1.0)
+    assert r["primary_label"] == "duplicate-token"
     assert sorted(PRIORITY) == sorted(LABELS)
 
 
@@ -203,10 +218,13 @@ def test_margin_sign_matches_flags_on_random_scores():
     classified = table["primary_label"] != UNCLASSIFIED
     assert (table.loc[classified, "margin"] >= 0).all()
     assert (table.loc[~classified, "margin"] < 0).all()
-    # the primary label carries the largest margin among the head's labels
+    # the primary label carries the largest margin among the head's labels (mechanisms first)
     for i, r in table[classified].iterrows():
-        best = max(margins[label].ravel()[i] for label in LABELS if r[flag_column(label)])
+        mine = [label for label in LABELS if r[flag_column(label)]]
+        specific = [label for label in mine if label not in FALLBACK_LABELS]
+        best = max(margins[label].ravel()[i] for label in (specific or mine))
         assert r["margin"] == pytest.approx(best)
+        assert r["primary_label"] in (specific or mine)
 
 
 # -- NaN, missing and malformed scores -----------------------------------------------------------
@@ -415,6 +433,9 @@ class FakeModel:
         self.architecture = "Fake"
         self.weight = torch.zeros(1000)  # something a leaked reference would keep alive
 
+    def run_with_patterns(self, tokens, callback, *, layers=None):  # never called by the stand-ins
+        raise AssertionError("stand-in scores do not run the model")
+
 
 @pytest.fixture
 def stand_in_scores(monkeypatch):
@@ -434,8 +455,8 @@ def stand_in_scores(monkeypatch):
         s = random_scores(model.n_layers, model.n_heads, seed=6)
         return {k: s[k] for k in ("copy_eigen", "copy_topk", "copy_suppression_topk")}
 
-    def ablation_scores(model, *, config=None):
-        calls["ablation"] = dict(config=config)
+    def ablation_scores(model, *, config=None, progress=True):
+        calls["ablation"] = dict(config=config, progress=progress)
         return {"ablation_induction_dloss": torch.ones(model.n_layers, model.n_heads),
                 "ablation_text_dloss": torch.zeros(model.n_layers, model.n_heads)}
 
@@ -471,6 +492,14 @@ def test_classify_with_ablation_adds_columns(stand_in_scores):
     assert "ablation_text_dloss" in tax.table.columns
     assert tax.metadata["ablation"] is True
     assert stand_in_scores["ablation"]["config"].thresholds.induction == T.induction
+
+
+def test_classify_loads_a_source_it_is_given(stand_in_scores, monkeypatch):
+    import headclass.loading
+
+    monkeypatch.setattr(headclass.loading, "load_model", lambda source: FakeModel())
+    tax = classify("some-alias", progress=False)
+    assert len(tax) == 12
 
 
 def test_classify_passes_probes_through(stand_in_scores):
@@ -645,3 +674,60 @@ def test_planted_model_labels_nothing_twice_by_accident(planted):
     layer, head = roles["fixed_offset"]
     assert tax.head(layer, head)["fixed_offset_k"] == 3
     assert not t["is_copy"].any() and not t["is_copy_suppression"].any()  # no head copies
+
+
+# -- the real SmolLM2-135M ------------------------------------------------------------------------
+# Smaller probes and token sample than the defaults: the same heads stand out, in a fraction of
+# the time (the README demo uses the defaults).
+SMOLLM2_CONFIG = {
+    "probes": {"repeated": {"n_sequences": 8, "segment_length": 32},
+               "text": {"n_sequences": 8, "max_tokens": 64}},
+    "weights": {"copy_sample_size": 500},
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_taxonomy(smollm2):
+    return classify(smollm2, SMOLLM2_CONFIG, progress=False)
+
+
+@pytest.mark.smollm2
+def test_smollm2_every_head_once(smollm2_taxonomy):
+    t = smollm2_taxonomy.table
+    assert len(t) == 270 == len(smollm2_taxonomy)
+    assert not t.duplicated(["layer", "head"]).any()
+    assert set(t["layer"]) == set(range(30)) and set(t["head"]) == set(range(9))
+    assert list(t.columns[: len(TABLE_COLUMNS)]) == list(TABLE_COLUMNS)
+    for label in CORE_LABELS:
+        assert t[flag_column(label)].dtype == bool
+    assert t[list(SCORE_COLUMNS)].drop(columns=["fixed_offset"]).notna().all().all()
+
+
+@pytest.mark.smollm2
+def test_smollm2_has_induction_and_previous_token_heads(smollm2_taxonomy):
+    t = smollm2_taxonomy.table
+    assert t["is_induction"].sum() >= 1
+    assert t["is_previous_token"].sum() >= 1
+    s = smollm2_taxonomy.summary().set_index("label")
+    first_induction = s.loc["induction", "first_layer"]
+    assert first_induction >= 1  # induction needs an earlier previous-token head
+    assert s.loc["previous-token", "first_layer"] < first_induction
+
+
+@pytest.mark.smollm2
+def test_smollm2_metadata(smollm2_taxonomy):
+    meta = smollm2_taxonomy.metadata
+    assert meta["model"] == "smollm2-135m"
+    assert (meta["n_layers"], meta["n_heads"]) == (30, 9)
+    assert meta["n_params"] > 100_000_000
+    assert meta["backend"] in ("bridge", "hooked")
+    assert meta["config"]["probes"]["repeated"]["segment_length"] == 32
+
+
+@pytest.mark.smollm2
+def test_smollm2_json_round_trip(smollm2_taxonomy, tmp_path):
+    from headclass.report.export import read_json
+
+    back = read_json(smollm2_taxonomy.to_json(tmp_path / "smollm2.json"))
+    pd.testing.assert_frame_equal(back.table, smollm2_taxonomy.table)
+    assert back.metadata == smollm2_taxonomy.metadata

@@ -43,6 +43,7 @@ __all__ = [
     "CORE_LABELS",
     "UNCLASSIFIED",
     "PRIORITY",
+    "FALLBACK_LABELS",
     "LABEL_SCORE",
     "SCORE_COLUMNS",
     "ABLATION_COLUMNS",
@@ -90,6 +91,10 @@ LABEL_SCORE: dict[str, str] = {
     "fixed-offset": "fixed_offset",
     "copy-suppression": "copy_suppression_topk",
 }
+
+#: Labels that describe where a head parks attention rather than a mechanism: they are a
+#: head's primary label only when it has no other label.
+FALLBACK_LABELS: tuple[str, ...] = ("bos", "diffuse")
 
 #: Pattern scores (from :mod:`headclass.scores.patterns`), all float in [0, 1].
 PATTERN_SCORE_COLUMNS: tuple[str, ...] = (

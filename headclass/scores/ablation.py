@@ -80,9 +80,9 @@ MODES = ("exact", "attribution")
 SCORE_KEYS = ("ablation_induction_dloss", "ablation_text_dloss")
 _PROBE_OF_KEY = {"ablation_induction_dloss": "induction", "ablation_text_dloss": "text"}
 
-# Logits of all copies of one pass are kept at once; above this many bytes the heads of a
-# layer are split over several passes (heads_per_pass=0, "as many as fit").
-_LOGITS_BUDGET_BYTES = 3 * 2**30
+# One pass of replicated copies should need at most about this much memory; above it the
+# heads of a layer are split over several passes (heads_per_pass=0, "as many as fit").
+_MEMORY_BUDGET_BYTES = 2 * 2**30
 
 HeadList = Optional[Iterable[tuple[int, int]]]
 
@@ -208,7 +208,7 @@ def ablation_dloss(
         As in :func:`ablation_scores`.
     heads_per_pass
         Exact mode: heads of one layer ablated together in one pass (the batch replicated
-        once per head); ``0`` chooses as many as fit a 3 GiB logits budget.
+        once per head); ``0`` chooses as many as fit in about 2 GiB.
     desc
         Progress bar label.
 
@@ -440,28 +440,94 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
     with torch.no_grad():
         resid: dict[int, Tensor] = {}
         means: dict[int, Tensor] = {}
+        final: dict[str, Tensor] = {}
         hooks = [(hook_name(l, "hook_resid_pre"), _store(resid, l)) for l in layers]
         if method == "mean":
             hooks += [(hook_name(l, "hook_z"), _store_mean(means, l)) for l in layers]
-        clean = _losses(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"), tokens, targets)[0]
+        hooks.append((_UNEMBED_IN, _store(final, "x")))
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
+        readout = _Readout.if_exact(model, final["x"], logits, targets)
+        clean = readout.losses(final["x"], tokens, targets) if readout else _losses(logits, tokens, targets)
+        del logits, final
 
-        per_pass = heads_per_pass or _fitting_copies(model, tokens)
+        per_pass = heads_per_pass or _fitting_copies(model, tokens, readout is not None)
         out = torch.full((model.n_layers, model.n_heads), float("nan"))
         bar = _bar(progress, sum(len(h) for h in heads_by_layer.values()), desc)
         for layer in layers:
             todo = heads_by_layer[layer]
             for start in range(0, len(todo), per_pass):
                 chunk = todo[start:start + per_pass]
-                hook = _ablation_hook(chunk, n_batch, means.get(layer))
-                logits = model.run_from_layer(
-                    resid[layer].repeat(len(chunk), 1, 1), layer,
-                    fwd_hooks=[(hook_name(layer, "hook_z"), hook)], return_type="logits",
-                )
-                out[layer, chunk] = (_losses(logits, tokens, targets) - clean).float()
-                del logits
+                hooks = [(hook_name(layer, "hook_z"), _ablation_hook(chunk, n_batch, means.get(layer)))]
+                replicated = resid[layer].repeat(len(chunk), 1, 1)
+                if readout is None:
+                    logits = model.run_from_layer(replicated, layer, fwd_hooks=hooks, return_type="logits")
+                    losses = _losses(logits, tokens, targets)
+                    del logits
+                else:
+                    losses = readout.losses(readout.final_residual(model, replicated, layer, hooks), tokens, targets)
+                out[layer, chunk] = (losses - clean).float()
                 bar.update(len(chunk))
         bar.close()
     return out
+
+
+_UNEMBED_IN = "unembed.hook_in"
+
+
+class _StopAtUnembed(Exception):
+    """Raised by a hook to end a forward pass once the unembedding's input is known."""
+
+    def __init__(self, x: Tensor):
+        super().__init__("stop at unembed")
+        self.x = x
+
+
+class _Readout:
+    """Logits ``x @ W_U + b_U`` computed only at the target positions.
+
+    The model's own forward unembeds every position; the induction loss needs about half of
+    them, and the unembedding is the largest matrix of a small model. Used only when the
+    clean run shows it reproduces the model's logits (no logit soft-capping etc.).
+    """
+
+    def __init__(self, w_u: Tensor, b_u: Optional[Tensor]):
+        self.w_u, self.b_u = w_u, b_u
+
+    @classmethod
+    def if_exact(cls, model: Any, x: Tensor, logits: Tensor, targets: Tensor) -> Optional["_Readout"]:
+        tl_model = getattr(model, "tl_model", None)
+        w_u = getattr(model, "W_U", None)
+        if tl_model is None or not isinstance(w_u, Tensor) or x.shape[:2] != logits.shape[:2]:
+            return None
+        b_u = getattr(tl_model, "b_U", None)
+        readout = cls(w_u, b_u.detach() if isinstance(b_u, Tensor) else None)
+        expected = logits[:, :-1][targets].float()
+        got = readout.logits(x[:, :-1][targets])
+        tolerance = 1e-5 * max(1.0, float(expected.abs().max()))
+        return readout if got.shape == expected.shape and float((got - expected).abs().max()) <= tolerance else None
+
+    def logits(self, x: Tensor) -> Tensor:
+        out = x @ self.w_u.to(x.dtype)
+        return (out if self.b_u is None else out + self.b_u.to(x.dtype)).float()
+
+    def final_residual(self, model: Any, resid: Tensor, layer: int, hooks: list) -> Tensor:
+        def stop(x: Tensor, hook: Any) -> None:
+            raise _StopAtUnembed(x)
+
+        try:
+            model.run_from_layer(resid, layer, fwd_hooks=hooks + [(_UNEMBED_IN, stop)], return_type="logits")
+        except _StopAtUnembed as done:
+            return done.x
+        raise ScoreError(f"model {getattr(model, 'name', '?')!r} never reached hook {_UNEMBED_IN!r}.")
+
+    def losses(self, x: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:
+        n_batch = tokens.shape[0]
+        predicted = tokens[:, 1:][targets]
+        out = []
+        for i in range(x.shape[0] // n_batch):
+            rows = x[i * n_batch:(i + 1) * n_batch, :-1][targets]  # [n_targets, d_model]
+            out.append(F.cross_entropy(self.logits(rows), predicted))
+        return torch.stack(out).double().cpu()
 
 
 def _attribution_dloss(model, tokens, targets, method, heads_by_layer) -> Tensor:
@@ -544,9 +610,15 @@ def _losses(logits: Tensor, tokens: Tensor, targets: Tensor, *, reduce_grad: boo
     return torch.stack(losses).double().cpu()
 
 
-def _fitting_copies(model: Any, tokens: Tensor) -> int:
-    per_copy = tokens.numel() * model.d_vocab * 4 * 2  # logits + their float32 view
-    return max(1, min(model.n_heads, _LOGITS_BUDGET_BYTES // max(per_copy, 1)))
+def _fitting_copies(model: Any, tokens: Tensor, readout: bool) -> int:
+    """Heads per pass that keep one pass's largest tensors within the memory budget."""
+    n_pos = tokens.shape[1]
+    d_mlp = int(getattr(getattr(model, "cfg", None), "d_mlp", None) or 4 * model.d_model)
+    # activations alive at once in a block (residual, MLP hidden, attention scores), x4 slack
+    per_copy = tokens.numel() * (2 * model.d_model + d_mlp + 2 * model.n_heads * n_pos) * 4 * 4
+    if not readout:
+        per_copy += tokens.numel() * model.d_vocab * 4 * 2  # the model's logits, and a float copy
+    return max(1, min(model.n_heads, _MEMORY_BUDGET_BYTES // max(per_copy, 1)))
 
 
 def _ranks(x: Tensor) -> Tensor:

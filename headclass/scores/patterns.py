@@ -106,60 +106,91 @@ class _Options:
     convention: str
 
 
+@dataclass
+class _Terms:
+    """Pattern entries a sparse score reads: ``A[b[i], :, q[i], k[i]]`` is added to segment
+    ``seg[i]``; ``finish`` turns the segment sums ``[n_seg, head]`` into the score's sum."""
+
+    b: Tensor
+    q: Tensor
+    k: Tensor
+    seg: Tensor
+    n_seg: int
+    finish: Callable[[Tensor], Tensor]
+
+
 class _Batch:
     """What the reductions need about one probe batch, built once before its forward pass.
 
-    The token-match scores (previous, duplicate, induction) become lists of ``(b, q, k)``
-    entries, so a layer's contribution is one gather ``pattern[b, :, q, k]`` of a few thousand
-    values instead of a product with a dense ``[batch, query, key]`` mask.
+    Every sparse score (previous, current, BOS, offsets, duplicate, induction) is a list of
+    ``(b, q, k)`` entries with a segment id. All of them are concatenated, so that a layer costs
+    ONE ``take`` of a few thousand values per head and ONE ``index_add`` into the segments,
+    whatever the number of scores; only entropy and max-attention read the whole pattern.
     """
 
     def __init__(self, probe: Probe, options: _Options, names: Sequence[str], device: torch.device):
-        self.probe = probe
-        self.options = options
+        self.probe, self.options, self.device = probe, options, device
         self.n_batch, self.n_pos = probe.n_sequences, probe.n_positions
-        self.device = device
-        self.entries: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        tokens = probe.tokens
-        match = None
+        self._match: Optional[Tensor] = None
+        self.slices: dict[str, tuple[int, int, Callable[[Tensor], Tensor]]] = {}
+        parts, offset = [], 0
         for name in names:
-            if name not in _TOKEN_MATCH:
+            spec = _SCORES[name]
+            if spec.terms is None:
                 continue
-            if name == "previous_token":
-                start = 1 if options.convention == "detect_head" else 1 + int(probe.has_bos)
-                q = torch.arange(start, self.n_pos).expand(self.n_batch, -1)
-                b = torch.arange(self.n_batch)[:, None].expand_as(q)
-                b, q = b.reshape(-1), q.reshape(-1)
-                k = q - 1
-            else:
-                if match is None:
-                    match = tokens[:, :, None] == tokens[:, None, :]  # [b, q, j]: same token
-                if name == "duplicate_token":
-                    b, q, k = match.tril(-1).nonzero(as_tuple=True)  # j < q
-                else:
-                    # induction: key k whose preceding token k - 1 is a copy of token q; the
-                    # detect_head convention also admits k == q (a token repeated at once)
-                    shifted = torch.zeros_like(match)
-                    shifted[:, :, 1:] = match[:, :, :-1]
-                    limit = 0 if options.convention == "detect_head" else -1
-                    b, q, k = shifted.tril(limit).nonzero(as_tuple=True)
-            drop = torch.zeros_like(q, dtype=torch.bool)
-            if options.exclude_bos:
-                drop |= k == 0
-            if options.exclude_current_token:
-                drop |= k == q
-            b, q, k = b[~drop], q[~drop], k[~drop]
-            self.entries[name] = (b.to(device), q.to(device), k.to(device))
+            terms = spec.terms(self)
+            parts.append((terms.b, terms.q, terms.k, terms.seg + offset))
+            self.slices[name] = (offset, terms.n_seg, terms.finish)
+            offset += terms.n_seg
+        self.n_segments = offset
+        if parts:
+            b, q, k, seg = (torch.cat(column) for column in zip(*parts))
+            self._flat = (b * self.n_pos + q) * self.n_pos + k  # index within one head's block
+            self._seg = seg.to(device)
+        self._index: Optional[Tensor] = None
+        self._buffer: Optional[Tensor] = None
 
-    def gather(self, pattern: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        b, q, k = self.entries[name]
-        return pattern[b, :, q, k], b, q, k  # values: [entry, head]
+    def same_token(self) -> Tensor:
+        """``[batch, query, key]``: key holds the same token as query (diagonal included)."""
+        if self._match is None:
+            tokens = self.probe.tokens
+            self._match = tokens[:, :, None] == tokens[:, None, :]
+        return self._match
+
+    def queries(self, start: int) -> tuple[Tensor, Tensor]:
+        """``(b, q)`` of every query position ``q >= start`` of every sequence."""
+        q = torch.arange(max(0, start), self.n_pos).expand(self.n_batch, -1)
+        b = torch.arange(self.n_batch)[:, None].expand_as(q)
+        return b.reshape(-1), q.reshape(-1)
+
+    def segment_sums(self, pattern: Tensor) -> dict[str, Tensor]:
+        """Sum of the pattern entries of every segment, ``[n_seg, head]`` per sparse score."""
+        if not self.slices:
+            return {}
+        n_heads = pattern.shape[1]
+        if self._index is None or self._index.shape[1] != n_heads:
+            block = self.n_pos * self.n_pos
+            b = self._flat // block
+            # flat position in [batch, head, query, key] order; take() reads any memory layout
+            self._index = ((b[:, None] * n_heads + torch.arange(n_heads)) * block
+                           + (self._flat % block)[:, None]).to(self.device)
+        values = pattern.take(self._index)  # [entry, head]
+        sums = values.new_zeros(self.n_segments, n_heads).index_add_(0, self._seg, values)
+        return {name: sums[start:start + size] for name, (start, size, _) in self.slices.items()}
+
+    def buffer(self, numel: int, like: Tensor) -> Tensor:
+        """A scratch buffer reused across layers (fresh large allocations are page-fault bound)."""
+        if self._buffer is None or self._buffer.numel() < numel or self._buffer.dtype != like.dtype:
+            self._buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return self._buffer[:numel]
 
 
 # -- reductions ------------------------------------------------------------------------------
-# Each score is a pair: ``count(probe, options)`` -> number of valid queries (a tensor, [K] for
-# fixed_offset), known before any forward pass; ``reduce(pattern, batch)`` -> the sum of the
-# per-query values over the batch, ``[head]`` (``[head, K]`` for fixed_offset).
+# Each score has ``count(probe, options)``: its number of valid queries (a tensor, [K] for
+# fixed_offset), known before any forward pass, and either ``terms(batch)`` (the entries it
+# reads, summed by the shared gather) or ``dense(pattern, batch)`` (reads the whole pattern).
+# Both give the sum over the batch of the per-query values: ``[head]`` (``[head, K]`` for
+# fixed_offset).
 
 
 def _count_previous(probe: Probe, o: _Options) -> Tensor:
@@ -193,38 +224,97 @@ def _count_diffuse(probe: Probe, o: _Options) -> Tensor:
     return torch.tensor(float(probe.n_sequences * max(0, probe.n_positions - o.diffuse_min_keys + 1)))
 
 
-def _token_match(name: str) -> Callable[[Tensor, _Batch], Tensor]:
-    """Reduction of previous-token, duplicate-token or induction attention (see module doc)."""
+def _single_segment(b: Tensor, q: Tensor, k: Tensor) -> _Terms:
+    return _Terms(b, q, k, torch.zeros_like(b), 1, lambda sums: sums[0])
 
-    def reduce(pattern: Tensor, batch: _Batch) -> Tensor:
-        o = batch.options
-        values, b, q, k = batch.gather(pattern, name)
-        n_heads = pattern.shape[1]
-        if o.convention == "detect_head":
-            numerator = values.new_zeros(batch.n_batch, n_heads).index_add_(0, b, values)
-            denominator = pattern.new_full((batch.n_batch, n_heads), float(batch.n_pos))
-            if o.exclude_bos:
-                denominator -= pattern[:, :, :, 0].sum(-1)
-            if o.exclude_current_token:
-                denominator -= pattern.diagonal(dim1=-2, dim2=-1).sum(-1)
-            if o.exclude_bos and o.exclude_current_token:
-                denominator += pattern[:, :, 0, 0]
-            return _share(numerator, denominator).sum(0)
-        if not (o.exclude_bos or o.exclude_current_token):
-            return values.sum(0)
-        # share of the attention left after removing BOS and/or self, per valid query
-        slot = b * batch.n_pos + q
-        queries, slot = torch.unique(slot, return_inverse=True)
-        numerator = values.new_zeros(len(queries), n_heads).index_add_(0, slot, values)
-        qb, qq = queries // batch.n_pos, queries % batch.n_pos
-        denominator = torch.ones_like(numerator)
+
+def _terms_current(batch: _Batch) -> _Terms:
+    b, q = batch.queries(1)
+    return _single_segment(b, q, q)
+
+
+def _terms_bos(batch: _Batch) -> _Terms:
+    b, q = batch.queries(1)
+    return _single_segment(b, q, torch.zeros_like(q))
+
+
+def _terms_offsets(batch: _Batch) -> _Terms:
+    skip = int(batch.probe.has_bos)
+    parts = []
+    for k in range(1, batch.options.max_offset + 1):
+        b, q = batch.queries(k + skip)
+        parts.append((b, q, q - k, torch.full_like(b, k - 1)))
+    b, q, key, seg = (torch.cat(column) for column in zip(*parts))
+    return _Terms(b, q, key, seg, batch.options.max_offset, lambda sums: sums.T)  # [head, K]
+
+
+def _token_match(name: str) -> Callable[[_Batch], _Terms]:
+    """Terms of previous-token, duplicate-token or induction attention (see module doc)."""
+
+    def terms(batch: _Batch) -> _Terms:
+        o, n = batch.options, batch.n_batch
+        if name == "previous_token":
+            b, q = batch.queries(1 if o.convention == "detect_head" else 1 + int(batch.probe.has_bos))
+            k = q - 1
+        elif name == "duplicate_token":
+            b, q, k = batch.same_token().tril(-1).nonzero(as_tuple=True)  # j < q
+        else:
+            # key k whose preceding token k - 1 is a copy of token q; the detect_head
+            # convention also admits k == q (a token repeated at once)
+            shifted = torch.zeros_like(batch.same_token())
+            shifted[:, :, 1:] = batch.same_token()[:, :, :-1]
+            b, q, k = shifted.tril(0 if o.convention == "detect_head" else -1).nonzero(as_tuple=True)
+        keep = torch.ones_like(q, dtype=torch.bool)
         if o.exclude_bos:
-            denominator -= pattern[qb, :, qq, 0]
+            keep &= k != 0
         if o.exclude_current_token:
-            denominator -= pattern[qb, :, qq, qq]
-        return _share(numerator, denominator).sum(0)
+            keep &= k != q
+        b, q, k = b[keep], q[keep], k[keep]
+        if o.convention == "detect_head":
+            return _detect_head_terms(batch, b, q, k)
+        if not (o.exclude_bos or o.exclude_current_token):
+            return _single_segment(b, q, k)
+        # share of the attention left after removing BOS and/or self, per valid query
+        queries, slot = torch.unique(b * batch.n_pos + q, return_inverse=True)
+        m = len(queries)
+        qb, qq = queries // batch.n_pos, queries % batch.n_pos
+        parts = [(b, q, k, slot)]
+        if o.exclude_bos:
+            parts.append((qb, qq, torch.zeros_like(qq), m + torch.arange(m)))
+        if o.exclude_current_token:
+            parts.append((qb, qq, qq, 2 * m + torch.arange(m)))
+        b, q, k, seg = (torch.cat(column) for column in zip(*parts))
 
-    return reduce
+        def finish(sums: Tensor) -> Tensor:
+            left = 1.0 - o.exclude_bos * sums[m:2 * m] - o.exclude_current_token * sums[2 * m:3 * m]
+            return _share(sums[:m], left).sum(0)
+
+        return _Terms(b, q, k, seg, 3 * m, finish)
+
+    return terms
+
+
+def _detect_head_terms(batch: _Batch, b: Tensor, q: Tensor, k: Tensor) -> _Terms:
+    """detect_head's per-sequence ``sum(A' * D) / sum(A')``, summed over sequences."""
+    o, n, P = batch.options, batch.n_batch, batch.n_pos
+    parts = [(b, q, k, b)]
+    all_b, all_q = batch.queries(0)
+    if o.exclude_bos:  # sum over queries of A[q, 0]
+        parts.append((all_b, all_q, torch.zeros_like(all_q), n + all_b))
+    if o.exclude_current_token:  # sum over queries of A[q, q]
+        parts.append((all_b, all_q, all_q, 2 * n + all_b))
+    if o.exclude_bos and o.exclude_current_token:  # A[0, 0] was removed twice
+        first = torch.arange(n)
+        parts.append((first, torch.zeros_like(first), torch.zeros_like(first), 3 * n + first))
+    b, q, k, seg = (torch.cat(column) for column in zip(*parts))
+
+    def finish(sums: Tensor) -> Tensor:
+        left = P - o.exclude_bos * sums[n:2 * n] - o.exclude_current_token * sums[2 * n:3 * n]
+        if o.exclude_bos and o.exclude_current_token:
+            left = left + sums[3 * n:4 * n]
+        return _share(sums[:n], left).sum(0)
+
+    return _Terms(b, q, k, seg, 4 * n, finish)
 
 
 def _share(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -233,36 +323,28 @@ def _share(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(enough, numerator / denominator.clamp(min=_DENOMINATOR_FLOOR), 0.0)
 
 
-def _reduce_current(pattern: Tensor, batch: _Batch) -> Tensor:
-    return pattern.diagonal(dim1=-2, dim2=-1)[..., 1:].sum((0, 2))
+def _dense_entropy(pattern: Tensor, batch: _Batch) -> Tensor:
+    """Sum of ``H(A[q]) / log(q + 1)`` over the rows with enough keys, in query blocks.
 
-
-def _reduce_bos(pattern: Tensor, batch: _Batch) -> Tensor:
-    return pattern[:, :, 1:, 0].sum((0, 2))
-
-
-def _reduce_offsets(pattern: Tensor, batch: _Batch) -> Tensor:
-    skip = int(batch.probe.has_bos)
-    sums = [pattern.diagonal(offset=-k, dim1=-2, dim2=-1)[..., skip:].sum((0, 2))
-            for k in range(1, batch.options.max_offset + 1)]
-    return torch.stack(sums, dim=-1)  # [head, K]
-
-
-def _reduce_entropy(pattern: Tensor, batch: _Batch) -> Tensor:
+    A block of queries ``[q0, q1)`` only reads keys ``< q1`` (the rest is masked to 0), which
+    skips about half the pattern; each block is written into one reused scratch buffer.
+    """
+    B, H, P = pattern.shape[0], pattern.shape[1], batch.n_pos
     first = batch.options.diffuse_min_keys - 1
-    rows = pattern[:, :, first:, :]
-    # log(number of visible keys) of each query row
-    norm = torch.arange(first + 1, batch.n_pos + 1, device=pattern.device, dtype=pattern.dtype).log()
-    per_item = max(1, rows[0].numel())
-    step = max(1, _ENTROPY_SLICE // per_item)
-    total = pattern.new_zeros(pattern.shape[1])
-    for start in range(0, rows.shape[0], step):
-        entropy = torch.special.entr(rows[start:start + step]).sum(-1)  # [b, head, query]
+    rows_per_block = max(1, _ENTROPY_SLICE // max(1, B * H * P))
+    buffer = batch.buffer(B * H * min(rows_per_block, P) * P, pattern)
+    total = pattern.new_zeros(H)
+    for q0 in range(first, P, rows_per_block):
+        q1 = min(P, q0 + rows_per_block)
+        block = pattern[:, :, q0:q1, :q1]
+        scratch = buffer[: block.numel()].view(block.shape)
+        entropy = torch.special.entr(block, out=scratch).sum(-1)  # [b, head, query]
+        norm = torch.arange(q0 + 1, q1 + 1, device=pattern.device, dtype=pattern.dtype).log()
         total += (entropy / norm).sum((0, 2))
     return total
 
 
-def _reduce_max(pattern: Tensor, batch: _Batch) -> Tensor:
+def _dense_max(pattern: Tensor, batch: _Batch) -> Tensor:
     first = batch.options.diffuse_min_keys - 1
     return pattern[:, :, first:, :].amax(-1).sum((0, 2))
 
@@ -270,27 +352,27 @@ def _reduce_max(pattern: Tensor, batch: _Batch) -> Tensor:
 @dataclass(frozen=True)
 class _Score:
     count: Callable[[Probe, _Options], Tensor]
-    reduce: Callable[[Tensor, _Batch], Tensor]
-    undefined: str  # why a probe gives no valid query, and what to do
+    undefined: str  # why a probe gives no valid query
+    terms: Optional[Callable[[_Batch], _Terms]] = None
+    dense: Optional[Callable[[Tensor, _Batch], Tensor]] = None
 
+
+_KEYS = "needs sequences of >= {min_keys} tokens (patterns.diffuse_min_keys)"
 
 #: The registry: one engine, thin named reductions. Order = order of the returned dict.
 _SCORES: dict[str, _Score] = {
-    "previous_token": _Score(_count_previous, _token_match("previous_token"),
-                             "needs sequences of >= 3 tokens (2 without BOS)"),
-    "current_token": _Score(_count_after_first, _reduce_current, "needs sequences of >= 2 tokens"),
-    "bos": _Score(_count_after_first, _reduce_bos, "needs sequences of >= 2 tokens"),
-    "induction": _Score(_count_induction, _token_match("induction"),
-                        "needs a repeated segment of >= 2 tokens"),
-    "duplicate_token": _Score(_count_duplicate, _token_match("duplicate_token"),
-                              "needs a token that occurs twice"),
-    "fixed_offset": _Score(_count_offsets, _reduce_offsets, "needs sequences of >= 3 tokens"),
-    "diffuse_entropy": _Score(_count_diffuse, _reduce_entropy,
-                              "needs sequences of >= {min_keys} tokens (patterns.diffuse_min_keys)"),
-    "max_attention": _Score(_count_diffuse, _reduce_max,
-                            "needs sequences of >= {min_keys} tokens (patterns.diffuse_min_keys)"),
+    "previous_token": _Score(_count_previous, "needs sequences of >= 3 tokens (2 without BOS)",
+                             terms=_token_match("previous_token")),
+    "current_token": _Score(_count_after_first, "needs sequences of >= 2 tokens", terms=_terms_current),
+    "bos": _Score(_count_after_first, "needs sequences of >= 2 tokens", terms=_terms_bos),
+    "induction": _Score(_count_induction, "needs a repeated segment of >= 2 tokens",
+                        terms=_token_match("induction")),
+    "duplicate_token": _Score(_count_duplicate, "needs a token that occurs twice",
+                              terms=_token_match("duplicate_token")),
+    "fixed_offset": _Score(_count_offsets, "needs sequences of >= 3 tokens", terms=_terms_offsets),
+    "diffuse_entropy": _Score(_count_diffuse, _KEYS, dense=_dense_entropy),
+    "max_attention": _Score(_count_diffuse, _KEYS, dense=_dense_max),
 }
-_TOKEN_MATCH = ("previous_token", "duplicate_token", "induction")
 
 #: Names of the scores, in the order :func:`pattern_scores` returns them.
 SCORE_NAMES: tuple[str, ...] = tuple(_SCORES)
@@ -533,8 +615,15 @@ class _Engine:
         first = self.options.diffuse_min_keys - 1
 
         def callback(layer: int, pattern: Tensor) -> None:
+            segments = batch.segment_sums(pattern)
             for name in active:
-                sums[name][layer] = _SCORES[name].reduce(pattern, batch).float()
+                spec = _SCORES[name]
+                if spec.dense is not None:
+                    value = spec.dense(pattern, batch)
+                else:
+                    start, size, finish = batch.slices[name]
+                    value = finish(segments[name])
+                sums[name][layer] = value.float()
             # NaN anywhere in the pattern reaches the entropy / max sums of rows >= first; the
             # first rows are checked directly (a full scan only when those scores are skipped)
             rows = pattern[:, :, :first] if covered else pattern

@@ -249,51 +249,70 @@ def copy_token_sample(model: Any, sample_size: int, *, seed: int = 0) -> Tensor:
     return ordinary[chosen].sort().values
 
 
-def _topk_counts(model: Any, embedding: Tensor, tokens: Tensor, top_k: int,
+def _topk_counts(model: Any, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0,
                  progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Per head, how many sampled tokens are in the top k (copies) and bottom k (suppressions)."""
     W_U = _f32(model.W_U)
     n_vocab = W_U.shape[1]
-    n_tokens = tokens.numel()
+    # Vocabulary columns in a fixed random order, so that every block is a fair sample of the
+    # vocabulary and most tokens are settled by the first block (see _rank_counts).
+    order = torch.randperm(n_vocab, generator=torch.Generator().manual_seed(int(seed))).to(W_U.device)
+    shuffled = W_U[:, order]
+    column_of = torch.empty_like(order)
+    column_of[order] = torch.arange(n_vocab, device=order.device)
+    token_columns = column_of[tokens]
     sources = embedding[tokens]                                    # [sample, d_model]
-    # Logits are made a block of vocabulary columns at a time, for all sampled tokens at once
-    # (a tall block keeps the matrix product efficient; [sample, vocab] is never whole).
-    cols = max(256, _TOPK_BLOCK_BYTES // (4 * n_tokens))
+    own_unembed = W_U[:, tokens]                                   # [d_model, sample]
     copies = torch.zeros(model.n_layers, model.n_heads, dtype=torch.long)
     suppressions = torch.zeros_like(copies)
     for layer in _layers(model, "top-k copy", progress):
         values = sources @ _f32(model.W_V[layer])                  # [head, sample, d_head]
         for head in range(model.n_heads):
-            x = values[head]
-            out_logits = _f32(model.W_O[layer, head]) @ W_U         # [d_head, vocab]
-            own = (x * out_logits[:, tokens].T).sum(-1)             # [sample]
-            at_least = _count_logits(x, out_logits, own, tokens, cols, strict=False)
+            x, W_O = values[head], _f32(model.W_O[layer, head])
+            own = (x * (W_O @ own_unembed).T).sum(-1)              # [sample]
+            at_least, at_most = _rank_counts(x, W_O, shuffled, own, token_columns, top_k)
             copies[layer, head] = int((at_least < top_k).sum())
-            # Own logit among the k lowest needs fewer than k others <= it, i.e. more than
-            # vocab - 1 - k others strictly above; only rows with that many >= are candidates.
-            candidate = at_least > n_vocab - 1 - top_k
-            if candidate.any():
-                above = _count_logits(x[candidate], out_logits, own[candidate], tokens[candidate],
-                                      cols, strict=True)
-                suppressions[layer, head] = int((n_vocab - 1 - above < top_k).sum())
+            suppressions[layer, head] = int((at_most < top_k).sum())
     return copies, suppressions
 
 
-def _count_logits(x: Tensor, out_logits: Tensor, own: Tensor, tokens: Tensor, cols: int,
-                  *, strict: bool) -> Tensor:
-    """Per row of ``x``: how many other tokens' logits are ``>= own`` (``> own`` if strict).
+def _rank_counts(x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: Tensor,
+                 top_k: int) -> tuple[Tensor, Tensor]:
+    """For each row ``s`` of ``x``: how many other tokens' logits are ``>= own[s]`` / ``<= own[s]``.
 
-    The own token is left out of its own count.
+    Logits are ``x @ W_O @ W_U`` (``W_U``'s columns shuffled; ``own_columns[s]`` is the own
+    token's column, left out of its own counts). Exact wherever the count is below ``top_k``;
+    once a row has ``top_k`` others on both sides it can be neither in the top nor the bottom k
+    and is dropped. Blocks of columns grow geometrically: a row of a head that neither copies nor
+    suppresses is settled within the first ~1000 columns, so the full vocabulary is only
+    scanned for the rows that matter.
     """
-    count = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    threshold = own[:, None]
-    rows = torch.arange(x.shape[0], device=x.device)
-    for c0 in range(0, out_logits.shape[1], cols):
-        c1 = min(out_logits.shape[1], c0 + cols)
-        block = x @ out_logits[:, c0:c1]                            # [rows, cols]
-        mine = (tokens >= c0) & (tokens < c1)
-        block[rows[mine], tokens[mine] - c0] = float("-inf")        # never counts itself
-        count += (block > threshold).sum(-1) if strict else (block >= threshold).sum(-1)
-    return count
+    n_rows = x.shape[0]
+    d_head, d_model = W_O.shape
+    n_vocab = W_U.shape[1]
+    at_least = torch.zeros(n_rows, dtype=torch.long, device=x.device)
+    at_most = torch.zeros_like(at_least)
+    active = torch.arange(n_rows, device=x.device)
+    projected = None
+    start, size = 0, 1024
+    while start < n_vocab and active.numel():
+        n = active.numel()
+        stop = min(n_vocab, start + max(256, min(size, _TOPK_BLOCK_BYTES // (4 * n))))
+        if n * d_model < d_head * (d_model + n):   # few rows: (x W_O) W_U costs less
+            if projected is None:
+                projected = x @ W_O                                         # [rows, d_model]
+            block = projected[active] @ W_U[:, start:stop]
+        else:
+            block = x[active] @ (W_O @ W_U[:, start:stop])                  # [rows, cols]
+        columns = own_columns[active]
+        mine = ((columns >= start) & (columns < stop)).nonzero().squeeze(1)
+        block[mine, columns[mine] - start] = float("nan")                  # never counts itself
+        threshold = own[active, None]
+        at_least[active] += (block >= threshold).sum(-1)
+        at_most[active] += (block <= threshold).sum(-1)
+        active = active[(at_least[active] < top_k) | (at_most[active] < top_k)]
+        start, size = stop, 2 * size
+    return at_least, at_most
 
 
 def topk_copy_scores(
@@ -320,9 +339,11 @@ def topk_copy_scores(
     Ranks are taken over the whole vocabulary and count the other tokens whose logit is ``>=``
     the own logit (``<=`` for suppression), so ties never help: a head whose logits are all
     equal (e.g. one that writes nothing) scores 0 on both. The sample is :func:`copy_token_sample` (special tokens excluded) unless ``tokens`` (1-D ids)
-    is given. Logits are computed as ``(W_E[t] W_V) (W_O W_U)``, one head and one block of
-    vocabulary columns at a time: ``[heads, sample, vocab]`` is never held. Cost per head:
-    ``2 d_head vocab (sample + d_model)`` flops plus one comparison pass over ``sample x vocab``.
+    is given. Logits are computed one head and one block of vocabulary columns at a time
+    (``[heads, sample, vocab]`` is never held), and a token is dropped as soon as ``top_k``
+    other logits lie on each side of its own: it can then be in neither list. Only tokens that
+    really are near the top or bottom are compared against the whole vocabulary, so a head
+    costs ``~2 d_head (sample + d_model) 1000`` flops unless it copies or suppresses.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ScoreError(f"The 'top_k' parameter must be an int >= 1. Got {top_k!r}.")
@@ -334,7 +355,8 @@ def topk_copy_scores(
             raise ScoreError(f"tokens must be a non-empty 1-D tensor of ids in [0, {model.d_vocab - 1}].")
     embedding = _embedding(model, effective_embedding)
     with torch.no_grad():
-        copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device), top_k, progress)
+        copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device), top_k,
+                                            seed=seed, progress=progress)
     n = float(tokens.numel())
     return {"copy_topk": copies.float() / n, "copy_suppression_topk": suppressions.float() / n}
 
@@ -560,7 +582,7 @@ def weight_scores(
         scores = {"copy_eigen": copy_eigen_score(_ov_eigenvalues(model, embedding, progress))}
         tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
         copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device),
-                                            options.top_k, progress)
+                                            options.top_k, seed=cfg.probes.seed, progress=progress)
         scores["copy_topk"] = copies.float() / tokens.numel()
         scores["copy_suppression_topk"] = suppressions.float() / tokens.numel()
         del embedding

@@ -85,6 +85,12 @@ def planted_induction_lm(folder: Path) -> tuple[headclass.HeadModel, dict[str, t
 
 
 @pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir) -> headclass.HeadModel:
+    """The grouped-query (4 heads, 2 KV heads) Llama of conftest, loaded."""
+    return headclass.load_model(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     return planted_induction_lm(tmp_path_factory.mktemp("planted-induction"))
 
@@ -131,16 +137,17 @@ def test_planted_circuit_heads_matter_and_others_do_not(planted, planted_probes,
         for head in range(model.n_heads):
             if (layer, head) not in (roles["induction"], roles["previous_token"]):
                 assert abs(dloss[layer, head]) < 0.05 * sharp, (layer, head, float(dloss[layer, head]))
-    # The unrelated writer does shift the loss a little: the hook really ablated it.
-    assert dloss[roles["current_token"]] != 0.0
+    # The unrelated writer does change the (unsaturated) text loss: the hook really ablated it.
+    assert scores["ablation_text_dloss"][roles["current_token"]].abs() > 0.01
 
 
-def test_planted_attribution_ranks_circuit_first(planted, planted_probes):
+def test_planted_attribution_is_blind_where_the_loss_is_saturated(planted, planted_probes):
+    """Documents attribution patching's known limit: the planted model predicts the second
+    repeat with loss ~0, the gradient there is ~0, so the linear estimate sees nothing where
+    exact ablation sees > 1 nat. (Why the docs say: check it with rank_correlation.)"""
     model, roles = planted
     fast = ablation_scores(model, probes=planted_probes, mode="attribution", progress=False)
-    dloss = fast["ablation_induction_dloss"].flatten()
-    top2 = {divmod(int(i), model.n_heads) for i in torch.topk(dloss, 2).indices}
-    assert top2 == {roles["induction"], roles["previous_token"]}
+    assert fast["ablation_induction_dloss"].abs().max() < 1e-3
 
 
 # -- agreement with the one-head-per-pass reference ----------------------------------------
@@ -165,6 +172,18 @@ def test_exact_matches_reference(request, fixture, method, heads):
         done = {(l, h) for l in range(model.n_layers) for h in range(model.n_heads)
                 if not math.isnan(fast["ablation_text_dloss"][l, h])}
         assert done == set(heads)
+
+
+def test_targets_only_readout_is_used_and_exact(tiny_gpt2, tiny_llama):
+    from headclass.scores.ablation import _UNEMBED_IN, _Readout
+
+    for model in (tiny_gpt2, tiny_llama):
+        tokens = repeated_tokens(model)
+        seen = {}
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(_UNEMBED_IN, lambda x, hook: seen.update(x=x))],
+                                          return_type="logits")
+        assert _Readout.if_exact(model, seen["x"], logits, induction_targets(tokens)) is not None
 
 
 def test_heads_per_pass_does_not_change_results(tiny_llama):
@@ -320,3 +339,47 @@ def test_smollm2_top_induction_head_matters_more_than_median(smollm2):
     dloss = ablation_scores(smollm2, probes={"induction": probe, "text": probe.tokens[:, :16]},
                             heads=[top, median], progress=False)["ablation_induction_dloss"]
     assert dloss[top] > dloss[median] + 0.01, (top, float(dloss[top]), median, float(dloss[median]))
+
+
+# -- the figure -------------------------------------------------------------------------------
+def _table():
+    import pandas as pd
+
+    return pd.DataFrame({
+        "model": "m", "layer": [0, 0, 0, 1, 1, 1], "head": [0, 1, 2, 0, 1, 2],
+        "relative_depth": [0.25, 0.25, 0.25, 0.75, 0.75, 0.75],
+        "primary_label": ["copy", "copy", "induction", "copy", "bos", "induction"],
+        "ablation_induction_dloss": [0.1, 0.3, 2.0, 0.05, 0.0, float("nan")],
+        "ablation_text_dloss": [0.2, 0.4, 0.1, 0.6, 0.0, 0.3],
+    })
+
+
+def test_importance_by_label_means_per_layer():
+    from headclass.report.plots_ablation import importance_by_label
+
+    data = importance_by_label(_table())
+    copy0 = data[(data.score == "ablation_induction_dloss") & (data.primary_label == "copy") & (data.layer == 0)]
+    assert copy0["mean_dloss"].item() == pytest.approx(0.2) and copy0["n_heads"].item() == 2
+    assert copy0["heads"].item() == "L0H0 L0H1"
+    # the NaN (not ablated) induction head of layer 1 leaves no row for that score
+    assert data[(data.score == "ablation_induction_dloss") & (data.primary_label == "induction")].layer.tolist() == [0]
+    only_copy = importance_by_label(_table(), labels=["copy"], x="relative_depth")
+    assert set(only_copy.primary_label) == {"copy"} and set(only_copy.x) == {0.25, 0.75}
+
+
+def test_fig_importance_by_label():
+    from headclass.report.plots_ablation import fig_importance_by_label
+
+    fig = fig_importance_by_label(_table())
+    names = [t.name for t in fig.data]
+    assert names.count("copy") == 2                       # one trace per panel
+    assert sum(t.showlegend is not False for t in fig.data if t.name == "copy") == 1
+    copy_induction = next(t for t in fig.data if t.name == "copy" and t.xaxis == "x")
+    assert list(copy_induction.y) == pytest.approx([0.2, 0.05])
+    from fake_scores import random_taxonomy
+
+    assert len(fig_importance_by_label(random_taxonomy(ablation=True), x="relative_depth").data) > 0
+    with pytest.raises(ScoreError, match="ablation=True"):
+        fig_importance_by_label(_table().drop(columns=["ablation_induction_dloss", "ablation_text_dloss"]))
+    with pytest.raises(ScoreError, match="'x'"):
+        fig_importance_by_label(_table(), x="depth")

@@ -1,0 +1,200 @@
+"""Benchmark: all attention-pattern scores in one pass vs a bare forward vs detect_head.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_patterns.py                      # smollm2-135m, 16 x 256, 3 repeats
+    python benchmarks/bench_patterns.py --repeats 5 --threads 1 --detect-cached
+
+On one token batch (``[BOS]`` + 3 copies of 85 random ordinary tokens = 256 tokens, 16
+sequences) it times, interleaved within each repeat (the order rotates), and reports medians:
+
+(a) ``bare``    ``model.forward(tokens, return_type=None)``;
+(b) ``scores``  :func:`headclass.scores.patterns.pattern_scores_single_pass`: ALL pattern scores,
+                one forward pass with every layer's pattern reduced inside its hook;
+(c) ``detect``  TransformerLens' ``detect_head`` for previous-token, duplicate-token and
+                induction heads on the same batch (three calls; each runs a cached forward per
+                sequence, as ``detect_head`` does for a list of prompts);
+(c') ``detect_cached`` (with ``--detect-cached``): the most economical use of ``detect_head``:
+                one cached forward per sequence shared by the three head types.
+
+Peak memory: each of bare / scores / detect runs once in a fresh subprocess, which loads the
+model, warms up on a tiny batch, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
+and reads ``VmHWM`` after the run. The reported figure is the peak above the RSS just before the
+run, so model loading does not count. Claim checked: scores peak <= bare peak + one layer's
+pattern tensor (``batch * heads * pos * pos * 4`` bytes).
+
+Prints a table, the ratios ``scores / bare`` (goal <= 1.3) and ``detect / scores`` (goal >= 3),
+and a JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import headclass
+from headclass import probes
+from headclass.scores.patterns import detect_head_scores, pattern_scores_single_pass
+
+HEAD_TYPES = ("previous_token", "duplicate_token", "induction")
+
+
+def make_probe(model, n_sequences: int, n_positions: int, seed: int = 0):
+    """``[BOS]`` + copies of a random segment, cut to exactly ``n_positions`` tokens."""
+    prepend = int(model.prepends_bos)
+    segment = (n_positions - prepend) // 3
+    probe = probes.repeated(model, n_sequences, segment, n_repeats=3, seed=seed)
+    if probe.n_positions < n_positions:  # pad with a 4th partial copy to reach the exact length
+        probe = probes.repeated(model, n_sequences, segment, n_repeats=4, seed=seed)
+    return probes.from_tokens(model, probe.tokens[:, :n_positions], name="bench")
+
+
+def detect_cached(model, tokens):
+    """detect_head for the three types with one shared cache per sequence."""
+    from transformer_lens.head_detector import detect_head
+
+    from headclass.scores.patterns import _FixedTokens
+
+    stand_in = _FixedTokens(model.tl_model, tokens)
+    names = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
+             "induction": "induction_head"}
+    totals = {name: 0.0 for name in HEAD_TYPES}
+    with torch.no_grad():
+        for i in range(tokens.shape[0]):
+            _, cache = model.tl_model.run_with_cache(tokens[i:i + 1], remove_batch_dim=True)
+            for name in HEAD_TYPES:
+                totals[name] = totals[name] + detect_head(stand_in, str(i), names[name], cache=cache)
+            del cache
+    return {name: value / tokens.shape[0] for name, value in totals.items()}
+
+
+def variants(model, probe, with_cached: bool):
+    tokens = probe.tokens
+    out = {
+        "bare": lambda: model.forward(tokens, return_type=None),
+        "scores": lambda: pattern_scores_single_pass(model, probe),
+        "detect": lambda: [detect_head_scores(model, tokens, name) for name in HEAD_TYPES],
+    }
+    if with_cached:
+        out["detect_cached"] = lambda: detect_cached(model, tokens)
+    return out
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(args) -> None:
+    """Run one variant once in this fresh process and print its peak memory as JSON."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = headclass.load_model(args.model)
+    probe = make_probe(model, args.n_sequences, args.n_positions)
+    small = make_probe(model, 2, 32)
+    variants(model, small, True)[args.child]()  # warm-up: lazy initialisation off the books
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = rss_kib("VmRSS")
+    start = time.perf_counter()
+    variants(model, probe, True)[args.child]()
+    seconds = time.perf_counter() - start
+    peak = rss_kib("VmHWM")
+    print(json.dumps({"variant": args.child, "rss_before_mib": before / 1024,
+                      "peak_mib": peak / 1024, "peak_above_mib": (peak - before) / 1024,
+                      "seconds": seconds}))
+
+
+def measure_memory(args) -> dict:
+    results = {}
+    for name in ("bare", "scores", "detect"):
+        cmd = [sys.executable, __file__, "--child", name, "--model", args.model,
+               "--n-sequences", str(args.n_sequences), "--n-positions", str(args.n_positions),
+               "--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+        if done.returncode or not lines:
+            raise RuntimeError(f"memory child {name} failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(lines[-1])
+        print(f"  memory {name:7s}: peak {results[name]['peak_above_mib']:8.1f} MiB above "
+              f"{results[name]['rss_before_mib']:.0f} MiB", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n-sequences", type=int, default=16)
+    parser.add_argument("--n-positions", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--detect-cached", action="store_true", help="also time (c') detect_cached")
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = headclass.load_model(args.model)
+    probe = make_probe(model, args.n_sequences, args.n_positions)
+    B, P, H = probe.n_sequences, probe.n_positions, model.n_heads
+    layer_pattern_mib = B * H * P * P * 4 / 2**20
+    print(f"model {model.name}: {model.n_layers} layers x {H} heads; batch {B} x {P} tokens; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    runs = variants(model, probe, args.detect_cached)
+    small = variants(model, make_probe(model, 2, 32), args.detect_cached)
+    for fn in small.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for repeat in range(args.repeats):
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+            print(f"  repeat {repeat + 1}/{args.repeats} {name:13s} {times[name][-1]:8.2f} s", flush=True)
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    best = {name: min(values) for name, values in times.items()}
+    print(f"\n{'variant':14s} {'median s':>9s} {'min s':>9s}   all")
+    for name in names:
+        print(f"{name:14s} {median[name]:9.2f} {best[name]:9.2f}   "
+              + " ".join(f"{t:.2f}" for t in times[name]))
+    ratios = {
+        "scores/bare": median["scores"] / median["bare"],
+        "detect/scores": median["detect"] / median["scores"],
+    }
+    if "detect_cached" in median:
+        ratios["detect_cached/scores"] = median["detect_cached"] / median["scores"]
+    for key, value in ratios.items():
+        print(f"ratio {key:22s} {value:6.2f}  (min-based {best[key.split('/')[0]] / best[key.split('/')[1]]:.2f})")
+
+    memory = {} if args.no_memory else measure_memory(args)
+    if memory:
+        bound = memory["bare"]["peak_above_mib"] + layer_pattern_mib
+        print(f"memory: scores peak {memory['scores']['peak_above_mib']:.1f} MiB <= bare peak "
+              f"{memory['bare']['peak_above_mib']:.1f} + one layer's pattern {layer_pattern_mib:.1f} "
+              f"= {bound:.1f} MiB: {memory['scores']['peak_above_mib'] <= bound}")
+    print(json.dumps({"model": model.name, "batch": B, "positions": P, "threads": torch.get_num_threads(),
+                      "cpus": os.cpu_count(), "machine": platform.machine(), "times_s": times,
+                      "median_s": median, "ratios": ratios, "layer_pattern_mib": layer_pattern_mib,
+                      "memory": memory}))
+
+
+if __name__ == "__main__":
+    main()
