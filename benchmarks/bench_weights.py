@@ -95,6 +95,28 @@ def build_model(args):
     return model
 
 
+def build_weights_only(args) -> SimpleNamespace:
+    """The processed weights the scores read, random, without a TransformerLens model.
+
+    For machines where a full model of this shape does not fit twice over: W_Q, W_K, W_V, W_O,
+    W_E, W_U and W_pos only (no MLPs), scaled like GPT-2's initialisation.
+    """
+    g = torch.Generator().manual_seed(0)
+    L, H, d, V = args.layers, args.heads, args.d_model, args.vocab
+    r = d // H
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).mul_(0.02)
+
+    W_E = rand(V, d)
+    return SimpleNamespace(
+        name=f"random weights {L}x{H} d{d}", n_layers=L, n_heads=H, d_model=d, d_head=r, d_vocab=V,
+        tokenizer=None, special_token_ids=lambda: {0},
+        W_Q=rand(L, H, d, r), W_K=rand(L, H, d, r), W_V=rand(L, H, d, r), W_O=rand(L, H, r, d),
+        W_E=W_E, W_U=W_E.T.contiguous(), W_pos=rand(args.n_ctx, d),
+    )
+
+
 def first_layers(model, n_layers: int) -> SimpleNamespace:
     """A view of the model's first layers (the top-k scores read only these attributes)."""
     return SimpleNamespace(
@@ -115,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--topk-layers", type=int, default=4, help="layers for the top-k sample (0: skip)")
     parser.add_argument("--topk-sample", type=int, default=2000)
     parser.add_argument("--skip-composition", action="store_true")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="random processed weights without a TransformerLens model (less memory)")
     args = parser.parse_args(argv)
 
     from headclass.scores.composition import composition_scores
@@ -128,8 +152,12 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
     t0 = time.perf_counter()
-    model = build_model(args)
-    n_weights = sum(p.numel() * p.element_size() for p in model.tl_model.parameters())
+    if args.weights_only:
+        model = build_weights_only(args)
+        n_weights = sum(v.numel() * v.element_size() for v in vars(model).values() if isinstance(v, torch.Tensor))
+    else:
+        model = build_model(args)
+        n_weights = sum(p.numel() * p.element_size() for p in model.tl_model.parameters())
     print(f"model: {model!r}")
     print(f"built and loaded in {time.perf_counter() - t0:.1f} s (not counted); "
           f"weights {gib(n_weights)}; RSS after loading {gib(rss_bytes())}")

@@ -48,7 +48,6 @@ the first label in :data:`PRIORITY`. A head with no label is ``unclassified`` an
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 

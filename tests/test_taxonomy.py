@@ -676,6 +676,18 @@ def test_planted_model_labels_nothing_twice_by_accident(planted):
     assert not t["is_copy"].any() and not t["is_copy_suppression"].any()  # no head copies
 
 
+def test_real_scores_keep_no_reference_to_the_model(tmp_path):
+    planted_module = pytest.importorskip("planted")
+    model, roles = planted_module.bos_only_model(tmp_path)
+    refs = [weakref.ref(model), weakref.ref(model.tl_model)]
+    tax = classify(model, PLANTED_CONFIG, progress=False)
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert set(tax.table["primary_label"]) == {"bos"}
+    assert tax.metadata["n_layers"] == 1
+
+
 # -- the real SmolLM2-135M ------------------------------------------------------------------------
 # Smaller probes and token sample than the defaults: the same heads stand out, in a fraction of
 # the time (the README demo uses the defaults).

@@ -22,7 +22,6 @@ Examples
 from __future__ import annotations
 
 import gc
-import math
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -229,6 +228,3 @@ def compare_models(
             del model
             gc.collect()
     return compare(taxonomies, n_bins=n_bins)
-
-
-

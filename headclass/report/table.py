@@ -21,16 +21,23 @@ score columns              float64    :data:`SCORE_COLUMNS`; NaN = could not be 
 ``fixed_offset_k``         Int64      the offset k >= 2 behind ``fixed_offset`` (<NA> if none)
 ablation columns           float64    ``ablation_induction_dloss``, ``ablation_text_dloss``; only
                                       present when ``classify(..., ablation=True)``
+further scores             float64    any other ``[layer, head]`` score the score modules return
+                           / bool     (``ov_norm``, ``writes_nothing``...), after the above
 =========================  =========  ==============================================================
 
-See ``docs/labels.md`` for the definition of every label and score.
+Flags, scores and the primary rule: see :mod:`headclass.taxonomy` and ``docs/labels.md``.
+
+``metadata`` keys written by :func:`headclass.classify`: ``model``, ``n_layers``, ``n_heads``,
+``n_params``, ``backend``, ``architecture``, ``config`` (the whole config as a JSON-able dict),
+``probe_seed``, ``versions`` (headclass, torch, transformer_lens, transformers, pandas),
+``date`` (ISO 8601, UTC), ``ablation`` (bool).
 """
 
 from __future__ import annotations
 
 import html as _html
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd

@@ -43,6 +43,22 @@ key                  formula (mean over the valid queries)           valid queri
   streaming language models with attention sinks"); positional (fixed-offset) and diffuse heads
   from Voita et al. 2019 and Clark et al. 2019 ("What does BERT look at?", entropy per head).
 
+Probes
+------
+:func:`pattern_scores` pools every probe that feeds a score (:attr:`Probe.scores`), weighting
+each by its valid query positions. The default probes (:func:`headclass.probes.default_probes`):
+random repeated tokens ``[BOS] r r`` feed every score; the shipped English text (when the model
+has a tokenizer) feeds all but ``induction`` and ``duplicate_token``, which are measured on the
+repeated tokens only, where every repeat is exact and every induction target unambiguous.
+
+Cost
+----
+Per layer: one ``take`` of the few thousand pattern entries the sparse scores read (previous,
+current, BOS, offsets, duplicate, induction, with their denominators) and one ``index_add`` into
+per-score segments, plus two passes over the pattern for max-attention and entropy (the latter
+only over the lower triangle, in query blocks written into one reused buffer). Nothing of the
+size of the pattern is allocated, and nothing outlives the layer's hook.
+
 Agreement with TransformerLens
 ------------------------------
 ``convention="detect_head"`` reproduces ``transformer_lens.head_detector.detect_head(...,
@@ -626,8 +642,10 @@ class _Engine:
                 sums[name][layer] = value.float()
             # NaN anywhere in the pattern reaches the entropy / max sums of rows >= first; the
             # first rows are checked directly (a full scan only when those scores are skipped)
-            rows = pattern[:, :, :first] if covered else pattern
-            if bool(rows.isnan().any()) or any(bool(sums[n][layer].isnan().any()) for n in active):
+            bad = (pattern[:, :, :first] if covered else pattern).isnan().any()
+            for name in active:
+                bad = bad | sums[name][layer].isnan().any()
+            if bool(bad):  # one host sync per layer
                 raise ScoreError(
                     f"the attention pattern of layer {layer} contains NaN (probe {chunk.name!r}); "
                     "the model's weights or its dtype (float16 overflow?) are broken for this "
@@ -649,8 +667,8 @@ class _Engine:
             if name == "fixed_offset":
                 means = total / count.clamp(min=1)  # [L, H, K]
                 means[..., count == 0] = -1.0       # an offset no query can see never wins
-                best, index = means.max(-1)
-                out[name] = best.clamp(0.0, 1.0)
+                index = means.argmax(-1)  # ties: the smallest offset
+                out[name] = means.gather(-1, index[..., None])[..., 0].clamp(0.0, 1.0)
                 out["fixed_offset_k"] = index + 1
             else:
                 out[name] = (total / count).clamp(0.0, 1.0)

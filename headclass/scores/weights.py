@@ -260,58 +260,88 @@ def _topk_counts(model: Any, embedding: Tensor, tokens: Tensor, top_k: int, *, s
     shuffled = W_U[:, order]
     column_of = torch.empty_like(order)
     column_of[order] = torch.arange(n_vocab, device=order.device)
-    token_columns = column_of[tokens]
     sources = embedding[tokens]                                    # [sample, d_model]
     own_unembed = W_U[:, tokens]                                   # [d_model, sample]
     copies = torch.zeros(model.n_layers, model.n_heads, dtype=torch.long)
     suppressions = torch.zeros_like(copies)
     for layer in _layers(model, "top-k copy", progress):
         values = sources @ _f32(model.W_V[layer])                  # [head, sample, d_head]
-        for head in range(model.n_heads):
-            x, W_O = values[head], _f32(model.W_O[layer, head])
-            own = (x * (W_O @ own_unembed).T).sum(-1)              # [sample]
-            at_least, at_most = _rank_counts(x, W_O, shuffled, own, token_columns, top_k)
-            copies[layer, head] = int((at_least < top_k).sum())
-            suppressions[layer, head] = int((at_most < top_k).sum())
+        W_O = _f32(model.W_O[layer])                               # [head, d_head, d_model]
+        own = (values * (W_O @ own_unembed).mT).sum(-1)            # [head, sample]
+        at_least, at_most = _rank_counts(values, W_O, shuffled, own, column_of[tokens], top_k)
+        copies[layer] = (at_least < top_k).sum(-1).cpu()
+        suppressions[layer] = (at_most < top_k).sum(-1).cpu()
     return copies, suppressions
 
 
 def _rank_counts(x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: Tensor,
                  top_k: int) -> tuple[Tensor, Tensor]:
-    """For each row ``s`` of ``x``: how many other tokens' logits are ``>= own[s]`` / ``<= own[s]``.
+    """How many other tokens' logits are ``>= own`` and ``<= own``, per head and sampled token.
 
-    Logits are ``x @ W_O @ W_U`` (``W_U``'s columns shuffled; ``own_columns[s]`` is the own
-    token's column, left out of its own counts). Exact wherever the count is below ``top_k``;
-    once a row has ``top_k`` others on both sides it can be neither in the top nor the bottom k
-    and is dropped. Blocks of columns grow geometrically: a row of a head that neither copies nor
-    suppresses is settled within the first ~1000 columns, so the full vocabulary is only
-    scanned for the rows that matter.
+    ``x``: ``[head, sample, d_head]`` (sampled embeddings through ``W_V``), ``W_O``:
+    ``[head, d_head, d_model]``, ``W_U``: ``[d_model, vocab]`` with shuffled columns,
+    ``own``: ``[head, sample]`` own logits, ``own_columns``: ``[sample]`` the own token's column
+    in ``W_U`` (left out of its own counts). Returns two ``[head, sample]`` counts, exact
+    wherever they are below ``top_k``.
+
+    A (head, token) pair with ``top_k`` others on both sides of its own logit can be in neither
+    list and is dropped. The first block of columns settles almost every pair of a head that
+    neither copies nor suppresses, so only the pairs that matter meet the whole vocabulary.
+    Afterwards the columns come in doubling blocks; heads with many unsettled pairs go through
+    ``W_O W_U`` (``d_head``-wide products), the few pairs of the other heads are pooled and go
+    through ``(x W_O) W_U``.
     """
-    n_rows = x.shape[0]
-    d_head, d_model = W_O.shape
-    n_vocab = W_U.shape[1]
-    at_least = torch.zeros(n_rows, dtype=torch.long, device=x.device)
+    n_heads, n_rows, d_head = x.shape
+    d_model, n_vocab = W_U.shape
+    at_least = torch.zeros(n_heads, n_rows, dtype=torch.long, device=x.device)
     at_most = torch.zeros_like(at_least)
-    active = torch.arange(n_rows, device=x.device)
-    projected = None
-    start, size = 0, 1024
-    while start < n_vocab and active.numel():
-        n = active.numel()
-        stop = min(n_vocab, start + max(256, min(size, _TOPK_BLOCK_BYTES // (4 * n))))
-        if n * d_model < d_head * (d_model + n):   # few rows: (x W_O) W_U costs less
-            if projected is None:
-                projected = x @ W_O                                         # [rows, d_model]
-            block = projected[active] @ W_U[:, start:stop]
-        else:
-            block = x[active] @ (W_O @ W_U[:, start:stop])                  # [rows, cols]
-        columns = own_columns[active]
-        mine = ((columns >= start) & (columns < stop)).nonzero().squeeze(1)
-        block[mine, columns[mine] - start] = float("nan")                  # never counts itself
-        threshold = own[active, None]
-        at_least[active] += (block >= threshold).sum(-1)
-        at_most[active] += (block <= threshold).sum(-1)
-        active = active[(at_least[active] < top_k) | (at_most[active] < top_k)]
-        start, size = stop, 2 * size
+
+    def tally(block: Tensor, heads: Tensor, rows: Tensor, start: int) -> None:
+        # block [pairs, columns]: logits of (heads[i], rows[i]) over columns start.. of W_U.
+        offset = own_columns[rows] - start
+        mine = ((offset >= 0) & (offset < block.shape[1])).nonzero().squeeze(1)
+        block[mine, offset[mine]] = float("nan")                  # never counts itself
+        threshold = own[heads, rows][:, None]
+        at_least[heads, rows] += (block >= threshold).sum(-1)
+        at_most[heads, rows] += (block <= threshold).sum(-1)
+
+    def unsettled(heads: Tensor, rows: Tensor) -> Tensor:
+        return (at_least[heads, rows] < top_k) | (at_most[heads, rows] < top_k)
+
+    def block_end(start: int, size: int, pairs: int) -> int:
+        return min(n_vocab, start + max(256, min(size, _TOPK_BLOCK_BYTES // (4 * max(1, pairs)))))
+
+    # Every pair against a first block, in one product for the whole layer.
+    stop = block_end(0, n_vocab, n_heads * n_rows)
+    first = (x @ (W_O @ W_U[:, :stop])).flatten(0, 1)
+    tally(first, torch.arange(n_heads, device=x.device).repeat_interleave(n_rows),
+          torch.arange(n_rows, device=x.device).repeat(n_heads), 0)
+    del first
+    pending = (at_least < top_k) | (at_most < top_k)
+    per_head = pending.sum(1)
+    heavy = per_head * d_model > d_head * (d_model + per_head)    # W_O W_U is the cheaper route
+    heads, rows = (pending & ~heavy[:, None]).nonzero(as_tuple=True)
+    projected = torch.cat([x[h, rows[heads == h]] @ W_O[h] for h in heads.unique().tolist()]
+                          or [x.new_zeros(0, d_model)])           # [pairs, d_model]
+    heavy_heads = heavy.nonzero().squeeze(1).tolist()
+    start, size = stop, stop
+    while start < n_vocab:
+        keep = unsettled(heads, rows)
+        heads, rows, projected = heads[keep], rows[keep], projected[keep]
+        heavy_rows = {}
+        for h in heavy_heads:
+            left = ((at_least[h] < top_k) | (at_most[h] < top_k)).nonzero().squeeze(1)
+            if left.numel():
+                heavy_rows[h] = left
+        if not heads.numel() and not heavy_rows:
+            break
+        size *= 2
+        stop = block_end(start, size, max([heads.numel()] + [r.numel() for r in heavy_rows.values()]))
+        if heads.numel():
+            tally(projected @ W_U[:, start:stop], heads, rows, start)
+        for h, r in heavy_rows.items():
+            tally(x[h, r] @ (W_O[h] @ W_U[:, start:stop]), torch.full_like(r, h), r, start)
+        start = stop
     return at_least, at_most
 
 

@@ -222,6 +222,31 @@ def test_topk_matches_explicit_logits(tiny_gpt2):
         assert abs(float(scores["copy_suppression_topk"][layer, head]) - suppress) <= 1.01 / len(tokens)
 
 
+def test_topk_with_a_vocabulary_larger_than_one_block():
+    """Rows are dropped once settled, blocks grow: the counts that matter stay exact."""
+    d, r, vocab = 32, 8, 6000
+    g = torch.Generator().manual_seed(7)
+    W_E = torch.randn(vocab, d, generator=g)
+    basis = torch.linalg.qr(torch.randn(d, r, generator=g)).Q
+    W_V = torch.stack([basis, -basis, torch.randn(d, r, generator=g), 0.3 * basis])[None]
+    W_O = torch.stack([basis.T, basis.T, torch.randn(r, d, generator=g), basis.T])[None]
+    W_O[0, 3] += 0.2 * torch.randn(r, d, generator=g)            # a noisy, partial copier
+    fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_E.T.contiguous())
+    tokens = torch.randperm(vocab, generator=g)[:300]
+    scores = topk_copy_scores(fake, top_k=5, tokens=tokens)
+    for head in range(4):
+        logits = W_E[tokens] @ W_V[0, head] @ W_O[0, head] @ W_E.T
+        own = logits.gather(1, tokens[:, None])
+        others = logits.scatter(1, tokens[:, None], float("nan"))
+        copy = float(((others >= own).sum(1) < 5).float().mean())
+        suppress = float(((others <= own).sum(1) < 5).float().mean())
+        assert abs(float(scores["copy_topk"][0, head]) - copy) <= 1.01 / len(tokens), head
+        assert abs(float(scores["copy_suppression_topk"][0, head]) - suppress) <= 1.01 / len(tokens), head
+    # Both paths are exercised: rows kept to the end (copiers) and rows dropped early.
+    assert scores["copy_topk"][0, 0] > 0.2 and scores["copy_suppression_topk"][0, 1] > 0.2
+    assert scores["copy_topk"][0, 2] < 0.05 and scores["copy_suppression_topk"][0, 0] < 0.05
+
+
 def test_token_sample_is_seeded_and_skips_special_tokens(tiny_gpt2):
     a = copy_token_sample(tiny_gpt2, 40, seed=3)
     assert torch.equal(a, copy_token_sample(tiny_gpt2, 40, seed=3))
