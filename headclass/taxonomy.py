@@ -348,7 +348,8 @@ def label_heads(
         "model": model,
         "layer": layer.ravel(),
         "head": head.ravel(),
-        "relative_depth": (layer.ravel() + 0.5) / n_layers,
+        # layer / (n_layers - 1): first layer 0, last layer 1 (a 1-layer model is all 0)
+        "relative_depth": layer.ravel() / max(n_layers - 1, 1),
         "primary_label": primary.ravel(),
         "margin": margin.ravel(),
         "labels": labels_text,

@@ -312,7 +312,7 @@ def test_table_schema():
     assert all(t[s].dtype == "float64" for s in SCORE_COLUMNS)
     assert str(t["fixed_offset_k"].dtype) == "Int64"
     assert set(t["model"]) == {"m"}
-    assert np.allclose(sorted(set(t["relative_depth"])), [1 / 6, 3 / 6, 5 / 6])
+    assert np.allclose(sorted(set(t["relative_depth"])), [0.0, 0.5, 1.0])  # layer / (n_layers - 1)
     for label in CORE_LABELS:
         assert flag_column(label) in t.columns
 

@@ -1,8 +1,8 @@
 """Compare head taxonomies across models of different depths.
 
 Models with different numbers of layers are aligned by *relative depth*: layer ``l`` of an
-``L``-layer model sits at ``(l + 0.5) / L`` in (0, 1), and depths are cut into ``n_bins``
-equal bins. For each model, bin and label the tidy table counts the heads with that label and
+``L``-layer model sits at ``l / (L - 1)`` in [0, 1] (first layer 0, last layer 1), and depths
+are cut into ``n_bins`` equal bins (the last bin is closed). For each model, bin and label the tidy table counts the heads with that label and
 the fraction of the bin's heads they are, so a 12-layer and a 30-layer model share an x axis.
 
 A :class:`~headclass.report.table.HeadTaxonomy` holds only its table, so models can be
@@ -155,8 +155,8 @@ def compare(taxonomies: Sequence[HeadTaxonomy], *, n_bins: int = 10) -> Comparis
         One :class:`HeadTaxonomy` per model (at least one). Models with the same name are told
         apart as ``"name #2"``...
     n_bins
-        Equal relative-depth bins over (0, 1). A head's relative depth is its layer's centre,
-        ``(layer + 0.5) / n_layers``; bins holding no layer of a model are left out for that
+        Equal relative-depth bins over [0, 1]. A head's relative depth is
+        ``layer / (n_layers - 1)``; bins holding no layer of a model are left out for that
         model.
 
     Returns

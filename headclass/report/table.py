@@ -12,7 +12,7 @@ column                     dtype      meaning
 ``model``                  str        model display name (same on every row)
 ``layer``                  int64      0-based layer
 ``head``                   int64      0-based head within the layer
-``relative_depth``         float64    ``(layer + 0.5) / n_layers``: the layer's centre, in (0, 1)
+``relative_depth``         float64    ``layer / (n_layers - 1)``: 0 first layer, 1 last (0 if 1 layer)
 ``primary_label``          str        one of :data:`LABELS` or ``"unclassified"``
 ``margin``                 float64    normalised margin of the primary label (< 0 if unclassified)
 ``labels``                 str        every label the head has, comma-separated ("" if none)

@@ -10,11 +10,11 @@ and the loss is measured again. The score is the change, ``ablated - clean``, in
 token (positive: the model needed the head). Two probes, two scores, each ``[layer, head]``:
 
 ``ablation_induction_dloss``
-    Loss on repeated random tokens ``[BOS] r r``, counted only where the next token is
-    predictable from the earlier repeat (the current token lies in a later repeat): what
-    induction circuits are for. ``probes.repeated(...)``.
+    Loss on repeated random tokens ``[BOS] r r`` (``probes.repeated``), counted only where
+    the next token is predictable from an earlier repeat: at positions whose token lies in the
+    second (or a later) repeat, i.e. where the probe has an induction target.
 ``ablation_text_dloss``
-    Next-token loss over every position of the natural-text probe. ``probes.text(...)``.
+    Next-token loss over every position of the natural-text probe (``probes.text``).
 
 Weights are never edited: ablation happens in a forward hook on ``hook_z``.
 
@@ -22,18 +22,22 @@ Two modes
 ---------
 ``mode="exact"``
     One clean pass caches each layer's residual stream entering the block
-    (``blocks.{l}.hook_resid_pre``) and the clean loss; each ablated run restarts from the
-    residual just before the head's layer (:meth:`HeadModel.run_from_layer`, which skips
-    the earlier blocks on both TransformerLens generations), and the heads of one layer run
-    together in one pass, the batch replicated once per head. The result equals
-    :func:`ablation_scores_reference` (one full forward per head, no caching) to float
-    rounding (tested to 1e-5).
+    (``blocks.{l}.hook_resid_pre``), the clean loss and the per-head means; each ablated run
+    restarts from the residual just before the head's layer
+    (:meth:`~headclass.HeadModel.run_from_layer`, which truly skips the earlier blocks on
+    both TransformerLens generations), and the heads of one layer run together in one pass,
+    the batch replicated once per head (copy ``i`` ablates head ``i``). The forward stops at
+    the unembedding's input and logits are computed only where the loss counts, when the clean
+    run shows that ``x @ W_U + b_U`` reproduces the model's logits (otherwise the model's own
+    logits are used). Equal to :func:`ablation_scores_reference` (one full forward per head,
+    no caching) to float rounding (tested to 1e-5).
 ``mode="attribution"``
     Attribution patching (Nanda 2023; Syed et al. 2023): one forward and one backward pass,
     ``dloss[h] ~ sum over batch, pos, d_head of (z_ablated - z_clean) * dloss/dz``. A
-    first-order guess, often far off for heads whose removal changes the loss a lot; check
-    it against exact ablation on your model with :func:`rank_correlation` (smollm2 numbers
-    in ``benchmarks/RESULTS.md``).
+    first-order guess: it is blind where the loss is saturated (a head that makes a prediction
+    certain has ~0 gradient there) and often misjudges heads whose removal changes the loss a
+    lot. Check it against exact ablation on your model with :func:`rank_correlation` (smollm2
+    numbers in ``benchmarks/RESULTS.md``).
 
 Examples
 --------
@@ -444,9 +448,10 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
         hooks = [(hook_name(l, "hook_resid_pre"), _store(resid, l)) for l in layers]
         if method == "mean":
             hooks += [(hook_name(l, "hook_z"), _store_mean(means, l)) for l in layers]
-        hooks.append((_UNEMBED_IN, _store(final, "x")))
+        if _has_hook(model, _UNEMBED_IN):
+            hooks.append((_UNEMBED_IN, _store(final, "x")))
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
-        readout = _Readout.if_exact(model, final["x"], logits, targets)
+        readout = _Readout.if_exact(model, final.get("x"), logits, targets)
         clean = readout.losses(final["x"], tokens, targets) if readout else _losses(logits, tokens, targets)
         del logits, final
 
@@ -464,7 +469,9 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
                     losses = _losses(logits, tokens, targets)
                     del logits
                 else:
-                    losses = readout.losses(readout.final_residual(model, replicated, layer, hooks), tokens, targets)
+                    final = readout.final_residual(lambda extra: model.run_from_layer(
+                        replicated, layer, fwd_hooks=hooks + extra, return_type="logits"))
+                    losses = readout.losses(final, tokens, targets)
                 out[layer, chunk] = (losses - clean).float()
                 bar.update(len(chunk))
         bar.close()
@@ -472,6 +479,10 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
 
 
 _UNEMBED_IN = "unembed.hook_in"
+
+
+def _has_hook(model: Any, name: str) -> bool:
+    return name in (getattr(getattr(model, "tl_model", None), "hook_dict", None) or {})
 
 
 class _StopAtUnembed(Exception):
@@ -497,7 +508,7 @@ class _Readout:
     def if_exact(cls, model: Any, x: Tensor, logits: Tensor, targets: Tensor) -> Optional["_Readout"]:
         tl_model = getattr(model, "tl_model", None)
         w_u = getattr(model, "W_U", None)
-        if tl_model is None or not isinstance(w_u, Tensor) or x.shape[:2] != logits.shape[:2]:
+        if tl_model is None or not isinstance(w_u, Tensor) or x is None or x.shape[:2] != logits.shape[:2]:
             return None
         b_u = getattr(tl_model, "b_U", None)
         readout = cls(w_u, b_u.detach() if isinstance(b_u, Tensor) else None)
@@ -510,15 +521,34 @@ class _Readout:
         out = x @ self.w_u.to(x.dtype)
         return (out if self.b_u is None else out + self.b_u.to(x.dtype)).float()
 
-    def final_residual(self, model: Any, resid: Tensor, layer: int, hooks: list) -> Tensor:
+    @classmethod
+    def checked(cls, model: Any, tokens: Tensor) -> Optional["_Readout"]:
+        """Check on a few clean positions (one short forward) when no clean logits are at hand."""
+        if not _has_hook(model, _UNEMBED_IN):
+            return None
+        sample = tokens[:1, : min(tokens.shape[1], 8)]
+        seen: dict[str, Tensor] = {}
+        with torch.no_grad():
+            logits = model.run_with_hooks(sample, fwd_hooks=[(_UNEMBED_IN, _store(seen, "x"))], return_type="logits")
+        if "x" not in seen:
+            return None
+        return cls.if_exact(model, seen["x"], logits, text_targets(sample))
+
+    def final_residual(self, run: Callable[[list], Any]) -> Tensor:
+        """``run(extra_hooks)`` runs the forward; it is stopped at the unembedding's input."""
+
         def stop(x: Tensor, hook: Any) -> None:
             raise _StopAtUnembed(x)
 
         try:
-            model.run_from_layer(resid, layer, fwd_hooks=hooks + [(_UNEMBED_IN, stop)], return_type="logits")
+            run([(_UNEMBED_IN, stop)])
         except _StopAtUnembed as done:
             return done.x
-        raise ScoreError(f"model {getattr(model, 'name', '?')!r} never reached hook {_UNEMBED_IN!r}.")
+        raise ScoreError(f"the forward pass never reached hook {_UNEMBED_IN!r}.")
+
+    def loss(self, x: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:
+        """The scalar loss of one (unreplicated) batch, graph kept."""
+        return F.cross_entropy(self.logits(x[:, :-1][targets]), tokens[:, 1:][targets])
 
     def losses(self, x: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:
         n_batch = tokens.shape[0]
@@ -547,11 +577,16 @@ def _attribution_dloss(model, tokens, targets, method, heads_by_layer) -> Tensor
 
         return hook
 
+    hooks = [(hook_name(l, "hook_z"), capture(l)) for l in layers]
+    readout = _Readout.checked(model, tokens)
     with torch.enable_grad():
-        logits = model.run_with_hooks(
-            tokens, fwd_hooks=[(hook_name(l, "hook_z"), capture(l)) for l in layers], return_type="logits"
-        )
-        loss = _losses(logits, tokens, targets, reduce_grad=True)
+        if readout is None:
+            loss = _losses(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"),
+                           tokens, targets, reduce_grad=True)
+        else:
+            final = readout.final_residual(lambda extra: model.run_with_hooks(
+                tokens, fwd_hooks=hooks + extra, return_type="logits"))
+            loss = readout.loss(final, tokens, targets)
         grads = torch.autograd.grad(loss, [perturbations[l] for l in layers])
     out = torch.full((model.n_layers, model.n_heads), float("nan"))
     with torch.no_grad():

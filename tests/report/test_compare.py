@@ -52,8 +52,8 @@ def test_counts_add_up_to_each_model(two):
 
 def test_shallow_model_leaves_bins_out():
     cmp = compare([random_taxonomy(3, 2, model="three")], n_bins=10)
-    # layer centres 1/6, 1/2, 5/6 fall in bins 1, 5, 8
-    assert sorted(set(cmp.table["bin"])) == [1, 5, 8]
+    # relative depths 0, 1/2, 1 fall in bins 0, 5 and the closed last bin 9
+    assert sorted(set(cmp.table["bin"])) == [0, 5, 9]
 
 
 def test_same_names_are_told_apart():
