@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python benchmarks/bench_patterns.py                      # smollm2-135m, 16 x 256, 3 repeats
-    python benchmarks/bench_patterns.py --repeats 5 --threads 1 --detect-cached
+    python benchmarks/bench_patterns.py --repeats 7 --detect-repeats 3 --threads 1 --detect-cached
 
 On one token batch (``[BOS]`` + 3 copies of 85 random ordinary tokens = 256 tokens, 16
 sequences) it times, interleaved within each repeat (the order rotates), and reports medians:
@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--n-sequences", type=int, default=16)
     parser.add_argument("--n-positions", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--detect-repeats", type=int, default=None,
+                        help="repeats of the slow detect variants (default: --repeats)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--detect-cached", action="store_true", help="also time (c') detect_cached")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
@@ -161,13 +163,17 @@ def main() -> None:
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
+    detect_repeats = args.repeats if args.detect_repeats is None else args.detect_repeats
     for repeat in range(args.repeats):
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for name in order:
+            if name.startswith("detect") and repeat >= detect_repeats:
+                continue
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
-            print(f"  repeat {repeat + 1}/{args.repeats} {name:13s} {times[name][-1]:8.2f} s", flush=True)
+            print(f"  repeat {repeat + 1}/{args.repeats} {name:13s} {times[name][-1]:8.2f} s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
     median = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}

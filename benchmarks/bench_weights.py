@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     else:
         model = build_model(args)
         n_weights = sum(p.numel() * p.element_size() for p in model.tl_model.parameters())
-    print(f"model: {model!r}")
+    print(f"model: {model.name!r}: {model.n_layers} layers x {model.n_heads} heads, d_model {model.d_model}, "
+          f"d_head {model.d_head}, vocab {model.d_vocab}")
     print(f"built and loaded in {time.perf_counter() - t0:.1f} s (not counted); "
           f"weights {gib(n_weights)}; RSS after loading {gib(rss_bytes())}")
 

@@ -400,20 +400,28 @@ def induction_scores(model, *, n_sequences: int = 4, segment: int = 40, seed: in
 @pytest.mark.smollm2
 @pytest.mark.slow
 def test_smollm2_scores_finite_and_induction_heads_copy(smollm2):
-    scores = weight_scores(smollm2)
+    """Induction heads copy: the token they attend to is the one they predict.
+
+    Through the effective embedding (W_E + MLP0, as the IOI paper reads GPT-2's OV circuits),
+    every one of the five strongest induction heads has a positive eigenvalue copying score.
+    Through the raw W_E the strongest ones do too, but SmolLM2's fourth (L17H5) sits at -0.02,
+    so for the raw embedding only the average is asserted.
+    """
+    scores = weight_scores(smollm2, config={"weights": {"effective_embedding": True}})
     assert set(scores) == set(WEIGHT_SCORE_KEYS) - {"positional_prev_token"}   # rotary
     for key, value in scores.items():
         assert value.shape == (30, 9), key
         assert torch.isfinite(value.float()).all(), key
+    raw = copy_eigen_score(ov_circuit_eigenvalues(smollm2))
     induction = induction_scores(smollm2).flatten()
     top = induction.argsort(descending=True)[:5]
     report = []
     for index in top.tolist():
         layer, head = divmod(index, smollm2.n_heads)
-        report.append(f"L{layer}H{head}: induction {float(induction[index]):.2f}, "
-                      f"copy_eigen {float(scores['copy_eigen'][layer, head]):+.2f}")
+        report.append(f"L{layer}H{head}: induction {float(induction[index]):.2f}, copy_eigen "
+                      f"{float(scores['copy_eigen'][layer, head]):+.2f} (raw W_E {float(raw[layer, head]):+.2f})")
     print("top induction heads of smollm2-135m:\n  " + "\n  ".join(report))
     assert float(induction[top[0]]) > 0.5
-    for index in top.tolist():
-        layer, head = divmod(index, smollm2.n_heads)
-        assert scores["copy_eigen"][layer, head] > 0, report
+    layers, heads = top // smollm2.n_heads, top % smollm2.n_heads
+    assert (scores["copy_eigen"][layers, heads] > 0).all(), report
+    assert float(raw[layers, heads].mean()) > 0.2, report
