@@ -8,7 +8,8 @@ Usage (from the repository root)::
 On one token batch (``[BOS]`` + 3 copies of 85 random ordinary tokens = 256 tokens, 16
 sequences) it times, interleaved within each repeat (the order rotates), and reports medians:
 
-(a) ``bare``    ``model.forward(tokens, return_type=None)``;
+(a) ``bare``    ``model.forward(tokens, return_type=None)`` under ``torch.no_grad()`` (without it,
+                autograd keeps every layer's activations: ~9 GB more peak memory on this batch);
 (b) ``scores``  :func:`headclass.scores.patterns.pattern_scores_single_pass`: ALL pattern scores,
                 one forward pass with every layer's pattern reduced inside its hook;
 (c) ``detect``  TransformerLens' ``detect_head`` for previous-token, duplicate-token and
@@ -77,10 +78,16 @@ def detect_cached(model, tokens):
     return {name: value / tokens.shape[0] for name, value in totals.items()}
 
 
+def bare_forward(model, tokens):
+    """The forward pass alone, without autograd (as run_with_patterns and detect_head run)."""
+    with torch.no_grad():
+        return model.forward(tokens, return_type=None)
+
+
 def variants(model, probe, with_cached: bool):
     tokens = probe.tokens
     out = {
-        "bare": lambda: model.forward(tokens, return_type=None),
+        "bare": lambda: bare_forward(model, tokens),
         "scores": lambda: pattern_scores_single_pass(model, probe),
         "detect": lambda: [detect_head_scores(model, tokens, name) for name in HEAD_TYPES],
     }

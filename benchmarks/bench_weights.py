@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--topk-layers", type=int, default=4, help="layers for the top-k sample (0: skip)")
     parser.add_argument("--topk-sample", type=int, default=2000)
     parser.add_argument("--skip-composition", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--weights-only", action="store_true",
                         help="random processed weights without a TransformerLens model (less memory)")
     args = parser.parse_args(argv)
@@ -150,7 +151,10 @@ def main(argv=None) -> int:
         topk_copy_scores,
     )
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"load average {os.getloadavg()[0]:.1f}")
     t0 = time.perf_counter()
     if args.weights_only:
         model = build_weights_only(args)

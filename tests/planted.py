@@ -30,6 +30,9 @@ Head recipes (:data:`RECIPES`):
 ``offset3``          q_i . k_j = GAP [j == i - 3] (a fixed-offset head, best k = 3).
 ``bos_and_current``  GAP on key 0 and on key i: half BOS, half self (an unrelated mix).
 
+Import from tests as ``from planted import ...`` (pytest puts ``tests/`` on ``sys.path``
+through ``tests/conftest.py``).
+
 Example
 -------
 >>> model, roles = planted_attention_model(tmp_path)
@@ -51,7 +54,9 @@ __all__ = [
     "VOCAB",
     "N_CTX",
     "D_MODEL",
+    "N_HEADS",
     "GAP",
+    "ATTENTION_LAYOUT",
     "PLANTED_OFFSET",
     "RECIPES",
     "build_planted_gpt2",

@@ -117,7 +117,7 @@ def test_saved_folder_loads_with_tokenizer_and_spec(tmp_path):
     record = json.loads((folder / "toy_spec.json").read_text())
     assert record["spec"]["n_layers"] == 2 and record["spec"]["steps"] == 5
     model = headclass.load_model(folder)
-    assert (model.n_layers, model.n_heads, model.d_model, model.d_vocab, model.n_ctx) == (2, 4, 64, 64, 32)
+    assert (model.n_layers, model.n_heads, model.d_model, model.d_vocab, model.n_ctx) == (2, 2, 64, 64, 32)
     assert model.bos_token_id == 0 and model.prepends_bos
     ids = model.to_tokens("the cat")[0]
     assert ids[0] == 0 and len(ids) == 1 + len("the cat")

@@ -114,9 +114,10 @@ def ablation_scores(
         ``text_sequences``, ``text_max_tokens``) and ``probes.seed``; defaults when ``None``.
     probes
         Optional mapping overriding the probes: ``{"induction": ..., "text": ...}``, each a
-        probe (anything with ``.tokens``) or a token tensor ``[batch, pos]``. The induction
-        probe must repeat a segment (see :func:`induction_targets`). A missing key is built
-        from ``config``.
+        :class:`~headclass.probes.Probe` or a token tensor ``[batch, pos]``. The induction
+        loss counts a probe's positions that have an induction target; for a tensor, the
+        positions after the first repeat of its repeated segment (:func:`induction_targets`).
+        A missing key is built from ``config``.
     method
         ``"mean"`` or ``"zero"``; ``None`` takes ``config.ablation.method``.
     mode
@@ -139,20 +140,10 @@ def ablation_scores(
     cfg = load_config(config)
     method = _check_method(method if method is not None else cfg.ablation.method)
     _check_mode(mode)
-    heads_by_layer = _heads_by_layer(model, heads)
-    built = _loss_probes(model, cfg, probes or {})
-    out: dict[str, Tensor] = {}
-    for key in SCORE_KEYS:
-        probe = built[_PROBE_OF_KEY[key]]
-        if probe is None:
-            out[key] = torch.full((model.n_layers, model.n_heads), float("nan"))
-            continue
-        out[key] = ablation_dloss(
-            model, probe.tokens, targets=probe.targets, method=method, mode=mode,
-            heads=_pairs(heads_by_layer), heads_per_pass=cfg.ablation.heads_per_pass,
-            progress=progress, desc=f"ablation ({probe.name})",
-        )
-    return out
+    return _per_probe(model, cfg, probes, heads, lambda probe, pairs: ablation_dloss(
+        model, probe.tokens, targets=probe.targets, method=method, mode=mode, heads=pairs,
+        heads_per_pass=cfg.ablation.heads_per_pass, progress=progress, desc=f"ablation ({probe.name})",
+    ))
 
 
 def ablation_scores_reference(
@@ -171,19 +162,9 @@ def ablation_scores_reference(
     """
     cfg = load_config(config)
     method = _check_method(method if method is not None else cfg.ablation.method)
-    heads_by_layer = _heads_by_layer(model, heads)
-    built = _loss_probes(model, cfg, probes or {})
-    out: dict[str, Tensor] = {}
-    for key in SCORE_KEYS:
-        probe = built[_PROBE_OF_KEY[key]]
-        if probe is None:
-            out[key] = torch.full((model.n_layers, model.n_heads), float("nan"))
-            continue
-        out[key] = ablation_dloss_reference(
-            model, probe.tokens, targets=probe.targets, method=method,
-            heads=_pairs(heads_by_layer), progress=progress,
-        )
-    return out
+    return _per_probe(model, cfg, probes, heads, lambda probe, pairs: ablation_dloss_reference(
+        model, probe.tokens, targets=probe.targets, method=method, heads=pairs, progress=progress,
+    ))
 
 
 def ablation_dloss(
@@ -363,6 +344,18 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
     tokens = _tokens_of(text, "text")
     built["text"] = _LossProbe("text", tokens, text_targets(tokens))
     return built
+
+
+def _per_probe(model: Any, cfg: HeadclassConfig, given: Optional[Mapping[str, Any]], heads: HeadList,
+               run: Callable[["_LossProbe", list], Tensor]) -> dict[str, Tensor]:
+    """``run(probe, heads)`` for each score key; all-NaN where the probe cannot be built."""
+    pairs = _pairs(_heads_by_layer(model, heads))  # validated before any probe is built
+    built = _loss_probes(model, cfg, given or {})
+    out: dict[str, Tensor] = {}
+    for key in SCORE_KEYS:
+        probe = built[_PROBE_OF_KEY[key]]
+        out[key] = torch.full((model.n_layers, model.n_heads), float("nan")) if probe is None else run(probe, pairs)
+    return out
 
 
 def _tokens_of(probe: Any, name: str) -> Tensor:
@@ -581,8 +574,7 @@ def _attribution_dloss(model, tokens, targets, method, heads_by_layer) -> Tensor
     readout = _Readout.checked(model, tokens)
     with torch.enable_grad():
         if readout is None:
-            loss = _losses(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"),
-                           tokens, targets, reduce_grad=True)
+            loss = _loss(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"), tokens, targets)
         else:
             final = readout.final_residual(lambda extra: model.run_with_hooks(
                 tokens, fwd_hooks=hooks + extra, return_type="logits"))
@@ -626,23 +618,21 @@ def _ablation_hook(heads: Sequence[int], n_batch: int, means: Optional[Tensor]) 
     return hook
 
 
-def _losses(logits: Tensor, tokens: Tensor, targets: Tensor, *, reduce_grad: bool = False) -> Any:
+def _losses(logits: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:
     """Mean loss over the target positions, one per copy of a replicated batch.
 
-    ``logits`` ``[copies * batch, pos, vocab]``. Returns a float CPU tensor ``[copies]``, or,
-    with ``reduce_grad``, the scalar loss of the single copy with its graph.
+    ``logits`` ``[copies * batch, pos, vocab]``; returns a float64 CPU tensor ``[copies]``.
     """
     n_batch = tokens.shape[0]
-    copies = logits.shape[0] // n_batch
-    predicted = tokens[:, 1:][targets]  # [n_targets]
-    losses = []
-    for i in range(copies):  # one copy at a time bounds the log-softmax memory
-        rows = logits[i * n_batch:(i + 1) * n_batch, :-1][targets]  # [n_targets, vocab]
-        loss = F.cross_entropy(rows.float(), predicted)
-        if reduce_grad:
-            return loss
-        losses.append(loss.detach())
-    return torch.stack(losses).double().cpu()
+    return torch.stack([
+        _loss(logits[i * n_batch:(i + 1) * n_batch], tokens, targets).detach()  # one copy at a time
+        for i in range(logits.shape[0] // n_batch)
+    ]).double().cpu()
+
+
+def _loss(logits: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:
+    """The scalar mean loss of one batch ``[batch, pos, vocab]`` at the targets (graph kept)."""
+    return F.cross_entropy(logits[:, :-1][targets].float(), tokens[:, 1:][targets])
 
 
 def _fitting_copies(model: Any, tokens: Tensor, readout: bool) -> int:

@@ -26,7 +26,10 @@ key                  formula (mean over the valid queries)           valid queri
 ``max_attention``    ``max_k A[q, k]``                               ``q + 1 >= diffuse_min_keys``
 ===================  ==============================================  ============================
 
-``fixed_offset_k`` (an integer tensor, the best ``k``) comes with ``fixed_offset``.
+``fixed_offset`` comes with ``fixed_offset_k`` (``Int[Tensor, "layer head"]``, the best ``k``,
+ties to the smallest) and ``fixed_offset_per_k`` (``Float[Tensor, "layer head offset"]``, index
+``i`` is ``k = i + 1``; NaN for an offset no query of the probes can see), from which the
+taxonomy takes the best ``k >= 2`` (``k = 1`` is ``previous_token``).
 
 * Query 0 never counts for ``current_token`` / ``bos``: it can only attend to itself, so every
   head would score 1 there. With a BOS, ``previous_token`` and ``fixed_offset`` skip the
@@ -443,9 +446,10 @@ def pattern_scores(
     Returns
     -------
     dict[str, Tensor]
-        One ``Float[Tensor, "layer head"]`` in [0, 1] per requested score (CPU, float32), plus
-        ``fixed_offset_k`` (``Int[Tensor, "layer head"]``, the best offset) when
-        ``fixed_offset`` is requested.
+        One ``Float[Tensor, "layer head"]`` in [0, 1] per requested score (CPU, float32), in
+        :data:`SCORE_NAMES` order; with ``fixed_offset`` also ``fixed_offset_k``
+        (``Int[Tensor, "layer head"]``, the best offset) and ``fixed_offset_per_k``
+        (``Float[Tensor, "layer head offset"]``, the mean for each ``k = 1..max_offset``).
 
     Raises
     ------
@@ -665,11 +669,12 @@ class _Engine:
             count = self.counts[name]
             total = totals[name]
             if name == "fixed_offset":
-                means = total / count.clamp(min=1)  # [L, H, K]
-                means[..., count == 0] = -1.0       # an offset no query can see never wins
-                index = means.argmax(-1)  # ties: the smallest offset
-                out[name] = means.gather(-1, index[..., None])[..., 0].clamp(0.0, 1.0)
+                means = (total / count.clamp(min=1)).clamp(0.0, 1.0)  # [L, H, K]
+                means[..., count == 0] = float("nan")  # no query could see this offset
+                index = means.nan_to_num(-1.0).argmax(-1)  # ties: the smallest offset
+                out[name] = means.gather(-1, index[..., None])[..., 0]
                 out["fixed_offset_k"] = index + 1
+                out["fixed_offset_per_k"] = means
             else:
                 out[name] = (total / count).clamp(0.0, 1.0)
         return out

@@ -120,21 +120,15 @@ def _layers(model: Any, desc: str, progress: bool) -> Iterable[int]:
 
 
 def r_factor(weight: Tensor) -> Tensor:
-    """A square root ``R`` of the Gram matrix: ``[..., m, n]`` -> ``[..., n, n]``, ``R^T R = W^T W``.
+    """``R`` of the thin QR ``weight = Q R``: ``[..., m, n]`` (m >= n) -> ``[..., n, n]``.
 
-    Then ``W = Q R`` for some ``Q`` with orthonormal columns (the thin QR up to a rotation), so
-    for any ``M``: ``||W @ M||_F = ||R @ M||_F`` and ``W @ M`` has the singular values of
-    ``R @ M``. This is how ``d_model``-sized factors shrink to ``d_head x d_head`` ones
-    everywhere in this module and in :mod:`headclass.scores.composition`.
-
-    Computed as ``diag(sqrt(lambda)) U^T`` from the eigendecomposition of ``W^T W`` in float64
-    (a batched QR of ``[d_model, d_head]`` matrices is several times slower on CPU); rank-deficient
-    and zero weights are fine.
+    ``R^T R = weight^T weight``, so for any ``M``: ``||weight @ M||_F = ||R @ M||_F`` and the
+    singular values of ``weight @ M`` are those of ``R @ M``. This is how ``d_model``-sized
+    factors shrink to ``d_head x d_head`` ones everywhere in this module and in
+    :mod:`headclass.scores.composition`. (QR, not a square root of ``weight^T weight``: as fast
+    here, and exact for rank-deficient weights, whose zero singular values must stay zero.)
     """
-    w = weight.double()
-    values, vectors = torch.linalg.eigh(w.mT @ w)
-    root = vectors * values.clamp_min(0.0).sqrt()[..., None, :]
-    return root.mT.to(_f32(weight).dtype)
+    return torch.linalg.qr(_f32(weight), mode="r")[1]
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -398,10 +392,14 @@ def topk_copy_scores(
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         if tokens.numel() == 0 or int(tokens.min()) < 0 or int(tokens.max()) >= model.d_vocab:
             raise ScoreError(f"tokens must be a non-empty 1-D tensor of ids in [0, {model.d_vocab - 1}].")
-    embedding = _embedding(model, effective_embedding)
     with torch.no_grad():
-        copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device), top_k,
-                                            seed=seed, progress=progress)
+        return _topk_scores(model, _embedding(model, effective_embedding), tokens, top_k, seed, progress)
+
+
+def _topk_scores(model: Any, embedding: Tensor, tokens: Tensor, top_k: int, seed: int,
+                 progress: bool) -> dict[str, Tensor]:
+    copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device), top_k,
+                                        seed=seed, progress=progress)
     n = float(tokens.numel())
     return {"copy_topk": copies.float() / n, "copy_suppression_topk": suppressions.float() / n}
 
@@ -416,8 +414,8 @@ def _svdvals(left: Tensor, right: Tensor) -> Tensor:
 def ov_singular_values(model: Any, *, progress: bool = False) -> Tensor:
     """Singular values of every head's ``W_OV = W_V W_O``, ``[layer, head, d_head]``, descending.
 
-    With ``W_V = Q_V R_V`` and ``W_O^T = Q_O R_O`` (:func:`r_factor`), ``W_OV = Q_V (R_V R_O^T)
-    Q_O^T``, so its singular values are those of the ``d_head x d_head`` matrix ``R_V R_O^T``.
+    With ``W_V = Q_V R_V`` and ``W_O^T = Q_O R_O`` (thin QR, :func:`r_factor`),
+    ``W_OV = Q_V (R_V R_O^T) Q_O^T``, so its singular values are those of the ``d_head x d_head`` matrix ``R_V R_O^T``.
     """
     return torch.stack([_svdvals(model.W_V[layer], model.W_O[layer].mT)
                         for layer in _layers(model, "OV spectra", progress)])
@@ -575,18 +573,20 @@ def positional_prev_token_score(model: Any, *, first_query: int = 2, progress: b
     positions = _f32(W_pos)
     positions = positions - positions.mean(-1, keepdim=True)
     positions = positions / positions.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
-    causal = torch.ones(n_ctx, n_ctx, dtype=torch.bool, device=positions.device).tril()
-    queries = torch.arange(first_query, n_ctx, device=positions.device)
-    heads_per_block = max(1, (1 << 26) // (n_ctx * n_ctx * 4))  # <= 64 MB of scores at once
+    future = torch.ones(n_ctx, n_ctx, dtype=torch.bool, device=positions.device).triu(1)
+    # Queries in slices, each against the keys it can see only (about half the full matrix).
+    step = 128
     out = torch.zeros(model.n_layers, model.n_heads)
     for layer in _layers(model, "positional QK", progress):
-        for h0 in range(0, model.n_heads, heads_per_block):
-            h1 = min(model.n_heads, h0 + heads_per_block)
-            q = positions[first_query:] @ _f32(model.W_Q[layer, h0:h1])   # [h, queries, d_head]
-            k = positions @ _f32(model.W_K[layer, h0:h1])                  # [h, n_ctx, d_head]
-            scores = (q @ k.mT).masked_fill_(~causal[first_query:], float("-inf"))
-            best = scores.argmax(-1)                                      # [h, queries]
-            out[layer, h0:h1] = (best == (queries - 1)).float().mean(-1).cpu()
+        q_all = positions @ _f32(model.W_Q[layer])                      # [head, n_ctx, d_head]
+        k_all = positions @ _f32(model.W_K[layer])
+        hits = torch.zeros(model.n_heads, device=positions.device)
+        for i0 in range(first_query, n_ctx, step):
+            i1 = min(n_ctx, i0 + step)
+            scores = (q_all[:, i0:i1] @ k_all[:, :i1].mT).masked_fill_(future[i0:i1, :i1], float("-inf"))
+            best = scores.argmax(-1)                                    # [head, queries]
+            hits += (best == torch.arange(i0 - 1, i1 - 1, device=best.device)).sum(-1)
+        out[layer] = (hits / (n_ctx - first_query)).cpu()
     return out
 
 
@@ -626,10 +626,7 @@ def weight_scores(
         embedding = _embedding(model, options.effective_embedding)
         scores = {"copy_eigen": copy_eigen_score(_ov_eigenvalues(model, embedding, progress))}
         tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
-        copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device),
-                                            options.top_k, seed=cfg.probes.seed, progress=progress)
-        scores["copy_topk"] = copies.float() / tokens.numel()
-        scores["copy_suppression_topk"] = suppressions.float() / tokens.numel()
+        scores.update(_topk_scores(model, embedding, tokens, options.top_k, cfg.probes.seed, progress))
         del embedding
         scores.update(ov_svd_scores(model, writes_nothing_below=writes_nothing_below, progress=progress))
         if getattr(model, "W_pos", None) is not None and model.W_pos.shape[0] > 2:

@@ -186,6 +186,21 @@ def test_targets_only_readout_is_used_and_exact(tiny_gpt2, tiny_llama):
         assert _Readout.if_exact(model, seen["x"], logits, induction_targets(tokens)) is not None
 
 
+def test_without_the_readout_the_model_logits_give_the_same_result(tiny_gpt2, monkeypatch):
+    """Models whose logits are not x @ W_U + b_U (soft-capping...) take the full-logits path."""
+    from headclass.scores import ablation
+
+    tokens = repeated_tokens(tiny_gpt2)
+    targets = induction_targets(tokens)
+    fast = ablation_dloss(tiny_gpt2, tokens, targets=targets, progress=False)
+    approx = ablation_dloss(tiny_gpt2, tokens, targets=targets, mode="attribution")
+    monkeypatch.setattr(ablation._Readout, "if_exact", classmethod(lambda cls, *a: None))
+    monkeypatch.setattr(ablation._Readout, "checked", classmethod(lambda cls, *a: None))
+    assert (ablation_dloss(tiny_gpt2, tokens, targets=targets, progress=False) - fast).abs().max() < 1e-5
+    slow_approx = ablation_dloss(tiny_gpt2, tokens, targets=targets, mode="attribution")
+    assert (slow_approx - approx).abs().max() < 1e-5
+
+
 def test_heads_per_pass_does_not_change_results(tiny_llama):
     tokens = repeated_tokens(tiny_llama)
     targets = induction_targets(tokens)

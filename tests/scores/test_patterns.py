@@ -168,6 +168,8 @@ def test_planted_fixed_offset(planted, planted_scores):
         layer, head = roles[role]
         assert planted_scores["fixed_offset"][layer, head] > 0.9
         assert planted_scores["fixed_offset_k"][layer, head] == k
+        per_k = planted_scores["fixed_offset_per_k"][layer, head]
+        assert per_k[k - 1] > 0.9 and per_k.sum() - per_k[k - 1] < 0.05
 
 
 def test_planted_diffuse_and_sharp_heads(planted, planted_scores):
@@ -218,7 +220,12 @@ def test_formulas_match_naive_loops(has_bos, exclude_bos, exclude_current):
 def test_scores_shapes_ranges_and_keys(tiny_gpt2):
     scores = pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 4, 12), progress=False)
     assert list(scores) == ["previous_token", "current_token", "bos", "induction", "duplicate_token",
-                            "fixed_offset", "fixed_offset_k", "diffuse_entropy", "max_attention"]
+                            "fixed_offset", "fixed_offset_k", "fixed_offset_per_k", "diffuse_entropy",
+                            "max_attention"]
+    per_k = scores.pop("fixed_offset_per_k")
+    assert per_k.shape == (2, 4, 8)
+    torch.testing.assert_close(per_k[..., 0], scores["previous_token"])
+    torch.testing.assert_close(per_k.max(-1).values, scores["fixed_offset"])
     for name, value in scores.items():
         assert value.shape == (2, 4)
         if name != "fixed_offset_k":
