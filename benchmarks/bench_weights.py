@@ -5,6 +5,8 @@ Usage::
     python benchmarks/bench_weights.py                       # GPT-2 XL shape (48 x 25, d 1600)
     python benchmarks/bench_weights.py --topk-layers 48      # the top-k sample on every layer
     python benchmarks/bench_weights.py --layers 12 --heads 12 --d-model 768   # GPT-2 small shape
+    python benchmarks/bench_weights.py --weights-only   # processed weights only, no TL model
+    python benchmarks/bench_weights.py --threads 1      # on a machine shared with other jobs
 
 Phases, each timed on its own (model building and loading are not timed):
 

@@ -26,7 +26,8 @@ Examples
 >>> import headclass
 >>> from headclass.toy import toy_model, toy_config
 >>> model = headclass.load_model(toy_model(2))     # trained once, then read from the cache
->>> tax = headclass.classify(model, toy_config())  # probes sized to the 32-token context
+>>> from headclass.taxonomy import classify
+>>> tax = classify(model, toy_config())            # probes sized to the 32-token context
 >>> tax.table.query("is_induction")[["layer", "head", "induction"]]
 
 Use :func:`train_toy_model` to train with other settings into a folder of your choice.
@@ -340,14 +341,12 @@ def train_toy_model(
 
     Examples
     --------
-    >>> folder = train_toy_model(2, steps=400, seed=0, out_dir="toy-2l")
+    >>> folder = train_toy_model(2, seed=1, out_dir="toy-2l-seed1")
     >>> import headclass; model = headclass.load_model(folder)
     """
-    unknown = set(extra) - {f.name for f in fields(ToySpec)}
-    if unknown:
-        raise HeadclassError(f"train_toy_model got unknown settings {sorted(unknown)}; see ToySpec.")
-    spec = ToySpec(n_layers=n_layers, n_heads=n_heads, d_model=d_model, vocab_size=vocab_size,
-                   seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr, seed=seed, **extra).check()
+    spec = _spec("train_toy_model", n_layers=n_layers, n_heads=n_heads, d_model=d_model,
+                 vocab_size=vocab_size, seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr,
+                 seed=seed, **extra)
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="headclass-toy-"))
     if (folder / "config.json").exists():
         raise HeadclassError(f"out_dir {str(folder)!r} already holds a model; choose an empty folder.")
@@ -366,6 +365,16 @@ def train_toy_model(
     if progress:
         print(f"trained {spec.folder_name()} in {seconds:.1f} s (final loss {losses[-1]:.3f})")
     return folder
+
+
+def _spec(caller: str, **settings: Any) -> ToySpec:
+    unknown = set(settings) - {f.name for f in fields(ToySpec)}
+    if unknown:
+        raise HeadclassError(
+            f"{caller} got unknown settings {sorted(unknown)}; the settings are the ToySpec fields "
+            f"{[f.name for f in fields(ToySpec)]}."
+        )
+    return ToySpec(**settings).check()
 
 
 def _train(spec: ToySpec, progress: bool) -> tuple[Any, list[float]]:
@@ -435,7 +444,7 @@ def toy_model(
         A folder :func:`headclass.load_model` reads. Written atomically: a crash or a concurrent
         trainer never leaves a half-written model behind.
     """
-    spec = ToySpec(n_layers=n_layers, **settings).check()
+    spec = _spec("toy_model", n_layers=n_layers, **settings)
     if cache_dir is None:
         from headclass.loading.aliases import cache_dir as user_cache
 

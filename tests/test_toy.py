@@ -19,6 +19,7 @@ import torch
 
 import headclass
 from headclass.errors import HeadclassError
+from headclass.taxonomy import classify
 from headclass.toy import (
     SPECIAL_TOKENS,
     ToySpec,
@@ -79,7 +80,7 @@ def test_model_is_attention_only_and_fast_forward_matches_transformers():
         torch.testing.assert_close(_forward(model, tokens), model(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("field, value", [("n_layers", 0), ("d_model", 66), ("vocab_size", 3),
+@pytest.mark.parametrize("field, value", [("n_layers", 0), ("d_model", 65), ("vocab_size", 3),
                                           ("seq_len", 8), ("lr", 0.0), ("min_segment", 1)])
 def test_spec_errors_name_the_setting(field, value):
     with pytest.raises(HeadclassError, match=f"'{field}'"):
@@ -87,8 +88,10 @@ def test_spec_errors_name_the_setting(field, value):
 
 
 def test_unknown_setting_is_an_error(tmp_path):
-    with pytest.raises(HeadclassError, match="n_head"):
+    with pytest.raises(HeadclassError, match="train_toy_model got unknown settings \\['n_head'\\]"):
         train_toy_model(1, n_head=2, out_dir=tmp_path / "m", progress=False)
+    with pytest.raises(HeadclassError, match="toy_model got unknown settings \\['layers'\\]"):
+        toy_model(1, layers=2, cache_dir=tmp_path)
 
 
 def test_cache_key_covers_every_setting():
@@ -161,7 +164,7 @@ def toy_comparison(toy_models):
     from headclass.report.compare import compare
 
     taxonomies = [
-        headclass.classify(headclass.load_model(folder, name=f"toy-{n}l"), toy_config(), progress=False)
+        classify(headclass.load_model(folder, name=f"toy-{n}l"), toy_config(), progress=False)
         for n, folder in toy_models.items()
     ]
     return compare(taxonomies)

@@ -35,33 +35,36 @@ __all__ = [
     "label_color",
     "head_grid",
     "score_heatmap",
+    "score_heatmaps",
+    "score_columns",
     "label_counts_by_layer",
     "attention_pattern",
     "attention_pattern_circuitsvis",
     "singular_value_spectra",
 ]
 
-#: One colour per label, the same in every figure. Labels not listed get a stable colour from
-#: :data:`_SPARE_COLORS` chosen by a hash of the label's name.
+#: One colour per label, the same in every figure (keys: :data:`headclass.report.table.LABELS`
+#: plus ``unclassified``). Other labels get a stable colour from :data:`_SPARE_COLORS`, chosen
+#: by a hash of the label's name.
 LABEL_COLORS: dict[str, str] = {
-    "induction": "#d62728",
-    "previous_token": "#1f77b4",
-    "duplicate_token": "#ff7f0e",
-    "current_token": "#17becf",
-    "fixed_offset": "#9467bd",
     "copy": "#2ca02c",
-    "copy_suppression": "#8c564b",
+    "previous-token": "#1f77b4",
+    "induction": "#d62728",
     "bos": "#7f7f7f",
     "diffuse": "#bcbd22",
-    "unclassified": "#e8e8e8",
+    "duplicate-token": "#ff7f0e",
+    "current-token": "#17becf",
+    "fixed-offset": "#9467bd",
+    "copy-suppression": "#8c564b",
+    "unclassified": "#e4e4e4",
 }
 _SPARE_COLORS = ("#e377c2", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
                  "#e6550d", "#31a354", "#756bb1", "#636363", "#6baed6")
 _NO_LABEL = "unclassified"
 
-# Columns of the table that are not scores (identity, labels, bookkeeping).
-_ID_COLUMNS = ("model", "layer", "head", "primary_label", "labels", "kv_head", "fixed_offset_k",
-               "n_labels", "confidence")
+# Columns that are not scores: identity, labels, bookkeeping.
+_ID_COLUMNS = ("model", "layer", "head", "relative_depth", "primary_label", "margin", "labels",
+               "fixed_offset_k")
 
 
 def label_color(label: str) -> str:
@@ -98,15 +101,19 @@ def _as_table(data: Any) -> "pd.DataFrame":
 
 
 def score_columns(data: Any) -> list[str]:
-    """Numeric columns of the table that hold scores, in table order."""
+    """Float score columns of the table: :data:`~headclass.report.table.SCORE_COLUMNS` and
+    ablation columns first (those present), then any further float scores (``ov_norm``...)."""
     import pandas as pd
 
+    from headclass.report.table import ABLATION_COLUMNS, SCORE_COLUMNS
+
     table = _as_table(data)
-    return [
+    known = [c for c in SCORE_COLUMNS + ABLATION_COLUMNS if c in table.columns]
+    extra = [
         c for c in table.columns
-        if c not in _ID_COLUMNS and pd.api.types.is_numeric_dtype(table[c])
-        and not pd.api.types.is_bool_dtype(table[c])
+        if c not in _ID_COLUMNS and c not in known and pd.api.types.is_float_dtype(table[c])
     ]
+    return known + extra
 
 
 def _primary_labels(table: "pd.DataFrame") -> "pd.Series":
@@ -143,12 +150,22 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _is_missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
+
+
 def _hover_text(row: Any, columns: Sequence[str]) -> str:
     lines = [f"<b>L{int(row['layer'])}H{int(row['head'])}</b>"]
     if "primary_label" in row.index:
         lines.append(f"primary: <b>{_format_value(row['primary_label'])}</b>")
+    if "margin" in row.index:
+        lines.append(f"margin: {_format_value(row['margin'])}")
     if "labels" in row.index:
-        lines.append(f"labels: {_format_value(row['labels'])}")
+        lines.append(f"labels: {_format_value(row['labels']) or '-'}")
+    if "fixed_offset_k" in row.index and not _is_missing(row["fixed_offset_k"]):
+        lines.append(f"fixed_offset_k: {row['fixed_offset_k']}")
     lines += [f"{c}: {_format_value(row[c])}" for c in columns]
     return "<br>".join(lines)
 
@@ -221,6 +238,30 @@ def head_grid(data: Any, *, title: Optional[str] = None) -> "go.Figure":
     return fig
 
 
+def _score_trace(go: Any, table: "pd.DataFrame", score: str, n_layers: int, n_heads: int) -> Any:
+    if score not in table.columns:
+        raise ScoreError(
+            f"the head table has no score column {score!r}; score columns: {score_columns(table)}."
+        )
+    values = table[score].astype(float)
+    z: list[list[Optional[float]]] = [[None] * n_heads for _ in range(n_layers)]
+    for layer, head, value in zip(table["layer"], table["head"], values):
+        z[int(layer)][int(head)] = None if math.isnan(value) else float(value)
+    present = values.dropna()
+    low = float(present.min()) if len(present) else 0.0
+    high = float(present.max()) if len(present) else 1.0
+    if low < 0:
+        bound = 1.0 if -1 <= low and high <= 1 else max(abs(low), abs(high))
+        scale = dict(colorscale="RdBu", zmid=0.0, zmin=-bound, zmax=bound)
+    else:
+        scale = dict(colorscale="Viridis", zmin=0.0, zmax=1.0 if high <= 1 else high)
+    return go.Heatmap(
+        z=z, x=list(range(n_heads)), y=list(range(n_layers)), xgap=1, ygap=1, name=score,
+        colorbar=dict(title=score), hovertemplate="L%{y}H%{x}<br>" + score + ": %{z:.3f}<extra></extra>",
+        **scale,
+    )
+
+
 def score_heatmap(data: Any, score: str, *, title: Optional[str] = None) -> "go.Figure":
     """One score for every head, as a layer x head heatmap.
 
@@ -236,29 +277,44 @@ def score_heatmap(data: Any, score: str, *, title: Optional[str] = None) -> "go.
     """
     go = _go()
     table = _as_table(data)
-    if score not in table.columns:
-        raise ScoreError(
-            f"the head table has no score column {score!r}; score columns: {score_columns(table)}."
-        )
     n_layers, n_heads = _grid_shape(table)
-    values = table[score].astype(float)
-    z: list[list[Optional[float]]] = [[None] * n_heads for _ in range(n_layers)]
-    for layer, head, value in zip(table["layer"], table["head"], values):
-        z[int(layer)][int(head)] = None if math.isnan(value) else float(value)
-    low, high = float(values.min(skipna=True) if values.notna().any() else 0.0), float(
-        values.max(skipna=True) if values.notna().any() else 1.0)
-    if low < 0:
-        bound = max(1.0, abs(low), abs(high)) if high <= 1 and low >= -1 else max(abs(low), abs(high))
-        scale = dict(colorscale="RdBu", zmid=0.0, zmin=-bound, zmax=bound)
-    else:
-        scale = dict(colorscale="Viridis", zmin=0.0, zmax=1.0 if high <= 1 else high)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(n_heads)), y=list(range(n_layers)), xgap=1, ygap=1,
-        colorbar=dict(title=score), hovertemplate="L%{y}H%{x}<br>" + score + ": %{z:.3f}<extra></extra>",
-        **scale,
-    ))
+    fig = go.Figure(_score_trace(go, table, score, n_layers, n_heads))
     name = _model_name(data, table)
     _grid_layout(fig, n_layers, n_heads, title or f"{score}{' - ' + name if name else ''}")
+    return fig
+
+
+def score_heatmaps(data: Any, scores: Optional[Sequence[str]] = None, *,
+                   title: Optional[str] = None) -> "go.Figure":
+    """Several scores as layer x head heatmaps in one figure, a drop-down menu picking the score.
+
+    Parameters
+    ----------
+    scores
+        Score columns, in menu order; by default every column of :func:`score_columns`.
+    """
+    go = _go()
+    table = _as_table(data)
+    chosen = list(score_columns(table) if scores is None else scores)
+    if not chosen:
+        raise ScoreError("no score column to draw; give scores=[...] with columns of the table.")
+    n_layers, n_heads = _grid_shape(table)
+    fig = go.Figure()
+    for i, score in enumerate(chosen):
+        trace = _score_trace(go, table, score, n_layers, n_heads)
+        trace.visible = i == 0
+        fig.add_trace(trace)
+    name = _model_name(data, table)
+    buttons = [
+        dict(label=score, method="update",
+             args=[{"visible": [j == i for j in range(len(chosen))]},
+                   {"title.text": f"{score}{' - ' + name if name else ''}"}])
+        for i, score in enumerate(chosen)
+    ]
+    _grid_layout(fig, n_layers, n_heads, title or f"{chosen[0]}{' - ' + name if name else ''}")
+    fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right",
+                                        y=1.12, yanchor="bottom", showactive=True)],
+                      margin=dict(t=90))
     return fig
 
 
@@ -281,7 +337,7 @@ def label_counts_by_layer(data: Any, *, title: Optional[str] = None) -> "go.Figu
     fig.update_layout(
         barmode="stack", title=title or f"Primary labels per layer{' - ' + name if name else ''}",
         xaxis=dict(title="layer", tickmode="linear", dtick=1 if n_layers <= 36 else 4),
-        yaxis=dict(title="heads"), legend=dict(title="label"), plot_bgcolor="white",
+        yaxis=dict(title="heads"), legend=dict(title="label", traceorder="normal"), plot_bgcolor="white",
         margin=dict(l=60, r=20, t=60, b=50),
     )
     return fig

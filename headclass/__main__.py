@@ -1,0 +1,7 @@
+"""``python -m headclass``: the same as the ``headclass`` command."""
+
+import sys
+
+from headclass.cli import main
+
+sys.exit(main())

@@ -1,0 +1,335 @@
+"""The self-contained HTML report of a head taxonomy: one file that opens offline.
+
+The page holds, in order: the headline and per-label summary, the layer x head grid (a plotly
+figure in ``<div id="head-grid">``), label counts per layer, every score as a layer x head
+heatmap (one figure, a menu picks the score), any extra figures, the per-layer table, the full
+head table (click a column header to sort), the label definitions, and the metadata (model,
+config, library versions). plotly.js is embedded once, inline, so the file needs no network.
+
+Examples
+--------
+>>> from headclass.report.html import write_html_report
+>>> write_html_report(taxonomy, "smollm2.html")
+>>> write_html_report(taxonomy, "smollm2.html",
+...                   figures={"L18H6 on a repeated prompt": plots.attention_pattern(model, p, 18, 6)})
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+
+from headclass.errors import HeadclassError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["write_html_report", "render_html_report", "LABEL_MEANINGS", "GRID_DIV_ID"]
+
+#: DOM id of the layer x head grid figure (stable: tests and users may look it up).
+GRID_DIV_ID = "head-grid"
+
+#: One line per label: what a head with that label does. Rules and thresholds come from
+#: :data:`headclass.taxonomy.RULES`; the full text is ``docs/labels.md``.
+LABEL_MEANINGS: dict[str, str] = {
+    "copy": "Its OV circuit maps a token to itself: whatever token it attends to, it raises that "
+            "token's logit (Elhage et al. 2021; the eigenvalue and top-k copying scores).",
+    "previous-token": "Attends from each position to the position just before it.",
+    "induction": "On a repeated segment, attends to the token after the earlier copy of the "
+                 "current token ([A][B] ... [A] -> [B]; Olsson et al. 2022).",
+    "bos": "Parks most of its attention on the first (BOS) token, an attention sink; a fallback "
+           "label: primary only when the head has no mechanism label.",
+    "diffuse": "Spreads attention evenly over the context (high entropy, no dominant key); a "
+               "fallback label.",
+    "duplicate-token": "Attends to earlier occurrences of the current token.",
+    "current-token": "Attends to its own position.",
+    "fixed-offset": "Attends k >= 2 positions back (the offset is in fixed_offset_k).",
+    "copy-suppression": "Its OV circuit lowers the logit of the token it attends to "
+                        "(McDougall et al. 2023).",
+    "unclassified": "No label's conditions hold; margin says how far the head is from its "
+                    "nearest label.",
+}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
+       color: #222; background: #fafafa; }
+main { max-width: 1200px; margin: 0 auto; padding: 1em 2em 4em; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+.sub { color: #666; margin-top: 0; }
+nav a { margin-right: 1em; }
+.figure { background: white; border: 1px solid #e4e4e4; border-radius: 6px; margin: 1em 0;
+          padding: 0.5em; }
+table { border-collapse: collapse; font-size: 0.85em; background: white; }
+th, td { border: 1px solid #e0e0e0; padding: 0.25em 0.5em; text-align: right; }
+th { background: #f0f0f0; position: sticky; top: 0; cursor: pointer; }
+td.text, th.text { text-align: left; }
+.scroll { max-height: 36em; overflow: auto; border: 1px solid #ddd; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 2px;
+          vertical-align: middle; margin-right: 0.4em; border: 1px solid #999; }
+pre { background: white; border: 1px solid #e0e0e0; padding: 0.8em; overflow: auto; font-size: 0.85em; }
+code { background: #f0f0f0; padding: 0 0.2em; }
+"""
+
+# Click a header to sort its table (numbers numerically, blanks last).
+_SORT_JS = """
+document.querySelectorAll("table.sortable th").forEach(function (th, col) {
+  th.addEventListener("click", function () {
+    var body = th.closest("table").tBodies[0];
+    var rows = Array.from(body.rows);
+    var asc = th.dataset.order !== "asc";
+    th.closest("tr").querySelectorAll("th").forEach(function (o) { delete o.dataset.order; });
+    th.dataset.order = asc ? "asc" : "desc";
+    function key(r) { var t = r.cells[col].textContent.trim(); var n = parseFloat(t);
+                      return t === "" ? null : (isNaN(n) ? t : n); }
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b);
+      if (x === null) return 1; if (y === null) return -1;
+      var c = (typeof x === "number" && typeof y === "number") ? x - y : String(x).localeCompare(String(y));
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def write_html_report(
+    taxonomy: Any,
+    path: Union[str, os.PathLike],
+    *,
+    figures: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write the self-contained HTML report of ``taxonomy`` to ``path``, atomically.
+
+    Parameters
+    ----------
+    taxonomy
+        A :class:`~headclass.report.table.HeadTaxonomy`.
+    path
+        The ``.html`` file to write; its folder must exist. The page is written to a temporary
+        file beside it and renamed, so ``path`` is never half-written.
+    figures
+        Extra plotly figures, by section title, shown after the built-in ones.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise HeadclassError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist.")
+    page = render_html_report(taxonomy, figures=figures)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(page)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = None) -> str:
+    """The report of :func:`write_html_report` as one HTML string."""
+    from headclass.report import plots
+    from headclass.report.table import HeadTaxonomy
+
+    if not isinstance(taxonomy, HeadTaxonomy):
+        raise HeadclassError(f"the HTML report needs a HeadTaxonomy; got {type(taxonomy).__name__}.")
+    for title, fig in (figures or {}).items():
+        if not hasattr(fig, "to_html"):
+            raise HeadclassError(f"figure {title!r} must be a plotly Figure; got {type(fig).__name__}.")
+    table = taxonomy.table
+    name = taxonomy.model_name
+    shown = [c for c in plots.score_columns(table) if not _is_extra(c)]
+
+    figure_sections = [
+        ("grid", "Layer x head grid", plots.head_grid(taxonomy), GRID_DIV_ID,
+         "Each cell is a head, coloured by its primary label; hover for every score."),
+        ("by-layer", "Labels per layer", plots.label_counts_by_layer(taxonomy), "labels-per-layer",
+         "Primary labels of each layer's heads."),
+        ("scores", "Scores", plots.score_heatmaps(taxonomy, shown), "score-heatmaps",
+         "Every score as a layer x head heatmap; pick the score in the menu. Blank: not computed (NaN)."),
+    ]
+    for i, (title, fig) in enumerate((figures or {}).items()):
+        figure_sections.append((f"extra-{i}", str(title), fig, f"extra-figure-{i}", ""))
+
+    parts = [_head(name), "<main>", _intro(taxonomy), _nav(figure_sections)]
+    parts.append(_section("summary", "Summary", _summary_html(taxonomy)))
+    for i, (anchor, title, fig, div_id, caption) in enumerate(figure_sections):
+        body = (f'<p class="sub">{html.escape(caption)}</p>' if caption else "") + _figure_html(
+            fig, div_id, include_plotlyjs=(i == 0))
+        parts.append(_section(anchor, title, body))
+    parts.append(_section("per-layer", "Per layer", _per_layer_html(taxonomy)))
+    parts.append(_section("heads", "All heads", _full_table_html(table)))
+    parts.append(_section("labels", "Label definitions", _definitions_html(taxonomy)))
+    parts.append(_section("metadata", "Metadata", _metadata_html(taxonomy)))
+    parts.append(f"</main><script>{_SORT_JS}</script></body></html>")
+    return "\n".join(parts)
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+def _is_extra(column: str) -> bool:
+    """Diagnostics that ride along in the table (shown in the table, not as heatmaps)."""
+    return column.startswith(("ov_", "qk_"))
+
+
+def _head(name: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>headclass report: {html.escape(name)}</title><style>{_CSS}</style></head><body>"
+    )
+
+
+def _intro(taxonomy: Any) -> str:
+    meta = taxonomy.metadata
+    facts = [f"{taxonomy.n_layers} layers x {taxonomy.n_heads} heads = {len(taxonomy)} heads"]
+    if meta.get("n_params"):
+        facts.append(f"{int(meta['n_params']) / 1e6:.1f}M parameters")
+    if meta.get("architecture"):
+        facts.append(str(meta["architecture"]))
+    if meta.get("date"):
+        facts.append(f"classified {meta['date']}")
+    version = (meta.get("versions") or {}).get("headclass")
+    facts.append(f"headclass {version}" if version else "headclass")
+    return (f"<h1>Attention heads of {html.escape(taxonomy.model_name)}</h1>"
+            f'<p class="sub">{html.escape(" · ".join(facts))}</p>')
+
+
+def _nav(figure_sections: list) -> str:
+    links = [("summary", "Summary")] + [(a, t) for a, t, *_ in figure_sections] + [
+        ("per-layer", "Per layer"), ("heads", "All heads"), ("labels", "Label definitions"),
+        ("metadata", "Metadata")]
+    return "<nav>" + "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in links) + "</nav>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _figure_html(fig: Any, div_id: str, *, include_plotlyjs: bool) -> str:
+    inner = fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs, div_id=div_id,
+                        config={"responsive": True, "displaylogo": False})
+    return f'<div class="figure">{inner}</div>'
+
+
+def _swatch(label: str) -> str:
+    from headclass.report.plots import label_color
+
+    return f'<span class="swatch" style="background:{label_color(label)}"></span>{html.escape(label)}'
+
+
+def _cell(value: Any, column: str = "") -> str:
+    import pandas as pd
+
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return "✓" if value else ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _html_table(df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool = True) -> str:
+    import pandas as pd
+
+    text_columns = {c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])
+                    or pd.api.types.is_bool_dtype(df[c])}
+    head = "".join(
+        f'<th class="{"text" if c in text_columns else ""}">{html.escape(str(c))}</th>' for c in df.columns)
+    rows = []
+    for record in df.itertuples(index=False):
+        cells = []
+        for column, value in zip(df.columns, record):
+            content = _swatch(str(value)) if column in label_columns else _cell(value, column)
+            cls = "text" if column in text_columns else ""
+            cells.append(f'<td class="{cls}">{content}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    klass = "sortable" if sortable else ""
+    return (f'<table class="{klass}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _summary_html(taxonomy: Any) -> str:
+    summary = taxonomy.summary()
+    summary = summary.rename(columns={"count": "heads", "primary_count": "primary"})
+    return ('<p class="sub">heads: with the label (a head may have several); primary: heads whose '
+            "primary label it is; best head: highest score among the label's heads.</p>"
+            + _html_table(summary, label_columns=("label",)))
+
+
+def _per_layer_html(taxonomy: Any) -> str:
+    per_layer = taxonomy.per_layer()
+    if per_layer.empty:
+        return "<p>No heads.</p>"
+    counts = per_layer.pivot(index="layer", columns="label", values="count")
+    labels = [label for label in per_layer["label"].drop_duplicates() if counts[label].sum() > 0]
+    means = [c for c in per_layer.columns if c.startswith("mean_")]
+    firsts = per_layer.groupby("layer", sort=True)[["relative_depth"] + means].first()
+    wide = firsts[["relative_depth"]].join(counts[labels]).join(firsts[means]).reset_index()
+    return ('<p class="sub">Heads per layer with each label (flags; a head may count for several '
+            "labels, unclassified: heads with none), then the layer's mean scores.</p>"
+            '<div class="scroll">' + _html_table(wide) + "</div>")
+
+
+def _full_table_html(table: "pd.DataFrame") -> str:
+    flags = [c for c in table.columns if c.startswith("is_")]
+    shown = table.drop(columns=flags + (["model"] if "model" in table.columns else []))
+    return (f'<p class="sub">{len(table)} heads, one row per head; click a header to sort. Label '
+            "flags (is_&lt;label&gt;) are summed up in the labels column; the CSV/JSON exports "
+            "have every column.</p>"
+            '<div class="scroll">' + _html_table(shown, label_columns=("primary_label",)) + "</div>")
+
+
+def _definitions_html(taxonomy: Any) -> str:
+    from headclass.report.table import LABELS, UNCLASSIFIED
+    from headclass.taxonomy import RULES, resolve_thresholds
+
+    thresholds = (taxonomy.metadata.get("config") or {}).get("thresholds") or {}
+    try:
+        values = resolve_thresholds(thresholds)
+    except Exception:  # an odd stored config: show the defaults
+        values = resolve_thresholds(None)
+    rows = []
+    for label in LABELS + (UNCLASSIFIED,):
+        rule = RULES.get(label)
+        if rule is None:
+            condition = "no label holds"
+        else:
+            condition = " and ".join(
+                f"<code>{c.score} {c.op} {values.get(c.threshold, float('nan')):g}</code>"
+                for c in rule.conditions)
+            if rule.needs_output:
+                condition += " (and the head writes something)"
+        rows.append(f'<tr><td class="text">{_swatch(label)}</td><td class="text">{condition}</td>'
+                    f'<td class="text">{html.escape(LABEL_MEANINGS.get(label, ""))}</td></tr>')
+    return ('<p class="sub">A head has a label when all its conditions hold (thresholds used for '
+            "this report). The primary label is the mechanism label with the largest normalised "
+            "margin; bos and diffuse are primary only for heads with no other label. Full "
+            "definitions, scores and references: <code>docs/labels.md</code> in the headclass "
+            "repository.</p>"
+            '<table><thead><tr><th class="text">label</th><th class="text">rule</th>'
+            f'<th class="text">meaning</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _metadata_html(taxonomy: Any) -> str:
+    meta = taxonomy.metadata
+    simple = {k: v for k, v in meta.items() if not isinstance(v, (dict, list))}
+    nested = {k: v for k, v in meta.items() if isinstance(v, (dict, list))}
+    rows = "".join(f'<tr><th class="text">{html.escape(str(k))}</th><td class="text">'
+                   f"{html.escape(str(v))}</td></tr>" for k, v in simple.items())
+    out = f"<table><tbody>{rows}</tbody></table>"
+    for key, value in nested.items():
+        out += (f"<h3>{html.escape(str(key))}</h3><pre>"
+                f"{html.escape(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>")
+    return out
