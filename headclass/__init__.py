@@ -17,12 +17,22 @@ from headclass.errors import (
     UnsupportedArchitectureError,
 )
 from headclass.loading import HeadModel, load_model
+from headclass.report.compare import Comparison, compare, compare_models
+from headclass.report.export import read_json
+from headclass.report.table import HeadTaxonomy
+from headclass.taxonomy import classify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load_model",
     "HeadModel",
+    "classify",
+    "HeadTaxonomy",
+    "read_json",
+    "compare",
+    "compare_models",
+    "Comparison",
     "load_config",
     "HeadclassConfig",
     "HeadclassError",

@@ -229,6 +229,8 @@ def _classify_one(source: str, config: Any, args: argparse.Namespace, status: "_
     from headclass.taxonomy import classify
 
     status.line(f"loading {source} ...")
+    if status.quiet:
+        _silence_library_progress()
     started = time.perf_counter()
     model = headclass.load_model(source, device=args.device, dtype=args.dtype, backend=args.backend)
     status.line(f"loaded {model!r} in {time.perf_counter() - started:.1f} s; classifying ...")
@@ -240,6 +242,22 @@ def _classify_one(source: str, config: Any, args: argparse.Namespace, status: "_
         gc.collect()
     status.line(f"classified in {time.perf_counter() - started:.1f} s")
     return taxonomy
+
+
+def _silence_library_progress() -> None:
+    """Turn off transformers' and huggingface_hub's own progress bars ("Loading weights")."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _slug(name: str) -> str:

@@ -178,6 +178,7 @@ def _grid_layout(fig: Any, n_layers: int, n_heads: int, title: str) -> None:
         plot_bgcolor="white",
         margin=dict(l=60, r=20, t=60, b=50),
         legend=dict(title="label", itemsizing="constant"),
+        showlegend=True,  # plotly hides a legend of one entry (a model with one label)
     )
     fig.update_xaxes(title="head", tickmode="linear", dtick=1 if n_heads <= 32 else 4,
                      range=[-0.5, n_heads - 0.5], showgrid=False, zeroline=False)
