@@ -16,6 +16,7 @@ Run from the repository root::
 
     python benchmarks/bench_ablation.py                     # induction probe, mean ablation
     python benchmarks/bench_ablation.py --probe text --method zero --json out.json
+    python benchmarks/bench_ablation.py --threads 1          # on a busy shared machine
 
 The machine load (``os.getloadavg``) is printed with every timing: on a shared machine the
 numbers are upper bounds of what the code needs.
@@ -56,8 +57,13 @@ def main() -> None:
     parser.add_argument("--reference-heads", type=int, default=6,
                         help="heads timed with the one-head-per-forward reference (extrapolated)")
     parser.add_argument("--skip-exact", action="store_true", help="only attribution and reference")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice). On a machine shared "
+                             "with other busy processes, 1 thread is several times faster than 2")
     parser.add_argument("--json", default=None, help="write the measurements here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     model = headclass.load_model(args.model, backend=args.backend)

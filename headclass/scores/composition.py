@@ -34,7 +34,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -96,9 +96,9 @@ class _Packer:
         self.weight = torch.where(rows == cols, 1.0, 2.0).to(device)
         self.size = self.index.numel()
 
-    def pack(self, factors: Tensor, *, weighted: bool) -> Tensor:
+    def pack(self, factors: Tensor, *, weighted: bool, out: Optional[Tensor] = None) -> Tensor:
         gram = factors.mT @ factors                           # [n, d, d]
-        packed = torch.index_select(gram.flatten(1), 1, self.index)
+        packed = torch.index_select(gram.flatten(1), 1, self.index, out=out)
         del gram
         return packed.mul_(self.weight) if weighted else packed
 
@@ -120,7 +120,9 @@ def composition_scores(
         Which of ``"q"``, ``"k"``, ``"v"`` to compute (TransformerLens' modes ``Q``, ``K``, ``V``).
     memory_bytes
         Bound on the packed Gram matrices held at once (later heads of a block of layers, plus
-        one layer of earlier heads). Smaller values mean more passes, not a different result.
+        one layer of earlier heads); one layer's unpacked Gram matrices (twice a packed layer)
+        come on top while it is being packed. Smaller values mean more passes (earlier layers
+        are rebuilt once per block of later layers), never a different result.
     progress
         Show a progress bar over blocks of later layers.
 
@@ -152,10 +154,10 @@ def composition_scores(
     with torch.no_grad():
         for b0 in blocks:
             b1 = min(n_layers, b0 + per_block)
-            right = torch.cat([
-                packer.pack(_right_factor(model, layer, kind).mT, weighted=False)
-                for kind in kinds for layer in range(b0, b1)
-            ])                                                # [kind * layer_b * head_b, packed]
+            right = torch.empty(len(kinds) * (b1 - b0) * n_heads, packer.size, device=device)
+            for i, (kind, layer) in enumerate((k, lb) for k in kinds for lb in range(b0, b1)):
+                packer.pack(_right_factor(model, layer, kind).mT, weighted=False,
+                            out=right[i * n_heads:(i + 1) * n_heads])  # [kind, layer_b, head_b] rows
             for la in range(b1 - 1):
                 left = packer.pack(_left_factor(model, la), weighted=True)  # [head_a, packed]
                 inner = (left @ right.T).clamp_min_(0.0).sqrt_()

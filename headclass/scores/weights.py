@@ -377,12 +377,16 @@ def topk_copy_scores(
 
     Ranks are taken over the whole vocabulary and count the other tokens whose logit is ``>=``
     the own logit (``<=`` for suppression), so ties never help: a head whose logits are all
-    equal (e.g. one that writes nothing) scores 0 on both. The sample is :func:`copy_token_sample` (special tokens excluded) unless ``tokens`` (1-D ids)
-    is given. Logits are computed one head and one block of vocabulary columns at a time
-    (``[heads, sample, vocab]`` is never held), and a token is dropped as soon as ``top_k``
-    other logits lie on each side of its own: it can then be in neither list. Only tokens that
-    really are near the top or bottom are compared against the whole vocabulary, so a head
-    costs ``~2 d_head (sample + d_model) 1000`` flops unless it copies or suppresses.
+    equal (e.g. one that writes nothing) scores 0 on both. The sample is
+    :func:`copy_token_sample` (special tokens excluded, seeded) unless ``tokens`` (1-D ids) is
+    given.
+
+    Logits are computed one layer and one block of vocabulary columns at a time
+    (``[heads, sample, vocab]`` is never held), and a (head, token) pair is dropped as soon as
+    ``top_k`` other logits lie on each side of its own: it can then be in neither list. Only the
+    pairs that really are near the top or bottom meet the whole vocabulary, so a head that
+    neither copies nor suppresses costs about ``2 d_head (sample + d_model) 1024`` flops.
+    The counts are exact (see ``_rank_counts``).
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ScoreError(f"The 'top_k' parameter must be an int >= 1. Got {top_k!r}.")

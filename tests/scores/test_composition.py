@@ -9,6 +9,7 @@ import torch
 import headclass
 from headclass.errors import ScoreError
 from headclass.scores.composition import composition_scores, top_k_composition_partners
+from test_weights import centred_basis   # directions that survive TransformerLens' centring
 
 D_MODEL, N_HEADS, D_HEAD = 64, 4, 16
 
@@ -49,12 +50,6 @@ def test_causal_layout_and_blocking(tmp_path):
     for values in whole.values():
         assert (values[~mask] == 0).all()
         assert (values[mask] > 0).all() and (values <= 1).all()
-
-
-def centred_basis(d: int, k: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(d, k, generator=g)
-    return torch.linalg.qr(m - m.mean(0, keepdim=True)).Q
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +102,33 @@ def test_partners_edge_cases(planted_k_pair):
         top_k_composition_partners(scores, 1, 0, direction="sideways")
     with pytest.raises(ScoreError, match="not 'q'"):
         top_k_composition_partners(scores, 1, 0, kind="q")
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_smollm2_induction_heads_k_compose_with_the_previous_token_head(smollm2):
+    """On SmolLM2-135M the strongest previous-token head (L16H0, attention to i-1 ~0.9) is among
+    the top-3 K-composition partners of each of the two strongest induction heads (L18H6, L17H3).
+    Pattern scores are measured inline, in one hooked pass over repeated random tokens."""
+    g = torch.Generator().manual_seed(0)
+    n, segment = 4, 40
+    random = torch.randint(100, 10_000, (n, segment), generator=g)
+    tokens = torch.cat([torch.full((n, 1), smollm2.bos_token_id), random, random], 1)
+    queries = torch.arange(segment + 1, 2 * segment + 1)
+    steps = torch.arange(1, 2 * segment + 1)
+    induction = torch.zeros(smollm2.n_layers, smollm2.n_heads)
+    previous = torch.zeros_like(induction)
+
+    def reduce(layer, pattern):
+        induction[layer] = pattern[:, :, queries, queries - segment + 1].mean((0, 2))
+        previous[layer] = pattern[:, :, steps, steps - 1].mean((0, 2))
+
+    smollm2.run_with_patterns(tokens, reduce)
+    prev_layer, prev_head = divmod(int(previous.flatten().argmax()), smollm2.n_heads)
+    scores = composition_scores(smollm2, kinds="k")
+    for index in induction.flatten().argsort(descending=True)[:2].tolist():
+        layer, head = divmod(index, smollm2.n_heads)
+        partners = top_k_composition_partners(scores, layer, head, kind="k", n=3)
+        print(f"L{layer}H{head} (induction {float(induction[layer, head]):.2f}) K-partners:\n{partners}")
+        pairs = list(zip(partners["layer"], partners["head"]))
+        assert (prev_layer, prev_head) in pairs, (prev_layer, prev_head, pairs)
