@@ -340,12 +340,13 @@ toy = pd.DataFrame({name: describe(*vw) for name, vw in heads.items()}).T
 toy.round(3)
 """),
     md("""
-The two perfect copiers differ only in scale: the raw distance calls one far from the identity
-and the other further still, while the distance to a scaled projection is 0 for both. The
-distance to the best `c*I` is `sqrt(1 - 4/12) = 0.816` for both: the floor for a rank-4 copier in
-12 dimensions, not evidence against copying. The rotating head keeps its subspace but moves
-within it: it is not a copier, and only the projection distance and the eigenvalue score say so
-(the projection distance is 1, since its trace is 0).
+The raw distance is about 1 for both perfect copiers: no closer to the identity than the
+rotating head (1.15), which copies nothing. It mixes up scale and rank and cannot tell copying
+from not copying. The distance to the best `c*I` is `sqrt(1 - 4/12) = 0.816` for both copiers:
+the floor for a rank-4 copier in 12 dimensions, not evidence against copying. The distance to the
+best scaled projection is 0 for both copiers, whatever their scale; the rotating head keeps its
+subspace but turns within it (trace 0), so both scale-free distances are 1. Note the suppressor:
+also 0, since `c < 0` is still a scaled projection. The sign needs its own score (section 4).
 
 ## 3 · The singular value spectrum
 

@@ -69,6 +69,7 @@ th, td { border: 1px solid #e0e0e0; padding: 0.25em 0.5em; text-align: right; }
 th { background: #f0f0f0; position: sticky; top: 0; cursor: pointer; }
 td.text, th.text { text-align: left; }
 .scroll { max-height: 36em; overflow: auto; border: 1px solid #ddd; }
+.label { white-space: nowrap; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 2px;
           vertical-align: middle; margin-right: 0.4em; border: 1px solid #999; }
 pre { background: white; border: 1px solid #e0e0e0; padding: 0.8em; overflow: auto; font-size: 0.85em; }
@@ -225,7 +226,8 @@ def _figure_html(fig: Any, div_id: str, *, include_plotlyjs: bool) -> str:
 def _swatch(label: str) -> str:
     from headclass.report.plots import label_color
 
-    return f'<span class="swatch" style="background:{label_color(label)}"></span>{html.escape(label)}'
+    return (f'<span class="label"><span class="swatch" style="background:{label_color(label)}"></span>'
+            f"{html.escape(label)}</span>")
 
 
 def _cell(value: Any, column: str = "") -> str:
