@@ -230,7 +230,7 @@ def _swatch(label: str) -> str:
             f"{html.escape(label)}</span>")
 
 
-def _cell(value: Any, column: str = "") -> str:
+def _cell(value: Any) -> str:
     import pandas as pd
 
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
@@ -253,7 +253,7 @@ def _html_table(df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool
     for record in df.itertuples(index=False):
         cells = []
         for column, value in zip(df.columns, record):
-            content = _swatch(str(value)) if column in label_columns else _cell(value, column)
+            content = _swatch(str(value)) if column in label_columns else _cell(value)
             cls = "text" if column in text_columns else ""
             cells.append(f'<td class="{cls}">{content}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
