@@ -8,6 +8,8 @@ tests/test_notebooks.py`` (executes every notebook top to bottom). Notebooks not
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -451,6 +453,9 @@ def main() -> None:
     for name, cells in (("01_gpt2_head_taxonomy.ipynb", NB01), ("02_compare_model_sizes.ipynb", NB02),
                         ("03_copy_heads_explained.ipynb", NB03)):
         print("wrote", write(name, cells))
+    # The toy-model section of 02 (induction needs two layers) lives in its own script.
+    subprocess.run([sys.executable, str(HERE / "add_toy_cells.py"), str(HERE / "02_compare_model_sizes.ipynb")],
+                   check=True)
 
 
 if __name__ == "__main__":
