@@ -122,6 +122,8 @@ def _build_hooked(hub_name, folder, hf_model, tokenizer, device, dtype):
         config = copy.deepcopy(hf_model.config)
         if getattr(config, "model_type", "") == "gpt2" and "n_ctx" not in config.to_dict():
             config.n_ctx = config.n_positions
+        if not getattr(config, "architectures", None):  # e.g. read from GGUF; TL 3 dispatches on it
+            config.architectures = [type(hf_model).__name__]
         config.save_pretrained(tmp)
         cfg = loading.get_pretrained_model_config(tmp, fold_ln=True, device=device, dtype=dtype)
         if tokenizer is None:

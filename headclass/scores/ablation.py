@@ -111,7 +111,8 @@ def ablation_scores(
     config
         Probe sizes, ``ablation.method`` and ``ablation.heads_per_pass`` come from its
         ``ablation`` section (``induction_sequences``, ``induction_segment_length``,
-        ``text_sequences``, ``text_max_tokens``) and ``probes.seed``; defaults when ``None``.
+        ``text_sequences``, ``text_max_tokens``), the seed and the token-frequency filter from
+        ``probes.seed`` and ``probes.repeated.exclude_extreme_fraction``; defaults when ``None``.
     probes
         Optional mapping overriding the probes: ``{"induction": ..., "text": ...}``, each a
         :class:`~headclass.probes.Probe` or a token tensor ``[batch, pos]``. The induction
@@ -324,8 +325,9 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
         from headclass import probes
 
         a = cfg.ablation
-        induction = probes.repeated(model, a.induction_sequences, a.induction_segment_length,
-                                    n_repeats=2, seed=cfg.probes.seed)
+        induction = probes.repeated(model, a.induction_sequences, a.induction_segment_length, n_repeats=2,
+                                    seed=cfg.probes.seed,
+                                    exclude_extreme_fraction=cfg.probes.repeated.exclude_extreme_fraction)
     tokens = _tokens_of(induction, "induction")
     built["induction"] = _LossProbe("induction", tokens, _induction_probe_targets(induction, tokens))
     text = given.get("text")
@@ -334,7 +336,7 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
             warnings.warn(
                 f"model {getattr(model, 'name', '?')!r} has no tokenizer, so there is no text probe; "
                 "ablation_text_dloss is NaN. Pass probes={'text': token_ids} to score it.",
-                stacklevel=3,
+                stacklevel=4,
             )
             built["text"] = None
             return built

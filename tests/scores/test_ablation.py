@@ -24,7 +24,7 @@ from headclass.scores.ablation import (
     induction_targets,
     rank_correlation,
 )
-from planted import ATTENTION_LAYOUT, D_MODEL, N_CTX, N_HEADS, VOCAB, build_planted_gpt2
+from planted import ATTENTION_LAYOUT, D_MODEL, N_HEADS, VOCAB, build_planted_gpt2
 
 # Weights of the planted read-out (see planted_induction_lm).
 OUT_SCALE = 2.0      # the induction head writes this multiple of OUT[token]
