@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--format", default=",".join(DEFAULT_FORMATS), metavar="LIST",
                           help="comma-separated: csv,json,parquet,markdown,html (default: csv,json,html)")
     classify.add_argument("--ablation", action="store_true",
-                          help="also measure each head's effect on loss by ablation (slow)")
+                          help="also measure each head's effect on loss by ablation (slow: minutes; "
+                               "set ablation.mode: attribution in --config for a fast estimate)")
 
     compare = commands.add_parser(
         "compare", help="classify several models and compare labels by relative depth",

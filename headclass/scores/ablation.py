@@ -98,7 +98,7 @@ def ablation_scores(
     config: Union[None, HeadclassConfig, Mapping[str, Any], str] = None,
     probes: Optional[Mapping[str, Any]] = None,
     method: Optional[str] = None,
-    mode: str = "exact",
+    mode: Optional[str] = None,
     heads: HeadList = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
@@ -123,7 +123,7 @@ def ablation_scores(
         ``"mean"`` or ``"zero"``; ``None`` takes ``config.ablation.method``.
     mode
         ``"exact"`` (ablated forward runs) or ``"attribution"`` (one forward and backward per
-        probe, a linear estimate).
+        probe, a linear estimate); ``None`` takes ``config.ablation.mode``.
     heads
         ``(layer, head)`` pairs to ablate; ``None`` for all. Heads left out are ``NaN``
         ("not computed"), not 0.
@@ -140,6 +140,7 @@ def ablation_scores(
     """
     cfg = load_config(config)
     method = _check_method(method if method is not None else cfg.ablation.method)
+    mode = mode if mode is not None else cfg.ablation.mode
     _check_mode(mode)
     return _per_probe(model, cfg, probes, heads, lambda probe, pairs: ablation_dloss(
         model, probe.tokens, targets=probe.targets, method=method, mode=mode, heads=pairs,

@@ -398,3 +398,22 @@ def test_fig_importance_by_label():
         fig_importance_by_label(_table().drop(columns=["ablation_induction_dloss", "ablation_text_dloss"]))
     with pytest.raises(ScoreError, match="'x'"):
         fig_importance_by_label(_table(), x="depth")
+
+
+def test_mode_comes_from_the_config_and_is_validated(tiny_gpt2):
+    """``ablation.mode`` in the config picks attribution; a bad mode is named in the error."""
+    import headclass
+    from headclass.scores.ablation import ablation_scores
+
+    tokens = torch.randint(1, tiny_gpt2.d_vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    probes = {"induction": torch.cat([tokens, tokens], dim=1), "text": tokens}
+    pairs = [(0, 0), (1, 2)]
+    from_config = ablation_scores(tiny_gpt2, config={"ablation": {"mode": "attribution"}}, probes=probes,
+                                  heads=pairs, progress=False)
+    explicit = ablation_scores(tiny_gpt2, probes=probes, heads=pairs, mode="attribution", progress=False)
+    exact = ablation_scores(tiny_gpt2, probes=probes, heads=pairs, progress=False)
+    for key in explicit:
+        torch.testing.assert_close(from_config[key], explicit[key], equal_nan=True)
+    assert not torch.allclose(exact["ablation_induction_dloss"].nan_to_num(), explicit["ablation_induction_dloss"].nan_to_num())
+    with pytest.raises(headclass.ConfigError, match="ablation.mode"):
+        headclass.load_config({"ablation": {"mode": "fast"}})
