@@ -57,6 +57,7 @@ from torch import Tensor
 
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ScoreError
+from headclass.probes import ordinary_token_ids
 
 __all__ = [
     "WEIGHT_SCORE_KEYS",
@@ -222,25 +223,13 @@ def copy_eigen_score(eigenvalues: Tensor) -> Tensor:
 def copy_token_sample(model: Any, sample_size: int, *, seed: int = 0) -> Tensor:
     """Sorted ids of ``sample_size`` ordinary tokens drawn without replacement (seeded).
 
-    Ordinary: not one of ``model.special_token_ids()`` (BOS, EOS, PAD, chat markers) and below
-    the tokenizer's length when the embedding is padded beyond it. All ordinary ids when there
+    Ordinary: :func:`headclass.probes.ordinary_token_ids` (not BOS or another special token, and
+    below the tokenizer's length when the embedding is padded beyond it). All ordinary ids when there
     are no more than ``sample_size``.
     """
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
         raise ScoreError(f"The 'copy_sample_size' parameter must be an int >= 1. Got {sample_size!r}.")
-    n_ids = int(model.d_vocab)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        try:
-            n_ids = min(n_ids, len(tokenizer))
-        except TypeError:
-            pass
-    keep = torch.ones(n_ids, dtype=torch.bool)
-    special = getattr(model, "special_token_ids", None)
-    for token in (special() if callable(special) else ()):
-        if 0 <= token < n_ids:
-            keep[token] = False
-    ordinary = keep.nonzero().squeeze(1)
+    ordinary = ordinary_token_ids(model)  # the same "ordinary" as the probes draw from
     if ordinary.numel() == 0:
         raise ScoreError(f"model {getattr(model, 'name', model)!r} has no ordinary tokens to sample.")
     if ordinary.numel() <= sample_size:
