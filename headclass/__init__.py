@@ -4,6 +4,7 @@ Data flows one way: a source (hub name, folder, GGUF file, model object) -> :cla
 -> scores (pure functions of tensors) -> taxonomy (a tidy DataFrame) -> report.
 """
 
+from headclass._version import __version__
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import (
     ConfigError,
@@ -17,12 +18,12 @@ from headclass.errors import (
     UnsupportedArchitectureError,
 )
 from headclass.loading import HeadModel, load_model
-from headclass.report.compare import Comparison, compare, compare_models
+from headclass.report.compare import Comparison, compare
 from headclass.report.export import read_json
-from headclass.report.table import HeadTaxonomy
-from headclass.taxonomy import classify
+from headclass.taxonomy import HeadTaxonomy, classify
+from headclass.sweep import SweepResult, sweep  # the attribute headclass.sweep is this function
+from headclass.workflows import compare_models
 
-__version__ = "0.1.0"
 
 __all__ = [
     "load_model",
@@ -31,6 +32,8 @@ __all__ = [
     "HeadTaxonomy",
     "read_json",
     "compare",
+    "sweep",
+    "SweepResult",
     "compare_models",
     "Comparison",
     "load_config",

@@ -1,10 +1,17 @@
 """The ``headclass`` command: classify a model's heads, compare models, or run the demo.
 
-Every output is first written to a temporary folder and moved into ``--out`` only when all of
-it succeeded, so a failure (bad model name, bad config, an error halfway) leaves no partial
-files. Errors are printed as one line, ``headclass: error: <message>``, with exit status 1
-(``--debug`` shows the traceback instead). Progress bars and status lines go to stderr, when it
-is a terminal.
+Inputs are checked before any model is loaded: formats, config, ``--out`` (a folder, new or
+existing, that can be written) and, for ``compare``, every source. Outputs are staged beside
+``--out`` and published all or nothing (:class:`headclass.atomic.FolderPublication`): on any
+failure, or Ctrl-C, ``--out`` is exactly as it was. A manifest, ``headclass-run.json``, lists
+the sources, the config's hash, the files written (with their sha256), the date and the library
+versions; a rerun into the same folder replaces (or removes) the files the previous manifest
+lists and never touches any other file.
+
+Errors are printed as one line, ``headclass: error: <message>``, with exit status 1
+(``--debug`` shows the traceback instead); Ctrl-C prints one line saying what was written and
+exits with 130. Progress bars and status lines go to stderr, when it is a terminal. Every bad
+input and fault, with its message: ``docs/failure-modes.md``.
 """
 
 from __future__ import annotations
@@ -12,9 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -49,7 +54,7 @@ class _CliError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``headclass`` command."""
-    from headclass import __version__
+    from headclass._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="headclass",
@@ -103,20 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``headclass`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    handlers: dict[str, Callable[[argparse.Namespace], None]] = {
-        "classify": _classify, "compare": _compare, "demo": _demo}
+    """Run the ``headclass`` command; returns the exit status.
+
+    0: success; 1: an error (one line on stderr, ``--debug`` for the traceback); 130: Ctrl-C,
+    with one line that says whether anything was written.
+    """
+    run = _Run()
     try:
-        handlers[args.command](args)
-    except KeyboardInterrupt:
-        print("headclass: interrupted; nothing was written.", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the boundary: only our own and input errors become one line
-        if args.debug or not _is_user_error(exc):
+        args = build_parser().parse_args(argv)
+        handlers: dict[str, Callable[[argparse.Namespace, _Run], None]] = {
+            "classify": _classify, "compare": _compare, "demo": _demo}
+        try:
+            handlers[args.command](args, run)
+        except KeyboardInterrupt:
             raise
-        print(f"headclass: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        except Exception as exc:  # the boundary: only our own and input errors become one line
+            if args.debug or not _is_user_error(exc):
+                raise
+            print(f"headclass: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        print(run.interrupted_message(), file=sys.stderr)
+        return 130
     return 0
 
 
@@ -134,59 +147,105 @@ def _one_line(exc: BaseException) -> str:
     return head + (" " + "; ".join(rest) if rest else "")
 
 
+class _Run:
+    """What one command has done so far, so that a Ctrl-C message says what is true."""
+
+    def __init__(self) -> None:
+        self.phase = "starting"
+        self.out: Optional[Path] = None
+        self.written: list[str] = []
+
+    def enter(self, phase: str) -> None:
+        """Mark a phase (``loading``, ``classifying``, ``writing``, ``publishing``, ``published``).
+
+        With ``HEADCLASS_TEST_PAUSE=<phase>`` in the environment, print
+        ``headclass-test: <phase>`` to stderr and wait up to ``HEADCLASS_TEST_PAUSE_S`` seconds
+        (default 20) there: the tests interrupt the command in each phase this way.
+        """
+        self.phase = phase
+        if os.environ.get("HEADCLASS_TEST_PAUSE") == phase:
+            _test_pause(phase)
+
+    def interrupted_message(self) -> str:
+        """The one line printed on Ctrl-C: true to what is in --out."""
+        if self.phase == "published":
+            return (f"headclass: interrupted after publishing; all {len(self.written)} files were "
+                    f"written to {self.out}/: {', '.join(self.written)}.")
+        where = _PHASES.get(self.phase)
+        unchanged = f" ({self.out} is unchanged)" if self.out is not None else ""
+        return f"headclass: interrupted{' ' + where if where else ''}; nothing was written{unchanged}."
+
+
+_PHASES = {"loading": "while loading the model", "classifying": "while classifying",
+           "writing": "while writing the outputs", "publishing": "while publishing"}
+
+
+def _test_pause(phase: str) -> None:
+    from headclass.atomic import sigint_pending
+
+    print(f"headclass-test: {phase}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + float(os.environ.get("HEADCLASS_TEST_PAUSE_S", "20"))
+    while time.monotonic() < deadline and not sigint_pending():
+        time.sleep(0.02)
+
+
 # -- commands ------------------------------------------------------------------------------------
 
-def _classify(args: argparse.Namespace) -> None:
+def _classify(args: argparse.Namespace, run: _Run) -> None:
     formats = _parse_formats(args.format)
     config = _load_config(args.config)
+    out = _check_out(args.out, run)
     status = _Status(args.quiet)
-    taxonomy = _classify_one(args.model, config, args, status, ablation=args.ablation)
-    with _Staging(args.out) as stage:
-        written = _write_taxonomy(taxonomy, stage, formats)
-        final = stage.publish()
-    status.done(written, final)
+    taxonomy = _classify_one(args.model, config, args, status, run, ablation=args.ablation)
+    stem = _unique_stems([taxonomy.model_name])[0]
+    files = {stem + _SUFFIX[fmt]: _taxonomy_writer(taxonomy, fmt) for fmt in formats}
+    manifest = _manifest_fields("classify", [args.model], args.config, taxonomy)
+    written = _publish(out, files, manifest, run, status)
     print(repr(taxonomy))
-    _print_files(final, written)
+    _print_files(out, written)
 
 
-def _compare(args: argparse.Namespace) -> None:
+def _compare(args: argparse.Namespace, run: _Run) -> None:
     from headclass.report.compare import compare
 
     if args.bins < 1:
         raise _CliError(f"--bins must be >= 1; got {args.bins}.")
     config = _load_config(args.config)
+    out = _check_out(args.out, run)
+    for source in args.models:  # every source, before the first is classified
+        _check_source(source)
     status = _Status(args.quiet)
     taxonomies = []
     for source in args.models:
-        taxonomies.append(_classify_one(source, config, args, status))
+        taxonomies.append(_classify_one(source, config, args, status, run))
     comparison = compare(taxonomies, n_bins=args.bins)
-    with _Staging(args.out) as stage:
-        written = []
-        for name, taxonomy in comparison.taxonomies.items():
-            written += _write_taxonomy(taxonomy, stage, ("csv", "json", "html"), stem=_slug(name))
-        comparison.table.to_csv(stage.path("comparison.csv"), index=False)
-        comparison.counts_per_label().to_csv(stage.path("comparison_counts.csv"))
-        _write_comparison_html(comparison, stage.path("comparison.html"))
-        written += ["comparison.csv", "comparison_counts.csv", "comparison.html"]
-        final = stage.publish()
-    status.done(written, final)
+    names = list(comparison.taxonomies)
+    files: dict[str, Callable[[Path], None]] = {}
+    for stem, name in zip(_unique_stems(names, reserved=_COMPARISON_STEMS), names):
+        for fmt in ("csv", "json", "html"):
+            files[stem + _SUFFIX[fmt]] = _taxonomy_writer(comparison.taxonomies[name], fmt)
+    files["comparison.csv"] = lambda path: _write_frame_csv(comparison.table, path, index=False)
+    files["comparison_counts.csv"] = lambda path: _write_frame_csv(comparison.counts_per_label(), path)
+    files["comparison.html"] = lambda path: _write_comparison_html(comparison, path)
+    manifest = _manifest_fields("compare", list(args.models), args.config, taxonomies[0])
+    written = _publish(out, files, manifest, run, status)
     print(comparison)
     print(comparison.counts_per_label().to_string())
-    _print_files(final, written)
+    _print_files(out, written)
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace, run: _Run) -> None:
+    out = _check_out(args.out, run)
     status = _Status(args.quiet)
     started = time.perf_counter()
     opts = argparse.Namespace(device="cpu", backend="auto", dtype="float32")
-    taxonomy = _classify_one(DEMO_MODEL, _load_config(None), opts, status)
-    with _Staging(args.out) as stage:
-        written = _write_taxonomy(taxonomy, stage, DEFAULT_FORMATS)
-        final = stage.publish()
-    status.done(written, final)
+    taxonomy = _classify_one(DEMO_MODEL, _load_config(None), opts, status, run)
+    stem = _unique_stems([taxonomy.model_name])[0]
+    files = {stem + _SUFFIX[fmt]: _taxonomy_writer(taxonomy, fmt) for fmt in DEFAULT_FORMATS}
+    written = _publish(out, files, _manifest_fields("demo", [DEMO_MODEL], None, taxonomy), run, status)
     print(f"headclass demo: {taxonomy.model_name}, {taxonomy.n_layers} layers x {taxonomy.n_heads} "
           f"heads, classified in {time.perf_counter() - started:.0f} s")
-    _print_files(final, written)
+    _print_files(out, written)
     print()
     print(_summary_text(taxonomy))
 
@@ -222,19 +281,21 @@ def _load_config(path: Optional[str]) -> Any:
     return load_config(path)
 
 
-def _classify_one(source: str, config: Any, args: argparse.Namespace, status: "_Status", *,
+def _classify_one(source: str, config: Any, args: argparse.Namespace, status: "_Status", run: _Run, *,
                   ablation: bool = False) -> Any:
     import gc
 
-    import headclass
+    run.enter("loading")
+    from headclass.loading import load_model
     from headclass.taxonomy import classify
 
     status.line(f"loading {source} ...")
     if status.quiet:
         _silence_library_progress()
     started = time.perf_counter()
-    model = headclass.load_model(source, device=args.device, dtype=args.dtype, backend=args.backend)
+    model = load_model(source, device=args.device, dtype=args.dtype, backend=args.backend)
     status.line(f"loaded {model!r} in {time.perf_counter() - started:.1f} s; classifying ...")
+    run.enter("classifying")
     started = time.perf_counter()
     try:
         taxonomy = classify(model, config, ablation=ablation, progress=not status.quiet)
@@ -243,6 +304,35 @@ def _classify_one(source: str, config: Any, args: argparse.Namespace, status: "_
         gc.collect()
     status.line(f"classified in {time.perf_counter() - started:.1f} s")
     return taxonomy
+
+
+def _check_out(out: str, run: _Run) -> Path:
+    """--out, checked before any model is loaded (see headclass.atomic.check_output_folder)."""
+    from headclass.atomic import check_output_folder
+
+    path = check_output_folder(out)
+    run.out = path
+    return path
+
+
+def _check_source(source: str) -> None:
+    """Fail now, in one line, on a source that cannot be loaded: a missing path, a folder that
+    is not a model, an unknown or unreachable hub name. Nothing is loaded."""
+    from pathlib import Path as _Path
+
+    from headclass.loading.aliases import model_aliases
+    from headclass.loading.sources import looks_like_path, missing_path_error, read_folder_config, resolve_hub_name
+
+    if source in model_aliases():
+        return
+    if looks_like_path(source):
+        path = _Path(source).expanduser()
+        if not path.exists():
+            raise missing_path_error(source)
+        if path.is_dir():
+            read_folder_config(path)
+        return
+    resolve_hub_name(source)
 
 
 def _silence_library_progress() -> None:
@@ -261,35 +351,166 @@ def _silence_library_progress() -> None:
         pass
 
 
+#: File stems ``compare`` writes itself; a model's files never take them.
+_COMPARISON_STEMS = ("comparison", "comparison_counts")
+
+
 def _slug(name: str) -> str:
-    """A file-name stem from a model name: ``"EleutherAI/pythia-160m"`` -> ``"EleutherAI-pythia-160m"``."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(name)).name if os.sep in str(name) else str(name))
-    return stem.strip("-.") or "model"
+    """A file-name stem from a model name: ``"EleutherAI/pythia-160m"`` -> ``"EleutherAI-pythia-160m"``.
+
+    Runs of characters other than letters (any script), digits, ``.``, ``_`` and ``-`` become
+    one ``-`` (so a hub name keeps its organisation); leading and trailing ``-`` and ``.`` are
+    dropped; an empty result is ``"model"``. Different names can give the same stem
+    (``"u/x y"`` and ``"u/x-y"``): :func:`_unique_stems` tells them apart.
+    """
+    stem = re.sub(r"[^\w.-]+", "-", str(name)).strip("-.")
+    return stem or "model"
 
 
-def _write_taxonomy(taxonomy: Any, stage: "_Staging", formats: Sequence[str], *,
-                    stem: Optional[str] = None) -> list[str]:
-    stem = stem or _slug(taxonomy.model_name)
-    names = []
-    for fmt in formats:
-        name = stem + _SUFFIX[fmt]
-        taxonomy.save(stage.path(name), format=fmt)
-        names.append(name)
-    return names
+def _unique_stems(names: Sequence[str], reserved: Sequence[str] = ()) -> list[str]:
+    """One stem per name, all different (ignoring case, for case-insensitive file systems) and
+    none equal to ``reserved`` or to the manifest's stem: a clash gets ``-2``, ``-3``..."""
+    from headclass.atomic import MANIFEST_NAME
+
+    taken = {stem.casefold() for stem in (*reserved, Path(MANIFEST_NAME).stem)}
+    stems = []
+    for name in names:
+        base = _slug(name)
+        stem, i = base, 2
+        while stem.casefold() in taken:
+            stem, i = f"{base}-{i}", i + 1
+        taken.add(stem.casefold())
+        stems.append(stem)
+    return stems
+
+
+def _taxonomy_writer(taxonomy: Any, fmt: str) -> Callable[[Path], None]:
+    return lambda path: taxonomy.save(path, format=fmt)
+
+
+def _write_frame_csv(frame: Any, path: Path, **kwargs: Any) -> None:
+    from headclass.atomic import write_text
+
+    write_text(path, frame.to_csv(**kwargs))
 
 
 def _write_comparison_html(comparison: Any, path: Path) -> None:
     import html
 
+    from headclass.atomic import write_text
+
     figures = [comparison.fig_label_counts(), comparison.fig_label_fractions()]
     body = "".join(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"comparison-{i}")
                    for i, fig in enumerate(figures))
     table = comparison.counts_per_label().to_html(border=0)
-    path.write_text(
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>headclass comparison</title></head>"
-        f"<body style='font-family: sans-serif'><h1>{html.escape(repr(comparison))}</h1>"
-        f"<h2>Heads per label</h2>{table}{body}</body></html>",
-        encoding="utf-8")
+    write_text(path,
+               "<!DOCTYPE html><html><head><meta charset='utf-8'><title>headclass comparison</title></head>"
+               f"<body style='font-family: sans-serif'><h1>{html.escape(repr(comparison))}</h1>"
+               f"<h2>Heads per label</h2>{table}{body}</body></html>")
+
+
+# -- publishing and the manifest ---------------------------------------------------------------------
+
+def _manifest_fields(command: str, sources: Sequence[str], config_path: Optional[str], taxonomy: Any) -> dict:
+    """What ``headclass-run.json`` records besides the files: command, sources, config, versions."""
+    import datetime
+    import hashlib
+    import json
+
+    from headclass._version import __version__
+
+    meta = taxonomy.metadata
+    config = meta.get("config") or {}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    versions = {"headclass": __version__, "python": sys.version.split()[0], **(meta.get("versions") or {})}
+    return {
+        "command": command,
+        "sources": [str(s) for s in sources],
+        "config": {"path": str(Path(config_path).expanduser().resolve()) if config_path else None,
+                   "sha256": digest},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+    }
+
+
+def _publish(out: Path, files: dict[str, Callable[[Path], None]], fields: dict, run: _Run,
+             status: "_Status") -> list[str]:
+    """Write ``files`` (name -> writer) and the manifest into ``out``, all or nothing.
+
+    Files listed by the previous run's manifest (unchanged since) are replaced, or removed when
+    this run does not write them; any other existing file is never replaced or deleted.
+    Returns the names written (the manifest last).
+    """
+    import json
+
+    from headclass.atomic import MANIFEST_NAME, FolderPublication, PublishError, write_text
+
+    previous = _read_manifest(out)
+    owned = {name for name, digest in previous.items() if _sha256(out / name) == digest}
+    if (out / MANIFEST_NAME).is_file():
+        owned.add(MANIFEST_NAME)
+    run.enter("writing")
+    with FolderPublication(out, owned=owned) as publication:
+        entries = []
+        for name, write in files.items():
+            path = publication.path(name)
+            write(path)
+            if not path.is_file():  # pragma: no cover - a writer that wrote nothing
+                raise PublishError(f"writing {name} produced no file.")
+            entries.append({"name": name, "sha256": _sha256(path), "bytes": path.stat().st_size})
+        doc = {"kind": _MANIFEST_KIND, "version": 1, **fields, "files": entries}
+        write_text(publication.path(MANIFEST_NAME), json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        stale = sorted(name for name in owned if name not in files and name != MANIFEST_NAME)
+        try:
+            publication.commit(remove=stale, on_hold=lambda: run.enter("publishing"))
+        finally:
+            if publication.committed:  # also when a Ctrl-C held back during the commit is raised now
+                run.written = [*files, MANIFEST_NAME]
+                run.phase = "published"
+        run.enter("published")
+    kept = sorted(set(previous) - owned - set(files))
+    status.done(run.written, out)
+    if publication.removed:
+        print(f"removed {len(publication.removed)} files of the previous run in {out}/: "
+              f"{', '.join(publication.removed)}")
+    if kept:
+        print(f"kept {', '.join(kept)} from the previous run: changed since headclass wrote them")
+    return run.written
+
+
+_MANIFEST_KIND = "headclass.run"
+
+
+def _read_manifest(out: Path) -> dict[str, str]:
+    """File name -> sha256 from the previous run's manifest in ``out`` ({} when there is none)."""
+    import json
+
+    from headclass.atomic import MANIFEST_NAME, PublishError
+
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("kind") != _MANIFEST_KIND:
+            raise ValueError("not a headclass manifest")
+        return {str(e["name"]): str(e["sha256"]) for e in doc["files"]
+                if Path(str(e["name"])).name == str(e["name"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PublishError(f"{str(path)!r} is not a readable headclass manifest ({exc}); move it away "
+                           "or choose another --out.") from None
+
+
+def _sha256(path: Path) -> Optional[str]:
+    import hashlib
+
+    if not path.is_file() or path.is_symlink():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _summary_text(taxonomy: Any, top: int = 3) -> str:
@@ -333,40 +554,6 @@ class _Status:
 
     def done(self, names: Sequence[str], folder: Path) -> None:
         self.line(f"wrote {', '.join(names)} to {folder}")
-
-
-class _Staging:
-    """A temporary folder for all outputs; :meth:`publish` moves them into ``out`` at the end.
-
-    Nothing appears in ``out`` (not even the folder) unless every file was written. Each file is
-    moved in with ``os.replace`` from a hidden name inside ``out``, so no reader ever sees a
-    half-written file.
-    """
-
-    def __init__(self, out: str):
-        self.out = Path(out).expanduser()
-        if self.out.exists() and not self.out.is_dir():
-            raise _CliError(f"--out {str(self.out)!r} exists and is not a folder.")
-        self._tmp = tempfile.TemporaryDirectory(prefix="headclass-")
-        self._dir = Path(self._tmp.name)
-
-    def __enter__(self) -> "_Staging":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._tmp.cleanup()
-
-    def path(self, name: str) -> Path:
-        return self._dir / name
-
-    def publish(self) -> Path:
-        staged = sorted(self._dir.iterdir())
-        self.out.mkdir(parents=True, exist_ok=True)
-        for src in staged:
-            hidden = self.out / f".{src.name}.partial"
-            shutil.copyfile(src, hidden)
-            os.replace(hidden, self.out / src.name)
-        return self.out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,17 @@
-"""Configuration: probe settings, score options and label thresholds, validated on load.
+"""Configuration: probe settings, score options and label thresholds, validated once on load.
 
-The defaults live in ``configs/default.yaml`` (shipped inside the package as
-``headclass/configs/default.yaml``). A user file only needs the keys it changes; it is merged
-over the defaults and then validated as a whole. Validation is strict: unknown keys, wrong
-types and out-of-range values are all named in one :class:`~headclass.errors.ConfigError`,
-e.g. ``thresholds.induction: must be <= 1 (got 1.7)``.
+``configs/default.yaml`` (shipped as ``headclass/configs/default.yaml``) is the one source of
+the defaults, with a comment per key. The pydantic models below declare only the *constraints*
+(types, ranges, enumerations): no field has a default of its own, so a default can never be
+written twice. A user file lists only the keys it changes; it is merged over the defaults and
+the whole is validated in one step. Validation is strict and happens once, at the boundary
+(:func:`load_config`); every layer below receives the typed :class:`HeadclassConfig`:
+
+* unknown keys, wrong types (no ``"0.5"`` for a float, no ``true`` for an int), out-of-range
+  values and unknown enumeration values are all named in one :class:`~headclass.errors.ConfigError`,
+  e.g. ``thresholds.induction: input should be less than or equal to 1 (got 1.7)``;
+* a YAML file with a key given twice, a file that is not UTF-8, a folder given as a file are
+  errors that name the file.
 
 Examples
 --------
@@ -18,109 +25,128 @@ Examples
 from __future__ import annotations
 
 import copy
+import functools
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from headclass.errors import ConfigError
 
-__all__ = ["HeadclassConfig", "load_config", "default_config_path"]
+__all__ = ["HeadclassConfig", "Thresholds", "load_config", "default_config_path", "ConfigSource"]
+
 
 class _Strict(BaseModel):
     # forbid: a typo such as `thresholds.inducton` must fail loudly, not be ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # strict: "0.5" is not a float and true is not an int (an int is still a float).
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, frozen=False)
+
+
+_Fraction = Field(ge=0.0, le=1.0)
 
 
 class RepeatedProbeConfig(_Strict):
     """Repeated random tokens ``[BOS] r r ...`` (induction, duplicate-token scores)."""
 
-    n_sequences: int = Field(16, ge=1)
-    segment_length: int = Field(64, ge=2)
-    n_repeats: int = Field(2, ge=2)
-    # Fraction of the ordinary vocabulary dropped at each frequency extreme, when the
-    # tokenizer gives frequency information (BPE merge rank); 0 keeps everything.
-    exclude_extreme_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    n_sequences: int = Field(ge=1)
+    segment_length: int = Field(ge=2)
+    n_repeats: int = Field(ge=2)
+    exclude_extreme_fraction: float = Field(ge=0.0, lt=0.5)
 
 
 class TextProbeConfig(_Strict):
     """The natural-text probe (the shipped English corpus, or the caller's texts)."""
 
-    n_sequences: int = Field(16, ge=1)
-    max_tokens: int = Field(128, ge=8)
+    n_sequences: int = Field(ge=1)
+    max_tokens: int = Field(ge=8)
 
 
 class ProbeConfig(_Strict):
-    seed: int = 0
-    batch_size: int = Field(8, ge=1)
-    repeated: RepeatedProbeConfig = RepeatedProbeConfig()
-    text: TextProbeConfig = TextProbeConfig()
+    seed: int
+    batch_size: int = Field(ge=1)
+    repeated: RepeatedProbeConfig
+    text: TextProbeConfig
 
 
 class PatternScoreConfig(_Strict):
     """Options of the attention-pattern scores (see :mod:`headclass.scores.patterns`)."""
 
-    # Diffuse score: queries that see fewer keys than this are skipped (entropy over
-    # 1-3 keys says little about a head).
-    diffuse_min_keys: int = Field(4, ge=2)
-    # Fixed-offset score: offsets k = 1..max_offset are tried.
-    max_offset: int = Field(8, ge=1)
-    # Previous-token / duplicate / induction: ignore attention to position 0 (BOS) when
-    # True, as TransformerLens' detect_head(exclude_bos=True) does.
-    exclude_bos: bool = False
+    diffuse_min_keys: int = Field(ge=2)
+    max_offset: int = Field(ge=1)
+    exclude_bos: bool
+    local_window: int = Field(ge=2)
 
 
 class WeightScoreConfig(_Strict):
     """Options of the weight-based scores (see :mod:`headclass.scores.weights`)."""
 
-    top_k: int = Field(5, ge=1)
-    copy_sample_size: int = Field(2000, ge=1)
-    # Pass token embeddings through the first MLP ("effective embedding", IOI paper).
-    effective_embedding: bool = False
+    top_k: int = Field(ge=1)
+    copy_sample_size: int = Field(ge=1)
+    effective_embedding: bool
+    writes_nothing_below: float = Field(ge=0.0, lt=1.0)
+
+
+class UncertaintyConfig(_Strict):
+    """Standard errors, bootstrap confidence and borderline marks."""
+
+    bootstrap: int = Field(ge=0)
+    seed: int
+    borderline_se: float = Field(ge=0.0)
 
 
 class Thresholds(_Strict):
-    """A head gets a label when its score is >= the label's threshold.
+    """Label thresholds: a condition is ``score >= threshold``, except the ``*_max_*`` keys
+    (``score <= threshold``); see :data:`headclass.taxonomy.RULES` for which is which.
 
     Pattern scores and the top-k copy scores are in [0, 1]; ``copy_eigen`` (the eigenvalue
     copying score) is in [-1, 1].
     """
 
-    previous_token: float = Field(0.4, ge=0.0, le=1.0)
-    current_token: float = Field(0.4, ge=0.0, le=1.0)
-    bos: float = Field(0.6, ge=0.0, le=1.0)
-    induction: float = Field(0.4, ge=0.0, le=1.0)
-    duplicate_token: float = Field(0.4, ge=0.0, le=1.0)
-    fixed_offset: float = Field(0.4, ge=0.0, le=1.0)
-    diffuse_entropy: float = Field(0.8, ge=0.0, le=1.0)
-    diffuse_max_attention: float = Field(0.3, ge=0.0, le=1.0)
-    copy_eigen: float = Field(0.7, ge=-1.0, le=1.0)
-    copy_topk: float = Field(0.5, ge=0.0, le=1.0)
-    copy_suppression_topk: float = Field(0.5, ge=0.0, le=1.0)
+    previous_token: float = _Fraction
+    current_token: float = _Fraction
+    bos: float = _Fraction
+    induction: float = _Fraction
+    duplicate_token: float = _Fraction
+    fixed_offset: float = _Fraction
+    diffuse_entropy: float = _Fraction
+    diffuse_max_attention: float = _Fraction
+    copy_eigen: float = Field(ge=-1.0, le=1.0)
+    copy_topk: float = _Fraction
+    copy_suppression_topk: float = _Fraction
 
 
 class AblationConfig(_Strict):
-    method: str = Field("mean", pattern="^(zero|mean)$")
+    method: Literal["zero", "mean"]
     # exact: ablated forward runs (minutes on a 135M model); attribution: one forward and
     # backward per probe, a linear estimate (seconds; rank correlation ~0.8 on SmolLM2).
-    mode: str = Field("exact", pattern="^(exact|attribution)$")
-    induction_sequences: int = Field(4, ge=1)
-    induction_segment_length: int = Field(64, ge=2)
-    text_sequences: int = Field(4, ge=1)
-    text_max_tokens: int = Field(128, ge=8)
-    heads_per_pass: int = Field(0, ge=0)  # 0: all heads of a layer in one pass when memory allows
+    mode: Literal["exact", "attribution"]
+    induction_sequences: int = Field(ge=1)
+    induction_segment_length: int = Field(ge=2)
+    text_sequences: int = Field(ge=1)
+    text_max_tokens: int = Field(ge=8)
+    heads_per_pass: int = Field(ge=0)  # 0: all heads of a layer in one pass when memory allows
 
 
 class HeadclassConfig(_Strict):
-    """The whole configuration; see ``configs/default.yaml`` for every key with comments."""
+    """The whole configuration; ``configs/default.yaml`` has every key with its default and a
+    comment. Build it with :func:`load_config` (``HeadclassConfig.defaults()`` for the defaults)."""
 
-    probes: ProbeConfig = ProbeConfig()
-    patterns: PatternScoreConfig = PatternScoreConfig()
-    weights: WeightScoreConfig = WeightScoreConfig()
-    thresholds: Thresholds = Thresholds()
-    ablation: AblationConfig = AblationConfig()
+    probes: ProbeConfig
+    patterns: PatternScoreConfig
+    weights: WeightScoreConfig
+    uncertainty: UncertaintyConfig
+    thresholds: Thresholds
+    ablation: AblationConfig
+
+    @classmethod
+    def defaults(cls) -> "HeadclassConfig":
+        """The shipped defaults (a fresh copy)."""
+        return load_config(None)
+
+
+ConfigSource = Union[None, str, Path, Mapping[str, Any], HeadclassConfig]
 
 
 def default_config_path() -> Path:
@@ -128,21 +154,49 @@ def default_config_path() -> Path:
     return Path(str(resources.files("headclass") / "configs" / "default.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping holding the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    where = repr(str(path))
+    if path.is_dir():
+        raise ConfigError(f"config {where} is a folder, not a YAML file; give the path of a .yaml file.")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist.")
+        raise ConfigError(f"config file {where} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {where} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {where}: {exc.strerror or exc}.") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {where} is not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config file {str(path)!r} must hold a mapping of sections "
-            f"(probes, patterns, weights, thresholds, ablation); got {type(data).__name__}."
+            f"config file {where} must hold a mapping of sections "
+            f"({', '.join(HeadclassConfig.model_fields)}); got {type(data).__name__}."
         )
     return data
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict[str, Any]:
+    return _read_yaml(default_config_path())
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,15 +215,15 @@ def _describe(error: ValidationError, source: str) -> str:
         where = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key (check the spelling against configs/default.yaml)")
+        elif item["type"] == "missing":
+            lines.append(f"{where}: missing (configs/default.yaml must define every key)")
         else:
             lines.append(f"{where}: {item['msg'].lower()} (got {item.get('input')!r})")
-    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+    return f"invalid config {source}: " + "; ".join(lines)
 
 
-def load_config(
-    source: Union[None, str, Path, Mapping[str, Any], HeadclassConfig] = None,
-) -> HeadclassConfig:
-    """Load and validate a configuration.
+def load_config(source: ConfigSource = None) -> HeadclassConfig:
+    """Load and validate a configuration (the one place configs are validated).
 
     Parameters
     ----------
@@ -185,17 +239,18 @@ def load_config(
     Raises
     ------
     ConfigError
-        The file is missing or not YAML, or any key is unknown, mistyped or out of range
-        (all problems are listed in one message).
+        The file is missing, a folder, not UTF-8, not YAML or has a duplicate key, or any key
+        is unknown, mistyped or out of range (all problems listed in one message).
     """
     if isinstance(source, HeadclassConfig):
         return source
-    defaults = _read_yaml(default_config_path())
     label = "(defaults)"
     if source is None:
         override: Mapping[str, Any] = {}
     elif isinstance(source, (str, Path)):
-        override = _read_yaml(Path(source))
+        if str(source) == "":
+            raise ConfigError("config path is empty; give the path of a YAML file.")
+        override = _read_yaml(Path(source).expanduser())
         label = f"in {str(source)!r}"
     elif isinstance(source, Mapping):
         override = source
@@ -206,6 +261,6 @@ def load_config(
             f"got {type(source).__name__}."
         )
     try:
-        return HeadclassConfig.model_validate(_merge(defaults, override))
+        return HeadclassConfig.model_validate(_merge(_defaults(), override))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, label)) from None

@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "ProbeError",
     "ScoreError",
+    "HeadclassWarning",
 ]
 
 
@@ -55,3 +56,8 @@ class ProbeError(HeadclassError, ValueError):
 
 class ScoreError(HeadclassError, ValueError):
     """A score cannot be computed on this input (e.g. it would produce NaN)."""
+
+
+class HeadclassWarning(UserWarning):
+    """Something headclass adapted for you and wants you to know (e.g. probes shrunk to fit a
+    short context). The CLI prints it as one line, ``headclass: warning: ...``."""

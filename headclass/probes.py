@@ -36,6 +36,7 @@ torch.Size([16, 129])
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -43,7 +44,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from headclass.errors import ProbeError
+from headclass.errors import HeadclassWarning, ProbeError
+from headclass.loading.tokens import as_token_tensor, check_token_ids
 
 __all__ = [
     "Probe",
@@ -51,6 +53,10 @@ __all__ = [
     "text",
     "from_tokens",
     "default_probes",
+    "ProbeSet",
+    "build_probe_set",
+    "fit_segment_length",
+    "token_sample",
     "corpus_paragraphs",
     "ordinary_token_ids",
     "TEXT_SCORES",
@@ -142,7 +148,7 @@ class Probe:
             Non-2-D or empty tokens, bookkeeping of another shape than the tokens, ids outside
             the model's vocabulary, or sequences longer than the model's context.
         """
-        _check_token_tensor(self.tokens, self.name)
+        check_token_ids(self.tokens, name=self.name)
         for field in ("previous_occurrence", "induction_target"):
             value = getattr(self, field)
             if not isinstance(value, Tensor) or tuple(value.shape) != tuple(self.tokens.shape):
@@ -198,10 +204,7 @@ def from_tokens(
         Sequences of different lengths, non-2-D or empty input, non-integer ids, ids outside
         the vocabulary, or sequences longer than the model's context.
     """
-    tokens = _as_token_tensor(tokens, name)
-    _check_token_tensor(tokens, name)
-    _check_against_model(tokens, name, model)
-    tokens = tokens.to(device="cpu", dtype=torch.long)
+    tokens = _check_against_model(as_token_tensor(tokens, name), name, model).to(device="cpu")
     if has_bos is None:
         bos = getattr(model, "bos_token_id", None)
         has_bos = bool(
@@ -276,7 +279,7 @@ def repeated(
             "or exclude_extreme_fraction."
         )
     bos = getattr(model, "bos_token_id", None)
-    prepend = bool(getattr(model, "prepends_bos", bos is not None)) and bos is not None
+    prepend = _prepends_bos(model)
     length = int(prepend) + segment_length * n_repeats
     n_ctx = getattr(model, "n_ctx", None)
     if n_ctx is not None and length > n_ctx:
@@ -365,29 +368,157 @@ def text(
                        scores=scores)
 
 
-def default_probes(model: Any, config: Any = None) -> list[Probe]:
-    """The probes a configuration describes: repeated tokens, plus text when there is a tokenizer.
+@dataclass(frozen=True, eq=False)
+class ProbeSet:
+    """Every input one classification needs, built once by :func:`build_probe_set`.
 
-    Lengths adapt to short contexts: the repeated segment shrinks to fit ``n_ctx`` (a planted
-    or toy model with 64 positions still gets a probe) and text is cut at ``n_ctx``.
+    :func:`headclass.classify` builds it and hands each part to the score that reads it, so
+    the model goes to ``probes`` once, and patterns, weights and ablation see probes sized by
+    the same step (:func:`fit_segment_length`).
+
+    Attributes
+    ----------
+    repeated, text
+        The pattern-score probes (``text`` is ``None`` without a tokenizer).
+    copy_tokens
+        ``Int[Tensor, "sample"]``: sorted ordinary ids for the sampled weight scores
+        (top-k copy, :func:`token_sample`).
+    ablation_induction, ablation_text
+        The (smaller) probes of the ablation scores, built only when asked for
+        (``build_probe_set(..., ablation=True)``); ``ablation_text`` is ``None`` without a
+        tokenizer.
+    """
+
+    repeated: Probe
+    text: Optional[Probe]
+    copy_tokens: Tensor
+    ablation_induction: Optional[Probe] = None
+    ablation_text: Optional[Probe] = None
+
+    @property
+    def pattern_probes(self) -> list[Probe]:
+        """The probes of the pattern scores: repeated tokens, then text when there is one."""
+        return [self.repeated] + ([self.text] if self.text is not None else [])
+
+    @property
+    def ablation_probes(self) -> dict[str, Probe]:
+        """``{"induction": ..., "text": ...}`` as :func:`headclass.scores.ablation.ablation_scores` takes."""
+        if self.ablation_induction is None:
+            raise ProbeError("this probe set was built without ablation probes; use "
+                             "build_probe_set(model, config, ablation=True).")
+        out = {"induction": self.ablation_induction}
+        if self.ablation_text is not None:
+            out["text"] = self.ablation_text
+        return out
+
+
+def build_probe_set(model: Any, config: Any = None, *, ablation: bool = False) -> ProbeSet:
+    """The probes a configuration describes, sized once to the model's context.
+
+    ``ablation=True`` also builds the ablation scores' probes (``config.ablation``).
+
+    Repeated segments shrink to fit ``n_ctx`` and texts are cut at it
+    (:func:`fit_segment_length`); when anything was shrunk, ONE :class:`HeadclassWarning`
+    says what and to what. A context too short for any probe is a :class:`ProbeError` that
+    names the model's context.
     """
     from headclass.config import load_config
 
     cfg = load_config(config)
-    rep = cfg.probes.repeated
-    prepend = bool(getattr(model, "prepends_bos", False))
+    notes: list[str] = []
+    rep, abl = cfg.probes.repeated, cfg.ablation
+    seed, extremes = cfg.probes.seed, rep.exclude_extreme_fraction
+    segment = fit_segment_length(model, rep.segment_length, rep.n_repeats, notes, what="repeated probe")
+    has_text = getattr(model, "tokenizer", None) is not None
+    n_texts = len(corpus_paragraphs())
+    text_notes = notes if has_text else []
+    text_tokens = _fit_text_length(model, cfg.probes.text.max_tokens, text_notes, "text probe")
+    ablation_parts: dict[str, Optional[Probe]] = {}
+    if ablation:
+        abl_segment = fit_segment_length(model, abl.induction_segment_length, 2, notes, what="ablation probe")
+        abl_text_tokens = _fit_text_length(model, abl.text_max_tokens, text_notes, "ablation text")
+        ablation_parts = {
+            "ablation_induction": repeated(model, abl.induction_sequences, abl_segment, 2, seed=seed,
+                                           exclude_extreme_fraction=extremes, name="ablation induction"),
+            "ablation_text": text(model, max_tokens=abl_text_tokens, n_sequences=min(abl.text_sequences, n_texts),
+                                  name="ablation text", scores=None) if has_text else None,
+        }
+    if notes:
+        warnings.warn(HeadclassWarning(
+            f"model {getattr(model, 'name', '?')!r} has a context of {model.n_ctx} tokens, so "
+            + "; ".join(notes) + "."), stacklevel=2)
+    return ProbeSet(
+        repeated=repeated(model, rep.n_sequences, segment, rep.n_repeats, seed=seed,
+                          exclude_extreme_fraction=extremes),
+        text=text(model, max_tokens=text_tokens,
+                  n_sequences=min(cfg.probes.text.n_sequences, n_texts)) if has_text else None,
+        copy_tokens=token_sample(model, cfg.weights.copy_sample_size, seed=seed),
+        **ablation_parts,
+    )
+
+
+def default_probes(model: Any, config: Any = None) -> list[Probe]:
+    """The pattern-score probes of :func:`build_probe_set`: repeated tokens, plus text when the
+    model has a tokenizer."""
+    return build_probe_set(model, config).pattern_probes
+
+
+def fit_segment_length(model: Any, segment_length: int, n_repeats: int, notes: list[str], *,
+                       what: str = "repeated probe") -> int:
+    """The one sizing step: the longest segment <= ``segment_length`` whose ``n_repeats``
+    copies (after BOS) fit the model's context; appends a note to ``notes`` when it shrank.
+
+    Raises :class:`ProbeError` when not even 2-token segments fit, naming the context.
+    """
     n_ctx = getattr(model, "n_ctx", None)
-    segment = rep.segment_length
-    if n_ctx is not None:
-        segment = min(segment, (n_ctx - int(prepend)) // rep.n_repeats)
-    probes = [
-        repeated(model, rep.n_sequences, segment, rep.n_repeats, seed=cfg.probes.seed,
-                 exclude_extreme_fraction=rep.exclude_extreme_fraction)
-    ]
-    if getattr(model, "tokenizer", None) is not None:
-        probes.append(text(model, max_tokens=cfg.probes.text.max_tokens,
-                           n_sequences=min(cfg.probes.text.n_sequences, len(corpus_paragraphs()))))
-    return probes
+    if n_ctx is None:
+        return segment_length
+    prepend = int(_prepends_bos(model))
+    room = (int(n_ctx) - prepend) // n_repeats
+    if room >= segment_length:
+        return segment_length
+    if room < 2:
+        need = prepend + 2 * n_repeats
+        raise ProbeError(
+            f"model {getattr(model, 'name', '?')!r} has a context of {n_ctx} tokens; the {what} needs "
+            f"at least {need} ({'BOS + ' if prepend else ''}{n_repeats} copies of a 2-token segment), "
+            "so its heads cannot be probed for induction. Use a model with a longer context."
+        )
+    notes.append(f"the {what} was shrunk from {n_repeats} x {segment_length} to {n_repeats} x {room} tokens")
+    return room
+
+
+def _fit_text_length(model: Any, max_tokens: int, notes: list[str], what: str) -> int:
+    n_ctx = getattr(model, "n_ctx", None)
+    if n_ctx is None or int(n_ctx) >= max_tokens:
+        return max_tokens
+    notes.append(f"the {what} was cut from {max_tokens} to {n_ctx} tokens")
+    return int(n_ctx)
+
+
+def _prepends_bos(model: Any) -> bool:
+    bos = getattr(model, "bos_token_id", None)
+    return bool(getattr(model, "prepends_bos", bos is not None)) and bos is not None
+
+
+def token_sample(model: Any, sample_size: int, *, seed: int = 0) -> Tensor:
+    """Sorted ids of ``sample_size`` ordinary tokens drawn without replacement (seeded).
+
+    Ordinary: :func:`ordinary_token_ids` (not BOS or another special token, and below the
+    tokenizer's length when the embedding is padded beyond it). All ordinary ids when there are
+    no more than ``sample_size``. The sample of the top-k copy scores
+    (:mod:`headclass.scores.weights`).
+    """
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+        raise ProbeError(f"The 'copy_sample_size' parameter must be an int >= 1. Got {sample_size!r}.")
+    ordinary = ordinary_token_ids(model)
+    if ordinary.numel() == 0:
+        raise ProbeError(f"model {getattr(model, 'name', model)!r} has no ordinary tokens to sample.")
+    if ordinary.numel() <= sample_size:
+        return ordinary
+    generator = torch.Generator().manual_seed(int(seed))
+    chosen = torch.randperm(ordinary.numel(), generator=generator)[:sample_size]
+    return ordinary[chosen].sort().values
 
 
 # -- vocabulary and corpus -------------------------------------------------------------------
@@ -433,63 +564,9 @@ def corpus_paragraphs() -> list[str]:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _as_token_tensor(tokens: Any, name: str) -> Tensor:
-    if isinstance(tokens, Tensor):
-        return tokens
-    if isinstance(tokens, (list, tuple)):
-        if not tokens:
-            raise ProbeError(f"probe {name!r} is empty (no sequences); give at least one sequence.")
-        rows = [t if isinstance(t, Tensor) else torch.as_tensor(t) for t in tokens]
-        if any(r.ndim != 1 for r in rows):
-            raise ProbeError(
-                f"probe {name!r}: each sequence must be a 1-D list or tensor of ids; got shapes "
-                f"{[tuple(r.shape) for r in rows][:5]}."
-            )
-        lengths = [int(r.shape[0]) for r in rows]
-        if len(set(lengths)) > 1:
-            raise ProbeError(
-                f"probe {name!r}: sequences have mismatched lengths {sorted(set(lengths))[:8]}; a "
-                "batch needs one length. Cut them to the shortest (e.g. [t[:n] for t in seqs]) or "
-                "use probes.text(...), which does that."
-            )
-        return torch.stack(rows)
-    raise ProbeError(
-        f"probe {name!r}: tokens must be a [batch, pos] tensor of ids or a list of id sequences; "
-        f"got {type(tokens).__name__}."
-    )
-
-
-def _check_token_tensor(tokens: Any, name: str) -> None:
-    if not isinstance(tokens, Tensor):
-        raise ProbeError(f"probe {name!r}: tokens must be a torch.Tensor; got {type(tokens).__name__}.")
-    if tokens.ndim != 2:
-        hint = " (a single sequence? use tokens[None])" if tokens.ndim == 1 else ""
-        raise ProbeError(
-            f"probe {name!r}: tokens must have shape [batch, pos]; got shape {tuple(tokens.shape)}{hint}."
-        )
-    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ProbeError(
-            f"probe {name!r} is empty (shape {tuple(tokens.shape)}); give at least one sequence "
-            "of at least one token."
-        )
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ProbeError(f"probe {name!r}: token ids must be integers; got dtype {tokens.dtype}.")
-
-
-def _check_against_model(tokens: Tensor, name: str, model: Any) -> None:
-    d_vocab = int(model.d_vocab)
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= d_vocab:
-        raise ProbeError(
-            f"probe {name!r}: token ids must lie in [0, {d_vocab - 1}] for model "
-            f"{getattr(model, 'name', '?')!r}; got ids in [{low}, {high}]."
-        )
-    n_ctx = getattr(model, "n_ctx", None)
-    if n_ctx is not None and tokens.shape[1] > int(n_ctx):
-        raise ProbeError(
-            f"probe {name!r}: sequences of {tokens.shape[1]} tokens exceed the context of model "
-            f"{getattr(model, 'name', '?')!r} ({n_ctx} tokens)."
-        )
+def _check_against_model(tokens: Tensor, name: str, model: Any) -> Tensor:
+    return check_token_ids(tokens, d_vocab=int(model.d_vocab), n_ctx=getattr(model, "n_ctx", None),
+                           name=name, model_name=str(getattr(model, "name", "?")))
 
 
 def _occurrences(tokens: Tensor) -> tuple[Tensor, Tensor]:

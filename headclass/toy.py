@@ -45,11 +45,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from headclass.atomic import atomic_folder, write_text
 from headclass.errors import HeadclassError
 
 __all__ = [
@@ -60,6 +61,9 @@ __all__ = [
     "toy_config",
     "toy_tokenizer",
     "repeated_segment_batch",
+    "toy_checkpoints",
+    "checkpoint_step",
+    "in_context_loss",
 ]
 
 #: Bump when the training recipe changes, so cached models are retrained.
@@ -312,6 +316,8 @@ def train_toy_model(
     out_dir: Union[None, str, Path] = None,
     progress: bool = True,
     threads: Optional[int] = 1,
+    checkpoint_every: Optional[int] = None,
+    checkpoints: Optional[Iterable[int]] = None,
     **extra: Any,
 ) -> Path:
     """Train a toy attention-only transformer on repeated-segment data and save it.
@@ -332,6 +338,13 @@ def train_toy_model(
         Torch CPU threads during training, restored afterwards. Default 1: these models are
         too small for threads to help (two threads were 10x slower on a busy 2-core machine);
         ``None`` keeps the current setting. Results may differ between thread counts.
+    checkpoint_every, checkpoints
+        Also save the model during training, after every ``checkpoint_every`` steps (and at
+        step 0, the initialisation) and/or after each step listed in ``checkpoints`` (0 ..
+        ``steps``), as ``out_dir/checkpoints/step-N/``: complete Hugging Face folders that
+        :func:`headclass.load_model` reads, each with a ``toy_spec.json`` holding ``step``.
+        Saving changes nothing about training: the final weights are the same with or
+        without checkpoints. List them with :func:`toy_checkpoints`.
 
     Returns
     -------
@@ -343,28 +356,73 @@ def train_toy_model(
     --------
     >>> folder = train_toy_model(2, seed=1, out_dir="toy-2l-seed1")
     >>> import headclass; model = headclass.load_model(folder)
+    >>> folder = train_toy_model(2, steps=1000, checkpoint_every=50, out_dir="toy-2l-ckpt")
+    >>> toy_checkpoints(folder)[:2]       # [(0, .../checkpoints/step-0), (50, .../step-50)]
     """
     spec = _spec("train_toy_model", n_layers=n_layers, n_heads=n_heads, d_model=d_model,
                  vocab_size=vocab_size, seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr,
                  seed=seed, **extra)
+    save_at = _checkpoint_steps(spec.steps, checkpoint_every, checkpoints)
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="headclass-toy-"))
     if (folder / "config.json").exists():
         raise HeadclassError(f"out_dir {str(folder)!r} already holds a model; choose an empty folder.")
     folder.mkdir(parents=True, exist_ok=True)
 
+    def save_checkpoint(step: int, model: Any, loss: Optional[float]) -> None:
+        with atomic_folder(folder / "checkpoints" / f"step-{step}") as staging:
+            _save(staging, model, spec, {"step": step, "loss": loss})
+
     start = time.perf_counter()
     with _torch_threads(threads):
-        model, losses = _train(spec, progress)
+        model, losses = _train(spec, progress, save_at, save_checkpoint)
     seconds = time.perf_counter() - start
 
-    model.save_pretrained(folder)
-    toy_tokenizer(spec.vocab_size).save_pretrained(folder)
-    record = {"version": TOY_VERSION, "spec": asdict(spec), "final_loss": losses[-1],
-              "train_seconds": round(seconds, 2)}
-    (folder / "toy_spec.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    _save(folder, model, spec, {"step": spec.steps, "final_loss": losses[-1], "train_seconds": round(seconds, 2)})
     if progress:
         print(f"trained {spec.folder_name()} in {seconds:.1f} s (final loss {losses[-1]:.3f})")
     return folder
+
+
+def _save(folder: Path, model: Any, spec: ToySpec, facts: dict[str, Any]) -> None:
+    """``save_pretrained`` + tokenizer + ``toy_spec.json`` (the spec and ``facts``) into ``folder``."""
+    model.save_pretrained(folder)
+    toy_tokenizer(spec.vocab_size).save_pretrained(folder)
+    record = {"version": TOY_VERSION, "spec": asdict(spec), **facts}
+    write_text(folder / "toy_spec.json", json.dumps(record, indent=2) + "\n")
+
+
+def _checkpoint_steps(steps: int, every: Optional[int], listed: Optional[Iterable[int]]) -> frozenset[int]:
+    """The steps after which a checkpoint is saved (0 = the initialisation)."""
+    chosen: set[int] = set()
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise HeadclassError(f"The 'checkpoint_every' parameter must be an int >= 1. Got {every!r}.")
+        chosen.update(range(0, steps + 1, every))
+        chosen.add(steps)
+    for step in listed or ():
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= steps:
+            raise HeadclassError(f"The 'checkpoints' parameter must list ints in [0, steps={steps}]. Got {step!r}.")
+        chosen.add(step)
+    return frozenset(chosen)
+
+
+def checkpoint_step(path: Union[str, Path]) -> Optional[int]:
+    """The training step of a checkpoint folder named ``step-N`` (or ``stepN``), else ``None``."""
+    import re
+
+    match = re.fullmatch(r"step[-_]?(\d+)", Path(str(path)).name)
+    return int(match.group(1)) if match else None
+
+
+def toy_checkpoints(folder: Union[str, Path]) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every checkpoint saved under ``folder/checkpoints``, by step."""
+    root = Path(folder) / "checkpoints"
+    found = []
+    for child in root.iterdir() if root.is_dir() else ():
+        step = checkpoint_step(child)
+        if step is not None and (child / "toy_spec.json").is_file():
+            found.append((step, child))
+    return sorted(found)
 
 
 def _spec(caller: str, **settings: Any) -> ToySpec:
@@ -377,7 +435,8 @@ def _spec(caller: str, **settings: Any) -> ToySpec:
     return ToySpec(**settings).check()
 
 
-def _train(spec: ToySpec, progress: bool) -> tuple[Any, list[float]]:
+def _train(spec: ToySpec, progress: bool, save_at: frozenset[int] = frozenset(),
+           save: Any = None) -> tuple[Any, list[float]]:
     torch.manual_seed(spec.seed)
     model = _build_model(spec)
     model.train()
@@ -391,6 +450,8 @@ def _train(spec: ToySpec, progress: bool) -> tuple[Any, list[float]]:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, spec))
     losses: list[float] = []
+    if 0 in save_at:
+        _checkpoint(model, 0, None, save)
     for step in range(spec.steps):
         tokens, predictable = _segment_batch(spec.batch_size, spec.seq_len, spec.vocab_size, generator,
                                              spec.min_segment)
@@ -406,11 +467,19 @@ def _train(spec: ToySpec, progress: bool) -> tuple[Any, list[float]]:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        if step + 1 in save_at:
+            _checkpoint(model, step + 1, losses[-1], save)
         if progress and (step + 1) % max(1, spec.steps // 10) == 0:
             recent = losses[-50:]
             print(f"  step {step + 1}/{spec.steps}: loss {sum(recent) / len(recent):.3f}")
     model.eval()
     return model, losses
+
+
+def _checkpoint(model: Any, step: int, loss: Optional[float], save: Any) -> None:
+    model.eval()
+    save(step, model, loss)
+    model.train()
 
 
 # -- cache --------------------------------------------------------------------------------------
@@ -421,6 +490,8 @@ def toy_model(
     *,
     cache_dir: Union[None, str, Path] = None,
     progress: bool = True,
+    checkpoint_every: Optional[int] = None,
+    checkpoints: Optional[Iterable[int]] = None,
     **settings: Any,
 ) -> Path:
     """The folder of a trained toy model, training it only the first time.
@@ -437,27 +508,44 @@ def toy_model(
     **settings
         Any :class:`ToySpec` field (``seed``, ``steps``, ``d_model``...). The cache key covers
         all of them and :data:`TOY_VERSION`, so changed settings train a new model.
+    checkpoint_every, checkpoints
+        Keep training checkpoints too (see :func:`train_toy_model`; list them with
+        :func:`toy_checkpoints`). A model with checkpoints is cached apart from the same
+        model without (the final weights are identical), under a name that also covers the
+        checkpoint steps.
 
     Returns
     -------
     Path
         A folder :func:`headclass.load_model` reads. Written atomically: a crash or a concurrent
         trainer never leaves a half-written model behind.
+
+    Examples
+    --------
+    >>> folder = toy_model(2, steps=1000, checkpoint_every=50)
+    >>> [step for step, _ in toy_checkpoints(folder)][:3]
+    [0, 50, 100]
     """
     spec = _spec("toy_model", n_layers=n_layers, **settings)
+    save_at = _checkpoint_steps(spec.steps, checkpoint_every, checkpoints)
     if cache_dir is None:
         from headclass.loading.aliases import cache_dir as user_cache
 
         root = user_cache() / "toy"
     else:
         root = Path(cache_dir)
-    folder = root / spec.folder_name()
+    name = spec.folder_name()
+    if save_at:
+        name += "-ckpt" + hashlib.sha256(json.dumps(sorted(save_at)).encode()).hexdigest()[:8]
+    folder = root / name
     if (folder / "toy_spec.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".training-", dir=root))
     try:
         hyper = {f.name: getattr(spec, f.name) for f in fields(ToySpec) if f.name != "n_layers"}
+        if save_at:
+            hyper["checkpoints"] = sorted(save_at)
         train_toy_model(n_layers, out_dir=staging / "model", progress=progress, **hyper)
         try:
             os.replace(staging / "model", folder)  # atomic on one filesystem
@@ -487,3 +575,50 @@ def toy_config(seq_len: int = 64, segment_length: Optional[int] = None) -> dict[
         "probes": {"repeated": {"segment_length": segment_length}, "text": {"max_tokens": seq_len}},
         "ablation": {"induction_segment_length": segment_length, "text_max_tokens": seq_len},
     }
+
+
+# -- in-context loss ----------------------------------------------------------------------------
+
+
+def in_context_loss(model: Any, config: Any = None) -> float:
+    """Loss on the second copy of repeated random tokens minus the loss on the first (nats).
+
+    Olsson et al. (2022) track in-context learning as the loss late in a context minus the
+    loss early in it. On ``[BOS] r r`` (the repeated probe of ``config.probes.repeated``:
+    ``n_sequences`` random segments of ``segment_length`` distinct tokens, seeded) the first
+    copy is unpredictable and the second is predictable by induction: the difference is about
+    0 for a model without induction heads and strongly negative (down to about minus the
+    first copy's loss) once they form. The first token of each copy is left out of its mean
+    (nothing announces it).
+
+    Parameters
+    ----------
+    model
+        A :class:`~headclass.HeadModel` (anything with ``forward`` and the probe interface).
+    config
+        A config (``None``: the defaults; for a toy model pass :func:`toy_config`).
+
+    Returns
+    -------
+    float
+        ``mean CE(copy 2) - mean CE(copy 1)``, averaged over the probe's sequences.
+    """
+    import torch.nn.functional as F
+
+    from headclass.config import load_config
+    from headclass.probes import repeated
+
+    probes = load_config(config).probes
+    cfg = probes.repeated
+    probe = repeated(model, cfg.n_sequences, cfg.segment_length, 2, seed=probes.seed,
+                     exclude_extreme_fraction=cfg.exclude_extreme_fraction, name="in-context loss")
+    tokens = probe.tokens
+    offset = int(probe.has_bos)
+    length = cfg.segment_length
+    with torch.no_grad():
+        logits = model.forward(tokens, return_type="logits").float()
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # [batch, pos - 1]
+    # per_token[:, t - 1] is the loss of predicting token t.
+    first = per_token[:, offset:offset + length - 1]                   # tokens offset+1 .. offset+length-1
+    second = per_token[:, offset + length:offset + 2 * length - 1]     # tokens offset+length+1 ..
+    return float(second.mean() - first.mean())

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from headclass.report.table import HeadTaxonomy, SCORE_COLUMNS
+from headclass.taxonomy import HeadTaxonomy, SCORE_COLUMNS
 from headclass.taxonomy import label_heads
 
 

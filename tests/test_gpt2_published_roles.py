@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 import headclass
-from headclass.report.table import HeadTaxonomy, flag_column
+from headclass.taxonomy import HeadTaxonomy, flag_column
 from headclass.taxonomy import classify
 
 from toy_fixtures import GPT2_SMALL_LAYOUT, planted_gpt2_roles_model

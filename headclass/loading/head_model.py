@@ -13,6 +13,8 @@ compatibility mode on TransformerLens >= 4, a ``HookedTransformer`` on 2.x/3.x) 
 * :meth:`run_with_patterns`: one forward pass during which a callback receives each layer's
   attention pattern ``[batch, head, query, key]`` as it is computed, so scores are reduced
   inside the hook and no cache of all layers is ever held;
+* :meth:`effective_embedding` (``W_E + MLP0(LN2(W_E))``), :attr:`b_U`, :meth:`has_hook`, so
+  scores never reach into the TransformerLens model;
 * ``tl_model``: the underlying TransformerLens model, for power users (``run_with_hooks`` etc.).
 
 Tests may pass any object with the same attributes (see :class:`HeadModelLike`).
@@ -25,7 +27,8 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, Union,
 import torch
 from torch import Tensor
 
-from headclass.errors import ProbeError
+from headclass.errors import ProbeError, ScoreError
+from headclass.loading.tokens import check_token_ids
 
 __all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name"]
 
@@ -56,6 +59,13 @@ class HeadModelLike(Protocol):
     def run_with_patterns(
         self, tokens: Tensor, callback: PatternCallback, *, layers: Optional[Iterable[int]] = None
     ) -> None: ...
+
+    @property
+    def b_U(self) -> Optional[Tensor]: ...
+
+    def has_hook(self, name: str) -> bool: ...
+
+    def effective_embedding(self, chunk_size: int = 4096) -> Tensor: ...
 
 
 def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
@@ -239,6 +249,45 @@ class HeadModel:
         """Learned absolute positions ``[n_ctx, d_model]``; ``None`` for rotary models."""
         return self._weight("W_pos")
 
+    @property
+    def b_U(self) -> Optional[Tensor]:
+        """Unembedding bias ``[d_vocab]``; ``None`` when the model has none."""
+        if "b_U" not in self._weights:
+            value = getattr(self.tl_model, "b_U", None)
+            self._weights["b_U"] = value.detach() if isinstance(value, Tensor) else None
+        return self._weights["b_U"]
+
+    def has_hook(self, name: str) -> bool:
+        """Whether the TransformerLens model has a hook point ``name`` (e.g. ``unembed.hook_in``)."""
+        return name in (getattr(self.tl_model, "hook_dict", None) or {})
+
+    def effective_embedding(self, chunk_size: int = 4096) -> Tensor:
+        """The token embedding as layer 1 sees it: ``W_E + MLP0(LN2(W_E))``, ``[d_vocab, d_model]``.
+
+        Each token embedding goes through the first block's second normalisation and MLP alone
+        (no layer-0 attention, no positions), ``chunk_size`` vocabulary rows at a time; the
+        result has the model's dtype and device. Raises :class:`~headclass.errors.ScoreError`
+        when the first block has no MLP (attention-only models).
+        """
+        blocks = getattr(self.tl_model, "blocks", None)
+        try:
+            block = blocks[0]
+            norm, mlp = block.ln2, block.mlp
+        except (AttributeError, IndexError, TypeError, KeyError):
+            norm = mlp = None
+        if norm is None or mlp is None:
+            raise ScoreError(
+                f"effective_embedding needs the first block's MLP (blocks[0].ln2 and .mlp); "
+                f"model {self.name!r} has none (attention-only). Use effective_embedding=False."
+            )
+        W_E = self.W_E
+        out = torch.empty_like(W_E)
+        with torch.no_grad():
+            for start in range(0, W_E.shape[0], chunk_size):
+                rows = W_E[start:start + chunk_size]
+                out[start:start + chunk_size] = rows + mlp(norm(rows[None]))[0].to(rows.dtype)
+        return out
+
     # -- tokens ----------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
@@ -295,26 +344,10 @@ class HeadModel:
         return out
 
     def check_tokens(self, tokens: Tensor) -> Tensor:
-        """Validate a token batch ``[batch, pos]`` and move it to the model's device."""
-        if not isinstance(tokens, Tensor):
-            raise ProbeError(f"tokens must be a torch.Tensor of ids; got {type(tokens).__name__}.")
-        if tokens.ndim != 2:
-            raise ProbeError(f"tokens must have shape [batch, pos]; got shape {tuple(tokens.shape)}.")
-        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise ProbeError(f"token batch is empty (shape {tuple(tokens.shape)}); give at least one token.")
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ProbeError(f"tokens must be integer ids; got dtype {tokens.dtype}.")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.d_vocab:
-            raise ProbeError(
-                f"token ids must lie in [0, {self.d_vocab - 1}] for model {self.name!r}; "
-                f"got ids in [{low}, {high}]."
-            )
-        if tokens.shape[1] > self.n_ctx:
-            raise ProbeError(
-                f"sequences of {tokens.shape[1]} tokens exceed the model's context of {self.n_ctx}."
-            )
-        return tokens.to(device=self.device, dtype=torch.long)
+        """Validate a token batch ``[batch, pos]`` (:func:`~headclass.loading.tokens.check_token_ids`)
+        and move it to the model's device."""
+        checked = check_token_ids(tokens, d_vocab=self.d_vocab, n_ctx=self.n_ctx, model_name=self.name)
+        return checked.to(device=self.device)
 
     # -- running ---------------------------------------------------------------------------
     def run_with_patterns(

@@ -158,21 +158,34 @@ def read_folder_config(folder: Path) -> Any:
 
 
 def rebuild_from_config(hf_model: Any) -> Any:
-    """A fresh, plain model of the same class and config holding the same weights.
+    """A fresh, plain model of the same class and config holding the same weights (not copies).
 
     The GGUF reader leaves a ``quantization_config`` and GGUF bookkeeping on the model that
-    TransformerLens' adapters do not expect; rebuilding from a clean config drops them.
+    TransformerLens' adapters do not expect; rebuilding from a clean config drops them. The
+    fresh model is built on the meta device and takes the original tensors with
+    ``load_state_dict(assign=True)``, and the non-persistent buffers (rotary ``inv_freq``),
+    which no state dict carries, are moved over: the weights are never held twice.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = hf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     dtype = next(hf_model.parameters()).dtype
-    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    fresh.load_state_dict(hf_model.state_dict(), strict=True)
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fresh.load_state_dict(hf_model.state_dict(), strict=True, assign=True)
+    for name, buffer in hf_model.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        module = fresh.get_submodule(owner)
+        if module._buffers.get(attr) is not None and module._buffers[attr].is_meta:
+            module._buffers[attr] = buffer
     if getattr(config, "tie_word_embeddings", False):
         fresh.tie_weights()
+    left = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelFileError(f"rebuilding {type(hf_model).__name__} left tensors unset: {left[:5]}.")
     return fresh.eval()
 
 

@@ -5,32 +5,30 @@ Models with different numbers of layers are aligned by *relative depth*: layer `
 are cut into ``n_bins`` equal bins (the last bin is closed). For each model, bin and label the tidy table counts the heads with that label and
 the fraction of the bin's heads they are, so a 12-layer and a 30-layer model share an x axis.
 
-A :class:`~headclass.report.table.HeadTaxonomy` holds only its table, so models can be
-loaded, classified and freed one after another (:func:`compare_models` does exactly that) and
-compared at the end without two models in memory at once.
+A :class:`~headclass.taxonomy.HeadTaxonomy` holds only its table, so models can be
+loaded, classified and freed one after another (:func:`headclass.workflows.compare_models`
+does exactly that) and compared at the end without two models in memory at once.
 
 Examples
 --------
->>> from headclass.report.compare import compare, compare_models
+>>> from headclass.report.compare import compare
 >>> cmp = compare([tax_small, tax_large], n_bins=10)
 >>> cmp.table                       # model, bin, depth_low, depth_high, depth_mid, label, ...
 >>> cmp.counts_per_label()          # model x label counts
 >>> cmp.fig_label_fractions()       # plotly figure, one facet per label
->>> cmp = compare_models(["smollm2-135m", "gpt2-small"])
 """
 
 from __future__ import annotations
 
-import gc
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from headclass.errors import HeadclassError
-from headclass.report.table import LABELS, UNCLASSIFIED, HeadTaxonomy, flag_column
+from headclass.taxonomy import LABELS, UNCLASSIFIED, HeadTaxonomy, label_mask
 
-__all__ = ["Comparison", "compare", "compare_models"]
+__all__ = ["Comparison", "compare"]
 
 _ALL_LABELS = LABELS + (UNCLASSIFIED,)
 
@@ -60,9 +58,8 @@ class Comparison:
         for name, tax in self.taxonomies.items():
             t = tax.table
             row: dict[str, Any] = {"model": name}
-            for label in LABELS:
-                row[label] = int(t[flag_column(label)].sum())
-            row[UNCLASSIFIED] = int((t["primary_label"] == UNCLASSIFIED).sum())
+            for label in _ALL_LABELS:
+                row[label] = int(label_mask(t, label).sum())
             row["n_heads"] = len(t)
             rows.append(row)
         out = pd.DataFrame(rows).set_index("model")
@@ -187,10 +184,7 @@ def compare(taxonomies: Sequence[HeadTaxonomy], *, n_bins: int = 10) -> Comparis
             sub = t[bins == b]
             n = len(sub)
             for label in _ALL_LABELS:
-                if label == UNCLASSIFIED:
-                    count = int((sub["primary_label"] == UNCLASSIFIED).sum())
-                else:
-                    count = int(sub[flag_column(label)].sum())
+                count = int(label_mask(sub, label).sum())
                 rows.append({"model": name, "bin": b, "depth_low": b / n_bins, "depth_high": (b + 1) / n_bins,
                              "depth_mid": (b + 0.5) / n_bins, "label": label, "count": count,
                              "n_heads": n, "fraction": count / n, "n_layers": tax.n_layers})
@@ -198,33 +192,3 @@ def compare(taxonomies: Sequence[HeadTaxonomy], *, n_bins: int = 10) -> Comparis
     table["model"] = table["model"].astype(str)
     table["label"] = table["label"].astype(str)
     return Comparison(table, dict(zip(names, taxonomies)), n_bins)
-
-
-def compare_models(
-    sources: Sequence[Any],
-    config: Any = None,
-    *,
-    n_bins: int = 10,
-    progress: bool = True,
-    **load_kwargs: Any,
-) -> Comparison:
-    """Load, classify and free each model in turn, then :func:`compare` their taxonomies.
-
-    Only one model is in memory at a time. ``sources`` are anything
-    :func:`headclass.load_model` takes; ``load_kwargs`` (``device``, ``dtype``, ``backend``)
-    are passed to it; ``config`` to :func:`headclass.classify`.
-    """
-    from headclass.loading import load_model
-    from headclass.taxonomy import classify
-
-    if isinstance(sources, (str, bytes)):
-        sources = [sources]
-    taxonomies = []
-    for source in sources:
-        model = load_model(source, **load_kwargs)
-        try:
-            taxonomies.append(classify(model, config, progress=progress))
-        finally:
-            del model
-            gc.collect()
-    return compare(taxonomies, n_bins=n_bins)

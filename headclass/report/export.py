@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from headclass.errors import HeadclassError, MissingDependencyError
-from headclass.report.table import HeadTaxonomy
+from headclass.taxonomy import HeadTaxonomy
 
 __all__ = ["ExportError", "FORMATS", "write", "read", "read_json", "read_parquet", "atomic_write"]
 
@@ -338,7 +338,7 @@ def write_markdown(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
 # -- html ------------------------------------------------------------------------------------
 def write_html(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
     """The self-contained HTML report of :func:`headclass.report.html.write_html_report`."""
-    from headclass.report.html import write_html_report
+    from headclass.report.html import render_html_report
 
-    return atomic_write(path, lambda tmp: write_html_report(taxonomy, tmp))
+    return _write_text(path, render_html_report(taxonomy))
 

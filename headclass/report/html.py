@@ -20,40 +20,20 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from headclass.atomic import write_text
 from headclass.errors import HeadclassError
+from headclass.taxonomy import LABEL_MEANINGS, LABELS, RULES, UNCLASSIFIED, HeadTaxonomy
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["write_html_report", "render_html_report", "LABEL_MEANINGS", "GRID_DIV_ID"]
+__all__ = ["write_html_report", "render_html_report", "GRID_DIV_ID"]
 
 #: DOM id of the layer x head grid figure (stable: tests and users may look it up).
 GRID_DIV_ID = "head-grid"
-
-#: One line per label: what a head with that label does. Rules and thresholds come from
-#: :data:`headclass.taxonomy.RULES`; the full text is ``docs/labels.md``.
-LABEL_MEANINGS: dict[str, str] = {
-    "copy": "Its OV circuit maps a token to itself: whatever token it attends to, it raises that "
-            "token's logit (Elhage et al. 2021; the eigenvalue and top-k copying scores).",
-    "previous-token": "Attends from each position to the position just before it.",
-    "induction": "On a repeated segment, attends to the token after the earlier copy of the "
-                 "current token ([A][B] ... [A] -> [B]; Olsson et al. 2022).",
-    "bos": "Parks most of its attention on the first (BOS) token, an attention sink; a fallback "
-           "label: primary only when the head has no mechanism label.",
-    "diffuse": "Spreads attention evenly over the context (high entropy, no dominant key); a "
-               "fallback label.",
-    "duplicate-token": "Attends to earlier occurrences of the current token.",
-    "current-token": "Attends to its own position.",
-    "fixed-offset": "Attends k >= 2 positions back (the offset is in fixed_offset_k).",
-    "copy-suppression": "Its OV circuit lowers the logit of the token it attends to "
-                        "(McDougall et al. 2023).",
-    "unclassified": "No label's conditions hold; margin says how far the head is from its "
-                    "nearest label.",
-}
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
@@ -110,7 +90,7 @@ def write_html_report(
     Parameters
     ----------
     taxonomy
-        A :class:`~headclass.report.table.HeadTaxonomy`.
+        A :class:`~headclass.taxonomy.HeadTaxonomy`.
     path
         The ``.html`` file to write; its folder must exist. The page is written to a temporary
         file beside it and renamed, so ``path`` is never half-written.
@@ -125,22 +105,12 @@ def write_html_report(
     target = Path(path).expanduser()
     if not target.parent.is_dir():
         raise HeadclassError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist.")
-    page = render_html_report(taxonomy, figures=figures)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(page)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text(target, render_html_report(taxonomy, figures=figures))
 
 
 def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = None) -> str:
     """The report of :func:`write_html_report` as one HTML string."""
     from headclass.report import plots
-    from headclass.report.table import HeadTaxonomy
 
     if not isinstance(taxonomy, HeadTaxonomy):
         raise HeadclassError(f"the HTML report needs a HeadTaxonomy; got {type(taxonomy).__name__}.")
@@ -294,14 +264,9 @@ def _full_table_html(table: "pd.DataFrame") -> str:
 
 
 def _definitions_html(taxonomy: Any) -> str:
-    from headclass.report.table import LABELS, UNCLASSIFIED
-    from headclass.taxonomy import RULES, resolve_thresholds
-
-    thresholds = (taxonomy.metadata.get("config") or {}).get("thresholds") or {}
-    try:
-        values = resolve_thresholds(thresholds)
-    except Exception:  # an odd stored config: show the defaults
-        values = resolve_thresholds(None)
+    # The thresholds this taxonomy was labelled with, exactly as recorded; never defaults in
+    # their place (a report must not show thresholds that were not used).
+    values = (taxonomy.metadata.get("config") or {}).get("thresholds") or {}
     rows = []
     for label in LABELS + (UNCLASSIFIED,):
         rule = RULES.get(label)
@@ -309,19 +274,25 @@ def _definitions_html(taxonomy: Any) -> str:
             condition = "no label holds"
         else:
             condition = " and ".join(
-                f"<code>{c.score} {c.op} {values.get(c.threshold, float('nan')):g}</code>"
+                f"<code>{c.score} {c.op} {_threshold_text(values, c.threshold)}</code>"
                 for c in rule.conditions)
             if rule.needs_output:
                 condition += " (and the head writes something)"
         rows.append(f'<tr><td class="text">{_swatch(label)}</td><td class="text">{condition}</td>'
                     f'<td class="text">{html.escape(LABEL_MEANINGS.get(label, ""))}</td></tr>')
-    return ('<p class="sub">A head has a label when all its conditions hold (thresholds used for '
-            "this report). The primary label is the mechanism label with the largest normalised "
+    recorded = "" if values else " (this taxonomy's metadata records no thresholds: shown as ?)"
+    return (f'<p class="sub">A head has a label when all its conditions hold (thresholds used for '
+            f"this report{recorded}). The primary label is the mechanism label with the largest normalised "
             "margin; bos and diffuse are primary only for heads with no other label. Full "
             "definitions, scores and references: <code>docs/labels.md</code> in the headclass "
             "repository.</p>"
             '<table><thead><tr><th class="text">label</th><th class="text">rule</th>'
             f'<th class="text">meaning</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _threshold_text(values: Mapping[str, Any], key: str) -> str:
+    value = values.get(key)
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
 
 
 def _metadata_html(taxonomy: Any) -> str:

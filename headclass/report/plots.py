@@ -24,6 +24,7 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from headclass.errors import HeadclassError, MissingDependencyError, ProbeError, ScoreError
+from headclass.taxonomy.schema import ABLATION_COLUMNS, ID_COLUMNS, SCORE_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -43,7 +44,7 @@ __all__ = [
     "singular_value_spectra",
 ]
 
-#: One colour per label, the same in every figure (keys: :data:`headclass.report.table.LABELS`
+#: One colour per label, the same in every figure (keys: :data:`headclass.taxonomy.LABELS`
 #: plus ``unclassified``). Other labels get a stable colour from :data:`_SPARE_COLORS`, chosen
 #: by a hash of the label's name.
 LABEL_COLORS: dict[str, str] = {
@@ -62,9 +63,6 @@ _SPARE_COLORS = ("#e377c2", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173
                  "#e6550d", "#31a354", "#756bb1", "#636363", "#6baed6")
 _NO_LABEL = "unclassified"
 
-# Columns that are not scores: identity, labels, bookkeeping.
-_ID_COLUMNS = ("model", "layer", "head", "relative_depth", "primary_label", "margin", "labels",
-               "fixed_offset_k")
 
 
 def label_color(label: str) -> str:
@@ -101,17 +99,15 @@ def _as_table(data: Any) -> "pd.DataFrame":
 
 
 def score_columns(data: Any) -> list[str]:
-    """Float score columns of the table: :data:`~headclass.report.table.SCORE_COLUMNS` and
+    """Float score columns of the table: :data:`~headclass.taxonomy.schema.SCORE_COLUMNS` and
     ablation columns first (those present), then any further float scores (``ov_norm``...)."""
     import pandas as pd
-
-    from headclass.report.table import ABLATION_COLUMNS, SCORE_COLUMNS
 
     table = _as_table(data)
     known = [c for c in SCORE_COLUMNS + ABLATION_COLUMNS if c in table.columns]
     extra = [
         c for c in table.columns
-        if c not in _ID_COLUMNS and c not in known and pd.api.types.is_float_dtype(table[c])
+        if c not in ID_COLUMNS and c not in known and pd.api.types.is_float_dtype(table[c])
     ]
     return known + extra
 

@@ -16,10 +16,10 @@ import math
 from typing import Any, Optional, Sequence
 
 from headclass.errors import MissingDependencyError, ScoreError
+from headclass.taxonomy.schema import ABLATION_COLUMNS
 
 __all__ = ["fig_importance_by_label", "importance_by_label"]
 
-_ABLATION_COLUMNS = ("ablation_induction_dloss", "ablation_text_dloss")
 _TITLES = {
     "ablation_induction_dloss": "induction loss (repeated tokens)",
     "ablation_text_dloss": "next-token loss (text)",
@@ -55,13 +55,13 @@ def importance_by_label(table: Any, *, x: str = "layer", labels: Optional[Sequen
         raise ScoreError(f"table must be a DataFrame or a HeadTaxonomy; got {type(table).__name__}.")
     if x not in _X:
         raise ScoreError(f"The 'x' parameter must be one of {list(_X)}. Got {x!r}.")
-    scores = [c for c in _ABLATION_COLUMNS if c in frame.columns]
+    scores = [c for c in ABLATION_COLUMNS if c in frame.columns]
     needed = {"layer", "head", "primary_label"} | ({x} if x != "layer" else set())
     missing = sorted(needed - set(frame.columns))
     if missing or not scores:
         raise ScoreError(
             "importance by label needs columns layer, head, primary_label and an ablation score "
-            f"({', '.join(_ABLATION_COLUMNS)}); missing: {missing or list(_ABLATION_COLUMNS)}. "
+            f"({', '.join(ABLATION_COLUMNS)}); missing: {missing or list(ABLATION_COLUMNS)}. "
             "Run headclass.classify(model, ablation=True)."
         )
     if labels is not None:
@@ -117,7 +117,7 @@ def fig_importance_by_label(
     from headclass.report.plots import label_color
 
     frame = getattr(table, "table", table)
-    scores = [c for c in _ABLATION_COLUMNS if c in frame.columns]
+    scores = [c for c in ABLATION_COLUMNS if c in frame.columns]
     fig = make_subplots(rows=1, cols=len(scores), shared_xaxes=True,
                         subplot_titles=[_TITLES[s] for s in scores], horizontal_spacing=0.08)
     for col, score in enumerate(scores, start=1):

@@ -62,6 +62,7 @@ from torch import Tensor
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ProbeError, ScoreError
 from headclass.loading.head_model import hook_name
+from headclass.probes import build_probe_set
 
 __all__ = [
     "ablation_scores",
@@ -320,30 +321,23 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
     unknown = set(given) - {"induction", "text"}
     if unknown:
         raise ProbeError(f"probes may hold the keys 'induction' and 'text'; got {sorted(unknown)}.")
-    built: dict[str, Optional[_LossProbe]] = {}
-    induction = given.get("induction")
-    if induction is None:
-        from headclass import probes
-
-        a = cfg.ablation
-        induction = probes.repeated(model, a.induction_sequences, a.induction_segment_length, n_repeats=2,
-                                    seed=cfg.probes.seed,
-                                    exclude_extreme_fraction=cfg.probes.repeated.exclude_extreme_fraction)
+    chosen = dict(given)
+    has_text = getattr(model, "tokenizer", None) is not None
+    if "induction" not in chosen or ("text" not in chosen and has_text):  # classify's sizing step
+        chosen = {**build_probe_set(model, cfg, ablation=True).ablation_probes, **given}
+    induction = chosen["induction"]
     tokens = _tokens_of(induction, "induction")
-    built["induction"] = _LossProbe("induction", tokens, _induction_probe_targets(induction, tokens))
-    text = given.get("text")
+    built: dict[str, Optional[_LossProbe]] = {
+        "induction": _LossProbe("induction", tokens, _induction_probe_targets(induction, tokens))}
+    text = chosen.get("text")
     if text is None:
-        if getattr(model, "tokenizer", None) is None:
-            warnings.warn(
-                f"model {getattr(model, 'name', '?')!r} has no tokenizer, so there is no text probe; "
-                "ablation_text_dloss is NaN. Pass probes={'text': token_ids} to score it.",
-                stacklevel=4,
-            )
-            built["text"] = None
-            return built
-        from headclass import probes
-
-        text = probes.text(model, max_tokens=cfg.ablation.text_max_tokens, n_sequences=cfg.ablation.text_sequences)
+        warnings.warn(
+            f"model {getattr(model, 'name', '?')!r} has no tokenizer, so there is no text probe; "
+            "ablation_text_dloss is NaN. Pass probes={'text': token_ids} to score it.",
+            stacklevel=4,
+        )
+        built["text"] = None
+        return built
     tokens = _tokens_of(text, "text")
     built["text"] = _LossProbe("text", tokens, text_targets(tokens))
     return built

@@ -590,6 +590,7 @@ def weight_scores(
     *,
     config: Union[None, str, Mapping[str, Any], HeadclassConfig] = None,
     writes_nothing_below: float = WRITES_NOTHING_BELOW,
+    tokens: Optional[Tensor] = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Every weight-based score of every head, ``{key: [layer, head] tensor}``, in one call.
@@ -609,6 +610,10 @@ def weight_scores(
         for the defaults.
     writes_nothing_below
         Cutoff on ``ov_norm_relative`` under which a head is flagged ``writes_nothing``.
+    tokens
+        ``Int[Tensor, "sample"]`` ids of the top-k copy scores' token sample (default: drawn
+        with :func:`copy_token_sample` from the config; :func:`headclass.classify` passes its
+        :class:`~headclass.probes.ProbeSet`'s).
     progress
         Show progress bars.
     """
@@ -618,7 +623,8 @@ def weight_scores(
     with torch.no_grad():
         embedding = _embedding(model, options.effective_embedding)
         scores = {"copy_eigen": copy_eigen_score(_ov_eigenvalues(model, embedding, progress))}
-        tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
+        if tokens is None:
+            tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
         scores.update(_topk_scores(model, embedding, tokens, options.top_k, cfg.probes.seed, progress))
         del embedding
         scores.update(ov_svd_scores(model, writes_nothing_below=writes_nothing_below, progress=progress))

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from headclass.errors import HeadclassError
-from headclass.report import compare as compare_module
-from headclass.report.compare import Comparison, compare, compare_models
-from headclass.report.table import LABELS, UNCLASSIFIED, flag_column
+from headclass.report.compare import Comparison, compare
+from headclass.taxonomy import LABELS, UNCLASSIFIED, flag_column
 
 from fake_scores import random_taxonomy
 
@@ -89,34 +88,3 @@ def test_figures(two):
     with pytest.raises(HeadclassError, match="unknown label"):
         cmp.fig_label_fractions(labels=["inductoin"])
     assert "2 models" in repr(cmp)
-
-
-def test_compare_models_holds_one_model_at_a_time(monkeypatch):
-    """Each model is freed before the next is loaded; the result keeps only tables."""
-    alive = []
-    peak = {"n": 0}
-
-    class Model:
-        def __init__(self, name):
-            self.name = name
-            alive.append(weakref.ref(self))
-
-    def load_model(source, **kwargs):
-        gc.collect()
-        peak["n"] = max(peak["n"], sum(r() is not None for r in alive) + 1)
-        return Model(source)
-
-    def classify(model, config=None, *, progress=True):
-        return random_taxonomy(len(model.name) + 2, 2, model=model.name)
-
-    import headclass.loading
-    import headclass.taxonomy
-
-    monkeypatch.setattr(headclass.loading, "load_model", load_model)
-    monkeypatch.setattr(headclass.taxonomy, "classify", classify)
-    cmp = compare_models(["a", "bbbb", "cc"], n_bins=3, progress=False)
-    gc.collect()
-    assert peak["n"] == 1
-    assert all(r() is None for r in alive)
-    assert cmp.models == ["a", "bbbb", "cc"]
-    assert compare_module.compare is compare

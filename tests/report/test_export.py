@@ -13,7 +13,7 @@ import pytest
 from headclass.errors import HeadclassError
 from headclass.report import export
 from headclass.report.export import ExportError, atomic_write, read, read_json, read_parquet, write
-from headclass.report.table import HeadTaxonomy
+from headclass.taxonomy import HeadTaxonomy
 
 from fake_scores import random_taxonomy
 
@@ -90,16 +90,15 @@ def test_save_picks_format_from_suffix(tax, tmp_path):
 def test_to_html_delegates_to_the_report_module(tax, tmp_path, monkeypatch):
     seen = {}
 
-    def write_html_report(taxonomy, path):
-        seen["taxonomy"], seen["path"] = taxonomy, Path(path)
-        Path(path).write_text("<html>report</html>")
+    def render_html_report(taxonomy):
+        seen["taxonomy"] = taxonomy
+        return "<html>report</html>"
 
     fake = types.ModuleType("headclass.report.html")
-    fake.write_html_report = write_html_report
+    fake.render_html_report = render_html_report
     monkeypatch.setitem(sys.modules, "headclass.report.html", fake)
     out = tax.to_html(tmp_path / "r.html")
-    assert seen["taxonomy"] is tax
-    assert seen["path"].suffix == ".html" and seen["path"].parent == tmp_path
+    assert seen["taxonomy"] is tax  # rendered once, written once by the one atomic writer
     assert out.read_text() == "<html>report</html>"
     assert leftovers(tmp_path) == []
 

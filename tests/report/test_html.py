@@ -22,7 +22,7 @@ import pytest
 
 from headclass.errors import HeadclassError
 from headclass.report.html import GRID_DIV_ID, render_html_report, write_html_report
-from headclass.report.table import LABELS, SCORE_COLUMNS, HeadTaxonomy
+from headclass.taxonomy import LABELS, SCORE_COLUMNS, HeadTaxonomy
 from headclass.taxonomy import classify
 
 from fake_scores import random_taxonomy

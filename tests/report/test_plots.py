@@ -13,7 +13,7 @@ import torch
 
 from headclass.errors import HeadclassError, MissingDependencyError, ScoreError
 from headclass.report import plots
-from headclass.report.table import LABELS, SCORE_COLUMNS, UNCLASSIFIED, HeadTaxonomy
+from headclass.taxonomy import LABELS, SCORE_COLUMNS, UNCLASSIFIED, HeadTaxonomy
 from headclass.taxonomy import classify
 
 from fake_scores import random_taxonomy

@@ -1,33 +1,9 @@
-"""The taxonomy: from per-head scores to labels, and :func:`classify` that runs it all.
+"""Labelling: a pure function from per-head score grids to the head table.
 
-Labelling is a pure function of score tensors, :func:`label_heads`; :func:`classify` only
-gathers the scores (pattern scores on probe batches, weight scores, optionally ablations) and
-calls it. Every rule is listed in :data:`RULES` and documented in ``docs/labels.md``.
-
-Rules
------
-A label holds when every one of its conditions holds; a condition is ``score >= threshold``
-(or ``score <= threshold`` for ``max_attention``), thresholds from ``config.thresholds``:
-
-==================  =====================================================================
-label               conditions
-==================  =====================================================================
-copy                ``copy_eigen >= copy_eigen`` AND ``copy_topk >= copy_topk``
-previous-token      ``previous_token >= previous_token``
-induction           ``induction >= induction``
-bos                 ``bos >= bos``
-diffuse             ``diffuse_entropy >= diffuse_entropy`` AND
-                    ``max_attention <= diffuse_max_attention``
-duplicate-token     ``duplicate_token >= duplicate_token``
-current-token       ``current_token >= current_token``
-fixed-offset        ``fixed_offset >= fixed_offset``, the best offset k >= 2 (k = 1 is
-                    previous-token)
-copy-suppression    ``copy_suppression_topk >= copy_suppression_topk``
-==================  =====================================================================
-
-``copy`` and ``copy-suppression`` describe what a head writes, so a head the weight scores flag
-``writes_nothing`` (OV circuit norm near 0; its top-k ranks would be decided by ties) has
-neither.
+:func:`label_heads` applies :data:`~headclass.taxonomy.rules.RULES` to ``{score: [layer, head]}``
+grids and builds the tidy table (schema in :mod:`headclass.taxonomy.schema`);
+:func:`scores_from_table` turns a table back into grids, so a taxonomy read from a file can be
+relabelled without the model.
 
 A head may carry several labels (``is_<label>`` columns). Its ``primary_label`` is the label
 with the largest *normalised margin* among its *mechanism* labels (all but ``bos`` and
@@ -47,8 +23,6 @@ the first label in :data:`PRIORITY`. A head with no label is ``unclassified`` an
 
 from __future__ import annotations
 
-import datetime as _dt
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -58,100 +32,12 @@ from torch import Tensor
 
 from headclass.config import HeadclassConfig, Thresholds, load_config
 from headclass.errors import ScoreError
-from headclass.report.table import (
-    ABLATION_COLUMNS,
-    CORE_LABELS,
-    FALLBACK_LABELS,
-    TABLE_COLUMNS,
-    LABELS,
-    PRIORITY,
-    SCORE_COLUMNS,
-    UNCLASSIFIED,
-    HeadTaxonomy,
-    flag_column,
-    normalise_table,
-)
+from headclass.taxonomy.rules import FALLBACK_LABELS, LABELS, PRIORITY, RULES, UNCLASSIFIED, Condition, flag_column
+from headclass.taxonomy.schema import ABLATION_COLUMNS, SCORE_COLUMNS, TABLE_COLUMNS, normalise_table
 
-__all__ = [
-    "classify",
-    "label_heads",
-    "label_margins",
-    "scores_from_table",
-    "resolve_thresholds",
-    "HeadTaxonomy",
-    "RULES",
-    "LabelRule",
-    "Condition",
-    "LABELS",
-    "CORE_LABELS",
-    "PRIORITY",
-    "FALLBACK_LABELS",
-    "UNCLASSIFIED",
-]
+__all__ = ["label_heads", "label_margins", "scores_from_table", "resolve_thresholds", "ThresholdSource"]
 
-
-@dataclass(frozen=True)
-class Condition:
-    """``score >= thresholds.<threshold>`` (or ``<=``), the score ranging over [low, high]."""
-
-    score: str
-    threshold: str
-    op: str = ">="
-    low: float = 0.0
-    high: float = 1.0
-
-    def holds(self, value: np.ndarray, t: float) -> np.ndarray:
-        """True where the condition holds; False for NaN scores."""
-        with np.errstate(invalid="ignore"):
-            return (value >= t) if self.op == ">=" else (value <= t)
-
-    def margin(self, value: np.ndarray, t: float) -> np.ndarray:
-        """Normalised margin in [-1, 1]: >= 0 exactly where the condition holds; NaN for NaN."""
-        value = np.asarray(value, dtype=np.float64)
-        signed = (value - t) if self.op == ">=" else (t - value)  # >= 0 where it holds
-        # Room on the passing side and on the failing side of the threshold.
-        room_pass = (self.high - t) if self.op == ">=" else (t - self.low)
-        room_fail = (t - self.low) if self.op == ">=" else (self.high - t)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = np.where(
-                signed >= 0,
-                signed / room_pass if room_pass > 0 else 0.0,
-                signed / room_fail if room_fail > 0 else -1.0,
-            )
-        return np.clip(out, -1.0, 1.0)
-
-
-@dataclass(frozen=True)
-class LabelRule:
-    """A label: all its conditions must hold; its margin is the smallest condition margin.
-
-    ``needs_output``: the label describes what the head writes (its OV circuit), so a head
-    flagged ``writes_nothing`` by the weight scores cannot have it (margin -1).
-    """
-
-    label: str
-    conditions: tuple[Condition, ...]
-    needs_output: bool = False
-
-
-#: The labelling rules, one per label (see the module docstring and ``docs/labels.md``).
-RULES: dict[str, LabelRule] = {
-    rule.label: rule
-    for rule in (
-        LabelRule("copy", (Condition("copy_eigen", "copy_eigen", low=-1.0),
-                           Condition("copy_topk", "copy_topk")), needs_output=True),
-        LabelRule("previous-token", (Condition("previous_token", "previous_token"),)),
-        LabelRule("induction", (Condition("induction", "induction"),)),
-        LabelRule("bos", (Condition("bos", "bos"),)),
-        LabelRule("diffuse", (Condition("diffuse_entropy", "diffuse_entropy"),
-                              Condition("max_attention", "diffuse_max_attention", op="<="))),
-        LabelRule("duplicate-token", (Condition("duplicate_token", "duplicate_token"),)),
-        LabelRule("current-token", (Condition("current_token", "current_token"),)),
-        LabelRule("fixed-offset", (Condition("fixed_offset", "fixed_offset"),)),
-        LabelRule("copy-suppression", (Condition("copy_suppression_topk", "copy_suppression_topk"),),
-                  needs_output=True),
-    )
-}
+ThresholdSource = Union[None, Thresholds, Mapping[str, float], HeadclassConfig]
 
 
 def _precision(value: Any) -> torch.dtype:
@@ -222,7 +108,7 @@ def _fixed_offset(scores: Mapping[str, Any], shape: Optional[tuple[int, int]]) -
     return best, np.where(k >= 2, k, 0)
 
 
-def resolve_thresholds(thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig]) -> dict[str, float]:
+def resolve_thresholds(thresholds: ThresholdSource) -> dict[str, float]:
     """Every threshold as a plain dict: from None (defaults), a config, ``config.thresholds`` or a
     partial mapping over the defaults (validated: bad keys or values raise ConfigError)."""
     if thresholds is None:
@@ -237,7 +123,7 @@ def resolve_thresholds(thresholds: Union[None, Thresholds, Mapping[str, float], 
 
 def label_margins(
     scores: Mapping[str, Any],
-    thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig] = None,
+    thresholds: ThresholdSource = None,
 ) -> dict[str, np.ndarray]:
     """Each label's normalised margin per head, ``{label: float64 [layer, head]}``.
 
@@ -293,7 +179,7 @@ def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def label_heads(
     scores: Mapping[str, Any],
-    thresholds: Union[None, Thresholds, Mapping[str, float], HeadclassConfig] = None,
+    thresholds: ThresholdSource = None,
     *,
     model: str = "model",
 ) -> pd.DataFrame:
@@ -303,7 +189,7 @@ def label_heads(
     ----------
     scores
         ``{name: Float[Tensor, "layer head"]}`` (tensors or arrays) with every name in
-        :data:`~headclass.report.table.SCORE_COLUMNS`; ``fixed_offset`` may instead be
+        :data:`~headclass.taxonomy.schema.SCORE_COLUMNS`; ``fixed_offset`` may instead be
         ``[layer, head, offset]`` (index i is offset k = i + 1), or come with
         ``fixed_offset_per_k`` of that shape; otherwise ``fixed_offset_k`` must be given too
         (and heads whose best offset is 1 get a NaN ``fixed_offset``). Optional: ``ablation_induction_dloss``, ``ablation_text_dloss``.
@@ -319,7 +205,7 @@ def label_heads(
     Returns
     -------
     pandas.DataFrame
-        The head table, one row per head, schema in :mod:`headclass.report.table`.
+        The head table, one row per head, schema in :mod:`headclass.taxonomy.schema`.
 
     Examples
     --------
@@ -432,97 +318,3 @@ def scores_from_table(table: pd.DataFrame) -> dict[str, np.ndarray]:
             continue
         out[col] = values.to_numpy().reshape(n_layers, n_heads)
     return out
-
-
-def _versions() -> dict[str, Optional[str]]:
-    from importlib import metadata as md
-
-    out: dict[str, Optional[str]] = {}
-    for name in ("headclass", "torch", "transformer_lens", "transformers", "pandas"):
-        try:
-            out[name] = md.version(name.replace("_", "-"))
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _model_metadata(model: Any, cfg: HeadclassConfig) -> dict[str, Any]:
-    def get(attr: str) -> Any:
-        try:
-            return getattr(model, attr)
-        except Exception:  # a fake model may lack parameters() etc.
-            return None
-
-    return {
-        "model": str(get("name")),
-        "n_layers": int(model.n_layers),
-        "n_heads": int(model.n_heads),
-        "n_params": get("n_params"),
-        "backend": get("backend"),
-        "architecture": get("architecture"),
-        "config": cfg.model_dump(mode="json"),
-        "probe_seed": int(cfg.probes.seed),
-        "versions": _versions(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def classify(
-    model: Any,
-    config: Any = None,
-    *,
-    probes: Any = None,
-    ablation: bool = False,
-    progress: bool = True,
-) -> HeadTaxonomy:
-    """Score and label every attention head of ``model``.
-
-    Parameters
-    ----------
-    model
-        A :class:`~headclass.HeadModel` (from :func:`headclass.load_model`) or anything with
-        its interface; anything else (an alias, hub name, path, ``transformers`` model) is
-        first loaded with :func:`headclass.load_model` defaults.
-    config
-        ``None`` (shipped defaults), a YAML path, a partial mapping, or a
-        :class:`~headclass.HeadclassConfig`; see ``configs/default.yaml``.
-    probes
-        Probe batches for the pattern scores (default: drawn from ``config.probes``); passed
-        to :func:`headclass.scores.patterns.pattern_scores`.
-    ablation
-        Also measure each head's effect on loss by ablating it
-        (:func:`headclass.scores.ablation.ablation_scores`; slow): adds the
-        ``ablation_induction_dloss`` and ``ablation_text_dloss`` columns.
-    progress
-        Show progress bars.
-
-    Returns
-    -------
-    HeadTaxonomy
-        The labelled heads; it keeps no reference to ``model``.
-
-    Examples
-    --------
-    >>> model = headclass.load_model("smollm2-135m")
-    >>> tax = headclass.classify(model)
-    >>> tax.summary()
-    """
-    cfg = load_config(config)
-    if not hasattr(model, "run_with_patterns"):  # a name, path or model object: load it here
-        from headclass.loading import load_model
-
-        model = load_model(model)
-    from headclass.scores.patterns import pattern_scores
-    from headclass.scores.weights import weight_scores
-
-    scores: dict[str, Any] = {}
-    scores.update(pattern_scores(model, config=cfg, probes=probes, progress=progress))
-    scores.update(weight_scores(model, config=cfg, progress=progress))
-    if ablation:
-        from headclass.scores.ablation import ablation_scores
-
-        scores.update(ablation_scores(model, config=cfg, progress=progress))
-    metadata = _model_metadata(model, cfg)
-    metadata["ablation"] = bool(ablation)
-    table = label_heads(scores, cfg.thresholds, model=metadata["model"])
-    return HeadTaxonomy(table, metadata)

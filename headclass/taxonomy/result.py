@@ -1,31 +1,13 @@
-"""``HeadTaxonomy``: the tidy table of labelled heads, its summaries and its exports.
+"""``HeadTaxonomy``: the result of :func:`headclass.classify`, a tidy table plus metadata.
 
-A :class:`HeadTaxonomy` holds only a :class:`pandas.DataFrame` (one row per head) and a plain
-``metadata`` dict. It never refers to the model it came from, so taxonomies of several models
-can be kept and compared while each model is loaded, classified and freed in turn.
+A :class:`HeadTaxonomy` holds only a :class:`pandas.DataFrame` (one row per head, schema in
+:mod:`headclass.taxonomy.schema`) and a plain ``metadata`` dict. It never refers to the model
+it came from, so taxonomies of several models can be kept and compared while each model is
+loaded, classified and freed in turn.
 
-The table schema (column order as listed; :data:`TABLE_COLUMNS`):
-
-=========================  =========  ==============================================================
-column                     dtype      meaning
-=========================  =========  ==============================================================
-``model``                  str        model display name (same on every row)
-``layer``                  int64      0-based layer
-``head``                   int64      0-based head within the layer
-``relative_depth``         float64    ``layer / (n_layers - 1)``: 0 first layer, 1 last (0 if 1 layer)
-``primary_label``          str        one of :data:`LABELS` or ``"unclassified"``
-``margin``                 float64    normalised margin of the primary label (< 0 if unclassified)
-``labels``                 str        every label the head has, comma-separated ("" if none)
-``is_<label>``             bool       one flag per label, e.g. ``is_previous_token``, ``is_copy``
-score columns              float64    :data:`SCORE_COLUMNS`; NaN = could not be computed
-``fixed_offset_k``         Int64      the offset k >= 2 behind ``fixed_offset`` (<NA> if none)
-ablation columns           float64    ``ablation_induction_dloss``, ``ablation_text_dloss``; only
-                                      present when ``classify(..., ablation=True)``
-further scores             float64    any other ``[layer, head]`` score the score modules return
-                           / bool     (``ov_norm``, ``writes_nothing``...), after the above
-=========================  =========  ==============================================================
-
-Flags, scores and the primary rule: see :mod:`headclass.taxonomy` and ``docs/labels.md``.
+Exports (``to_csv``, ``to_json``, ``to_html``...) call the report layer lazily, as pandas'
+``DataFrame.to_parquet`` imports its writer: :mod:`headclass.report` reads this module and is
+never imported by it at module level.
 
 ``metadata`` keys written by :func:`headclass.classify`: ``model``, ``n_layers``, ``n_heads``,
 ``n_params``, ``backend``, ``architecture``, ``config`` (the whole config as a JSON-able dict),
@@ -35,6 +17,7 @@ Flags, scores and the primary rule: see :mod:`headclass.taxonomy` and ``docs/lab
 
 from __future__ import annotations
 
+import copy
 import html as _html
 import math
 from typing import Any, Mapping, Optional
@@ -43,155 +26,11 @@ import numpy as np
 import pandas as pd
 
 from headclass.errors import HeadclassError
+from headclass.taxonomy.labelling import label_heads, resolve_thresholds, scores_from_table
+from headclass.taxonomy.rules import LABEL_SCORE, LABELS, UNCLASSIFIED
+from headclass.taxonomy.schema import CORE_SCORES, label_mask, normalise_table
 
-__all__ = [
-    "HeadTaxonomy",
-    "LABELS",
-    "CORE_LABELS",
-    "UNCLASSIFIED",
-    "PRIORITY",
-    "FALLBACK_LABELS",
-    "LABEL_SCORE",
-    "SCORE_COLUMNS",
-    "ABLATION_COLUMNS",
-    "TABLE_COLUMNS",
-    "flag_column",
-]
-
-#: The five core labels.
-CORE_LABELS: tuple[str, ...] = ("copy", "previous-token", "induction", "bos", "diffuse")
-
-#: Every label a head can carry, in table / display order.
-LABELS: tuple[str, ...] = CORE_LABELS + (
-    "duplicate-token",
-    "current-token",
-    "fixed-offset",
-    "copy-suppression",
-)
-
-#: The ``primary_label`` of heads with no label.
-UNCLASSIFIED = "unclassified"
-
-#: Tie-break order for the primary label (first wins when normalised margins are equal):
-#: specific mechanisms before generic attention habits.
-PRIORITY: tuple[str, ...] = (
-    "induction",
-    "copy-suppression",
-    "duplicate-token",
-    "previous-token",
-    "fixed-offset",
-    "current-token",
-    "copy",
-    "bos",
-    "diffuse",
-)
-
-#: The score that ranks heads within a label (``summary().best_head``, plots).
-LABEL_SCORE: dict[str, str] = {
-    "copy": "copy_topk",
-    "previous-token": "previous_token",
-    "induction": "induction",
-    "bos": "bos",
-    "diffuse": "diffuse_entropy",
-    "duplicate-token": "duplicate_token",
-    "current-token": "current_token",
-    "fixed-offset": "fixed_offset",
-    "copy-suppression": "copy_suppression_topk",
-}
-
-#: Labels that describe where a head parks attention rather than a mechanism: they are a
-#: head's primary label only when it has no other label.
-FALLBACK_LABELS: tuple[str, ...] = ("bos", "diffuse")
-
-#: Pattern scores (from :mod:`headclass.scores.patterns`), all float in [0, 1].
-PATTERN_SCORE_COLUMNS: tuple[str, ...] = (
-    "previous_token",
-    "current_token",
-    "bos",
-    "induction",
-    "duplicate_token",
-    "fixed_offset",
-    "diffuse_entropy",
-    "max_attention",
-)
-#: Weight scores (from :mod:`headclass.scores.weights`): ``copy_eigen`` in [-1, 1], the rest [0, 1].
-WEIGHT_SCORE_COLUMNS: tuple[str, ...] = ("copy_eigen", "copy_topk", "copy_suppression_topk")
-#: Every float score column that is always present.
-SCORE_COLUMNS: tuple[str, ...] = PATTERN_SCORE_COLUMNS + WEIGHT_SCORE_COLUMNS
-#: Optional ablation columns (only with ``classify(..., ablation=True)``).
-ABLATION_COLUMNS: tuple[str, ...] = ("ablation_induction_dloss", "ablation_text_dloss")
-
-
-def flag_column(label: str) -> str:
-    """The boolean column of a label: ``"previous-token"`` -> ``"is_previous_token"``."""
-    if label not in LABELS:
-        raise HeadclassError(f"unknown label {label!r}; labels are {', '.join(LABELS)}.")
-    return "is_" + label.replace("-", "_")
-
-
-FLAG_COLUMNS: tuple[str, ...] = tuple(flag_column(label) for label in LABELS)
-
-#: The fixed columns of every table, in order (ablation columns follow when present).
-TABLE_COLUMNS: tuple[str, ...] = (
-    ("model", "layer", "head", "relative_depth", "primary_label", "margin", "labels")
-    + FLAG_COLUMNS
-    + SCORE_COLUMNS
-    + ("fixed_offset_k",)
-)
-
-_STR_COLUMNS = ("model", "primary_label", "labels")
-_INT_COLUMNS = ("layer", "head")
-_FLOAT_COLUMNS = ("relative_depth", "margin") + SCORE_COLUMNS + ABLATION_COLUMNS
-
-#: Scores averaged per layer by :meth:`HeadTaxonomy.per_layer` (those behind the core labels).
-CORE_SCORES: tuple[str, ...] = (
-    "copy_eigen",
-    "copy_topk",
-    "previous_token",
-    "induction",
-    "bos",
-    "diffuse_entropy",
-    "max_attention",
-)
-
-
-def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Check a head table against the schema and return a copy with canonical dtypes and order.
-
-    Rows are sorted by (layer, head); columns follow :data:`TABLE_COLUMNS`, then the ablation
-    columns present, then any other columns (kept as they are).
-    """
-    if not isinstance(table, pd.DataFrame):
-        raise HeadclassError(f"a head table must be a pandas DataFrame; got {type(table).__name__}.")
-    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
-    if missing:
-        raise HeadclassError(
-            f"the head table lacks column(s) {', '.join(missing)}; see headclass.report.table "
-            "for the schema."
-        )
-    out = table.copy()
-    for col in _STR_COLUMNS:
-        out[col] = out[col].astype(str)
-    for col in _INT_COLUMNS:
-        out[col] = out[col].astype("int64")
-    for col in FLAG_COLUMNS:
-        if out[col].isna().any():
-            raise HeadclassError(f"column {col!r} must be True/False; it has missing values.")
-        out[col] = out[col].astype(bool)
-    for col in _FLOAT_COLUMNS:
-        if col in out.columns:
-            out[col] = out[col].astype("float64")
-    out["fixed_offset_k"] = out["fixed_offset_k"].astype("Int64")
-    if out.duplicated(["layer", "head"]).any():
-        dup = out.loc[out.duplicated(["layer", "head"]), ["layer", "head"]].iloc[0]
-        raise HeadclassError(f"the head table has layer {dup['layer']} head {dup['head']} twice.")
-    bad = set(out["primary_label"]) - set(LABELS) - {UNCLASSIFIED}
-    if bad:
-        raise HeadclassError(f"unknown primary_label value(s) {sorted(bad)}; labels are {', '.join(LABELS)}.")
-    extra_ablation = [c for c in ABLATION_COLUMNS if c in out.columns]
-    rest = [c for c in out.columns if c not in TABLE_COLUMNS and c not in ABLATION_COLUMNS]
-    out = out[list(TABLE_COLUMNS) + extra_ablation + rest]
-    return out.sort_values(["layer", "head"], kind="stable").reset_index(drop=True)
+__all__ = ["HeadTaxonomy"]
 
 
 class HeadTaxonomy:
@@ -202,7 +41,7 @@ class HeadTaxonomy:
     Parameters
     ----------
     table
-        One row per head, schema in :mod:`headclass.report.table`; checked and put in
+        One row per head, schema in :mod:`headclass.taxonomy.schema`; checked and put in
         canonical column order and dtypes.
     metadata
         Plain JSON-able facts: ``model``, ``n_layers``, ``n_heads``, ``n_params``, ``backend``,
@@ -235,8 +74,6 @@ class HeadTaxonomy:
     @property
     def metadata(self) -> dict[str, Any]:
         """Model, shapes, backend, config, probe seed, library versions, date (a copy)."""
-        import copy
-
         return copy.deepcopy(self._metadata)
 
     @property
@@ -272,13 +109,7 @@ class HeadTaxonomy:
 
     def heads_with(self, label: str, *, primary: bool = False) -> pd.DataFrame:
         """The rows of heads carrying ``label`` (as a flag, or as primary label), best margin first."""
-        if label == UNCLASSIFIED:
-            mask = self._table["primary_label"] == UNCLASSIFIED
-        elif primary:
-            flag_column(label)
-            mask = self._table["primary_label"] == label
-        else:
-            mask = self._table[flag_column(label)]
+        mask = label_mask(self._table, label, primary=primary)
         return self._table[mask].sort_values("margin", ascending=False, kind="stable").reset_index(drop=True)
 
     def relabel(self, thresholds: Any) -> "HeadTaxonomy":
@@ -288,8 +119,6 @@ class HeadTaxonomy:
         taxonomy was made with, ``config.thresholds`` or a whole config. The metadata's
         ``config.thresholds`` is updated.
         """
-        from headclass.taxonomy import label_heads, resolve_thresholds, scores_from_table
-
         if isinstance(thresholds, Mapping):
             current = (self._metadata.get("config") or {}).get("thresholds") or {}
             thresholds = {**current, **thresholds}
@@ -316,10 +145,7 @@ class HeadTaxonomy:
             means = {f"mean_{s}": float(group[s].mean()) for s in CORE_SCORES}
             depth = float(group["relative_depth"].iloc[0])
             for label in LABELS + (UNCLASSIFIED,):
-                if label == UNCLASSIFIED:
-                    count = int((group["primary_label"] == UNCLASSIFIED).sum())
-                else:
-                    count = int(group[flag_column(label)].sum())
+                count = int(label_mask(group, label).sum())
                 primary = int((group["primary_label"] == label).sum())
                 rows.append({"layer": int(layer), "relative_depth": depth, "label": label,
                              "count": count, "fraction": count / n,
@@ -343,10 +169,7 @@ class HeadTaxonomy:
         n = len(t)
         rows = []
         for label in LABELS + (UNCLASSIFIED,):
-            if label == UNCLASSIFIED:
-                mask = t["primary_label"] == UNCLASSIFIED
-            else:
-                mask = t[flag_column(label)]
+            mask = label_mask(t, label)
             sub = t[mask]
             best = ""
             if len(sub):

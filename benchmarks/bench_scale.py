@@ -1,0 +1,237 @@
+"""Benchmark: memory and time of ``classify`` on three model sizes, against plain transformers.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_scale.py                                   # the three models, float32
+    python benchmarks/bench_scale.py --model qwen2.5-coder-0.5b --dtype float32,bfloat16
+    python benchmarks/bench_scale.py --model smollm2-135m --breakdown   # memory per stage
+
+For each model (aliases ``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``; the first
+use fetches and dequantises them into the cache, reported apart) and dtype, two fresh
+subprocesses run one after the other, never at once:
+
+(a) ``headclass``: ``load_model(alias, dtype=...)`` then ``classify(model)`` with the defaults
+    (probes, batch size, every pattern and weight score), as ``headclass classify`` runs them;
+(b) ``transformers``: ``AutoModelForCausalLM.from_pretrained(folder, dtype=...)`` of the same
+    cached folder, then a bare forward (``model.model(ids)``: no unembedding, default
+    attention kernel, ``torch.no_grad()``) over the very probe batches (a) used.
+
+Peak memory is the kernel's ``VmHWM`` (peak RSS). ``peak/weights`` divides the peak above the
+interpreter's RSS after imports (torch, transformers, TransformerLens: ~0.5-0.8 GB, the same for
+any model) by the bytes of the model's weights in the dtype used (the tensors of the cached
+``model.safetensors``, converted to that dtype); the total peak is printed beside it. Goals:
+``peak/weights <= 1.5``; ``classify/forward <= 1.3`` (classify time, load excluded, over the
+bare forward's time); load time is shown beside transformers' ``from_pretrained``.
+
+``--breakdown`` also reports, in (a), the peak above the RSS before each stage: load, the
+per-head weight cache (``W_Q, W_K, W_V, W_O, W_E, W_U``, GQA expanded), pattern scores, weight
+scores. A JSON line per run follows the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+GB = 1e9
+
+
+def vm_hwm() -> int:
+    """Peak RSS of this process in bytes since start or the last :func:`reset_hwm`."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+
+
+def vm_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024
+
+
+def reset_hwm() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def weight_bytes(folder: Path, dtype_name: str) -> int:
+    """Bytes of the folder's tensors in ``dtype_name`` (safetensors headers only)."""
+    import torch
+    from safetensors import safe_open
+
+    size = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                n = 1
+                for dim in shape:
+                    n *= dim
+                total += n * size
+    return total
+
+
+def _import_stack() -> None:
+    """Import what every model needs, so the baseline RSS holds the fixed cost of the libraries."""
+    import transformer_lens  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
+# -- children ----------------------------------------------------------------------------------
+
+def child_prepare(alias: str) -> dict:
+    """Fetch and dequantise the alias into the cache (once); report what it cost."""
+    from headclass.loading import _dequantised_folder
+    from headclass.loading.aliases import cache_dir, model_aliases
+
+    folder = cache_dir() / alias / "hf"
+    cached = (folder / "config.json").is_file()
+    start = time.perf_counter()
+    folder = _dequantised_folder(model_aliases()[alias])
+    return {"folder": str(folder), "dequantised_now": not cached,
+            "prepare_s": time.perf_counter() - start, "prepare_peak": vm_hwm()}
+
+
+def child_headclass(alias: str, dtype: str, tokens_out: str, breakdown: bool) -> dict:
+    import torch
+
+    import headclass
+    from headclass.config import load_config
+    from headclass.probes import default_probes
+
+    _import_stack()
+    base = vm_rss()
+    reset_hwm()
+    start = time.perf_counter()
+    model = headclass.load_model(alias, dtype=dtype)
+    out = {"load_s": time.perf_counter() - start, "load_peak": vm_hwm() - base,
+           "n_params_tl": model.n_params, "base_rss": base}
+    cfg = load_config(None)
+    probes = default_probes(model, cfg)
+    torch.save([p.tokens for p in probes], tokens_out)
+    if breakdown:
+        from headclass.scores.patterns import pattern_scores
+        from headclass.scores.weights import weight_scores
+
+        for stage, run in (
+            ("weights", lambda: [getattr(model, k) for k in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U")]),
+            ("patterns", lambda: pattern_scores(model, probes, config=cfg, progress=False)),
+            ("weight_scores", lambda: weight_scores(model, config=cfg)),
+        ):
+            before = vm_rss()
+            reset_hwm()
+            start = time.perf_counter()
+            run()
+            out[f"{stage}_s"] = time.perf_counter() - start
+            out[f"{stage}_peak_above"] = vm_hwm() - before
+            out[f"{stage}_rss_before"] = before - base
+        return out
+    reset_hwm()
+    start = time.perf_counter()
+    headclass.classify(model, progress=False)
+    out["classify_s"] = time.perf_counter() - start
+    out["peak"] = max(vm_hwm(), out["load_peak"] + base) - base
+    out["peak_total"] = out["peak"] + base
+    return out
+
+
+def child_transformers(folder: str, dtype: str, tokens_in: str, batch_size: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _import_stack()
+    base = vm_rss()
+    reset_hwm()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    out = {"hf_load_s": time.perf_counter() - start}
+    batches = [b for tokens in torch.load(tokens_in) for b in tokens.split(batch_size)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            model.model(input_ids=batch)
+    out["forward_s"] = time.perf_counter() - start
+    out["hf_peak"] = vm_hwm() - base
+    out["n_tokens"] = int(sum(b.numel() for b in batches))
+    return out
+
+
+# -- parent ------------------------------------------------------------------------------------
+
+def run_child(*args: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench(alias: str, dtype: str, breakdown: bool) -> dict:
+    from headclass.config import load_config
+
+    prepared = run_child("prepare", alias)
+    folder = Path(prepared["folder"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = str(Path(tmp) / "tokens.pt")
+        ours = run_child("headclass", alias, dtype, tokens, str(int(breakdown)))
+        theirs = run_child("transformers", str(folder), dtype, tokens, str(load_config(None).probes.batch_size))
+    row = {"model": alias, "dtype": dtype, "weights": weight_bytes(folder, dtype), **prepared, **ours, **theirs}
+    if not breakdown:
+        row["peak_ratio"] = row["peak"] / row["weights"]
+        row["time_ratio"] = row["classify_s"] / row["forward_s"]
+    return row
+
+
+def print_row(row: dict) -> None:
+    w = row["weights"]
+    head = f"{row['model']:<20} {row['dtype']:<9} weights {w / GB:5.2f} GB"
+    if row["dequantised_now"]:
+        print(f"{'':<20} first use: fetch + dequantise {row['prepare_s']:.0f} s, peak {row['prepare_peak'] / GB:.2f} GB")
+    if "classify_s" in row:
+        print(f"{head} | peak {row['peak'] / GB:5.2f} GB = {row['peak_ratio']:.2f}x weights "
+              f"(total RSS {row['peak_total'] / GB:.2f} GB; transformers load+forward {row['hf_peak'] / GB:.2f} GB)"
+              f" | classify {row['classify_s']:6.1f} s / bare forward {row['forward_s']:6.1f} s = {row['time_ratio']:.2f}"
+              f" | load {row['load_s']:5.1f} s (peak {row['load_peak'] / GB:.2f} GB) vs transformers {row['hf_load_s']:.1f} s")
+    else:
+        stages = " | ".join(
+            f"{s}: +{row[f'{s}_peak_above'] / GB:.2f} GB over {row[f'{s}_rss_before'] / GB:.2f} GB in {row[f'{s}_s']:.1f} s"
+            for s in ("weights", "patterns", "weight_scores")
+        )
+        print(f"{head} | load peak {row['load_peak'] / GB:.2f} GB in {row['load_s']:.1f} s | {stages}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, args = sys.argv[2], sys.argv[3:]
+        if kind == "prepare":
+            result = child_prepare(*args)
+        elif kind == "headclass":
+            result = child_headclass(args[0], args[1], args[2], bool(int(args[3])))
+        else:
+            result = child_transformers(args[0], args[1], args[2], int(args[3]))
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=",".join(MODELS), help="comma-separated aliases")
+    parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
+    parser.add_argument("--breakdown", action="store_true", help="memory per stage instead of classify")
+    options = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs; uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    rows = []
+    for alias in options.model.split(","):
+        for dtype in options.dtype.split(","):
+            row = bench(alias, dtype, options.breakdown)
+            print_row(row)
+            rows.append(row)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

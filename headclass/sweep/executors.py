@@ -1,0 +1,139 @@
+"""Executors: run jobs and yield ``(job, result)`` as each finishes; the driver writes the parts.
+
+* :func:`run_local` -- sequential, in this process, one model in memory at a time.
+* :func:`run_ray` -- one Ray task per source. ``ray.init(address=...)`` joins the cluster at
+  ``address`` (or ``$RAY_ADDRESS``); with neither, a Ray instance already started in this
+  process is used, else a local one is started for the run (bound to 127.0.0.1, no
+  dashboard) and stopped after. Each task declares ``num_cpus``, ``memory`` (estimated from
+  the model's size and dtype, see :func:`estimate_memory`) and ``num_gpus`` (when the device
+  is cuda). A task whose worker dies is rerun up to ``max_retries`` times; a source that
+  fails by itself comes back as a failure and is not rerun (``retry_exceptions=False``).
+
+Ray is imported here only, inside :func:`run_ray`: ``pip install "headclass[ray]"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from headclass.errors import MissingDependencyError
+from headclass.sweep.spec import Job, SweepSpec
+from headclass.sweep.work import PartResult, one_line, run_job
+
+__all__ = ["EXECUTORS", "run_local", "run_ray", "estimate_memory", "estimate_params"]
+
+_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+_SIZE = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([mMbB])(?![A-Za-z])")
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1}
+#: What a worker holds besides the model: Python, torch, TransformerLens, probes, buffers.
+BASE_MEMORY = int(1.5 * 2**30)
+#: Copies of the weights alive at the peak: the Hugging Face model, TransformerLens' processed
+#: weights, and the head model's expanded and folded views.
+WEIGHT_COPIES = 3
+
+
+def run_local(jobs: Sequence[Job], spec: SweepSpec, **_: Any) -> Iterator[tuple[Job, PartResult]]:
+    """Run each job in turn in this process."""
+    for job in jobs:
+        yield job, run_job(job)
+
+
+def estimate_params(job: Job) -> Optional[int]:
+    """Parameter count: exact from a local folder's safetensors headers, else from a size in the
+    name (``-135m``, ``0.5b``), else ``None``."""
+    path = Path(job.source)
+    if path.is_dir():
+        total = 0
+        for file in sorted(path.glob("*.safetensors")):
+            with open(file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in info["shape"]:
+                        count *= int(dim)
+                    total += count
+        if total:
+            return total
+        weights = sum(p.stat().st_size for p in path.glob("*.bin"))
+        return weights // 4 if weights else None
+    if path.is_file():
+        return path.stat().st_size // 2  # a quantised GGUF holds ~0.5-2 bytes per weight
+    match = _SIZE.search(job.name) or _SIZE.search(job.source)
+    if match:
+        return int(float(match.group(1)) * (1e6 if match.group(2).lower() == "m" else 1e9))
+    return None
+
+
+def estimate_memory(job: Job, spec: SweepSpec) -> int:
+    """Bytes a task reserves: ``spec.memory_gb`` if given, else a base for the runtime plus
+    :data:`WEIGHT_COPIES` copies of the weights at ``spec.dtype`` (1e9 parameters assumed when
+    the size cannot be told)."""
+    if spec.memory_gb is not None:
+        return int(spec.memory_gb * 2**30)
+    params = estimate_params(job) or 10**9
+    return BASE_MEMORY + WEIGHT_COPIES * params * _BYTES[spec.dtype]
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError('the ray executor needs Ray: pip install "headclass[ray]".') from None
+    return ray
+
+
+def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = None,
+            on_start: Optional[Callable[[str], None]] = None) -> Iterator[tuple[Job, PartResult]]:
+    """Run one Ray task per job; yield results in the order they finish."""
+    ray = _import_ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    started_here = False
+    if address is not None:
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address=address, log_to_driver=False)
+        where = f"joined the Ray cluster at {address}"
+        started_here = True  # disconnect after; the cluster itself keeps running
+    elif ray.is_initialized():
+        where = "using the Ray instance already started in this process"
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False)
+        started_here = True
+        where = "started a local Ray instance for this run"
+    if on_start is not None:
+        on_start(f"{where} ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+    pending: dict[Any, Job] = {}
+    try:
+        remote = ray.remote(run_job)
+        gpus = spec.num_gpus if spec.num_gpus is not None else (1 if spec.device.startswith("cuda") else 0)
+        for job in jobs:
+            task = remote.options(num_cpus=spec.num_cpus, num_gpus=gpus, memory=estimate_memory(job, spec),
+                                  max_retries=spec.max_retries, retry_exceptions=False, name=f"headclass:{job.stem}")
+            pending[task.remote(job)] = job
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                job = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # worker lost more than max_retries times, or a Ray error
+                    result = PartResult(ok=False, seconds=float("nan"), pid=-1, host="", peak_rss_mb=float("nan"),
+                                        error_type=type(exc).__name__, error=one_line(exc).split(" Traceback")[0])
+                yield job, result
+    finally:
+        for ref in pending:  # left only when the driver stops early (an error, Ctrl-C)
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+
+
+#: Executor name -> function ``(jobs, spec, address=...) -> iterator of (job, result)``.
+EXECUTORS: dict[str, Callable[..., Iterator[tuple[Job, PartResult]]]] = {"local": run_local, "ray": run_ray}
