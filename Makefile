@@ -4,7 +4,7 @@ VENV := .venv
 LEGACY := .venv-tl3
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test test-legacy bench clean
+.PHONY: demo test test-legacy lint bench clean
 
 # torch==2.13.0 first: that spelling takes the CPU wheel; a plain `torch` would pull CUDA.
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,12 @@ test: $(VENV)/.installed $(LEGACY)/.installed
 
 test-legacy: $(LEGACY)/.installed
 	$(LEGACY)/bin/python -m pytest -q tests/loading
+
+# ruff (lint + format check) and mypy, configured in pyproject.toml; .pre-commit-config.yaml runs the same.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check headclass tests benchmarks
+	$(VENV)/bin/ruff format --check headclass tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
 	for script in benchmarks/bench_*.py; do $(VENV)/bin/python $$script || exit 1; done

@@ -10,8 +10,14 @@ sequences) it times, interleaved within each repeat (the order rotates), and rep
 
 (a) ``bare``    ``model.forward(tokens, return_type=None)`` under ``torch.no_grad()`` (without it,
                 autograd keeps every layer's activations: ~9 GB more peak memory on this batch);
-(b) ``scores``  :func:`headclass.scores.patterns.pattern_scores_single_pass`: ALL pattern scores,
-                one forward pass with every layer's pattern reduced inside its hook;
+(b) ``scores``  :func:`headclass.scores.patterns.pattern_measurement` on a probe that feeds EVERY
+                registered score: the core scores with their standard errors, both attention
+                budgets (text and repeated classes, base rates, lifts, SEs) and both positional
+                consistencies, one forward pass (batch_size = the batch) with every layer's
+                pattern reduced inside its hook. Worst case: a real run splits the budgets
+                between the text and the repeated probe;
+(b') ``core``   (with ``--core``) :func:`pattern_scores_single_pass` restricted to the 8 core
+                scores (+ SEs), for comparison with the figures before the budget existed;
 (c) ``detect``  TransformerLens' ``detect_head`` for previous-token, duplicate-token and
                 induction heads on the same batch (three calls; each runs a cached forward per
                 sequence, as ``detect_head`` does for a list of prompts);
@@ -24,8 +30,9 @@ and reads ``VmHWM`` after the run. The reported figure is the peak above the RSS
 run, so model loading does not count. Claim checked: scores peak <= bare peak + one layer's
 pattern tensor (``batch * heads * pos * pos * 4`` bytes).
 
-Prints a table, the ratios ``scores / bare`` (goal <= 1.3) and ``detect / scores`` (goal >= 3),
-and a JSON line with every figure.
+Also times (not a forward) ``bootstrap``: 200 replicates of every score from the per-sequence
+sums. Prints a table, the ratios ``scores / bare`` (goal <= 1.1) and ``detect / scores`` (goal
+>= 3), and a JSON line with every figure. ``--no-detect`` skips (c) and (c').
 """
 
 from __future__ import annotations
@@ -44,7 +51,13 @@ import torch
 
 import headclass
 from headclass import probes
-from headclass.scores.patterns import detect_head_scores, pattern_scores_single_pass
+from headclass.scores.patterns import (
+    PATTERN_SCORES,
+    SCORE_NAMES,
+    pattern_measurement,
+    pattern_scores_single_pass,
+)
+from headclass.testing import FixedTokens, detect_head_scores
 
 HEAD_TYPES = ("previous_token", "duplicate_token", "induction")
 
@@ -56,16 +69,15 @@ def make_probe(model, n_sequences: int, n_positions: int, seed: int = 0):
     probe = probes.repeated(model, n_sequences, segment, n_repeats=3, seed=seed)
     if probe.n_positions < n_positions:  # pad with a 4th partial copy to reach the exact length
         probe = probes.repeated(model, n_sequences, segment, n_repeats=4, seed=seed)
-    return probes.from_tokens(model, probe.tokens[:, :n_positions], name="bench")
+    return probes.from_tokens(model, probe.tokens[:, :n_positions], name="bench",
+                              scores=frozenset(PATTERN_SCORES))  # feeds every score, text and _rep
 
 
 def detect_cached(model, tokens):
     """detect_head for the three types with one shared cache per sequence."""
     from transformer_lens.head_detector import detect_head
 
-    from headclass.scores.patterns import _FixedTokens
-
-    stand_in = _FixedTokens(model.tl_model, tokens)
+    stand_in = FixedTokens(model.tl_model, tokens)
     names = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
              "induction": "induction_head"}
     totals = {name: 0.0 for name in HEAD_TYPES}
@@ -84,14 +96,22 @@ def bare_forward(model, tokens):
         return model.forward(tokens, return_type=None)
 
 
-def variants(model, probe, with_cached: bool):
+def full_pass(model, probe):
+    """Every registered score on one batch, one forward pass."""
+    return pattern_measurement(model, probe, batch_size=probe.n_sequences, progress=False)
+
+
+def variants(model, probe, with_cached: bool, with_detect: bool = True, with_core: bool = False):
     tokens = probe.tokens
     out = {
         "bare": lambda: bare_forward(model, tokens),
-        "scores": lambda: pattern_scores_single_pass(model, probe),
-        "detect": lambda: [detect_head_scores(model, tokens, name) for name in HEAD_TYPES],
+        "scores": lambda: full_pass(model, probe),
     }
-    if with_cached:
+    if with_core:
+        out["core"] = lambda: pattern_scores_single_pass(model, probe, scores=SCORE_NAMES)
+    if with_detect:
+        out["detect"] = lambda: [detect_head_scores(model, tokens, name) for name in HEAD_TYPES]
+    if with_detect and with_cached:
         out["detect_cached"] = lambda: detect_cached(model, tokens)
     return out
 
@@ -110,11 +130,11 @@ def child(args) -> None:
     model = headclass.load_model(args.model)
     probe = make_probe(model, args.n_sequences, args.n_positions)
     small = make_probe(model, 2, 32)
-    variants(model, small, True)[args.child]()  # warm-up: lazy initialisation off the books
+    variants(model, small, True, args.child.startswith("detect"), args.child == "core")[args.child]()  # warm-up
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = rss_kib("VmRSS")
     start = time.perf_counter()
-    variants(model, probe, True)[args.child]()
+    variants(model, probe, True, args.child.startswith("detect"), args.child == "core")[args.child]()
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM")
     print(json.dumps({"variant": args.child, "rss_before_mib": before / 1024,
@@ -124,12 +144,12 @@ def child(args) -> None:
 
 def measure_memory(args) -> dict:
     results = {}
-    for name in ("bare", "scores", "detect"):
+    for name in ("bare", "scores") + (() if args.no_detect else ("detect",)):
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model,
                "--n-sequences", str(args.n_sequences), "--n-positions", str(args.n_positions),
                "--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
             raise RuntimeError(f"memory child {name} failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(lines[-1])
@@ -149,6 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--detect-cached", action="store_true", help="also time (c') detect_cached")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
+    parser.add_argument("--no-detect", action="store_true", help="skip the detect_head variants")
+    parser.add_argument("--core", action="store_true", help="also time (b') the core scores alone")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -164,8 +186,9 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    runs = variants(model, probe, args.detect_cached)
-    small = variants(model, make_probe(model, 2, 32), args.detect_cached)
+    detect = not args.no_detect
+    runs = variants(model, probe, args.detect_cached, detect, args.core)
+    small = variants(model, make_probe(model, 2, 32), args.detect_cached, detect, args.core)
     for fn in small.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -182,16 +205,26 @@ def main() -> None:
             print(f"  repeat {repeat + 1}/{args.repeats} {name:13s} {times[name][-1]:8.2f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
+    measured = full_pass(model, probe)
+    start = time.perf_counter()
+    measured.bootstrap(200, seed=0)
+    bootstrap_s = time.perf_counter() - start
+    print(f"  bootstrap: 200 replicates of every score from the per-sequence sums in {bootstrap_s:.2f} s")
+    budget = [k for k in measured.scores if k.startswith("budget_rep_") and k.count("_") == 2]
+    total = sum(measured.scores[k] for k in budget)
+    print(f"  budget_rep classes {len(budget)}: max |sum - 1| = {float((total - 1).abs().max()):.2e}")
+
     median = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}
     print(f"\n{'variant':14s} {'median s':>9s} {'min s':>9s}   all")
     for name in names:
         print(f"{name:14s} {median[name]:9.2f} {best[name]:9.2f}   "
               + " ".join(f"{t:.2f}" for t in times[name]))
-    ratios = {
-        "scores/bare": median["scores"] / median["bare"],
-        "detect/scores": median["detect"] / median["scores"],
-    }
+    ratios = {"scores/bare": median["scores"] / median["bare"]}
+    if "core" in median:
+        ratios["core/bare"] = median["core"] / median["bare"]
+    if "detect" in median:
+        ratios["detect/scores"] = median["detect"] / median["scores"]
     if "detect_cached" in median:
         ratios["detect_cached/scores"] = median["detect_cached"] / median["scores"]
     for key, value in ratios.items():
@@ -206,6 +239,7 @@ def main() -> None:
     print(json.dumps({"model": model.name, "batch": B, "positions": P, "threads": torch.get_num_threads(),
                       "cpus": os.cpu_count(), "machine": platform.machine(), "times_s": times,
                       "median_s": median, "ratios": ratios, "layer_pattern_mib": layer_pattern_mib,
+                      "bootstrap_200_s": bootstrap_s,
                       "memory": memory}))
 
 

@@ -4,6 +4,7 @@ Data flows one way: a source (hub name, folder, GGUF file, model object) -> :cla
 -> scores (pure functions of tensors) -> taxonomy (a tidy DataFrame) -> report.
 """
 
+import headclass._startup  # noqa: F401  (first: the CLI's Ctrl-C guard during the imports below)
 from headclass._version import __version__
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import (

@@ -47,11 +47,24 @@ def atomic_write(path: PathLike, write_to: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write_to(tmp)
+        _chmod_like(tmp, target)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _chmod_like(tmp: Path, target: Path) -> None:
+    """Give the temporary (``mkstemp`` makes it 0600) the target's mode, or for a new file the
+    mode a plain ``open()`` would give (0666 less the umask)."""
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
 
 
 def write_text(path: PathLike, text: str) -> Path:
@@ -168,8 +181,16 @@ class FolderPublication:
     # -- staging ---------------------------------------------------------------------------------
     def __enter__(self) -> "FolderPublication":
         base = self.out if self.out.is_dir() else _nearest_existing(self.out)
-        self._root = Path(tempfile.mkdtemp(prefix=".headclass-staging-", dir=base))
-        (self._root / "new").mkdir()
+        try:
+            self._root = Path(tempfile.mkdtemp(prefix=".headclass-staging-", dir=base))
+        except OSError as exc:
+            raise PublishError(f"cannot stage the outputs in {str(base)!r} ({_reason(exc)}); "
+                               f"nothing in {str(self.out)!r} was changed.") from None
+        try:
+            (self._root / "new").mkdir()
+        except BaseException as exc:  # __exit__ does not run when __enter__ fails
+            _remove_tree(self._root)
+            raise _publish_error(self.out, exc) from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -328,14 +349,12 @@ def _remove_tree(path: Path, attempts: int = 3) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without folder fds
+    """Make the renames in ``folder`` durable (POSIX; a failure here fails the publication)."""
+    if os.name == "nt":  # pragma: no cover - folders cannot be opened for fsync on Windows
         return
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
     finally:
         os.close(fd)
 

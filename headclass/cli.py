@@ -17,12 +17,13 @@ input and fault, with its message: ``docs/failure-modes.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 __all__ = ["main", "build_parser", "DEMO_MODEL"]
 
@@ -41,6 +42,7 @@ examples:
   headclass classify ./my-model-folder --ablation # also ablate every head (slow)
   headclass classify model.Q4_1.gguf --out out/
   headclass compare smollm2-135m gpt2 --out compare/
+  headclass sweep sweep.yaml --out sweep/ --executor ray   # many models / checkpoints
 
 MODEL is an alias (smollm2-135m, gpt2-small, ...), a hub name TransformerLens knows, a
 save_pretrained folder or a .gguf file. A config file lists only the keys it changes
@@ -104,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
+
+    sweep = commands.add_parser(
+        "sweep", help="classify every model of a sweep spec (locally or on Ray), resumably",
+        description="Classify every source listed in SPEC (models and training checkpoints), merge "
+                    "the tables into DIR/sweep.parquet and write DIR/sweep.html. Finished sources are "
+                    "skipped on the next run; a failing source is recorded in DIR/failures.json while "
+                    "the others finish (exit status 1). See headclass.sweep.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("spec", metavar="SPEC.yaml")
+    sweep.add_argument("--out", metavar="DIR", required=True, help="output folder (reused parts live in DIR/parts)")
+    sweep.add_argument("--executor", default="local", choices=("local", "ray"),
+                       help="local: one model at a time in this process (default); ray: one task per source")
+    sweep.add_argument("--address", metavar="ADDR", default=None,
+                       help="Ray cluster to join (default: $RAY_ADDRESS; none: a local Ray instance for the run)")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")
     return parser
 
 
@@ -113,13 +130,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0: success; 1: an error (one line on stderr, ``--debug`` for the traceback); 130: Ctrl-C,
     with one line that says whether anything was written.
     """
+    import warnings
+
+    from headclass._startup import release
+
     run = _Run()
+    _shown_warnings.clear()
     try:
+        release()  # from here on, Ctrl-C is a KeyboardInterrupt handled below
         args = build_parser().parse_args(argv)
         handlers: dict[str, Callable[[argparse.Namespace, _Run], None]] = {
-            "classify": _classify, "compare": _compare, "demo": _demo}
+            "classify": _classify, "compare": _compare, "demo": _demo, "sweep": _sweep}
         try:
-            handlers[args.command](args, run)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                handlers[args.command](args, run)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # the boundary: only our own and input errors become one line
@@ -131,6 +156,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(run.interrupted_message(), file=sys.stderr)
         return 130
     return 0
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                  line: Optional[str] = None) -> None:
+    """headclass' own warnings as one line, ``headclass: warning: ...`` (each text once)."""
+    import warnings
+
+    from headclass.errors import HeadclassWarning
+
+    if not issubclass(category, HeadclassWarning):
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+        return
+    text = f"headclass: warning: {_one_line(message)}"
+    if text not in _shown_warnings:
+        _shown_warnings.add(text)
+        print(text, file=sys.stderr, flush=True)
+
+
+_shown_warnings: set[str] = set()
 
 
 def _is_user_error(exc: BaseException) -> bool:
@@ -171,6 +215,9 @@ class _Run:
         if self.phase == "published":
             return (f"headclass: interrupted after publishing; all {len(self.written)} files were "
                     f"written to {self.out}/: {', '.join(self.written)}.")
+        if self.phase == "sweeping":
+            return (f"headclass: interrupted while sweeping; the sources finished so far are kept in "
+                    f"{self.out}/ (run the same command again to resume).")
         where = _PHASES.get(self.phase)
         unchanged = f" ({self.out} is unchanged)" if self.out is not None else ""
         return f"headclass: interrupted{' ' + where if where else ''}; nothing was written{unchanged}."
@@ -248,6 +295,20 @@ def _demo(args: argparse.Namespace, run: _Run) -> None:
     _print_files(out, written)
     print()
     print(_summary_text(taxonomy))
+
+
+def _sweep(args: argparse.Namespace, run: _Run) -> None:
+    """The work is :func:`headclass.sweep.sweep`'s (it writes each file atomically itself)."""
+    from headclass.sweep import sweep
+
+    _check_out(args.out, run)
+    run.enter("sweeping")
+    result = sweep(args.spec, out=args.out, executor=args.executor, address=args.address,
+                   progress=not args.quiet)
+    print(result.summary_line())
+    if result.failures:
+        raise _CliError(f"{len(result.failures)} of {len(result.models)} sources failed "
+                        f"({', '.join(f['name'] for f in result.failures)}); see {result.out / 'failures.json'}")
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -454,12 +515,14 @@ def _publish(out: Path, files: dict[str, Callable[[Path], None]], fields: dict, 
         entries = []
         for name, write in files.items():
             path = publication.path(name)
-            write(path)
-            if not path.is_file():  # pragma: no cover - a writer that wrote nothing
-                raise PublishError(f"writing {name} produced no file.")
-            entries.append({"name": name, "sha256": _sha256(path), "bytes": path.stat().st_size})
+            with _staging_errors(name, out):
+                write(path)
+                if not path.is_file():  # pragma: no cover - a writer that wrote nothing
+                    raise PublishError(f"writing {name} produced no file.")
+                entries.append({"name": name, "sha256": _sha256(path), "bytes": path.stat().st_size})
         doc = {"kind": _MANIFEST_KIND, "version": 1, **fields, "files": entries}
-        write_text(publication.path(MANIFEST_NAME), json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        with _staging_errors(MANIFEST_NAME, out):
+            write_text(publication.path(MANIFEST_NAME), json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
         stale = sorted(name for name in owned if name not in files and name != MANIFEST_NAME)
         try:
             publication.commit(remove=stale, on_hold=lambda: run.enter("publishing"))
@@ -479,6 +542,20 @@ def _publish(out: Path, files: dict[str, Callable[[Path], None]], fields: dict, 
 
 
 _MANIFEST_KIND = "headclass.run"
+
+
+@contextlib.contextmanager
+def _staging_errors(name: str, out: Path) -> Iterator[None]:
+    """A file-system error while staging ``name``: say which file, and that --out is unchanged."""
+    from headclass.atomic import PublishError
+
+    try:
+        yield
+    except PublishError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PublishError(f"cannot write {name} ({reason}); nothing in {str(out)!r} was changed.") from None
 
 
 def _read_manifest(out: Path) -> dict[str, str]:

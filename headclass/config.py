@@ -115,6 +115,16 @@ class Thresholds(_Strict):
     copy_eigen: float = Field(ge=-1.0, le=1.0)
     copy_topk: float = _Fraction
     copy_suppression_topk: float = _Fraction
+    local: float = _Fraction
+    local_max_single_offset: float = _Fraction
+    delimiter: float = _Fraction
+    delimiter_lift: float = Field(ge=1.0)
+    content: float = _Fraction
+    content_max_consistency: float = _Fraction
+    successor: float = _Fraction
+    no_op_max_gain: float = Field(ge=0.0)
+    mixed_min_share: float = _Fraction
+    mixed_min_total: float = _Fraction
 
 
 class AblationConfig(_Strict):

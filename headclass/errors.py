@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "HeadclassError",
+    "OptionError",
     "ModelNotFoundError",
     "HubUnreachableError",
     "UnsupportedArchitectureError",
@@ -24,6 +25,11 @@ __all__ = [
 
 class HeadclassError(Exception):
     """Base class of every error headclass raises on purpose."""
+
+
+class OptionError(HeadclassError, ValueError):
+    """An option has a value it cannot take: an unknown dtype, backend or device, a revision for
+    a source that has none."""
 
 
 class ModelNotFoundError(HeadclassError, ValueError):

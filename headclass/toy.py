@@ -45,7 +45,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -557,7 +557,7 @@ def toy_model(
     return folder
 
 
-def toy_config(seq_len: int = 64, segment_length: Optional[int] = None) -> dict[str, Any]:
+def toy_config(seq_len: Optional[int] = None, segment_length: Optional[int] = None) -> dict[str, Any]:
     """Config overrides that fit a toy model's short context (pass to :func:`load_config`).
 
     The defaults probe with 2 x 64 repeated tokens and 128-token texts, longer than a toy's
@@ -565,6 +565,8 @@ def toy_config(seq_len: int = 64, segment_length: Optional[int] = None) -> dict[
     ``segment_length`` tokens (default ``(seq_len - 1) // 2 - 4``, within the training
     range of segment lengths) and texts cut to ``seq_len`` tokens. Thresholds stay the defaults.
     """
+    if seq_len is None:  # the toy models' own context (ToySpec.seq_len)
+        seq_len = ToySpec(n_layers=1).seq_len
     if segment_length is None:
         segment_length = (seq_len - 1) // 2 - 4
     if 1 + 2 * segment_length > seq_len:

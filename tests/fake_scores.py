@@ -22,6 +22,7 @@ def neutral_scores(n_layers: int = 2, n_heads: int = 3, max_offset: int = 4) -> 
     scores["max_attention"] = torch.ones(n_layers, n_heads)
     scores["copy_eigen"] = torch.full((n_layers, n_heads), -1.0)
     scores["fixed_offset"] = torch.zeros(n_layers, n_heads, max_offset)
+    scores["ov_gain_relative"] = torch.ones(n_layers, n_heads)  # writes like a typical head: transform
     return scores
 
 
@@ -36,6 +37,7 @@ def random_scores(n_layers: int, n_heads: int, seed: int = 0, *, ablation: bool 
     scores["copy_eigen"] = rand(n_layers, n_heads) * 2 - 1
     scores["max_attention"] = 1 - scores["diffuse_entropy"] * 0.9
     scores["fixed_offset"] = rand(n_layers, n_heads, 6) ** 3
+    scores["ov_gain_relative"] = rand(n_layers, n_heads) * 2
     if ablation:
         scores["ablation_induction_dloss"] = rand(n_layers, n_heads) * 0.1
         scores["ablation_text_dloss"] = rand(n_layers, n_heads) * 0.1

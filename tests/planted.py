@@ -29,6 +29,26 @@ Head recipes (:data:`RECIPES`):
 ``duplicate_token``  GAP [tok(j) == tok(i)] - 2 GAP [j == i]: earlier copies, never itself.
 ``offset3``          q_i . k_j = GAP [j == i - 3] (a fixed-offset head, best k = 3).
 ``bos_and_current``  GAP on key 0 and on key i: half BOS, half self (an unrelated mix).
+``local3``           q_i . k_j = GAP [i - 3 <= j <= i - 1]: uniform over the 3 previous tokens.
+``delimiter``        GAP on keys holding a delimiter token (``DELIMITER_IDS``: ".", ",", "\n"),
+                     GAP / 2 on key 0: the delimiters wherever they are, else BOS.
+``content``          the same for one class of ordinary words (``CONTENT_IDS``): attention
+                     decided by which tokens are present, not by their position.
+
+OV recipes (:data:`OV_RECIPES`, the ``ov_layout`` of :func:`build_planted_gpt2`; by default a
+``previous_token`` head writes ``previous`` and every other head writes nothing, W_V = W_O = 0):
+
+``previous``         reads token t, writes it into ``PT`` (what induction K-composes with).
+``copy``             reads token t, writes ``T[t]``: the OV circuit maps each token to itself.
+``transform``        reads token t, writes ``TRANSFORM[t] @ T`` (a random unit mix of the other,
+                     non-digit tokens): a substantial output that neither raises nor lowers the
+                     attended token.
+``successor``        reads digit i (``DIGIT_IDS``), writes digit i + 1 (Gould et al. 2023), plus
+                     0.3 x the ``transform`` mix (which raises no digit) for every token.
+``noop``             reads token t, writes ``NOOP_SCALE * TRANSFORM[t] @ T``: almost nothing.
+
+Heads that write anything but ``previous`` sit in the last layer, so no later attention sees
+their output and every planted pattern stays exact.
 
 Import from tests as ``from planted import ...`` (pytest puts ``tests/`` on ``sys.path``
 through ``tests/conftest.py``).
@@ -51,6 +71,17 @@ import torch
 import headclass
 
 __all__ = [
+    "ROLES_LAYOUT",
+    "ROLES_OV_LAYOUT",
+    "WORDS",
+    "DIGIT_IDS",
+    "DELIMITER_IDS",
+    "CONTENT_IDS",
+    "TRANSFORM",
+    "NOOP_SCALE",
+    "OV_RECIPES",
+    "save_planted_tokenizer",
+    "planted_roles_model",
     "VOCAB",
     "N_CTX",
     "D_MODEL",
@@ -75,6 +106,34 @@ PLANTED_OFFSET = 3  # the offset of the ``offset3`` recipe
 ATTENTION_LAYOUT = (
     ("previous_token", "current_token", "bos", "diffuse"),
     ("induction", "duplicate_token", "offset3", "bos_and_current"),
+)
+
+
+#: The vocabulary of :func:`save_planted_tokenizer` (id = index): BOS/EOS, an unknown-word
+#: token, the digits (an ordinal sequence), three delimiters and 17 common English words.
+WORDS = (("<|endoftext|>", "<unk>") + tuple(str(i) for i in range(10)) + (".", ",", "\n")
+         + ("the", "of", "and", "a", "to", "in", "is", "that", "it", "as", "for", "was", "on",
+            "with", "by", "are", "be"))
+DIGIT_IDS = tuple(range(2, 12))          # "0" .. "9"
+DELIMITER_IDS = (12, 13, 14)             # ".", ",", "\n"
+CONTENT_IDS = (15, 16, 17, 18)           # "the", "of", "and", "a"
+#: The ``transform`` head writes ``sum_j TRANSFORM[t, j] T[j]`` when it reads token ``t``: a
+#: seeded random unit mix of the non-digit tokens other than ``t``, so the attended token's own
+#: logit lands in the middle of the others (neither raised nor lowered) and no digit is raised.
+TRANSFORM = torch.randn(32, 32, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+TRANSFORM[:, list(DIGIT_IDS)] = 0.0
+TRANSFORM.fill_diagonal_(0.0)
+TRANSFORM /= TRANSFORM.norm(dim=1, keepdim=True)
+NOOP_SCALE = 1e-4
+
+#: The layout of :func:`planted_roles_model`: attention recipes and OV recipes.
+ROLES_LAYOUT = (
+    ("previous_token", "local3", "delimiter", "content"),
+    ("bos", "current_token", "previous_token", "current_token"),
+)
+ROLES_OV_LAYOUT = (
+    (None, None, None, None),
+    ("transform", "successor", "noop", "copy"),
 )
 
 
@@ -142,6 +201,19 @@ def _recipe_bos_and_current(B, n_ctx, vocab):
     return query, key
 
 
+def _recipe_local3(B, n_ctx, vocab):
+    query = [(B.P[p], j, 1.0) for p in range(n_ctx) for j in range(max(0, p - 3), p)]
+    return query, [(B.P[j], j, 1.0) for j in range(n_ctx)]
+
+
+def _token_class(ids):
+    def recipe(B, n_ctx, vocab):
+        query = [(B.P[p], 0, 1.0) for p in range(n_ctx)]
+        return query, [(B.T[t], 0, 1.0) for t in ids] + [(B.P[0], 0, 0.5)]
+
+    return recipe
+
+
 #: Head recipes: name -> function(basis, n_ctx, vocab) -> (query triples, key triples).
 RECIPES: dict[str, Callable] = {
     "previous_token": _recipe_previous,
@@ -152,15 +224,53 @@ RECIPES: dict[str, Callable] = {
     "duplicate_token": _recipe_duplicate,
     "offset3": _recipe_offset,
     "bos_and_current": _recipe_bos_and_current,
+    "local3": _recipe_local3,
+    "delimiter": _token_class(DELIMITER_IDS),
+    "content": _token_class(CONTENT_IDS),
+}
+
+
+def _ov_previous(B, vocab):
+    return [(t, B.T[t], B.PT[t]) for t in range(vocab)]
+
+
+def _ov_copy(B, vocab):
+    return [(t, B.T[t], B.T[t]) for t in range(vocab)]
+
+
+def _ov_transform(B, vocab):
+    return [(t, B.T[t], TRANSFORM[t] @ B.T) for t in range(vocab)]
+
+
+def _ov_successor(B, vocab):
+    # digit d -> digit d + 1; on top (and for every other token) the transform's mix at 0.3,
+    # which raises no digit and keeps the attended token's own logit mid-ranked (no ties)
+    nxt = {d: B.T[d + 1] for d in DIGIT_IDS[:-1]}
+    return [(t, B.T[t], nxt.get(t, 0.0) + 0.3 * (TRANSFORM[t] @ B.T)) for t in range(vocab)]
+
+
+def _ov_noop(B, vocab):
+    return [(t, B.T[t], NOOP_SCALE * (TRANSFORM[t] @ B.T)) for t in range(vocab)]
+
+
+#: OV recipes: name -> function(basis, vocab) -> (value dim, direction read, direction written).
+OV_RECIPES: dict[str, Callable] = {
+    "previous": _ov_previous,
+    "copy": _ov_copy,
+    "transform": _ov_transform,
+    "successor": _ov_successor,
+    "noop": _ov_noop,
 }
 
 
 def build_planted_gpt2(layout: Sequence[Sequence[str]] = ATTENTION_LAYOUT, *, seed: int = 0,
-                       gap: float = GAP):
+                       gap: float = GAP, ov_layout=None):
     """A ``GPT2LMHeadModel`` whose head ``(l, h)`` follows recipe ``layout[l][h]``.
 
-    Every layer needs ``N_HEADS`` (4) recipes. Returns ``(hf_model, roles)`` with ``roles``
-    mapping each recipe name to the list of ``(layer, head)`` that use it.
+    Every layer needs ``N_HEADS`` (4) recipes. ``ov_layout`` (same shape, entries from
+    :data:`OV_RECIPES` or None) sets what a head writes; None keeps the default (``previous``
+    for a ``previous_token`` head, nothing otherwise). Returns ``(hf_model, roles)`` with
+    ``roles`` mapping each recipe name to the list of ``(layer, head)`` that use it.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -197,12 +307,14 @@ def build_planted_gpt2(layout: Sequence[Sequence[str]] = ATTENTION_LAYOUT, *, se
                 cols = slice(head * d_head, (head + 1) * d_head)
                 w_attn[:, cols] = w_q
                 w_attn[:, D_MODEL:][:, cols] = w_k
-                if recipe == "previous_token":
-                    # value: the token identity (scaled back to unit length); output: into PT
-                    for t in range(VOCAB):
-                        w_attn[:, 2 * D_MODEL + head * d_head + t] = basis.T[t] / math.sqrt(c2)
-                        w_out[head * d_head + t] = basis.PT[t]
-            writers += recipes.count("previous_token")
+                ov = ov_layout[layer][head] if ov_layout is not None else None
+                if ov is None and recipe == "previous_token":
+                    ov = "previous"
+                # value: the token identity (scaled back to unit length); output: the recipe's
+                for dim, read, write in (OV_RECIPES[ov](basis, VOCAB) if ov else ()):
+                    w_attn[:, 2 * D_MODEL + head * d_head + dim] = read / math.sqrt(c2)
+                    w_out[head * d_head + dim] = write
+                writers += ov == "previous"
             attn.c_attn.weight.copy_(w_attn)
             attn.c_proj.weight.copy_(w_out)
     model.eval()
@@ -241,3 +353,43 @@ def bos_only_model(folder: Path) -> tuple[headclass.HeadModel, dict[str, list[tu
     """
     hf_model, roles = build_planted_gpt2((("bos",) * N_HEADS,))
     return _save_and_load(hf_model, folder, "planted-bos-only"), roles
+
+
+def save_planted_tokenizer(folder: Path) -> Path:
+    """Save a word-level tokenizer over :data:`WORDS` (``"the 3 ."`` -> ``[15, 5, 12]``).
+
+    Whitespace and punctuation split words; unknown words become ``<unk>`` (id 1); id 0 is
+    BOS/EOS/PAD. Each id decodes to its word, so the delimiter ids decode to ".", "," and
+    "\\n" and the digits to "0".."9" (a successor sequence).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = "<|endoftext|>"
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token=special, eos_token=special,
+                            unk_token="<unk>", pad_token=special).save_pretrained(folder)
+    return folder
+
+
+def planted_roles_model(folder: Path) -> tuple[headclass.HeadModel, dict[str, tuple[int, int]]]:
+    """The two-layer planted model of the two-axes roles, with :func:`save_planted_tokenizer`.
+
+    Layer 0 (attention roles, writing nothing but the previous-token head): previous-token
+    (0, 0), local window 1..3 (0, 1), delimiter (0, 2), content (0, 3).
+    Layer 1 (output roles, each with a sharp pattern): transform on a BOS pattern (1, 0),
+    successor on a current-token pattern (1, 1), no-op on a previous-token pattern (1, 2),
+    copy on a current-token pattern (1, 3).
+
+    Returns ``(model, roles)`` with roles ``previous_token``, ``local``, ``delimiter``,
+    ``content``, ``transform``, ``successor``, ``noop``, ``copy``.
+    """
+    hf_model, _ = build_planted_gpt2(ROLES_LAYOUT, ov_layout=ROLES_OV_LAYOUT)
+    path = Path(folder) / "planted-roles"
+    hf_model.save_pretrained(path)
+    save_planted_tokenizer(path)
+    model = headclass.load_model(path, name="planted-roles")
+    roles = {"previous_token": (0, 0), "local": (0, 1), "delimiter": (0, 2), "content": (0, 3),
+             "transform": (1, 0), "successor": (1, 1), "noop": (1, 2), "copy": (1, 3)}
+    return model, roles

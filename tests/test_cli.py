@@ -48,7 +48,8 @@ def test_classify_tiny_folder_writes_csv_json_html(tiny_gpt2_dir, tmp_path):
     done = run("classify", str(tiny_gpt2_dir), "--out", str(out))
     assert done.returncode == 0, done.stderr
     stem = Path(tiny_gpt2_dir).name
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{stem}{s}" for s in (".csv", ".json", ".html"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{stem}{s}" for s in (".csv", ".json", ".html")] + ["headclass-run.json"])
     table = pd.read_csv(out / f"{stem}.csv")
     assert len(table) == 2 * 4 and {"layer", "head", "primary_label"} <= set(table.columns)
     tax = read_json(out / f"{stem}.json")
@@ -62,7 +63,7 @@ def test_classify_other_formats(tiny_gpt2_dir, tmp_path):
     done = run("classify", str(tiny_gpt2_dir), "--out", str(tmp_path / "o"), "--format", "md,parquet", "-q")
     assert done.returncode == 0, done.stderr
     stem = Path(tiny_gpt2_dir).name
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"{stem}.md", f"{stem}.parquet"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["headclass-run.json", f"{stem}.md", f"{stem}.parquet"]
 
 
 def test_bad_model_name(tmp_path):
@@ -74,7 +75,7 @@ def test_bad_model_name(tmp_path):
 
 def test_missing_model_folder(tmp_path):
     done = run("classify", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
-    assert_one_line_error(done, "no file or folder")
+    assert_one_line_error(done, "no such file or folder")
     assert not (tmp_path / "out").exists()
 
 
@@ -103,14 +104,16 @@ def test_failure_while_writing_leaves_no_partial_files(tiny_gpt2_dir, tmp_path, 
     def broken(*args, **kwargs):
         raise ValueError("simulated failure in the HTML report")
 
-    monkeypatch.setattr(report_html, "write_html_report", broken)
+    monkeypatch.setattr(report_html, "render_html_report", broken)
     out = tmp_path / "out"
     out.mkdir()
     status = cli.main(["classify", str(tiny_gpt2_dir), "--out", str(out), "-q"])
     assert status == 1
     assert list(out.iterdir()) == []
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("headclass: warning: ")]
     assert err == ["headclass: error: simulated failure in the HTML report"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
 
 
 def test_demo_prints_summary(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
@@ -120,7 +123,8 @@ def test_demo_prints_summary(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     folder = tmp_path / "headclass-report"
     stem = Path(tiny_gpt2_dir).name
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{stem}{s}" for s in (".csv", ".json", ".html"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{stem}{s}" for s in (".csv", ".json", ".html")] + ["headclass-run.json"])
     assert "heads per label" in out and "top induction heads: L" in out and "top previous-token heads: L" in out
     assert "headclass-report" in out
 
@@ -141,9 +145,9 @@ def test_python_dash_m_and_console_script_agree():
     done = run("--version")
     assert done.returncode == 0 and done.stdout.startswith("headclass ")
     script = Path(sys.executable).with_name("headclass")
-    if script.exists():
-        same = subprocess.run([str(script), "--version"], capture_output=True, text=True)
-        assert same.stdout == done.stdout
+    assert script.is_file(), f"the console script {script} is missing: pip install -e . in this venv"
+    same = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert same.returncode == 0 and same.stdout == done.stdout
 
 
 @pytest.mark.smollm2
@@ -156,7 +160,8 @@ def test_classify_smollm2(tmp_path):
     out = tmp_path / "smollm2"
     done = run("classify", "smollm2-135m", "--config", str(config), "--out", str(out), timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["smollm2-135m.csv", "smollm2-135m.html", "smollm2-135m.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "headclass-run.json", "smollm2-135m.csv", "smollm2-135m.html", "smollm2-135m.json"]
     table = pd.read_csv(out / "smollm2-135m.csv")
     assert len(table) == 30 * 9
     meta = json.loads((out / "smollm2-135m.json").read_text())

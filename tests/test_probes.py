@@ -209,3 +209,64 @@ def test_default_probes_adapt_to_context(tiny_gpt2):
     (rep,) = probes.default_probes(tiny_gpt2)  # no tokenizer: no text probe
     assert rep.n_positions <= tiny_gpt2.n_ctx
     assert rep.n_sequences == 16 and rep.n_induction_positions > 0
+
+
+# -- one validator, one sizing step -----------------------------------------------------------------
+@pytest.mark.parametrize("bad", [
+    torch.zeros(3, dtype=torch.long),                # 1-D
+    torch.zeros(2, 0, dtype=torch.long),             # empty
+    torch.zeros(2, 4),                               # float ids
+    torch.full((2, 4), 10_000, dtype=torch.long),    # outside the vocabulary
+    torch.zeros(1, 65, dtype=torch.long),            # longer than the context
+])
+def test_every_entry_point_gives_the_same_message(tiny_gpt2, bad):
+    messages = []
+    for check in (lambda t: tiny_gpt2.check_tokens(t), lambda t: probes.from_tokens(tiny_gpt2, t, name="tokens")):
+        with pytest.raises(ProbeError) as info:
+            check(bad)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def test_probe_set_is_sized_once_and_says_so(tiny_gpt2):
+    with pytest.warns(probes.HeadclassWarning) as caught:
+        built = probes.build_probe_set(tiny_gpt2, ablation=True)
+    assert len(caught) == 1  # one warning line for everything that shrank
+    message = str(caught[0].message)
+    assert "context of 64 tokens" in message
+    assert "repeated probe was shrunk from 2 x 64 to 2 x 31" in message
+    assert "ablation probe was shrunk from 2 x 64 to 2 x 31" in message
+    assert built.repeated.n_positions == 63 and built.ablation_induction.n_positions == 63
+    assert built.copy_tokens.ndim == 1 and built.text is None and built.ablation_text is None
+
+
+def test_probe_set_without_ablation_builds_no_ablation_probe(tiny_gpt2):
+    built = probes.build_probe_set(tiny_gpt2, {"probes": {"repeated": {"segment_length": 8}}})
+    assert built.ablation_induction is None
+    with pytest.raises(ProbeError, match="ablation=True"):
+        built.ablation_probes
+
+
+def test_a_probe_that_fits_is_not_reported(tiny_gpt2, recwarn):
+    probes.build_probe_set(tiny_gpt2, {"probes": {"repeated": {"segment_length": 8}}})
+    assert not [w for w in recwarn if issubclass(w.category, probes.HeadclassWarning)]
+
+
+@pytest.mark.parametrize("n_positions", [2, 4])
+def test_too_short_a_context_names_the_model_context(tmp_path, n_positions):
+    import headclass
+    from conftest import save_tiny_gpt2
+
+    model = headclass.load_model(save_tiny_gpt2(tmp_path / "short", n_positions=n_positions))
+    with pytest.raises(ProbeError, match=f"has a context of {n_positions} tokens; the repeated probe needs at least 5"):
+        probes.build_probe_set(model)
+
+
+def test_toy_config_fits_the_toy_context():
+    from headclass.toy import ToySpec, toy_config
+
+    cfg = toy_config()
+    seq_len = ToySpec(n_layers=1).seq_len
+    assert cfg["probes"]["text"]["max_tokens"] == seq_len
+    assert 1 + 2 * cfg["probes"]["repeated"]["segment_length"] <= seq_len
+    assert 1 + 2 * cfg["ablation"]["induction_segment_length"] <= seq_len

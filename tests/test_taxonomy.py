@@ -28,8 +28,10 @@ from headclass.taxonomy import (
     flag_column,
 )
 from headclass.taxonomy import RULES, classify, label_heads, label_margins
+from headclass.taxonomy.labelling import EVIDENCE
 
 from fake_scores import neutral_scores, random_scores, random_taxonomy
+from planted import bos_only_model, planted_attention_model
 
 T = load_config().thresholds  # the shipped defaults
 
@@ -69,16 +71,21 @@ def test_each_label_alone(values, label):
     r = single_head(**values)
     assert r["primary_label"] == label
     assert r[flag_column(label)]
-    assert r["labels"] == label
-    assert sum(bool(r[flag_column(other)]) for other in LABELS) == 1
+    # every head also has an output role: transform unless an output label holds
+    extra = [] if RULES[label].axis == "output" else ["transform"]
+    assert r["labels"] == ", ".join([label] + extra)
+    assert sum(bool(r[flag_column(other)]) for other in LABELS) == 1 + len(extra)
     assert 0 < r["margin"] <= 1
+    assert r["output_role"] == (label if RULES[label].axis == "output" else "transform")
+    if RULES[label].axis == "attention":
+        assert r["attention_role"] == label and r["attention_roles"] == label
 
 
 def test_neutral_head_is_unclassified():
     r = single_head()
-    assert r["primary_label"] == UNCLASSIFIED
-    assert r["labels"] == ""
-    assert not any(r[flag_column(label)] for label in LABELS)
+    assert r["primary_label"] == UNCLASSIFIED and r["attention_role"] == UNCLASSIFIED
+    assert r["labels"] == "transform" and r["output_role"] == "transform"  # it writes, like a typical head
+    assert not any(r[flag_column(label)] for label in LABELS if label != "transform")
     assert r["margin"] == -1.0  # every score sits at the far end of its range
 
 
@@ -161,7 +168,8 @@ def test_multi_label_primary_is_largest_normalised_margin():
     # previous-token: (0.9 - 0.4) / 0.6 = 0.833; duplicate-token: (0.7 - 0.4) / 0.6 = 0.5
     r = single_head(previous_token=0.9, duplicate_token=0.7)
     assert r["is_previous_token"] and r["is_duplicate_token"]
-    assert r["labels"] == "previous-token, duplicate-token"
+    assert r["labels"] == "previous-token, duplicate-token, transform"
+    assert r["attention_role"] == "mixed" and r["attention_roles"] == "previous-token, duplicate-token"
     assert r["primary_label"] == "previous-token"
     assert r["margin"] == pytest.approx(0.5 / 0.6)
     # normalised, not raw: current-token 0.5 -> 0.167 loses to copy_topk 0.6 -> 0.2 (eigen 1 -> 1)
@@ -197,7 +205,7 @@ def test_ties_follow_priority():
     # both at the top of the range
     r = single_head(duplicate_token=1.0, current_token=1.0)
     assert r["primary_label"] == "duplicate-token"
-    assert sorted(PRIORITY) == sorted(LABELS)
+    assert sorted(PRIORITY) == sorted(set(LABELS) - {"no-op", "transform"})  # output-only: never primary
 
 
 def test_unclassified_margin_is_nearest_label():
@@ -213,14 +221,16 @@ def test_margin_sign_matches_flags_on_random_scores():
     for label in LABELS:
         flags = table[flag_column(label)].to_numpy()
         m = margins[label].ravel()
-        assert np.array_equal(flags, m >= 0), label
-        assert np.all((m >= -1) & (m <= 1))
+        known = ~np.isnan(m)  # NaN: the evidence was not computed (no budget in these scores)
+        assert np.array_equal(flags[known], m[known] >= 0), label
+        assert not flags[~known].any(), label
+        assert np.all((m[known] >= -1) & (m[known] <= 1))
     classified = table["primary_label"] != UNCLASSIFIED
     assert (table.loc[classified, "margin"] >= 0).all()
     assert (table.loc[~classified, "margin"] < 0).all()
     # the primary label carries the largest margin among the head's labels (mechanisms first)
     for i, r in table[classified].iterrows():
-        mine = [label for label in LABELS if r[flag_column(label)]]
+        mine = [label for label in PRIORITY if r[flag_column(label)]]  # no-op / transform: never primary
         specific = [label for label in mine if label not in FALLBACK_LABELS]
         best = max(margins[label].ravel()[i] for label in (specific or mine))
         assert r["margin"] == pytest.approx(best)
@@ -298,7 +308,7 @@ def test_every_rule_uses_known_scores_and_thresholds():
     assert tuple(RULES) == LABELS
     for rule in RULES.values():
         for cond in rule.conditions:
-            assert cond.score in SCORE_COLUMNS
+            assert cond.score in SCORE_COLUMNS or cond.score in EVIDENCE, cond.score
             assert cond.threshold in known
 
 
@@ -442,13 +452,18 @@ def stand_in_scores(monkeypatch):
     """Replace the score modules by stand-ins returning planted scores; records the calls."""
     calls = {}
 
-    def pattern_scores(model, *, config=None, probes=None, progress=True):
+    def pattern_measurement(model, *, config=None, probes=None, progress=True):
         calls["patterns"] = dict(config=config, probes=probes, progress=progress)
         s = random_scores(model.n_layers, model.n_heads, seed=5)
         out = {k: v for k, v in s.items() if k not in ("copy_eigen", "copy_topk", "copy_suppression_topk")}
         out["induction"] = torch.zeros(model.n_layers, model.n_heads)
         out["induction"][2, 1] = 0.95
-        return out
+
+        def bootstrap(n, seed=0):  # every replicate equal to the full sample: confidence 1
+            calls["bootstrap"] = dict(n=n, seed=seed)
+            return {"induction": out["induction"].expand(n, -1, -1)}
+
+        return types.SimpleNamespace(scores=out, bootstrap=bootstrap)
 
     def weight_scores(model, *, config=None, tokens=None, progress=True):
         calls["weights"] = dict(config=config, tokens=tokens, progress=progress)
@@ -460,7 +475,7 @@ def stand_in_scores(monkeypatch):
         return {"ablation_induction_dloss": torch.ones(model.n_layers, model.n_heads),
                 "ablation_text_dloss": torch.zeros(model.n_layers, model.n_heads)}
 
-    for name, fn in (("patterns", pattern_scores), ("weights", weight_scores), ("ablation", ablation_scores)):
+    for name, fn in (("patterns", pattern_measurement), ("weights", weight_scores), ("ablation", ablation_scores)):
         mod = types.ModuleType(f"headclass.scores.{name}")
         setattr(mod, fn.__name__, fn)
         monkeypatch.setitem(sys.modules, f"headclass.scores.{name}", mod)
@@ -494,6 +509,8 @@ def test_classify_combines_scores_and_metadata(stand_in_scores):
     # the probe set is built once and each score gets its part of it
     assert stand_in_scores["patterns"]["probes"] == ["pattern probes"]
     assert stand_in_scores["weights"]["tokens"] == "copy tokens"
+    assert stand_in_scores["bootstrap"] == {"n": 200, "seed": 0}  # config.uncertainty
+    assert (t["confidence"] == 1.0).all()  # every replicate keeps every head's attention role
     assert "ablation" not in stand_in_scores
     assert "ablation_text_dloss" not in t.columns
 
@@ -662,8 +679,7 @@ PLANTED_CONFIG = {"probes": {"repeated": {"n_sequences": 4, "segment_length": 24
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    planted_module = pytest.importorskip("planted")
-    model, roles = planted_module.planted_attention_model(tmp_path_factory.mktemp("planted"))
+    model, roles = planted_attention_model(tmp_path_factory.mktemp("planted"))
     return classify(model, PLANTED_CONFIG, progress=False), roles
 
 
@@ -691,8 +707,7 @@ def test_planted_model_labels_nothing_twice_by_accident(planted):
 
 
 def test_real_scores_keep_no_reference_to_the_model(tmp_path):
-    planted_module = pytest.importorskip("planted")
-    model, roles = planted_module.bos_only_model(tmp_path)
+    model, roles = bos_only_model(tmp_path)
     refs = [weakref.ref(model), weakref.ref(model.tl_model)]
     tax = classify(model, PLANTED_CONFIG, progress=False)
     del model
@@ -757,3 +772,21 @@ def test_smollm2_json_round_trip(smollm2_taxonomy, tmp_path):
     back = read_json(smollm2_taxonomy.to_json(tmp_path / "smollm2.json"))
     pd.testing.assert_frame_equal(back.table, smollm2_taxonomy.table)
     assert back.metadata == smollm2_taxonomy.metadata
+
+
+@pytest.mark.slow
+def test_ablation_on_a_trained_toy_model_with_toy_config():
+    """The ablation probes go through the same sizing step as the pattern probes (issue: the
+    ablation's probe of 1 + 2 x 27 tokens once exceeded the toy's 32-token context)."""
+    from headclass.toy import toy_config, toy_model
+
+    model = headclass.load_model(toy_model(2, progress=False), name="toy-2l")
+    tax = classify(model, toy_config(), ablation=True, progress=False)
+    t = tax.table
+    assert t["ablation_induction_dloss"].notna().all() and t["ablation_text_dloss"].notna().all()
+    # the toy's induction head is the head the model needs most on repeated tokens
+    # the heads the model needs most on repeated tokens are its induction circuit: the
+    # previous-token head in layer 0 and the induction heads that read it
+    top = t.loc[t["ablation_induction_dloss"].idxmax()]
+    assert top["is_induction"] or top["is_previous_token"], t[["layer", "head", "induction", "ablation_induction_dloss"]]
+    assert (t.loc[t["is_induction"], "ablation_induction_dloss"] > 0).all()

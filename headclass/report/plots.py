@@ -57,9 +57,16 @@ LABEL_COLORS: dict[str, str] = {
     "current-token": "#17becf",
     "fixed-offset": "#9467bd",
     "copy-suppression": "#8c564b",
+    "local": "#aec7e8",
+    "delimiter": "#e377c2",
+    "content": "#98df8a",
+    "successor": "#ffbb78",
+    "no-op": "#c7c7c7",
+    "transform": "#c5b0d5",
+    "mixed": "#f7b6d2",
     "unclassified": "#e4e4e4",
 }
-_SPARE_COLORS = ("#e377c2", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+_SPARE_COLORS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
                  "#e6550d", "#31a354", "#756bb1", "#636363", "#6baed6")
 _NO_LABEL = "unclassified"
 

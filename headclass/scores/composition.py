@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from headclass.errors import ScoreError
+from headclass.loading.head_model import HeadModelLike
 from headclass.scores.weights import _f32, r_factor
 
 __all__ = ["COMPOSITION_KINDS", "composition_scores", "top_k_composition_partners"]
@@ -67,12 +68,12 @@ def _unit(factors: Tensor) -> Tensor:
     return factors / norms[:, None, None]
 
 
-def _left_factor(model: Any, layer: int) -> Tensor:
+def _left_factor(model: HeadModelLike, layer: int) -> Tensor:
     """``P = R_V W_O`` ``[head, d_head, d_model]``: ``P^T P = W_OV^T W_OV``, unit norm."""
     return _unit(r_factor(model.W_V[layer]) @ _f32(model.W_O[layer]))
 
 
-def _right_factor(model: Any, layer: int, kind: str) -> Tensor:
+def _right_factor(model: HeadModelLike, layer: int, kind: str) -> Tensor:
     """``T`` ``[head, d_model, d_head]`` with ``T T^T = W_B W_B^T`` for the kind, unit norm."""
     if kind == "q":      # W_QK W_QK^T = W_Q (W_K^T W_K) W_Q^T
         factor = _f32(model.W_Q[layer]) @ r_factor(model.W_K[layer]).mT
@@ -104,7 +105,7 @@ class _Packer:
 
 
 def composition_scores(
-    model: Any,
+    model: HeadModelLike,
     *,
     kinds: Union[str, Sequence[str]] = COMPOSITION_KINDS,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,

@@ -8,35 +8,52 @@ OV circuit is ``W_OV = W_V @ W_O`` (``[d_model, d_model]``) and its QK circuit
 built: every quantity goes through ``d_head x d_head`` factors (thin QR of the
 ``[d_model, d_head]`` weights, cyclic permutation of products).
 
-:func:`weight_scores` returns every score below as a ``[layer, head]`` tensor, in one call:
+:func:`weight_scores` returns every score below as a ``[layer, head]`` tensor, in one call. The
+registry :data:`WEIGHT_SCORES` declares each key once (range, one-line description); the table:
 
-==========================  ============  ==========================================================
-key                         range         meaning (function that documents it)
-==========================  ============  ==========================================================
-``copy_eigen``              [-1, 1]       ``sum(eig) / sum(|eig|)`` of the full OV circuit
-                                          ``W_E W_V W_O W_U`` (:func:`copy_eigen_score`)
-``copy_topk``               [0, 1]        fraction of sampled tokens whose own logit is among the
-                                          head's top-k OV logits (:func:`topk_copy_scores`)
-``copy_suppression_topk``   [0, 1]        ... among the k most negative (:func:`topk_copy_scores`)
-``ov_identity_distance``    [0, 1]        relative distance of ``W_OV`` to the best ``c * I``
-``ov_projection_distance``  [0, 1]        relative distance to the best ``c * P_row(W_OV)``
-``ov_norm``                 >= 0          ``||W_OV||_F``
-``ov_norm_relative``        >= 0          ``ov_norm`` / median ``ov_norm`` of the head's layer
-``writes_nothing``          bool          ``ov_norm_relative < writes_nothing_below`` (0.01)
-``ov_effective_rank``       [1, d_head]   participation ratio of ``W_OV``'s singular values
-``qk_effective_rank``       [1, d_head]   the same for ``W_QK``
-``positional_prev_token``   [0, 1]        weights-only previous-token indicator from
-                                          ``W_pos W_QK W_pos^T``; only for learned absolute
-                                          positions (absent for rotary models)
-==========================  ============  ==========================================================
+============================  ============  ========================================================
+key                           range         meaning (function that documents it)
+============================  ============  ========================================================
+``copy_eigen``                [-1, 1]       ``sum(eig) / sum(|eig|)`` of the full OV circuit
+                                            ``W_E W_V W_O W_U`` (:func:`copy_eigen_score`)
+``copy_topk``                 [0, 1]        fraction of sampled tokens whose own logit is among the
+                                            head's top-k OV logits (:func:`topk_copy_scores`)
+``copy_topk_se``              >= 0          its sampling error (:func:`sampling_error`)
+``copy_suppression_topk``     [0, 1]        ... among the k most negative (:func:`topk_copy_scores`)
+``copy_suppression_topk_se``  >= 0          its sampling error
+``successor``                 [0, 1]        fraction of ordinal items (numbers, weekdays, months,
+                                            letters...) whose OV output ranks the next item first
+                                            (:func:`successor_scores`); NaN without such tokens
+``successor_se``              >= 0          its binomial standard error
+``ov_identity_distance``      [0, 1]        relative distance of ``W_OV`` to the best ``c * I``
+``ov_projection_distance``    [0, 1]        relative distance to the best ``c * P_row(W_OV)``
+``ov_norm``                   >= 0          ``||W_OV||_F``
+``ov_norm_relative``          >= 0          ``ov_norm`` / median ``ov_norm`` of the head's layer
+``writes_nothing``            bool          ``ov_norm_relative < weights.writes_nothing_below``
+``ov_gain``                   >= 0          RMS over sampled tokens of ``||x W_OV|| / ||x||``, ``x``
+                                            the token's embedding at unit RMS (:func:`ov_gain_scores`)
+``ov_gain_relative``          >= 0          ``ov_gain`` / the median ``ov_gain`` of the model's heads
+``ov_effective_rank``         [1, d_head]   participation ratio of ``W_OV``'s singular values
+``qk_effective_rank``         [1, d_head]   the same for ``W_QK``
+``positional_prev_token``     [0, 1]        weights-only previous-token indicator from
+                                            ``W_pos W_QK W_pos^T``; only for learned absolute
+                                            positions (absent for rotary models)
+============================  ============  ========================================================
 
 (:func:`ov_svd_scores` documents the five ``ov_*`` / ``qk_*`` keys and ``writes_nothing``;
 :func:`positional_prev_token_score` the last.) The full singular-value spectra, for plots, come
 from :func:`ov_singular_values` and :func:`qk_singular_values`.
 
+What a head writes, in these terms: ``copy_topk`` / ``copy_eigen`` say it raises the token it
+attends to, ``copy_suppression_topk`` that it lowers it, ``successor`` that it raises the next
+item of an ordinal sequence; a head with a substantial output (``ov_gain_relative`` near 1 or
+more) that does none of these transforms what it reads; ``writes_nothing`` (and
+``ov_gain_relative`` near 0) marks a head whose output is negligible.
+
 Sources: Elhage et al. (2021), *A Mathematical Framework for Transformer Circuits* (OV/QK
 circuits, eigenvalue copying score); Wang et al. (2022), *Interpretability in the Wild* (IOI:
-top-k copy score, effective embedding); McDougall et al. (2023), *Copy Suppression*.
+top-k copy score, effective embedding); McDougall et al. (2023), *Copy Suppression*; Gould,
+Ong, Ogden, Conmy (2023), *Successor Heads: Recurring, Interpretable Attention Heads In The Wild*.
 
 Examples
 --------
@@ -50,6 +67,7 @@ torch.Size([30, 9])
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
@@ -57,11 +75,19 @@ from torch import Tensor
 
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ScoreError
+from headclass.loading.head_model import HeadModelLike
 from headclass.probes import ordinary_token_ids
+from headclass.scores.patterns import ScoreInfo
 
 __all__ = [
+    "WEIGHT_SCORES",
     "WEIGHT_SCORE_KEYS",
+    "ORDINAL_SEQUENCES",
     "weight_scores",
+    "successor_sequences",
+    "successor_scores",
+    "ov_gain_scores",
+    "sampling_error",
     "effective_embedding",
     "ov_circuit_eigenvalues",
     "copy_eigen_score",
@@ -77,24 +103,64 @@ __all__ = [
     "r_factor",
 ]
 
-#: Every key :func:`weight_scores` can return (``positional_prev_token`` only for models with
-#: learned absolute position embeddings).
-WEIGHT_SCORE_KEYS: tuple[str, ...] = (
-    "copy_eigen",
-    "copy_topk",
-    "copy_suppression_topk",
-    "ov_identity_distance",
-    "ov_projection_distance",
-    "ov_norm",
-    "ov_norm_relative",
-    "writes_nothing",
-    "ov_effective_rank",
-    "qk_effective_rank",
-    "positional_prev_token",
-)
+def _info(key: str, low: float, high: float, description: str, kind: str = "score") -> ScoreInfo:
+    return ScoreInfo(key, (low, high), (), description, (key,), kind)
 
-#: Default cutoff of ``writes_nothing``: OV norm below 1% of the layer's median.
-WRITES_NOTHING_BELOW = 0.01
+
+_INF = math.inf
+
+#: The registry of weight scores: every key :func:`weight_scores` can return, with its range and
+#: a one-line description (``probes`` is empty: no probe is read). ``positional_prev_token``
+#: only for models with learned absolute position embeddings.
+WEIGHT_SCORES: Mapping[str, ScoreInfo] = {info.name: info for info in (
+    _info("copy_eigen", -1.0, 1.0, "eigenvalue copying score of the full OV circuit"),
+    _info("copy_topk", 0.0, 1.0, "fraction of sampled tokens whose own logit is in the OV top k"),
+    _info("copy_topk_se", 0.0, _INF, "sampling error of copy_topk", "se"),
+    _info("copy_suppression_topk", 0.0, 1.0, "fraction of sampled tokens whose own logit is in the OV bottom k"),
+    _info("copy_suppression_topk_se", 0.0, _INF, "sampling error of copy_suppression_topk", "se"),
+    _info("successor", 0.0, 1.0, "fraction of ordinal items whose OV output ranks the next item first"),
+    _info("successor_se", 0.0, _INF, "binomial standard error of successor", "se"),
+    _info("ov_identity_distance", 0.0, 1.0, "relative distance of W_OV to the best scaled identity"),
+    _info("ov_projection_distance", 0.0, 1.0, "relative distance of W_OV to the best scaled projection"),
+    _info("ov_norm", 0.0, _INF, "Frobenius norm of W_OV"),
+    _info("ov_norm_relative", 0.0, _INF, "ov_norm over the median ov_norm of the head's layer"),
+    _info("writes_nothing", 0.0, 1.0, "ov_norm_relative below weights.writes_nothing_below (bool)"),
+    _info("ov_gain", 0.0, _INF, "RMS over sampled tokens of |x W_OV| / |x| for unit-RMS embeddings x"),
+    _info("ov_gain_relative", 0.0, _INF, "ov_gain over the median ov_gain of the model's writing heads"),
+    _info("ov_effective_rank", 0.0, _INF, "participation ratio of W_OV's singular values"),
+    _info("qk_effective_rank", 0.0, _INF, "participation ratio of W_QK's singular values"),
+    _info("positional_prev_token", 0.0, 1.0, "how often the positional QK circuit prefers the previous position"),
+)}
+
+#: Every key :func:`weight_scores` can return, in registry order.
+WEIGHT_SCORE_KEYS: tuple[str, ...] = tuple(WEIGHT_SCORES)
+
+#: Ordinal sequences for the successor score (Gould et al. 2023), each tried with and without a
+#: leading space; only maximal runs of >= 3 consecutive items that the tokenizer holds as single
+#: tokens are used (:func:`successor_sequences`).
+ORDINAL_SEQUENCES: Mapping[str, tuple[str, ...]] = {
+    "numbers": tuple(str(i) for i in range(201)),
+    "number words": ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+                     "eighteen", "nineteen", "twenty"),
+    "Number words": ("One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten"),
+    "ordinals": ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
+                 "tenth"),
+    "weekdays": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
+    "weekdays lower": ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"),
+    "months": ("January", "February", "March", "April", "May", "June", "July", "August",
+               "September", "October", "November", "December"),
+    "months lower": ("january", "february", "march", "april", "may", "june", "july", "august",
+                     "september", "october", "november", "december"),
+    "letters": tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+    "letters lower": tuple("abcdefghijklmnopqrstuvwxyz"),
+    "roman numerals": ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X"),
+}
+
+_MIN_RUN = 3
+# A successor logit must beat the others by more than this fraction of the row's largest
+# |logit|: logits that are equal up to float rounding are a tie, and a tie never succeeds.
+_TIE_RTOL = 1e-5
 
 # Singular values below this fraction of a head's largest count as zero when the rank of its
 # row space is taken (ov_projection_distance). fp32 factors carry ~1e-6 relative noise.
@@ -111,7 +177,7 @@ def _f32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _layers(model: Any, desc: str, progress: bool) -> Iterable[int]:
+def _layers(model: HeadModelLike, desc: str, progress: bool) -> Iterable[int]:
     layers = range(int(model.n_layers))
     if not progress:
         return layers
@@ -140,48 +206,36 @@ def _check_fraction(name: str, value: float) -> float:
 
 # -- embeddings --------------------------------------------------------------------------------
 
-def effective_embedding(model: Any, *, chunk_size: int = 4096) -> Tensor:
+def effective_embedding(model: HeadModelLike, *, chunk_size: int = 4096) -> Tensor:
     """The token embedding as layer 1 sees it: ``W_E + MLP0(LN(W_E))``, ``[d_vocab, d_model]``.
 
     In GPT-2 the first MLP works as an extension of the embedding, so the IOI paper (Wang et al.
     2022) and the copy-suppression paper (McDougall et al. 2023) read OV circuits of later heads
-    through this "effective embedding" instead of ``W_E``. Here each token embedding goes through
-    the first block's second normalisation and MLP alone: layer 0's attention output and the
+    through this "effective embedding" instead of ``W_E``. Each token embedding goes through the
+    first block's second normalisation and MLP alone: layer 0's attention output and the
     position embedding are left out (the token by itself, as in those papers' simplest form).
 
-    It runs the model's own ``tl_model.blocks[0].ln2`` and ``.mlp`` modules, so it works for both
-    TransformerLens backends and for any MLP they implement (GPT-2's, gated Llama MLPs with
-    RMSNorm, ...). A model without a first MLP (attention-only) or without a TransformerLens
-    model behind it (a test fake) raises :class:`ScoreError`.
+    A thin front door to :meth:`HeadModel.effective_embedding
+    <headclass.loading.head_model.HeadModel.effective_embedding>`. A model without a first MLP
+    (attention-only) or without that method (a test fake) raises :class:`ScoreError`.
     """
-    blocks = getattr(getattr(model, "tl_model", None), "blocks", None)
-    try:
-        block = blocks[0]
-        norm, mlp = block.ln2, block.mlp
-    except (AttributeError, IndexError, TypeError, KeyError):
-        norm = mlp = None
-    if norm is None or mlp is None:
+    method = getattr(model, "effective_embedding", None)
+    if method is None:
         raise ScoreError(
-            f"effective_embedding needs the first block's MLP (tl_model.blocks[0].ln2 and .mlp); "
-            f"model {getattr(model, 'name', model)!r} has none (attention-only, or not a "
-            "TransformerLens model). Use effective_embedding=False."
+            f"effective_embedding needs the first block's MLP; model {getattr(model, 'name', model)!r} "
+            "has none (attention-only, or a model without HeadModel.effective_embedding). "
+            "Use effective_embedding=False."
         )
-    W_E = model.W_E
-    out = torch.empty_like(W_E)
-    with torch.no_grad():
-        for start in range(0, W_E.shape[0], chunk_size):
-            rows = W_E[start:start + chunk_size]
-            out[start:start + chunk_size] = rows + mlp(norm(rows[None]))[0].to(rows.dtype)
-    return out
+    return method(chunk_size)
 
 
-def _embedding(model: Any, effective: bool) -> Tensor:
+def _embedding(model: HeadModelLike, effective: bool) -> Tensor:
     return _f32(effective_embedding(model) if effective else model.W_E)
 
 
 # -- 1. eigenvalue copying score ---------------------------------------------------------------
 
-def _ov_eigenvalues(model: Any, embedding: Tensor, progress: bool = False) -> Tensor:
+def _ov_eigenvalues(model: HeadModelLike, embedding: Tensor, progress: bool = False) -> Tensor:
     # Non-zero eigenvalues of E W_V W_O W_U (vocab x vocab) are those of W_O (W_U E) W_V
     # (d_head x d_head): eig(AB) and eig(BA) share their non-zero part.
     unembed_embed = _f32(model.W_U) @ embedding  # [d_model, d_model], once per model
@@ -192,7 +246,7 @@ def _ov_eigenvalues(model: Any, embedding: Tensor, progress: bool = False) -> Te
     return torch.stack(out)
 
 
-def ov_circuit_eigenvalues(model: Any, *, effective_embedding: bool = False) -> Tensor:
+def ov_circuit_eigenvalues(model: HeadModelLike, *, effective_embedding: bool = False) -> Tensor:
     """Non-zero eigenvalues of every head's full OV circuit, ``Complex[Tensor, "layer head d_head"]``.
 
     The full OV circuit ``W_E W_V W_O W_U`` (``[d_vocab, d_vocab]``: how attending to a source
@@ -220,7 +274,7 @@ def copy_eigen_score(eigenvalues: Tensor) -> Tensor:
 
 # -- 2. top-k copy and copy-suppression scores -------------------------------------------------
 
-def copy_token_sample(model: Any, sample_size: int, *, seed: int = 0) -> Tensor:
+def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) -> Tensor:
     """Sorted ids of ``sample_size`` ordinary tokens drawn without replacement (seeded).
 
     Ordinary: :func:`headclass.probes.ordinary_token_ids` (not BOS or another special token, and
@@ -239,7 +293,7 @@ def copy_token_sample(model: Any, sample_size: int, *, seed: int = 0) -> Tensor:
     return ordinary[chosen].sort().values
 
 
-def _topk_counts(model: Any, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0,
+def _topk_counts(model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0,
                  progress: bool = False) -> tuple[Tensor, Tensor]:
     """Per head, how many sampled tokens are in the top k (copies) and bottom k (suppressions)."""
     W_U = _f32(model.W_U)
@@ -344,7 +398,7 @@ def _rank_counts(x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: 
 
 
 def topk_copy_scores(
-    model: Any,
+    model: HeadModelLike,
     *,
     top_k: int = 5,
     sample_size: int = 2000,
@@ -389,12 +443,153 @@ def topk_copy_scores(
         return _topk_scores(model, _embedding(model, effective_embedding), tokens, top_k, seed, progress)
 
 
-def _topk_scores(model: Any, embedding: Tensor, tokens: Tensor, top_k: int, seed: int,
+def _topk_scores(model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, seed: int,
                  progress: bool) -> dict[str, Tensor]:
     copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device), top_k,
                                         seed=seed, progress=progress)
-    n = float(tokens.numel())
-    return {"copy_topk": copies.float() / n, "copy_suppression_topk": suppressions.float() / n}
+    n = int(tokens.numel())
+    population = int(ordinary_token_ids(model).numel())
+    copy, suppress = copies.float() / n, suppressions.float() / n
+    return {"copy_topk": copy, "copy_topk_se": sampling_error(copy, n, population),
+            "copy_suppression_topk": suppress,
+            "copy_suppression_topk_se": sampling_error(suppress, n, population)}
+
+
+# -- 2b. sampling error, successor heads, output gain -----------------------------------------
+
+def sampling_error(fraction: Tensor, n: int, population: Optional[int] = None) -> Tensor:
+    """Standard error of a fraction measured on ``n`` sampled items: ``sqrt(p (1 - p) / n)``.
+
+    With ``population`` (the number of items the sample is drawn from, without replacement)
+    the finite-population correction ``sqrt((N - n) / (N - 1))`` applies, so a "sample" of the
+    whole population has error 0. NaN where ``fraction`` is NaN or ``n`` is 0.
+    """
+    p = fraction.double()
+    if n <= 0:
+        return torch.full_like(p, math.nan).float()
+    se = (p * (1.0 - p) / n).clamp_min(0.0).sqrt()
+    if population is not None and population > 1:
+        se = se * math.sqrt(max(0.0, (population - n) / (population - 1)))
+    elif population is not None:
+        se = torch.zeros_like(se)
+    return se.float()
+
+
+def successor_sequences(model: HeadModelLike, *, min_length: int = _MIN_RUN) -> list[Tensor]:
+    """The ordinal sequences the model's tokenizer holds as single tokens, as id tensors.
+
+    Every list of :data:`ORDINAL_SEQUENCES` is tried as is and with a leading space; an item
+    counts when it encodes to exactly one id that decodes back to the item (so an unknown-word
+    id never passes). Consecutive counted items form runs; runs of >= ``min_length`` items are
+    kept, duplicates (the same ids twice) once. ``[]`` without a tokenizer.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return []
+    d_vocab = int(model.d_vocab)
+    special = set(model.special_token_ids()) if hasattr(model, "special_token_ids") else set()
+    runs: list[tuple[int, ...]] = []
+    for items in ORDINAL_SEQUENCES.values():
+        for prefix in ("", " "):
+            run: list[int] = []
+            for item in items + (None,):
+                token = None
+                if item is not None:
+                    ids = tokenizer.encode(prefix + item, add_special_tokens=False)
+                    if len(ids) == 1 and 0 <= ids[0] < d_vocab and ids[0] not in special \
+                            and tokenizer.decode(ids).strip() == item:
+                        token = int(ids[0])
+                if token is not None and token not in run:
+                    run.append(token)
+                    continue
+                if len(run) >= min_length and tuple(run) not in runs:
+                    runs.append(tuple(run))
+                run = [token] if token is not None else []
+    return [torch.tensor(run, dtype=torch.long) for run in runs]
+
+
+def successor_scores(
+    model: HeadModelLike,
+    *,
+    sequences: Optional[Iterable[Tensor]] = None,
+    embedding: Optional[Tensor] = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Successor score of every head (Gould et al. 2023), ``{"successor", "successor_se"}``.
+
+    For each item ``i`` of an ordinal sequence (:func:`successor_sequences`: digits and numbers,
+    number words, weekdays, months, letters...) that has a next item, the head's OV output when
+    it attends to the item, ``x_i W_V W_O W_U``, is read at that sequence's items only; the item
+    counts as a success when the NEXT item's logit is strictly above every other item's of the
+    sequence by more than ``1e-5`` of the row's largest ``|logit|`` (ties, also ties up to float
+    rounding, never succeed: a head that writes nothing scores 0). ``successor`` is the
+    fraction of successes over all items of all sequences, ``successor_se`` its binomial error
+    ``sqrt(p (1 - p) / n)``. ``x`` is the effective embedding (:func:`effective_embedding`, rows
+    of the sequences' ids only) when the model has a first MLP, else ``W_E`` (as the paper reads
+    successor heads through MLP0); pass ``embedding`` (``[d_vocab, d_model]``) to override.
+    Both are NaN when the tokenizer holds no such sequence (or there is no tokenizer).
+    """
+    runs = list(successor_sequences(model) if sequences is None else sequences)
+    runs = [torch.as_tensor(r, dtype=torch.long).flatten() for r in runs]
+    runs = [r for r in runs if r.numel() >= 2]
+    shape = (int(model.n_layers), int(model.n_heads))
+    if not runs:
+        nan = torch.full(shape, math.nan)
+        return {"successor": nan, "successor_se": nan.clone()}
+    ids = torch.cat(runs).unique()
+    with torch.no_grad():
+        if embedding is not None:
+            rows = _f32(embedding[ids.to(embedding.device)])
+        else:
+            try:
+                rows = _f32(model.effective_embedding(tokens=ids))
+            except (ScoreError, AttributeError, TypeError):
+                rows = _f32(model.W_E[ids.to(model.W_E.device)])
+        position = {int(t): i for i, t in enumerate(ids.tolist())}
+        W_U = _f32(model.W_U)[:, ids.to(model.W_U.device)]                    # [d_model, items]
+        hits = torch.zeros(shape, dtype=torch.float64)
+        n_items = sum(int(r.numel()) - 1 for r in runs)
+        for layer in _layers(model, "successor", progress):
+            logits = (rows @ _f32(model.W_V[layer])) @ (_f32(model.W_O[layer]) @ W_U)  # [head, item, item]
+            for run in runs:
+                index = torch.tensor([position[int(t)] for t in run.tolist()], device=logits.device)
+                block = logits[:, index[:-1]][:, :, index]                          # [head, i, run]
+                nxt = torch.arange(1, run.numel(), device=logits.device)
+                target = block.gather(2, nxt[None, :, None].expand(block.shape[0], -1, 1))[..., 0]
+                others = block.scatter(2, nxt[None, :, None].expand(block.shape[0], -1, 1), -math.inf)
+                # strictly above, beyond float rounding of equal logits (a tie never succeeds)
+                margin = _TIE_RTOL * block.abs().amax(-1)
+                hits[layer] += (target > others.amax(-1) + margin).sum(-1).double().cpu()
+    fraction = (hits / n_items).float()
+    return {"successor": fraction, "successor_se": sampling_error(fraction, n_items)}
+
+
+def ov_gain_scores(model: HeadModelLike, embedding: Tensor, tokens: Tensor, *,
+                   progress: bool = False) -> dict[str, Tensor]:
+    """How much a head writes, ``{"ov_gain", "ov_gain_relative"}``, ``[layer, head]``.
+
+    ``ov_gain = sqrt(mean_t ||x_t W_V W_O||^2 / ||x_t||^2)`` over the sampled tokens ``t``,
+    with ``x_t`` the token's embedding row scaled to unit RMS (what the normalisation before the
+    head gives it, up to centring, which the processed reading weights already ignore): the
+    typical size of the head's output, relative to its input, when it attends to one token.
+    ``ov_gain_relative`` divides by the median ``ov_gain`` of the model's heads that write
+    anything (``ov_gain > 0``): about 1 for a typical head, near 0 for one that writes nearly
+    nothing (NaN if no head writes). Computed through the thin-QR factor of ``W_O`` (``d_head``
+    wide).
+    """
+    with torch.no_grad():
+        x = _f32(embedding[tokens.to(embedding.device)])
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)        # unit RMS rows
+        gain = torch.zeros(int(model.n_layers), int(model.n_heads), dtype=torch.float64)
+        for layer in _layers(model, "OV gain", progress):
+            values = x @ _f32(model.W_V[layer])                                    # [head, token, d_head]
+            out = values @ r_factor(_f32(model.W_O[layer]).mT).mT                  # same norms as @ W_O
+            ratio = out.pow(2).sum(-1) / x.pow(2).sum(-1)                          # [head, token]
+            gain[layer] = ratio.mean(-1).sqrt().double().cpu()
+        writing = gain[gain > 0]
+        median = writing.median() if writing.numel() else torch.tensor(math.nan, dtype=torch.float64)
+        relative = gain / median if bool(median > 0) else torch.full_like(gain, math.nan)
+    return {"ov_gain": gain.float(), "ov_gain_relative": relative.float()}
 
 
 # -- 3. singular values, identity-likeness -----------------------------------------------------
@@ -404,7 +599,7 @@ def _svdvals(left: Tensor, right: Tensor) -> Tensor:
     return torch.linalg.svdvals(r_factor(left) @ r_factor(right).mT)
 
 
-def ov_singular_values(model: Any, *, progress: bool = False) -> Tensor:
+def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tensor:
     """Singular values of every head's ``W_OV = W_V W_O``, ``[layer, head, d_head]``, descending.
 
     With ``W_V = Q_V R_V`` and ``W_O^T = Q_O R_O`` (thin QR, :func:`r_factor`),
@@ -414,7 +609,7 @@ def ov_singular_values(model: Any, *, progress: bool = False) -> Tensor:
                         for layer in _layers(model, "OV spectra", progress)])
 
 
-def qk_singular_values(model: Any, *, progress: bool = False) -> Tensor:
+def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tensor:
     """Singular values of every head's ``W_QK = W_Q W_K^T``, ``[layer, head, d_head]``, descending.
 
     Via ``R_Q R_K^T`` as in :func:`ov_singular_values`. Grouped-query key heads are expanded.
@@ -474,9 +669,9 @@ def _distance(trace: Tensor, frobenius_sq: Tensor, dim: Tensor) -> Tensor:
 
 
 def ov_svd_scores(
-    model: Any,
+    model: HeadModelLike,
     *,
-    writes_nothing_below: float = WRITES_NOTHING_BELOW,
+    writes_nothing_below: Optional[float] = None,
     ov_spectra: Optional[Tensor] = None,
     qk_spectra: Optional[Tensor] = None,
     progress: bool = False,
@@ -503,23 +698,31 @@ def ov_svd_scores(
 
     Everything comes from the ``d_head x d_head`` factored forms: singular values via
     :func:`ov_singular_values`, ``tr(W_OV) = tr(W_O W_V)``. Pass precomputed spectra to reuse
-    them.
+    them. ``writes_nothing_below`` defaults to the config's ``weights.writes_nothing_below``.
     """
+    if writes_nothing_below is None:
+        writes_nothing_below = load_config().weights.writes_nothing_below
     writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
     ov = ov_singular_values(model, progress=progress) if ov_spectra is None else ov_spectra
     qk = qk_singular_values(model, progress=progress) if qk_spectra is None else qk_spectra
+    # trace and ||W_OV||^2 in float64: the distances are sqrt(1 - cos^2), which turns a 1e-7
+    # rounding of cos^2 into a 3e-4 error near 0
     trace = torch.stack([
-        (_f32(model.W_V[layer]) * _f32(model.W_O[layer]).mT).sum((-2, -1)).double()
+        (model.W_V[layer].double() * model.W_O[layer].double().mT).sum((-2, -1))
         for layer in range(model.n_layers)
     ])
-    frobenius_sq = ov.double().pow(2).sum(-1)
+    frobenius_sq = torch.stack([
+        (r_factor(model.W_V[layer].double()) @ model.W_O[layer].double()).pow(2).sum((-2, -1))
+        for layer in range(model.n_layers)
+    ])
+    rank = (ov.double() > _RANK_RTOL * ov.double().amax(-1, keepdim=True)).sum(-1).double()
     norm = frobenius_sq.sqrt()
     median = norm.quantile(0.5, dim=1, keepdim=True)
     relative = torch.where(median > 0, norm / median.clamp_min(torch.finfo(median.dtype).tiny),
                            torch.zeros_like(norm))
     return {
         "ov_identity_distance": identity_distance(trace, frobenius_sq, int(model.d_model)),
-        "ov_projection_distance": projection_distance(trace, ov),
+        "ov_projection_distance": _distance(trace, frobenius_sq, rank),  # = projection_distance
         "ov_norm": norm.float(),
         "ov_norm_relative": relative.float(),
         "writes_nothing": relative < writes_nothing_below,
@@ -530,7 +733,7 @@ def ov_svd_scores(
 
 # -- 4. positional signature of the QK circuit -------------------------------------------------
 
-def positional_prev_token_score(model: Any, *, first_query: int = 2, progress: bool = False) -> Tensor:
+def positional_prev_token_score(model: HeadModelLike, *, first_query: int = 2, progress: bool = False) -> Tensor:
     """How often a head's purely positional QK circuit prefers the previous position, ``[layer, head]``.
 
     For models with learned absolute position embeddings (GPT-2, OPT...). The positional part of
@@ -586,20 +789,21 @@ def positional_prev_token_score(model: Any, *, first_query: int = 2, progress: b
 # -- all of them -------------------------------------------------------------------------------
 
 def weight_scores(
-    model: Any,
+    model: HeadModelLike,
     *,
     config: Union[None, str, Mapping[str, Any], HeadclassConfig] = None,
-    writes_nothing_below: float = WRITES_NOTHING_BELOW,
+    writes_nothing_below: Optional[float] = None,
     tokens: Optional[Tensor] = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Every weight-based score of every head, ``{key: [layer, head] tensor}``, in one call.
 
-    Keys are :data:`WEIGHT_SCORE_KEYS` (see the module docstring); ``positional_prev_token`` is
-    present only when the model has learned absolute position embeddings (never NaN).
-    ``writes_nothing`` is a bool tensor, the rest float32. Options come from
-    ``config.weights`` (``top_k``, ``copy_sample_size``, ``effective_embedding``) and the token
-    sample of the top-k scores from ``config.probes.seed``.
+    Keys are :data:`WEIGHT_SCORE_KEYS` in that order (see the module docstring);
+    ``positional_prev_token`` is present only when the model has learned absolute position
+    embeddings (never NaN); ``successor`` / ``successor_se`` are NaN when the tokenizer holds no
+    ordinal sequence. ``writes_nothing`` is a bool tensor, the rest float32. Options come from
+    ``config.weights`` (``top_k``, ``copy_sample_size``, ``effective_embedding``,
+    ``writes_nothing_below``) and the token sample of the top-k scores from ``config.probes.seed``.
 
     Parameters
     ----------
@@ -609,25 +813,34 @@ def weight_scores(
         A :class:`~headclass.config.HeadclassConfig`, a (partial) mapping, a YAML path, or None
         for the defaults.
     writes_nothing_below
-        Cutoff on ``ov_norm_relative`` under which a head is flagged ``writes_nothing``.
+        Cutoff on ``ov_norm_relative`` under which a head is flagged ``writes_nothing``
+        (default: ``config.weights.writes_nothing_below``).
     tokens
         ``Int[Tensor, "sample"]`` ids of the top-k copy scores' token sample (default: drawn
         with :func:`copy_token_sample` from the config; :func:`headclass.classify` passes its
-        :class:`~headclass.probes.ProbeSet`'s).
+        :class:`~headclass.probes.ProbeSet`'s). The same sample feeds ``ov_gain``.
     progress
         Show progress bars.
     """
     cfg = load_config(config)
-    writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
     options = cfg.weights
+    if writes_nothing_below is None:
+        writes_nothing_below = options.writes_nothing_below
+    writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
+    scores: dict[str, Tensor] = {}
     with torch.no_grad():
         embedding = _embedding(model, options.effective_embedding)
-        scores = {"copy_eigen": copy_eigen_score(_ov_eigenvalues(model, embedding, progress))}
+        scores["copy_eigen"] = copy_eigen_score(_ov_eigenvalues(model, embedding, progress))
         if tokens is None:
             tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
         scores.update(_topk_scores(model, embedding, tokens, options.top_k, cfg.probes.seed, progress))
+        scores.update(successor_scores(model, embedding=embedding if options.effective_embedding else None,
+                                       progress=progress))
+        gains = ov_gain_scores(model, embedding, tokens, progress=progress)
         del embedding
         scores.update(ov_svd_scores(model, writes_nothing_below=writes_nothing_below, progress=progress))
-        if getattr(model, "W_pos", None) is not None and model.W_pos.shape[0] > 2:
+        scores.update(gains)
+        positions = getattr(model, "W_pos", None)
+        if positions is not None and positions.shape[0] > 2:
             scores["positional_prev_token"] = positional_prev_token_score(model, progress=progress)
-    return {key: value.cpu() for key, value in scores.items()}
+    return {key: scores[key].cpu() for key in WEIGHT_SCORE_KEYS if key in scores}

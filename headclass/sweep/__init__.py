@@ -38,6 +38,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -181,18 +182,22 @@ def sweep(
     failures: list[dict[str, Any]] = []
     try:
         kwargs = {"address": address, "on_start": status.note} if executor == "ray" else {}
-        for job, result in EXECUTORS[executor](todo, valid, **kwargs):
-            if result.ok:
-                records[job.index] = _write_part(parts, job, result)
-                records[job.index]["status"] = "done"
-                status.line(job, f"done in {result.seconds:.1f} s (pid {result.pid}, peak {result.peak_rss_mb:.0f} MiB)")
-            else:
-                failure = {**job.record(), "error_type": result.error_type, "error": result.error,
-                           "traceback": result.traceback, "seconds": result.seconds}
-                failures.append(failure)
-                records[job.index] = {**job.record(), "status": "failed", "seconds": result.seconds,
-                                      "error": f"{result.error_type}: {result.error}", "pid": result.pid}
-                status.line(job, f"FAILED: {result.error_type}: {result.error}")
+        # closing: an error here (say, a full disk) stops the executor at once (Ray: cancels
+        # the tasks left and stops a Ray instance started for the run), not at interpreter exit.
+        with contextlib.closing(EXECUTORS[executor](todo, valid, **kwargs)) as results:
+            for job, result in results:
+                if result.ok:
+                    records[job.index] = _write_part(parts, job, result)
+                    records[job.index]["status"] = "done"
+                    status.line(job, f"done in {result.seconds:.1f} s (pid {result.pid}, "
+                                     f"peak {result.peak_rss_mb:.0f} MiB)")
+                else:
+                    failure = {**job.record(), "error_type": result.error_type, "error": result.error,
+                               "traceback": result.traceback, "seconds": result.seconds}
+                    failures.append(failure)
+                    records[job.index] = {**job.record(), "status": "failed", "seconds": result.seconds,
+                                          "error": f"{result.error_type}: {result.error}", "pid": result.pid}
+                    status.line(job, f"FAILED: {result.error_type}: {result.error}")
     finally:
         status.close()
 
@@ -203,6 +208,7 @@ def sweep(
     from headclass.sweep.report import write_report
 
     atomic_write(out_dir / "sweep.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    table = pd.read_parquet(out_dir / "sweep.parquet")  # exactly what a reader of the file gets
     write_text(out_dir / "failures.json", json.dumps(failures, indent=2, default=_json) + "\n")
     write_text(out_dir / "summary.json", json.dumps(
         {"executor": executor, "models": models.to_dict(orient="records")}, indent=2, default=_json) + "\n")
@@ -231,7 +237,7 @@ def _finished_part(parts: Path, job: Job) -> Optional[dict[str, Any]]:
 
 def _write_part(parts: Path, job: Job, result: PartResult) -> dict[str, Any]:
     """Parquet first, then the sidecar: a sidecar names only a part that is completely written."""
-    from headclass import HeadTaxonomy
+    from headclass.taxonomy import HeadTaxonomy
     from headclass.atomic import write_text
 
     facts = {**job.record(), "n_params": result.n_params, "in_context_loss": result.in_context_loss,

@@ -14,6 +14,7 @@ Ray is imported here only, inside :func:`run_ray`: ``pip install "headclass[ray]
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -91,7 +92,9 @@ def _import_ray() -> Any:
 
 def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = None,
             on_start: Optional[Callable[[str], None]] = None) -> Iterator[tuple[Job, PartResult]]:
-    """Run one Ray task per job; yield results in the order they finish."""
+    """Run one Ray task per job; yield results in the order they finish (no jobs: no Ray)."""
+    if not jobs:
+        return
     ray = _import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_here = False
@@ -130,7 +133,8 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
                 yield job, result
     finally:
         for ref in pending:  # left only when the driver stops early (an error, Ctrl-C)
-            ray.cancel(ref, force=True)
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
 

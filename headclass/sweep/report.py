@@ -62,7 +62,7 @@ def family_fractions(table: pd.DataFrame, labels: Sequence[str] = FAMILY_LABELS)
 def fig_depth(taxonomies: Sequence[Any], table: pd.DataFrame, n_bins: int = 10) -> Optional[Any]:
     """Role fractions vs relative depth (:meth:`Comparison.fig_label_fractions`), one line per
     model; of each checkpoint series only the last step is drawn."""
-    from headclass import compare
+    from headclass.report.compare import compare
 
     last = set()
     curves = training_curves(table)

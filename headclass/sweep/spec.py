@@ -101,7 +101,10 @@ def _describe(error: ValidationError, label: str) -> str:
         # pydantic names the union member tried (e.g. "config.str"); keep the user's key only
         where = re.sub(r"\.(str|dict\[str,any\]|function-after\[.*?\])(?=\.|$)", "", where)
         if item["type"] == "extra_forbidden":
-            parts.append(f"{where}: unknown key")
+            model = ModelEntry if item["loc"][0] == "models" else SweepSpec
+            parts.append(f"{where}: unknown key (keys: {', '.join(model.model_fields)})")
+        elif item["type"] == "missing":
+            parts.append(f"{where}: field required")
         else:
             parts.append(f"{where}: {item['msg'].lower()} (got {item.get('input')!r})")
     unique = list(dict.fromkeys(parts))
@@ -193,7 +196,8 @@ def _config_mapping(config: ConfigSource, base: Path, where: str) -> dict[str, A
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise SweepSpecError(f"{where}: config file {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        reason = " ".join(str(exc).split())
+        raise SweepSpecError(f"{where}: config file {str(path)!r} is not valid YAML: {reason}") from None
     if data is not None and not isinstance(data, dict):
         raise SweepSpecError(f"{where}: config file {str(path)!r} must hold a mapping; got {type(data).__name__}.")
     return data or {}
@@ -273,7 +277,7 @@ def plan(spec: SweepSpec, base: Path) -> list[Job]:
         A config that does not validate (named with its source), a revision given for a
         local source, or two models with the same name.
     """
-    from headclass import __version__
+    from headclass._version import __version__
     from headclass.config import load_config
 
     sweep_config = _config_mapping(spec.config, base, "config")

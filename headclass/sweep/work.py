@@ -71,7 +71,8 @@ def run_job(job: Job) -> PartResult:
     torch.set_num_threads(job.threads)
     model = None
     try:
-        from headclass import classify, load_model
+        from headclass.loading import load_model
+        from headclass.taxonomy import classify
         from headclass.toy import in_context_loss
 
         kwargs: dict[str, Any] = {"device": job.device, "dtype": job.dtype, "backend": job.backend, "name": job.name}

@@ -42,6 +42,8 @@ def classify(
         The pattern scores' probe batches: a :class:`~headclass.probes.ProbeSet`, or one
         :class:`~headclass.probes.Probe` / a list of them (the weight and ablation inputs are
         then built from the config). Default: :func:`~headclass.probes.build_probe_set`.
+        ``config.uncertainty.bootstrap`` resamples of the probe sequences (from the sums the
+        pattern pass already reduced: no extra forward) give each head's ``confidence``.
     ablation
         Also measure each head's effect on loss by ablating it
         (:func:`headclass.scores.ablation.ablation_scores`; slow): adds the
@@ -65,12 +67,14 @@ def classify(
         from headclass.loading import load_model
 
         model = load_model(model)
-    from headclass.scores.patterns import pattern_scores
+    from headclass.scores.patterns import pattern_measurement
     from headclass.scores.weights import weight_scores
 
     probe_set, pattern_probes = _probe_inputs(model, cfg, probes, ablation)
-    scores: dict[str, Any] = {}
-    scores.update(pattern_scores(model, config=cfg, probes=pattern_probes, progress=progress))
+    measured = pattern_measurement(model, config=cfg, probes=pattern_probes, progress=progress)
+    n_boot = cfg.uncertainty.bootstrap
+    replicates = measured.bootstrap(n_boot, seed=cfg.uncertainty.seed) if n_boot else None
+    scores: dict[str, Any] = dict(measured.scores)
     scores.update(weight_scores(model, config=cfg, tokens=probe_set.copy_tokens, progress=progress))
     if ablation:
         from headclass.scores.ablation import ablation_scores
@@ -78,8 +82,9 @@ def classify(
         scores.update(ablation_scores(model, config=cfg, probes=probe_set.ablation_probes, progress=progress))
     metadata = _model_metadata(model, cfg)
     metadata["ablation"] = bool(ablation)
-    table = label_heads(scores, cfg.thresholds, model=metadata["model"])
-    return HeadTaxonomy(table, metadata)
+    table = label_heads(scores, cfg.thresholds, model=metadata["model"], replicates=replicates,
+                        borderline_se=cfg.uncertainty.borderline_se)
+    return HeadTaxonomy(table, metadata, replicates=replicates)
 
 
 def _probe_inputs(model: Any, cfg: HeadclassConfig, probes: Any, ablation: bool) -> tuple[ProbeSet, list[Probe]]:

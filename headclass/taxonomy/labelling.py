@@ -32,10 +32,21 @@ from torch import Tensor
 
 from headclass.config import HeadclassConfig, Thresholds, load_config
 from headclass.errors import ScoreError
-from headclass.taxonomy.rules import FALLBACK_LABELS, LABELS, PRIORITY, RULES, UNCLASSIFIED, Condition, flag_column
+from headclass.taxonomy.rules import (
+    ATTENTION_ROLES,
+    BUDGET_ROLE,
+    FALLBACK_LABELS,
+    LABELS,
+    MIXED,
+    OUTPUT_ROLES,
+    PRIORITY,
+    RULES,
+    UNCLASSIFIED,
+    flag_column,
+)
 from headclass.taxonomy.schema import ABLATION_COLUMNS, SCORE_COLUMNS, TABLE_COLUMNS, normalise_table
 
-__all__ = ["label_heads", "label_margins", "scores_from_table", "resolve_thresholds", "ThresholdSource"]
+__all__ = ["label_heads", "label_margins", "scores_from_table", "resolve_thresholds", "ThresholdSource", "EVIDENCE"]
 
 ThresholdSource = Union[None, Thresholds, Mapping[str, float], HeadclassConfig]
 
@@ -121,60 +132,26 @@ def resolve_thresholds(thresholds: ThresholdSource) -> dict[str, float]:
     return load_config({"thresholds": dict(thresholds)}).thresholds.model_dump()
 
 
-def label_margins(
-    scores: Mapping[str, Any],
-    thresholds: ThresholdSource = None,
-) -> dict[str, np.ndarray]:
+#: Evidence the attention rules read, each from the natural-text probe, or from the repeated
+#: probe where the model has no text (no tokenizer): ``name -> (text key, repeated key)``.
+EVIDENCE: dict[str, tuple[str, str]] = {
+    "local_share": ("budget_local", "budget_rep_local"),
+    "delimiter_share": ("budget_delimiter", "budget_rep_delimiter"),
+    "delimiter_lift": ("budget_lift_delimiter", "budget_rep_lift_delimiter"),
+    "content_share": ("budget_other", "budget_rep_other"),
+    "consistency": ("positional_consistency", "positional_consistency_rep"),
+    **{f"share_{c}": (f"budget_{c}", f"budget_rep_{c}") for c in BUDGET_ROLE},
+}
+
+
+def label_margins(scores: Mapping[str, Any], thresholds: ThresholdSource = None) -> dict[str, np.ndarray]:
     """Each label's normalised margin per head, ``{label: float64 [layer, head]}``.
 
     ``margin >= 0`` exactly where the label holds; NaN where a score it needs is NaN.
     ``scores`` as for :func:`label_heads`.
     """
-    t = resolve_thresholds(thresholds)
     grids = _score_grids(scores)
-    silent = _writes_nothing(scores, grids["copy_eigen"].shape)
-    out = {}
-    for label, rule in RULES.items():
-        parts = [cond.margin(grids[cond.score], _threshold(cond, t, scores)) for cond in rule.conditions]
-        margin = np.minimum.reduce(parts) if len(parts) > 1 else parts[0]
-        out[label] = np.where(silent, -1.0, margin) if rule.needs_output else margin
-    return out
-
-
-def _writes_nothing(scores: Mapping[str, Any], shape: tuple[int, int]) -> np.ndarray:
-    """The ``writes_nothing`` weight score as a bool ``[layer, head]`` mask (all False if absent)."""
-    if "writes_nothing" not in scores:
-        return np.zeros(shape, dtype=bool)
-    value = _as_grid("writes_nothing", scores["writes_nothing"], shape)
-    return np.nan_to_num(value, nan=0.0) != 0
-
-
-def _threshold(cond: Condition, thresholds: Mapping[str, float], scores: Mapping[str, Any]) -> float:
-    return _at_precision(thresholds[cond.threshold], _precision(scores[cond.score]))
-
-
-def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Check and convert the score dict to ``{column: float64 [layer, head]}`` (+ ``fixed_offset_k``)."""
-    if not isinstance(scores, Mapping):
-        raise ScoreError(f"scores must be a mapping of name -> [layer, head] tensor; got {type(scores).__name__}.")
-    missing = [name for name in SCORE_COLUMNS if name not in scores]
-    if missing:
-        raise ScoreError(
-            f"score(s) {', '.join(missing)} missing; labelling needs {', '.join(SCORE_COLUMNS)} "
-            "(NaN values are allowed where a score cannot be computed)."
-        )
-    shape: Optional[tuple[int, int]] = None
-    grids: dict[str, np.ndarray] = {}
-    for name in SCORE_COLUMNS:
-        if name == "fixed_offset":
-            continue
-        grids[name] = _as_grid(name, scores[name], shape)
-        shape = grids[name].shape
-    grids["fixed_offset"], grids["fixed_offset_k"] = _fixed_offset(scores, shape)
-    for name in ABLATION_COLUMNS:
-        if name in scores:
-            grids[name] = _as_grid(name, scores[name], shape)
-    return grids
+    return _decide(grids, resolve_thresholds(thresholds), _precisions(scores))[1]
 
 
 def label_heads(
@@ -182,8 +159,10 @@ def label_heads(
     thresholds: ThresholdSource = None,
     *,
     model: str = "model",
+    replicates: Optional[Mapping[str, Any]] = None,
+    borderline_se: float = 2.0,
 ) -> pd.DataFrame:
-    """Label every head from its scores: the pure core of :func:`classify`.
+    """Label every head from its scores: the pure core of :func:`~headclass.classify`.
 
     Parameters
     ----------
@@ -192,44 +171,41 @@ def label_heads(
         :data:`~headclass.taxonomy.schema.SCORE_COLUMNS`; ``fixed_offset`` may instead be
         ``[layer, head, offset]`` (index i is offset k = i + 1), or come with
         ``fixed_offset_per_k`` of that shape; otherwise ``fixed_offset_k`` must be given too
-        (and heads whose best offset is 1 get a NaN ``fixed_offset``). Optional: ``ablation_induction_dloss``, ``ablation_text_dloss``.
-        NaN means "could not be computed": labels that need it do not hold. Any further
-        ``[layer, head]`` tensor (e.g. ``ov_norm``, ``writes_nothing``) becomes an extra column
-        after the fixed ones (float64, or bool for bool tensors); other shapes are ignored.
+        (and heads whose best offset is 1 get a NaN ``fixed_offset``). Every further
+        ``[layer, head]`` tensor (budgets, standard errors ``<score>_se``, ``ov_norm``,
+        ``writes_nothing``, ablation columns...) becomes a column after the fixed ones (float64,
+        or bool for bool tensors); other shapes are ignored. NaN means "could not be computed":
+        labels that need it do not hold.
     thresholds
-        ``config.thresholds``, a whole config, a partial mapping over the defaults, or ``None``
-        for the defaults.
+        ``config.thresholds``, a whole config, a partial mapping over the defaults, or ``None``.
     model
         Value of the ``model`` column.
+    replicates
+        Bootstrap replicates of the pattern scores, ``{name: [replicate, layer, head]}``
+        (:meth:`headclass.scores.patterns.PatternMeasurement.bootstrap`): ``confidence`` is the
+        fraction of replicates in which a head keeps its attention role. ``None``: NaN.
+    borderline_se
+        A label is *borderline* for a head when one of its conditions' scores lies within this
+        many standard errors (``<score>_se``) of its threshold.
 
     Returns
     -------
     pandas.DataFrame
         The head table, one row per head, schema in :mod:`headclass.taxonomy.schema`.
-
-    Examples
-    --------
-    >>> label_heads({**scores, "induction": torch.tensor([[0.9, 0.1]])})["primary_label"]
     """
-    grids = _score_grids(scores)
-    margins = label_margins(scores, thresholds)
     t = resolve_thresholds(thresholds)
+    precision = _precisions(scores)
+    grids = _score_grids(scores)
+    flags, margins = _decide(grids, t, precision)
     n_layers, n_heads = grids["copy_eigen"].shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
 
-    silent = _writes_nothing(scores, (n_layers, n_heads))
-    flags = {}
-    for label, rule in RULES.items():
-        hold = np.ones((n_layers, n_heads), dtype=bool)
-        for cond in rule.conditions:
-            hold &= cond.holds(grids[cond.score], _threshold(cond, t, scores))
-        flags[label] = hold & ~silent if rule.needs_output else hold
-
     primary, margin = _primary(flags, margins)
-    labels_text = np.array(
-        [", ".join(lab for lab in LABELS if flags[lab][i, j]) for i, j in zip(layer.ravel(), head.ravel())],
-        dtype=object,
-    )
+    attention, attention_list, attention_margin = _attention_roles(flags, margins, grids, t)
+    output, output_margin = _output_roles(flags, margins)
+    confidence = _confidence(scores, replicates, t, precision, attention)
+    borderline = _borderline(grids, t, flags, precision, borderline_se)
+    labels_text = _join([flags[lab] for lab in LABELS], LABELS)
     data: dict[str, Any] = {
         "model": model,
         "layer": layer.ravel(),
@@ -239,6 +215,13 @@ def label_heads(
         "primary_label": primary.ravel(),
         "margin": margin.ravel(),
         "labels": labels_text,
+        "attention_role": attention.ravel(),
+        "attention_roles": attention_list.ravel(),
+        "attention_margin": attention_margin.ravel(),
+        "output_role": output.ravel(),
+        "output_margin": output_margin.ravel(),
+        "confidence": confidence.ravel(),
+        "borderline": borderline.ravel(),
     }
     for label in LABELS:
         data[flag_column(label)] = flags[label].ravel()
@@ -249,31 +232,133 @@ def label_heads(
     for name in ABLATION_COLUMNS:
         if name in grids:
             data[name] = grids[name].ravel()
-    for name, value in scores.items():  # further scores (ov_norm, writes_nothing...) ride along
+    for name, value in scores.items():  # further scores (budgets, SEs, ov_norm...) ride along
         extra = _extra_column(name, value, (n_layers, n_heads))
         if extra is not None and name not in data and name != "fixed_offset_k":
             data[name] = extra
     return normalise_table(pd.DataFrame(data))
 
 
-def _extra_column(name: str, value: Any, shape: tuple[int, int]) -> Optional[np.ndarray]:
-    """A further ``[layer, head]`` score as a flat column (bool kept bool); None if not per head."""
-    if not isinstance(name, str) or not isinstance(value, (Tensor, np.ndarray)) or tuple(value.shape) != shape:
-        return None
-    if isinstance(value, Tensor):
-        value = value.detach().cpu()
-        return value.numpy().ravel().astype(bool) if value.dtype == torch.bool else value.double().numpy().ravel()
-    if value.dtype == bool:
-        return value.ravel().copy()
-    return value.astype(np.float64).ravel()
+# -- the rules, applied ------------------------------------------------------------------------
 
 
-def _primary(flags: dict[str, np.ndarray], margins: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _decide(grids: Mapping[str, np.ndarray], t: Mapping[str, float], precision: Mapping[str, torch.dtype]
+            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Flags and margins of every label, ``{label: [layer, head]}`` each.
+
+    Labels that describe what a head writes (``needs_output``) never hold for a head flagged
+    ``writes_nothing``. ``transform`` holds for a head that is not ``no-op`` and has none of
+    the other output roles; its margin is the negated largest margin among them (how far the
+    head is from copying, suppressing or stepping).
+    """
+    shape = grids["copy_eigen"].shape
+    silent = np.nan_to_num(grids.get("writes_nothing", np.zeros(shape)), nan=0.0) != 0
+    flags: dict[str, np.ndarray] = {}
+    margins: dict[str, np.ndarray] = {}
+    for label, rule in RULES.items():
+        if not rule.conditions:
+            continue
+        hold = np.ones(shape, dtype=bool)
+        parts = []
+        for cond in rule.conditions:
+            value = grids.get(cond.score, np.full(shape, np.nan))
+            threshold = _at_precision(t[cond.threshold], precision.get(cond.score, torch.float64))
+            hold &= cond.holds(value, threshold)
+            parts.append(cond.margin(value, threshold))
+        margin = np.minimum.reduce(parts) if len(parts) > 1 else parts[0]
+        if rule.needs_output:
+            hold, margin = hold & ~silent, np.where(silent, -1.0, margin)
+        flags[label], margins[label] = hold, margin
+    writing = [label for label in OUTPUT_ROLES if RULES[label].conditions and label != "no-op"]
+    flags["transform"] = ~flags["no-op"] & ~np.logical_or.reduce([flags[label] for label in writing])
+    nearest = np.nanmax(np.stack([np.nan_to_num(margins[label], nan=-1.0) for label in writing]), axis=0)
+    margins["transform"] = np.where(flags["no-op"], -1.0, -nearest)
+    return flags, margins
+
+
+def _attention_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.ndarray],
+                     grids: Mapping[str, np.ndarray], t: Mapping[str, float]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each head's attention role, the roles behind it, and its margin.
+
+    1. The attention roles that hold, fallback roles (``bos``, ``diffuse``) aside: exactly one
+       is the role; two or more make the head ``mixed``.
+    2. Else a fallback role that holds (the larger margin if both).
+    3. Else, when the two largest classes of the attention budget each take at least
+       ``thresholds.mixed_min_share`` and together ``thresholds.mixed_min_total`` of the
+       head's attention, ``mixed``, named by those classes' roles (:data:`BUDGET_ROLE`).
+    4. Else ``unclassified``: no role's evidence is strong enough.
+
+    ``attention_roles`` lists every role that holds (comma-separated; for step 3 the two
+    budget classes' roles), the role's own first. The margin is the role's (the smallest of the
+    roles named for ``mixed``; for ``unclassified`` the largest negative margin).
+    """
+    shape = grids["copy_eigen"].shape
+    order = [label for label in ATTENTION_ROLES]
+    held = np.stack([flags[label] for label in order])                       # [role, layer, head]
+    marg = np.stack([np.nan_to_num(margins[label], nan=-1.0) for label in order])
+    fallback = np.array([label in FALLBACK_LABELS for label in order])[:, None, None]
+    specific = held & ~fallback
+    n_specific = specific.sum(0)
+    classes = list(BUDGET_ROLE)
+    shares = np.stack([np.nan_to_num(grids[f"share_{c}"], nan=0.0) for c in classes])  # [class, L, H]
+    top2 = np.argsort(-shares, axis=0, kind="stable")[:2]
+    first, second = np.take_along_axis(shares, top2, axis=0)
+    budget_mix = ((first >= t["mixed_min_share"]) & (second >= t["mixed_min_share"])
+                  & (first + second >= t["mixed_min_total"]))
+
+    role = np.full(shape, UNCLASSIFIED, dtype=object)
+    roles = np.full(shape, "", dtype=object)
+    margin = np.full(shape, np.nan)
+    for i, j in np.ndindex(shape):
+        named = [order[r] for r in np.flatnonzero(held[:, i, j])]
+        if n_specific[i, j] == 1:
+            r = int(np.flatnonzero(specific[:, i, j])[0])
+            role[i, j], margin[i, j] = order[r], marg[r, i, j]
+            named.remove(order[r])
+            named.insert(0, order[r])
+        elif n_specific[i, j] >= 2:
+            role[i, j] = MIXED
+            margin[i, j] = marg[specific[:, i, j], i, j].min()
+            named = [n for n in named if n not in FALLBACK_LABELS] + [n for n in named if n in FALLBACK_LABELS]
+        elif held[:, i, j].any():
+            r = int(np.flatnonzero(held[:, i, j])[np.argmax(marg[held[:, i, j], i, j])])
+            role[i, j], margin[i, j] = order[r], marg[r, i, j]
+            named.remove(order[r])
+            named.insert(0, order[r])
+        elif budget_mix[i, j]:
+            role[i, j] = MIXED
+            named = [BUDGET_ROLE[classes[c]] for c in top2[:, i, j]]
+            share_margin = (second[i, j] - t["mixed_min_share"]) / max(1.0 - t["mixed_min_share"], 1e-12)
+            margin[i, j] = float(np.clip(share_margin, 0.0, 1.0))
+        else:
+            margin[i, j] = marg[:, i, j].max()
+        roles[i, j] = ", ".join(named)
+    return role, roles, margin
+
+
+def _output_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each head's output role and its margin: ``no-op`` when it holds, else the output role
+    with the largest margin among ``copy``, ``copy-suppression``, ``successor``, else
+    ``transform`` (exactly one of them per head)."""
+    order = [label for label in OUTPUT_ROLES if label not in ("no-op", "transform")]
+    stacked = np.stack([np.where(flags[label], np.nan_to_num(margins[label], nan=-1.0), -np.inf) for label in order])
+    best = stacked.argmax(0)
+    any_role = np.stack([flags[label] for label in order]).any(0)
+    names = np.array(order, dtype=object)[best]
+    role = np.where(flags["no-op"], "no-op", np.where(any_role, names, "transform")).astype(object)
+    margin = np.where(flags["no-op"], margins["no-op"],
+                      np.where(any_role, np.take_along_axis(stacked, best[None], 0)[0], margins["transform"]))
+    return role, margin
+
+
+def _primary(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Primary label and its margin per head.
 
-    The largest margin among the head's mechanism labels; only when it has none, among its
-    :data:`FALLBACK_LABELS` (bos, diffuse); ties by :data:`PRIORITY`. Heads with no label:
-    ``unclassified`` with their largest (negative) margin.
+    The largest margin among the head's labels in :data:`PRIORITY` that are not fallback
+    labels; only when it has none, among its :data:`FALLBACK_LABELS` (bos, diffuse); ties by
+    :data:`PRIORITY`. ``no-op`` and ``transform`` only describe the output and are never
+    primary. Heads with none: ``unclassified`` with their largest (negative) margin.
     """
     order = list(PRIORITY)
     stacked = np.stack([margins[label] for label in order])  # [label, layer, head]
@@ -291,6 +376,102 @@ def _primary(flags: dict[str, np.ndarray], margins: dict[str, np.ndarray]) -> tu
     names = np.array(order, dtype=object)[pick]
     primary = np.where(any_flag, names, UNCLASSIFIED).astype(object)
     return primary, margin
+
+
+def _confidence(scores: Mapping[str, Any], replicates: Optional[Mapping[str, Any]], t: Mapping[str, float],
+                precision: Mapping[str, torch.dtype], role: np.ndarray) -> np.ndarray:
+    """Fraction of bootstrap replicates whose attention role equals ``role``; NaN without them."""
+    if not replicates:
+        return np.full(role.shape, np.nan)
+    arrays = {name: np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value, dtype=np.float64)
+              for name, value in replicates.items()}
+    n = min(len(a) for a in arrays.values())
+    if n == 0:
+        return np.full(role.shape, np.nan)
+    kept = np.zeros(role.shape)
+    for b in range(n):
+        grids = _score_grids({**scores, **{name: a[b] for name, a in arrays.items()}})
+        flags, margins = _decide(grids, t, precision)
+        kept += _attention_roles(flags, margins, grids, t)[0] == role
+    return kept / n
+
+
+def _borderline(grids: Mapping[str, np.ndarray], t: Mapping[str, float], flags: Mapping[str, np.ndarray],
+                precision: Mapping[str, torch.dtype], k: float) -> np.ndarray:
+    """The labels, among those a head has, with a condition within ``k`` SE of its threshold."""
+    shape = grids["copy_eigen"].shape
+    marks = []
+    for label in LABELS:
+        near = np.zeros(shape, dtype=bool)
+        for cond in RULES[label].conditions:
+            se = grids.get(f"{cond.score}_se")
+            if se is None:
+                continue
+            threshold = _at_precision(t[cond.threshold], precision.get(cond.score, torch.float64))
+            with np.errstate(invalid="ignore"):
+                near |= np.abs(grids[cond.score] - threshold) < k * se
+        marks.append(near & flags[label])
+    return _join(marks, LABELS).reshape(shape)
+
+
+def _join(masks: list[np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """Per head, the names whose mask is true, comma-separated (flattened)."""
+    stacked = np.stack([m.ravel() for m in masks])
+    return np.array([", ".join(names[i] for i in np.flatnonzero(stacked[:, h])) for h in range(stacked.shape[1])],
+                    dtype=object)
+
+
+# -- scores in ---------------------------------------------------------------------------------
+
+
+def _precisions(scores: Mapping[str, Any]) -> dict[str, torch.dtype]:
+    return {name: _precision(value) for name, value in scores.items()} if isinstance(scores, Mapping) else {}
+
+
+def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Check and convert the score dict to ``{name: float64 [layer, head]}``: the fixed score
+    columns, ``fixed_offset_k``, every further ``[layer, head]`` score, and the
+    :data:`EVIDENCE` the attention rules read."""
+    if not isinstance(scores, Mapping):
+        raise ScoreError(f"scores must be a mapping of name -> [layer, head] tensor; got {type(scores).__name__}.")
+    missing = [name for name in SCORE_COLUMNS if name not in scores]
+    if missing:
+        raise ScoreError(
+            f"score(s) {', '.join(missing)} missing; labelling needs {', '.join(SCORE_COLUMNS)} "
+            "(NaN values are allowed where a score cannot be computed)."
+        )
+    shape: Optional[tuple[int, int]] = None
+    grids: dict[str, np.ndarray] = {}
+    for name in SCORE_COLUMNS:
+        if name == "fixed_offset":
+            continue
+        grids[name] = _as_grid(name, scores[name], shape)
+        shape = grids[name].shape
+    assert shape is not None  # SCORE_COLUMNS is never only fixed_offset
+    grids["fixed_offset"], grids["fixed_offset_k"] = _fixed_offset(scores, shape)
+    for name, value in scores.items():
+        if name in grids or name in ("fixed_offset_per_k", "fixed_offset_k"):
+            continue
+        if isinstance(value, (Tensor, np.ndarray)) and tuple(value.shape) == shape:
+            grids[name] = _as_grid(name, value, shape)
+    nan = np.full(shape, np.nan)
+    for name, (text_key, rep_key) in EVIDENCE.items():
+        for suffix in ("", "_se"):
+            text, rep = grids.get(text_key + suffix, nan), grids.get(rep_key + suffix, nan)
+            grids[name + suffix] = np.where(np.isnan(text), rep, text)
+    return grids
+
+
+def _extra_column(name: str, value: Any, shape: tuple[int, int]) -> Optional[np.ndarray]:
+    """A further ``[layer, head]`` score as a flat column (bool kept bool); None if not per head."""
+    if not isinstance(name, str) or not isinstance(value, (Tensor, np.ndarray)) or tuple(value.shape) != shape:
+        return None
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        return value.numpy().ravel().astype(bool) if value.dtype == torch.bool else value.double().numpy().ravel()
+    if value.dtype == bool:
+        return value.ravel().copy()
+    return value.astype(np.float64).ravel()
 
 
 def scores_from_table(table: pd.DataFrame) -> dict[str, np.ndarray]:

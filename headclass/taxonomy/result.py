@@ -56,9 +56,13 @@ class HeadTaxonomy:
     >>> tax.to_json("smollm2.json"); headclass.read_json("smollm2.json")
     """
 
-    def __init__(self, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None):
+    def __init__(self, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None, *,
+                 replicates: Optional[Mapping[str, Any]] = None):
         self._table = normalise_table(table)
         self._metadata = dict(metadata or {})
+        # bootstrap replicates of the pattern scores ([replicate, layer, head] each), kept in
+        # memory only, so that relabel() can recompute confidence; not written by exports
+        self._replicates = dict(replicates) if replicates else None
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None) -> "HeadTaxonomy":
@@ -117,16 +121,20 @@ class HeadTaxonomy:
 
         ``thresholds``: a partial mapping (``{"induction": 0.3}``) over the thresholds this
         taxonomy was made with, ``config.thresholds`` or a whole config. The metadata's
-        ``config.thresholds`` is updated.
+        ``config.thresholds`` is updated. ``confidence`` is recomputed when this taxonomy still
+        holds its bootstrap replicates (one made by :func:`~headclass.classify` in this
+        session); one read from a file has none, and gets NaN.
         """
         if isinstance(thresholds, Mapping):
             current = (self._metadata.get("config") or {}).get("thresholds") or {}
             thresholds = {**current, **thresholds}
         values = resolve_thresholds(thresholds)
-        table = label_heads(scores_from_table(self._table), values, model=self.model_name)
+        borderline_se = ((self._metadata.get("config") or {}).get("uncertainty") or {}).get("borderline_se", 2.0)
+        table = label_heads(scores_from_table(self._table), values, model=self.model_name,
+                            replicates=self._replicates, borderline_se=borderline_se)
         metadata = self.metadata
         metadata.setdefault("config", {})["thresholds"] = values
-        return HeadTaxonomy(table, metadata)
+        return HeadTaxonomy(table, metadata, replicates=self._replicates)
 
     # -- summaries -------------------------------------------------------------------------
     def per_layer(self) -> pd.DataFrame:

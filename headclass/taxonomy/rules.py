@@ -43,6 +43,10 @@ __all__ = [
     "LabelRule",
     "RULES",
     "LABELS",
+    "ATTENTION_ROLES",
+    "OUTPUT_ROLES",
+    "MIXED",
+    "BUDGET_ROLE",
     "CORE_LABELS",
     "UNCLASSIFIED",
     "PRIORITY",
@@ -88,56 +92,100 @@ class Condition:
 class LabelRule:
     """A label: all its conditions must hold; its margin is the smallest condition margin.
 
-    ``needs_output``: the label describes what the head writes (its OV circuit), so a head
-    flagged ``writes_nothing`` by the weight scores cannot have it (margin -1).
+    ``axis``: ``"attention"`` (where the head attends, from its patterns: the QK side) or
+    ``"output"`` (what it writes, from its OV weights).
+    ``needs_output``: the label describes what the head writes, so a head flagged
+    ``writes_nothing`` by the weight scores cannot have it (margin -1).
     ``rank_score``: the score that ranks heads within the label (``summary().best_head``).
-    ``meaning``: one line for reports.
+    ``meaning``: one line for reports; ``source``: where the idea comes from.
     """
 
     label: str
+    axis: str
     conditions: tuple[Condition, ...]
     rank_score: str
     meaning: str
+    source: str = ""
     needs_output: bool = False
 
 
-#: The labelling rules, one per label, in table / display order (see the module docstring).
+def _rule(label: str, axis: str, conditions: tuple[Condition, ...], meaning: str, source: str, *,
+          rank: str = "", needs_output: bool = False) -> LabelRule:
+    return LabelRule(label, axis, conditions, rank or conditions[0].score, meaning, source, needs_output)
+
+
+#: The labelling rules, one per label, in table / display order: the attention roles, then the
+#: output roles. ``transform`` has no conditions of its own: it is the output role of a head
+#: that writes (not ``no-op``) and has none of the other output roles (see
+#: :mod:`headclass.taxonomy.labelling`).
 RULES: dict[str, LabelRule] = {
     rule.label: rule
     for rule in (
-        LabelRule("copy", (Condition("copy_eigen", "copy_eigen", low=-1.0),
-                           Condition("copy_topk", "copy_topk")), "copy_topk",
-                  "Its OV circuit maps a token to itself: whatever token it attends to, it raises "
-                  "that token's logit (Elhage et al. 2021; the eigenvalue and top-k copying scores).",
-                  needs_output=True),
-        LabelRule("previous-token", (Condition("previous_token", "previous_token"),), "previous_token",
-                  "Attends from each position to the position just before it."),
-        LabelRule("induction", (Condition("induction", "induction"),), "induction",
-                  "On a repeated segment, attends to the token after the earlier copy of the "
-                  "current token ([A][B] ... [A] -> [B]; Olsson et al. 2022)."),
-        LabelRule("bos", (Condition("bos", "bos"),), "bos",
-                  "Parks most of its attention on the first (BOS) token, an attention sink; a "
-                  "fallback label: primary only when the head has no mechanism label."),
-        LabelRule("diffuse", (Condition("diffuse_entropy", "diffuse_entropy"),
-                              Condition("max_attention", "diffuse_max_attention", op="<=")),
-                  "diffuse_entropy",
-                  "Spreads attention evenly over the context (high entropy, no dominant key); a "
-                  "fallback label."),
-        LabelRule("duplicate-token", (Condition("duplicate_token", "duplicate_token"),), "duplicate_token",
-                  "Attends to earlier occurrences of the current token."),
-        LabelRule("current-token", (Condition("current_token", "current_token"),), "current_token",
-                  "Attends to its own position."),
-        LabelRule("fixed-offset", (Condition("fixed_offset", "fixed_offset"),), "fixed_offset",
-                  "Attends k >= 2 positions back (the offset is in fixed_offset_k)."),
-        LabelRule("copy-suppression", (Condition("copy_suppression_topk", "copy_suppression_topk"),),
-                  "copy_suppression_topk",
-                  "Its OV circuit lowers the logit of the token it attends to (McDougall et al. 2023).",
-                  needs_output=True),
+        # -- attention roles (QK side, from the patterns) --
+        _rule("previous-token", "attention", (Condition("previous_token", "previous_token"),),
+              "Attends from each position to the position just before it.",
+              "Olsson et al. 2022; Wang et al. 2022 (IOI)"),
+        _rule("current-token", "attention", (Condition("current_token", "current_token"),),
+              "Attends to its own position.", "Clark et al. 2019"),
+        _rule("fixed-offset", "attention", (Condition("fixed_offset", "fixed_offset"),),
+              "Attends k >= 2 positions back (the offset is in fixed_offset_k).", "Voita et al. 2019"),
+        _rule("local", "attention", (Condition("local_share", "local"),
+                                     Condition("fixed_offset", "local_max_single_offset", op="<=")),
+              "Spreads its attention over a short recent window (offsets 2..patterns.local_window), "
+              "no single offset dominating.", "Voita et al. 2019 (positional heads)", rank="budget_local"),
+        _rule("bos", "attention", (Condition("bos", "bos"),),
+              "Parks most of its attention on the first (BOS) token, an attention sink; a fallback "
+              "role: the attention role only when the head has no other.",
+              "Xiao et al. 2023 (attention sinks)"),
+        _rule("induction", "attention", (Condition("induction", "induction"),),
+              "On a repeated segment, attends to the token after the earlier copy of the current "
+              "token ([A][B] ... [A] -> [B]).", "Olsson et al. 2022"),
+        _rule("duplicate-token", "attention", (Condition("duplicate_token", "duplicate_token"),),
+              "Attends to earlier occurrences of the current token.", "Wang et al. 2022 (IOI)"),
+        _rule("delimiter", "attention", (Condition("delimiter_share", "delimiter"),
+                                         Condition("delimiter_lift", "delimiter_lift", high=10.0)),
+              "Attends to punctuation, newline and separator tokens far above their frequency.",
+              "Clark et al. 2019 (attention to [SEP] and punctuation)", rank="budget_delimiter"),
+        _rule("content", "attention", (Condition("content_share", "content"),
+                                       Condition("consistency", "content_max_consistency", op="<=")),
+              "Attends to keys chosen by which tokens are present, not by position: its pattern "
+              "moves with the tokens (low positional consistency) and lands on keys that are "
+              "neither positional, repeats, delimiters nor the first token.",
+              "Elhage et al. 2021 (QK circuit); Voita et al. 2019", rank="budget_other"),
+        _rule("diffuse", "attention", (Condition("diffuse_entropy", "diffuse_entropy"),
+                                       Condition("max_attention", "diffuse_max_attention", op="<=")),
+              "Spreads attention evenly over the context (high entropy, no dominant key); a "
+              "fallback role.", "Clark et al. 2019 (entropy per head)"),
+        # -- output roles (OV side, from the weights) --
+        _rule("copy", "output", (Condition("copy_eigen", "copy_eigen", low=-1.0),
+                                 Condition("copy_topk", "copy_topk")),
+              "Its OV circuit maps a token to itself: whatever token it attends to, it raises that "
+              "token's logit.", "Elhage et al. 2021 (eigenvalue copying score); Wang et al. 2022",
+              rank="copy_topk", needs_output=True),
+        _rule("copy-suppression", "output", (Condition("copy_suppression_topk", "copy_suppression_topk"),),
+              "Its OV circuit lowers the logit of the token it attends to.", "McDougall et al. 2023",
+              needs_output=True),
+        _rule("successor", "output", (Condition("successor", "successor"),),
+              "Its OV circuit raises the next item of an ordinal sequence (1 -> 2, Monday -> "
+              "Tuesday, March -> April).", "Gould et al. 2023 (successor heads)", needs_output=True),
+        _rule("no-op", "output", (Condition("ov_gain_relative", "no_op_max_gain", op="<=", high=2.0),),
+              "Writes nearly nothing: its OV output is a small fraction of a typical head's.",
+              "Elhage et al. 2021 (OV circuit norm)"),
+        LabelRule("transform", "output", (), "ov_gain_relative",
+                  "Writes a substantial output that neither copies, suppresses nor steps the token it "
+                  "attends to: it transforms what it reads.", "Elhage et al. 2021 (OV circuit)"),
     )
 }
 
 #: Every label a head can carry, in table / display order.
 LABELS: tuple[str, ...] = tuple(RULES)
+#: The attention roles (QK axis) and output roles (OV axis), in display order.
+ATTENTION_ROLES: tuple[str, ...] = tuple(label for label, rule in RULES.items() if rule.axis == "attention")
+OUTPUT_ROLES: tuple[str, ...] = tuple(label for label, rule in RULES.items() if rule.axis == "output")
+
+#: The attention role of a head in which two or more attention roles hold, or whose attention
+#: two budget classes share (see :mod:`headclass.taxonomy.labelling`).
+MIXED = "mixed"
 
 #: The five core labels.
 CORE_LABELS: tuple[str, ...] = ("copy", "previous-token", "induction", "bos", "diffuse")
@@ -146,29 +194,49 @@ CORE_LABELS: tuple[str, ...] = ("copy", "previous-token", "induction", "bos", "d
 UNCLASSIFIED = "unclassified"
 
 #: Tie-break order for the primary label (first wins when normalised margins are equal):
-#: specific mechanisms before generic attention habits.
+#: specific mechanisms before generic attention habits. ``no-op`` and ``transform`` describe
+#: only the output, so they are never a primary label.
 PRIORITY: tuple[str, ...] = (
     "induction",
     "copy-suppression",
+    "successor",
     "duplicate-token",
     "previous-token",
     "fixed-offset",
     "current-token",
+    "delimiter",
+    "local",
+    "content",
     "copy",
     "bos",
     "diffuse",
 )
 
 #: Labels that describe where a head parks attention rather than a mechanism: they are a
-#: head's primary label only when it has no other label.
+#: head's primary label (and attention role) only when it has no other.
 FALLBACK_LABELS: tuple[str, ...] = ("bos", "diffuse")
+
+#: Which budget class stands for which attention role (:data:`headclass.scores.patterns.BUDGET_CLASSES`),
+#: for heads whose attention two classes share (``mixed``).
+BUDGET_ROLE: dict[str, str] = {
+    "first": "bos",
+    "self": "current-token",
+    "previous": "previous-token",
+    "local": "local",
+    "duplicate": "duplicate-token",
+    "induction": "induction",
+    "delimiter": "delimiter",
+    "other": "content",
+}
 
 #: The score that ranks heads within a label (``summary().best_head``, plots).
 LABEL_SCORE: dict[str, str] = {label: rule.rank_score for label, rule in RULES.items()}
 
-#: One line per label (and ``unclassified``): what a head with that label does.
+#: One line per label (and ``mixed``, ``unclassified``): what a head with that label does.
 LABEL_MEANINGS: dict[str, str] = {
     **{label: rule.meaning for label, rule in RULES.items()},
+    MIXED: "Two kinds of attention share the head: two roles hold, or two attention-budget classes "
+           "together take most of its attention (attention_roles names them).",
     UNCLASSIFIED: "No label's conditions hold; margin says how far the head is from its nearest label.",
 }
 

@@ -15,6 +15,16 @@ column                     dtype      meaning
 ``primary_label``          str        one of :data:`~headclass.taxonomy.rules.LABELS` or ``"unclassified"``
 ``margin``                 float64    normalised margin of the primary label (< 0 if unclassified)
 ``labels``                 str        every label the head has, comma-separated ("" if none)
+``attention_role``         str        where it attends: one of :data:`~headclass.taxonomy.rules.ATTENTION_ROLES`,
+                                      ``"mixed"`` or ``"unclassified"``
+``attention_roles``        str        every attention role that holds, the role's own first ("" if none)
+``attention_margin``       float64    normalised margin of the attention role
+``output_role``            str        what it writes: one of :data:`~headclass.taxonomy.rules.OUTPUT_ROLES`
+``output_margin``          float64    normalised margin of the output role
+``confidence``             float64    fraction of bootstrap resamples of the probe sequences in which
+                                      the head keeps its attention role (NaN: not computed)
+``borderline``             str        the head's labels with a score within ``uncertainty.borderline_se``
+                                      standard errors of its threshold ("" if none)
 ``is_<label>``             bool       one flag per label, e.g. ``is_previous_token``, ``is_copy``
 score columns              float64    :data:`SCORE_COLUMNS`; NaN = could not be computed
 ``fixed_offset_k``         Int64      the offset k >= 2 behind ``fixed_offset`` (<NA> if none)
@@ -33,7 +43,7 @@ from headclass.errors import HeadclassError
 from headclass.scores.ablation import SCORE_KEYS as _ABLATION_KEYS
 from headclass.scores.patterns import SCORE_NAMES as _PATTERN_NAMES
 from headclass.scores.weights import WEIGHT_SCORE_KEYS as _WEIGHT_KEYS
-from headclass.taxonomy.rules import LABELS, RULES, UNCLASSIFIED, flag_column
+from headclass.taxonomy.rules import ATTENTION_ROLES, LABELS, MIXED, OUTPUT_ROLES, RULES, UNCLASSIFIED, flag_column
 
 __all__ = [
     "PATTERN_SCORE_COLUMNS",
@@ -42,6 +52,7 @@ __all__ = [
     "ABLATION_COLUMNS",
     "FLAG_COLUMNS",
     "ID_COLUMNS",
+    "LABEL_COLUMNS",
     "TABLE_COLUMNS",
     "CORE_SCORES",
     "normalise_table",
@@ -62,18 +73,21 @@ ABLATION_COLUMNS: tuple[str, ...] = tuple(_ABLATION_KEYS)
 
 FLAG_COLUMNS: tuple[str, ...] = tuple(flag_column(label) for label in LABELS)
 
+#: The columns that name a head and state its labels and roles, in table order.
+LABEL_COLUMNS: tuple[str, ...] = ("model", "layer", "head", "relative_depth", "primary_label", "margin", "labels",
+                                  "attention_role", "attention_roles", "attention_margin", "output_role",
+                                  "output_margin", "confidence", "borderline")
+
 #: Columns that identify or label a head rather than score it.
-ID_COLUMNS: tuple[str, ...] = ("model", "layer", "head", "relative_depth", "primary_label", "margin",
-                               "labels", "fixed_offset_k")
+ID_COLUMNS: tuple[str, ...] = LABEL_COLUMNS + ("fixed_offset_k",)
 
 #: The fixed columns of every table, in order (ablation columns follow when present).
-TABLE_COLUMNS: tuple[str, ...] = (
-    ID_COLUMNS[:7] + FLAG_COLUMNS + SCORE_COLUMNS + ("fixed_offset_k",)
-)
+TABLE_COLUMNS: tuple[str, ...] = LABEL_COLUMNS + FLAG_COLUMNS + SCORE_COLUMNS + ("fixed_offset_k",)
 
-_STR_COLUMNS = ("model", "primary_label", "labels")
+_STR_COLUMNS = ("model", "primary_label", "labels", "attention_role", "attention_roles", "output_role", "borderline")
 _INT_COLUMNS = ("layer", "head")
-_FLOAT_COLUMNS = ("relative_depth", "margin") + SCORE_COLUMNS + ABLATION_COLUMNS
+_FLOAT_COLUMNS = ("relative_depth", "margin", "attention_margin", "output_margin", "confidence") + SCORE_COLUMNS + \
+    ABLATION_COLUMNS
 
 #: Scores averaged per layer by :meth:`HeadTaxonomy.per_layer` (those behind the core labels).
 CORE_SCORES: tuple[str, ...] = (
@@ -130,9 +144,12 @@ def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
     if out.duplicated(["layer", "head"]).any():
         dup = out.loc[out.duplicated(["layer", "head"]), ["layer", "head"]].iloc[0]
         raise HeadclassError(f"the head table has layer {dup['layer']} head {dup['head']} twice.")
-    bad = set(out["primary_label"]) - set(LABELS) - {UNCLASSIFIED}
-    if bad:
-        raise HeadclassError(f"unknown primary_label value(s) {sorted(bad)}; labels are {', '.join(LABELS)}.")
+    for col, allowed in (("primary_label", LABELS + (UNCLASSIFIED,)),
+                         ("attention_role", ATTENTION_ROLES + (MIXED, UNCLASSIFIED)),
+                         ("output_role", OUTPUT_ROLES)):
+        bad = set(out[col]) - set(allowed)
+        if bad:
+            raise HeadclassError(f"unknown {col} value(s) {sorted(bad)}; allowed: {', '.join(allowed)}.")
     extra_ablation = [c for c in ABLATION_COLUMNS if c in out.columns]
     rest = [c for c in out.columns if c not in TABLE_COLUMNS and c not in ABLATION_COLUMNS]
     out = out[list(TABLE_COLUMNS) + extra_ablation + rest]

@@ -207,7 +207,7 @@ def test_models_without_causal_self_attention_are_refused(tmp_path, kind):
 
 
 def test_missing_files_and_folders(tmp_path):
-    with pytest.raises(ModelFileError, match="no file or folder"):
+    with pytest.raises(ModelFileError, match="no such file or folder"):
         headclass.load_model(tmp_path / "nope.gguf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFileError, match="no config.json"):

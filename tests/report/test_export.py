@@ -12,7 +12,8 @@ import pytest
 
 from headclass.errors import HeadclassError
 from headclass.report import export
-from headclass.report.export import ExportError, atomic_write, read, read_json, read_parquet, write
+from headclass.atomic import atomic_write
+from headclass.report.export import ExportError, read, read_json, read_parquet, write
 from headclass.taxonomy import HeadTaxonomy
 
 from fake_scores import random_taxonomy
@@ -75,7 +76,8 @@ def test_markdown_report(tax, tmp_path):
     text = (tmp_path / "t.md").read_text()
     assert text.startswith("# Attention heads of tiny/model")
     assert "## Labels" in text and "## Heads" in text and "## Thresholds" in text
-    head_rows = [line for line in text.splitlines() if line.startswith("| ") and line[2:3].isdigit()]
+    head_rows = [line for line in text.splitlines()
+                 if line.startswith("|") and line.strip("|").split("|")[0].strip().isdigit()]
     assert len(head_rows) >= 15  # every head (plus threshold/summary rows starting with digits, if any)
 
 
@@ -116,23 +118,49 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert not target.exists() and leftovers(tmp_path) == []
 
 
+class _HalfWrites:
+    """``builtins.open`` for files under ``root`` opened for writing: the first ``write`` puts
+    half its text on disk, then fails with ENOSPC (a disk that fills up midway)."""
+
+    def __init__(self, root: Path):
+        self.root = str(root)
+        self.failed: list[str] = []
+
+    def install(self, monkeypatch) -> "_HalfWrites":
+        import builtins
+        import errno
+
+        real_open = builtins.open
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            if not isinstance(file, int) and str(file).startswith(self.root) and ("w" in mode or "a" in mode):
+                real_write, failed = handle.write, self.failed
+
+                def half_write(data):
+                    real_write(data[: len(data) // 2])
+                    handle.flush()
+                    failed.append(str(file))
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                handle.write = half_write
+            return handle
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        return self
+
+
 def test_failed_export_keeps_the_old_file(tax, tmp_path, monkeypatch):
+    """The disk fills up halfway through writing the new JSON: the old file is intact."""
     target = tmp_path / "t.json"
     tax.to_json(target)
     before = target.read_bytes()
-    calls = {"n": 0}
-    real = export._json_value
-
-    def fail_midway(value):
-        calls["n"] += 1
-        if calls["n"] > 100:
-            raise RuntimeError("serialisation failed")
-        return real(value)
-
-    monkeypatch.setattr(export, "_json_value", fail_midway)
-    with pytest.raises(RuntimeError, match="serialisation failed"):
+    half = _HalfWrites(tmp_path).install(monkeypatch)
+    with pytest.raises(OSError, match="No space left on device"):
         tax.to_json(target)
-    assert target.read_bytes() == before and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert len(half.failed) == 1  # a file was opened and half written before the failure
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
 
 
 def test_failed_parquet_write_midway_leaves_nothing(tax, tmp_path, monkeypatch):
@@ -149,12 +177,12 @@ def test_failed_parquet_write_midway_leaves_nothing(tax, tmp_path, monkeypatch):
 
 
 def test_failed_csv_write_midway_leaves_nothing(tax, tmp_path, monkeypatch):
-    def boom(self, *args, **kwargs):
-        raise MemoryError("out of memory")
-
-    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
-    with pytest.raises(MemoryError):
+    """Half the CSV is on disk when the write fails: no t.csv, no temporary left."""
+    half = _HalfWrites(tmp_path).install(monkeypatch)
+    with pytest.raises(OSError, match="No space left on device"):
         tax.to_csv(tmp_path / "t.csv")
+    monkeypatch.undo()
+    assert len(half.failed) == 1
     assert list(tmp_path.iterdir()) == []
 
 

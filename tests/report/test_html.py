@@ -158,3 +158,22 @@ def test_report_renders_in_headless_chromium(which, tax, tiny_taxonomy, tmp_path
     # every other figure was drawn too
     for element_id in ("labels-per-layer", "score-heatmaps"):
         assert "main-svg" in inside(dom, element_id).classes
+
+
+def test_definitions_show_the_thresholds_that_were_used():
+    from fake_scores import random_taxonomy
+
+    used = random_taxonomy(metadata={"config": {"thresholds": {"induction": 0.93, "bos": 0.61}}})
+    page = render_html_report(used)
+    assert "<code>induction &gt;= 0.93</code>" in page and "<code>bos &gt;= 0.61</code>" in page
+    # a threshold the metadata does not record is shown as unknown, never as a default
+    assert "<code>previous_token &gt;= ?</code>" in page
+    assert "<code>previous_token &gt;= 0.4</code>" not in page
+
+
+def test_definitions_of_a_taxonomy_without_recorded_thresholds():
+    from fake_scores import random_taxonomy
+
+    bare = random_taxonomy(metadata={"config": {}})
+    page = render_html_report(bare)
+    assert "records no thresholds" in page and "<code>induction &gt;= ?</code>" in page

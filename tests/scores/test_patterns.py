@@ -7,15 +7,25 @@ from collections import Counter
 
 import pytest
 import torch
+from planted import (
+    PLANTED_OFFSET,
+    bos_only_model,
+    planted_attention_model,
+    planted_roles_model,
+)
 
 from headclass import ProbeError, ScoreError, probes
 from headclass.scores.patterns import (
+    BUDGET_CLASSES,
+    PATTERN_KEYS,
+    PATTERN_SCORES,
     SCORE_NAMES,
-    detect_head_scores,
+    delimiter_token_mask,
+    pattern_measurement,
     pattern_scores,
     pattern_scores_single_pass,
 )
-from planted import PLANTED_OFFSET, bos_only_model, planted_attention_model
+from headclass.testing import detect_head_scores
 
 TOKEN_MATCH = ("previous_token", "duplicate_token", "induction")
 
@@ -53,8 +63,8 @@ class FakePatternModel:
     bos_token_id = 0
     prepends_bos = True
 
-    def __init__(self, patterns, tokens):
-        self.patterns, self.tokens = patterns, tokens
+    def __init__(self, patterns, tokens, tokenizer=None):
+        self.patterns, self.tokens, self.tokenizer = patterns, tokens, tokenizer
         self.n_layers = len(patterns)
         self.n_heads = patterns[0].shape[1]
 
@@ -87,7 +97,7 @@ def naive_scores(patterns, probe, *, exclude_bos=False, exclude_current=False, m
                 for q in range(len(row)):
                     den = 1.0 - exclude_bos * float(A[q, 0]) - exclude_current * float(A[q, q])
 
-                    def share(keys):
+                    def share(keys, A=A, q=q, den=den):
                         keys = [k for k in keys if not (exclude_bos and k == 0)]
                         mass = sum(float(A[q, k]) for k in keys)
                         if not (exclude_bos or exclude_current):
@@ -159,7 +169,7 @@ def test_planted_head_ranks_first(planted, planted_scores, score, role, floor):
     if score != "diffuse_entropy":  # the planted heads that are sharp elsewhere score low
         sharp = [roles[r] for r in ("previous_token", "current_token", "bos", "induction",
                                     "duplicate_token", "fixed_offset") if r != role]
-        assert max(float(values[l, h]) for l, h in sharp) < 0.1
+        assert max(float(values[layer, head]) for layer, head in sharp) < 0.1
 
 
 def test_planted_fixed_offset(planted, planted_scores):
@@ -219,9 +229,16 @@ def test_formulas_match_naive_loops(has_bos, exclude_bos, exclude_current):
 
 def test_scores_shapes_ranges_and_keys(tiny_gpt2):
     scores = pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 4, 12), progress=False)
-    assert list(scores) == ["previous_token", "current_token", "bos", "induction", "duplicate_token",
-                            "fixed_offset", "fixed_offset_k", "fixed_offset_per_k", "diffuse_entropy",
-                            "max_attention"]
+    core = [key for key in scores if not key.endswith("_se") and not key.startswith(("budget", "positional"))]
+    assert core == ["previous_token", "current_token", "bos", "induction", "duplicate_token",
+                    "fixed_offset", "fixed_offset_k", "fixed_offset_per_k", "diffuse_entropy",
+                    "max_attention"]
+    # a repeated probe (scores=None) feeds the _rep budget and consistency, not the text ones
+    assert {f"budget_rep_{c}" for c in BUDGET_CLASSES} <= set(scores)
+    assert "positional_consistency_rep" in scores and "positional_consistency" in PATTERN_SCORES
+    assert not any(key.startswith(("budget_first", "positional_consistency_se")) for key in scores)
+    assert "positional_consistency" not in scores
+    scores = {key: value for key, value in scores.items() if key in core}
     per_k = scores.pop("fixed_offset_per_k")
     assert per_k.shape == (2, 4, 8)
     torch.testing.assert_close(per_k[..., 0], scores["previous_token"])
@@ -233,7 +250,7 @@ def test_scores_shapes_ranges_and_keys(tiny_gpt2):
     assert scores["fixed_offset_k"].min() >= 1 and scores["fixed_offset_k"].max() <= 8
     subset = pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 4, 12), scores=["bos", "induction"],
                             progress=False)
-    assert list(subset) == ["bos", "induction"]
+    assert list(subset) == ["bos", "bos_se", "induction", "induction_se"]
     torch.testing.assert_close(subset["bos"], scores["bos"])
 
 
@@ -246,7 +263,8 @@ def test_chunking_gives_the_same_scores(tiny_gpt2):
     for size in (1, 3, 7):
         chunked = pattern_scores(tiny_gpt2, probe, batch_size=size, progress=False)
         for name in whole:
-            torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5, equal_nan=True,
+                                       msg=name)
     detect = pattern_scores(tiny_gpt2, probe, batch_size=2, convention="detect_head", progress=False)
     torch.testing.assert_close(detect["induction"],
                                pattern_scores_single_pass(tiny_gpt2, probe, convention="detect_head")["induction"])
@@ -409,3 +427,289 @@ def test_smollm2_text_probe(smollm2):
     assert probe.has_bos and (probe.tokens[:, 0] == smollm2.bos_token_id).all()
     special = smollm2.special_token_ids() - {smollm2.bos_token_id}
     assert not any(int(t) in special for t in probe.tokens[:, 1:].flatten())
+
+
+# -- attention budget --------------------------------------------------------------------------
+
+
+class FakeTokenizer:
+    """Just what :func:`delimiter_token_mask` reads: a length and single-id decoding."""
+
+    def __init__(self, strings):
+        self.strings = list(strings)
+
+    def __len__(self):
+        return len(self.strings)
+
+    def batch_decode(self, ids):
+        return [self.strings[row[0]] for row in ids]
+
+
+FAKE_STRINGS = ["<s>", "a", ".", "b", "\n", " ,", "c", "d?", " ", "\ufffd"] + [f"w{i}" for i in range(10, 50)]
+FAKE_DELIMITERS = {2, 4, 5, 8}   # ".", "\n", " ,", " " (not "d?", not the replacement character)
+
+
+def naive_budget(patterns, probe, delimiters, window):
+    """Loop reference: every key of every query q >= 1 goes to its first matching class.
+
+    Returns per-sequence sums ``[seq, layer, head, class]``, query counts ``[seq]`` and the
+    per-sequence sums of a uniform head ``[seq, class]``.
+    """
+    tokens = probe.tokens.tolist()
+    n_layers, n_heads = len(patterns), patterns[0].shape[1]
+    sums = torch.zeros(len(tokens), n_layers, n_heads, len(BUDGET_CLASSES), dtype=torch.float64)
+    counts = torch.zeros(len(tokens), dtype=torch.float64)
+    base = torch.zeros(len(tokens), len(BUDGET_CLASSES), dtype=torch.float64)
+    for b, row in enumerate(tokens):
+        for q in range(1, len(row)):
+            counts[b] += 1
+            for k in range(q + 1):
+                if k == 0:
+                    c = "first"
+                elif k == q:
+                    c = "self"
+                elif k == q - 1:
+                    c = "previous"
+                elif q - k <= window:
+                    c = "local"
+                elif row[k] == row[q]:
+                    c = "duplicate"
+                elif row[k - 1] == row[q]:
+                    c = "induction"
+                elif row[k] in delimiters:
+                    c = "delimiter"
+                else:
+                    c = "other"
+                i = BUDGET_CLASSES.index(c)
+                base[b, i] += 1.0 / (q + 1)
+                for layer, pattern in enumerate(patterns):
+                    sums[b, layer, :, i] += pattern[b, :, q, k].double()
+    return sums, counts, base
+
+
+def budget_model(seed=3, batch=4, pos=16, uniform=False):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 9, (batch, pos), generator=generator)  # many repeats and delimiters
+    tokens[:, 0] = 0
+    patterns = random_causal_patterns(2, batch, 3, pos, seed=seed)
+    if uniform:
+        rows = torch.ones(pos, pos, dtype=torch.float64).tril()
+        patterns = [(rows / rows.sum(-1, keepdim=True)).expand_as(p).clone() for p in patterns]
+    return FakePatternModel(patterns, tokens, FakeTokenizer(FAKE_STRINGS)), tokens
+
+
+def test_delimiter_mask_reads_the_decoded_strings():
+    model, _ = budget_model()
+    assert set(delimiter_token_mask(model).nonzero().flatten().tolist()) == FAKE_DELIMITERS
+    model.tokenizer = None
+    assert not delimiter_token_mask(model).any()
+
+
+@pytest.mark.parametrize("window", [2, 4])
+@pytest.mark.parametrize("text", [True, False])
+def test_budget_matches_naive_loops(window, text):
+    model, tokens = budget_model()
+    feeds = probes.TEXT_SCORES | {"budget"} if text else None
+    probe = probes.from_tokens(model, tokens, has_bos=True, name="text" if text else "rep", scores=feeds)
+    prefix = "budget" if text else "budget_rep"
+    ours = pattern_scores(model, probe, scores=[prefix], batch_size=3, progress=False,
+                          config={"patterns": {"local_window": window}})
+    sums, counts, base = naive_budget(model.patterns, probe, FAKE_DELIMITERS, window)
+    share = sums.sum(0) / counts.sum()
+    rate = base.sum(0) / counts.sum()
+    for i, c in enumerate(BUDGET_CLASSES):
+        torch.testing.assert_close(ours[f"{prefix}_{c}"].double(), share[..., i], atol=1e-6, rtol=0, msg=c)
+        assert torch.allclose(ours[f"{prefix}_base_{c}"].double(), rate[i].expand(2, 3), atol=1e-6)
+        if rate[i] > 0:
+            torch.testing.assert_close(ours[f"{prefix}_lift_{c}"].double(), share[..., i] / rate[i],
+                                       atol=1e-5, rtol=1e-5)
+        else:
+            assert ours[f"{prefix}_lift_{c}"].isnan().all()
+    assert rate[BUDGET_CLASSES.index("delimiter")] > 0 and rate[BUDGET_CLASSES.index("duplicate")] > 0
+    total = sum(ours[f"{prefix}_{c}"] for c in BUDGET_CLASSES)
+    assert (total - 1).abs().max() < 1e-5
+
+
+def test_a_uniform_head_gets_its_base_rates():
+    model, tokens = budget_model(uniform=True)
+    scores = pattern_scores(model, probes.from_tokens(model, tokens), scores=["budget_rep"], progress=False)
+    for c in BUDGET_CLASSES:
+        torch.testing.assert_close(scores[f"budget_rep_{c}"], scores[f"budget_rep_base_{c}"], atol=1e-6, rtol=0)
+
+
+def test_budget_rows_sum_to_one_on_a_real_model(tiny_gpt2):
+    scores = pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 3, 20), progress=False)
+    total = sum(scores[f"budget_rep_{c}"] for c in BUDGET_CLASSES)
+    assert (total - 1).abs().max() < 1e-5
+
+
+def test_planted_budgets_match_their_construction(planted):
+    model, roles = planted
+    probe = probes.repeated(model, 6, 31)
+    scores = pattern_scores(model, probe, progress=False)
+    budget = {c: scores[f"budget_rep_{c}"] for c in BUDGET_CLASSES}
+    for role, cls in (("previous_token", "previous"), ("current_token", "self"), ("bos", "first"),
+                      ("fixed_offset", "local")):  # offset 3 lies in the window 2..4
+        assert budget[cls][roles[role]] > 0.9, (role, cls)
+    # induction / duplicate heads spend on their class exactly what their score says, at the
+    # queries that have a target (the second copy): the two reductions agree
+    queries = probe.n_sequences * (probe.n_positions - 1)
+    for role, cls, n in (("induction", "induction", probe.n_induction_positions),
+                         ("duplicate_token", "duplicate", probe.n_duplicate_positions)):
+        expected = scores[role][roles[role]] * n / queries
+        assert abs(float(budget[cls][roles[role]] - expected)) < 1e-4
+        assert scores[f"budget_rep_lift_{cls}"][roles[role]] > 5
+    half = roles["bos_and_current"]
+    assert abs(float(budget["first"][half]) - 0.5) < 0.01 and abs(float(budget["self"][half]) - 0.5) < 0.01
+    uniform = roles["diffuse"]
+    for c in BUDGET_CLASSES:
+        assert abs(float(scores[f"budget_rep_lift_{c}"][uniform]) - 1) < 1e-4 or budget[c][uniform] == 0
+
+
+@pytest.fixture(scope="module")
+def roles_planted(tmp_path_factory):
+    return planted_roles_model(tmp_path_factory.mktemp("planted-roles"))
+
+
+def roles_probes(model, seed=0):
+    """Repeated tokens, and a text-like probe: random words with a delimiter about every 6th."""
+    generator = torch.Generator().manual_seed(seed)
+    words = torch.randint(2, 32, (12, 60), generator=generator)
+    words[:, 0] = model.bos_token_id
+    text = probes.from_tokens(model, words, name="text",
+                              scores=probes.TEXT_SCORES | {"budget", "positional_consistency"})
+    return [probes.repeated(model, 12, 28, seed=seed), text]
+
+
+def test_planted_local_delimiter_and_content_heads(roles_planted):
+    model, roles = roles_planted
+    scores = pattern_scores(model, roles_probes(model), progress=False)
+    local = roles["local"]
+    for prefix in ("budget", "budget_rep"):
+        assert scores[f"{prefix}_previous"][local] + scores[f"{prefix}_local"][local] > 0.95
+        assert abs(float(scores[f"{prefix}_local"][local]) - 2 / 3) < 0.05   # offsets 2, 3 of 1..3
+    delimiter, content = roles["delimiter"], roles["content"]
+    assert scores["budget_delimiter"][delimiter] > 0.5
+    assert scores["budget_lift_delimiter"][delimiter] > 5
+    assert scores["budget_lift_delimiter"][content] < 0.1   # it never looks at a delimiter
+    for role in ("previous_token", "local", "transform", "successor", "noop", "copy"):
+        assert scores["budget_lift_delimiter"][roles[role]] < 1.5, role
+
+
+def test_positional_consistency_separates_position_from_content(roles_planted, planted):
+    model, roles = roles_planted
+    scores = pattern_scores(model, roles_probes(model), progress=False)
+    for key in ("positional_consistency", "positional_consistency_rep"):
+        for role in ("previous_token", "local", "successor", "noop", "copy"):  # position decides
+            assert scores[key][roles[role]] > 0.99, (key, role)
+        for role in ("delimiter", "content"):                                  # tokens decide
+            assert scores[key][roles[role]] < 0.3, (key, role)
+    model, roles = planted
+    scores = pattern_scores(model, probes.repeated(model, 6, 31), progress=False)
+    for role in ("previous_token", "current_token", "diffuse", "fixed_offset", "bos_and_current"):
+        assert scores["positional_consistency_rep"][roles[role]] > 0.99, role
+
+
+# -- uncertainty -------------------------------------------------------------------------------
+
+
+def test_standard_errors_follow_the_stratified_ratio_formula():
+    model, tokens = budget_model(batch=6, pos=14)
+    a = probes.from_tokens(model, tokens[:4], name="a")
+    b = probes.from_tokens(model, tokens[4:], name="b")
+    ours = pattern_scores(model, [a, b], scores=["bos", "budget_rep", "induction"], batch_size=4,
+                          progress=False)
+    per_sequence = torch.stack([p[:, :, 1:, 0].double().sum(-1) for p in model.patterns], 1)  # [seq, L, H]
+    counts = torch.full((6,), 13.0, dtype=torch.float64)
+    sums_budget, counts_budget, _ = naive_budget(model.patterns, probes.from_tokens(model, tokens),
+                                                 FAKE_DELIMITERS, 4)
+
+    def stratified_se(sums, counts):
+        ratio = sums.sum(0) / counts.sum()
+        residual = sums - ratio * counts.view(-1, *[1] * (sums.ndim - 1))
+        variance = 0
+        for rows in (slice(0, 4), slice(4, 6)):
+            part = residual[rows]
+            n = part.shape[0]
+            variance = variance + n / (n - 1) * ((part - part.mean(0)) ** 2).sum(0)
+        return variance.sqrt() / counts.sum()
+
+    torch.testing.assert_close(ours["bos_se"].double(), stratified_se(per_sequence, counts), atol=1e-7, rtol=1e-5)
+    first = stratified_se(sums_budget[..., 0], counts_budget)
+    torch.testing.assert_close(ours["budget_rep_first_se"].double(), first, atol=1e-7, rtol=1e-5)
+    assert (ours["induction_se"] > 0).all() and torch.isfinite(ours["induction_se"]).all()
+
+
+def test_standard_error_matches_the_bootstrap_spread():
+    model, tokens = budget_model(batch=40, pos=12, seed=5)
+    run = pattern_measurement(model, probes.from_tokens(model, tokens), scores=["bos", "previous_token"],
+                              progress=False)
+    replicates = run.bootstrap(400, seed=1)
+    for name in ("bos", "previous_token"):
+        assert replicates[name].shape == (400, 2, 3)
+        ratio = replicates[name].std(0) / run.scores[f"{name}_se"]
+        assert ((ratio > 0.8) & (ratio < 1.25)).all(), (name, ratio)
+
+
+def test_a_bootstrap_replicate_is_the_score_of_its_resampled_probes():
+    model, tokens = budget_model(batch=7, pos=14, seed=2)
+    a = probes.from_tokens(model, tokens[:4], name="a")
+    b = probes.from_tokens(model, tokens[4:], name="b", scores=probes.TEXT_SCORES | {"budget"})
+    run = pattern_measurement(model, [a, b], progress=False)
+    replicates = run.bootstrap(3, seed=9)
+    draws = run.bootstrap_draws(3, seed=9)
+    assert [d.shape for d in draws] == [(3, 4), (3, 3)]
+    for r in range(3):
+        resampled = [probes.from_tokens(model, a.tokens[draws[0][r]], name="a"),
+                     probes.from_tokens(model, b.tokens[draws[1][r]], name="b", scores=b.scores)]
+        direct = pattern_scores(model, resampled, progress=False)
+        for key, value in replicates.items():
+            torch.testing.assert_close(value[r], direct[key], atol=1e-6, rtol=1e-5, equal_nan=True,
+                                       msg=key)
+    assert not any(key.endswith("_se") or key.startswith("positional") for key in replicates)
+    assert torch.equal(run.bootstrap(3, seed=9)["bos"], replicates["bos"])
+    assert not torch.equal(run.bootstrap(3, seed=8)["bos"], replicates["bos"])
+
+
+def test_planted_scores_do_not_depend_on_the_batch_size(planted):
+    model, _ = planted
+    probe = probes.repeated(model, 16, 31)
+    one = pattern_scores(model, probe, batch_size=1, progress=False)
+    all16 = pattern_scores(model, probe, batch_size=16, progress=False)
+    assert list(one) == list(all16)
+    for key in one:
+        torch.testing.assert_close(one[key], all16[key], atol=1e-6, rtol=1e-5, equal_nan=True, msg=key)
+
+
+def test_bfloat16_patterns_accumulate_in_float32():
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(1, 40, (6, 96), generator=generator)
+    tokens[:, 0] = 0
+    patterns = [p.to(torch.bfloat16) for p in random_causal_patterns(1, 6, 2, 96, seed=4, sharpness=0.5)]
+    exact = [p.double() for p in patterns]                    # the same values, summed in float64
+    probe = probes.from_tokens(FakePatternModel(patterns, tokens), tokens)
+    low = pattern_scores(FakePatternModel(patterns, tokens), probe, progress=False)
+    high = pattern_scores(FakePatternModel(exact, tokens), probe, progress=False)
+    for key, value in low.items():
+        assert value.dtype == high[key].dtype, key
+        torch.testing.assert_close(value.double(), high[key].double(), atol=2e-6, rtol=1e-5,
+                                   equal_nan=True, msg=key)
+
+
+# -- registry ----------------------------------------------------------------------------------
+
+
+def test_registry_describes_every_returned_key(roles_planted):
+    model, _ = roles_planted
+    scores = pattern_scores(model, roles_probes(model), progress=False)
+    grid = {key for key, value in scores.items() if value.shape == (2, 4) and value.is_floating_point()}
+    assert grid == set(PATTERN_KEYS)
+    for name, info in PATTERN_SCORES.items():
+        assert info.name == name and info.description and set(info.probes) <= {"repeated", "text"}
+        assert set(info.keys) - {"fixed_offset_k"} <= set(PATTERN_KEYS), name
+    for key, info in PATTERN_KEYS.items():
+        low, high = info.range
+        value = scores[key][~scores[key].isnan()]
+        assert (value >= low - 1e-6).all() and (value <= high + 1e-6).all(), key
+    assert set(SCORE_NAMES) == {"previous_token", "current_token", "bos", "induction", "duplicate_token",
+                                "fixed_offset", "diffuse_entropy", "max_attention"}

@@ -12,17 +12,22 @@ import headclass
 from headclass.errors import ScoreError
 from headclass.scores.weights import (
     WEIGHT_SCORE_KEYS,
+    WEIGHT_SCORES,
     copy_eigen_score,
     copy_token_sample,
     effective_embedding,
     identity_distance,
     ov_circuit_eigenvalues,
+    ov_gain_scores,
     ov_singular_values,
     ov_svd_scores,
     participation_ratio,
     positional_prev_token_score,
     projection_distance,
     qk_singular_values,
+    sampling_error,
+    successor_scores,
+    successor_sequences,
     topk_copy_scores,
     weight_scores,
 )
@@ -116,11 +121,19 @@ def test_planted_weights_survive_loading(planted):
     assert float(planted.W_O[0, 3].abs().max()) == 0.0
 
 
+NO_TOKENIZER_NAN = {"successor", "successor_se"}   # no tokenizer: no ordinal sequence
+
+
 def test_weight_scores_keys_shapes_and_ranges(planted_scores):
-    assert set(planted_scores) == set(WEIGHT_SCORE_KEYS)
+    assert list(planted_scores) == list(WEIGHT_SCORE_KEYS)
     for key, value in planted_scores.items():
         assert value.shape == (2, N_HEADS), key
-        assert torch.isfinite(value.float()).all(), key
+        if key in NO_TOKENIZER_NAN:
+            assert value.isnan().all(), key
+        else:
+            assert torch.isfinite(value.float()).all(), key
+            low, high = WEIGHT_SCORES[key].range
+            assert (value.float() >= low).all() and (value.float() <= high).all(), key
     assert planted_scores["writes_nothing"].dtype == torch.bool
     assert ((planted_scores["copy_eigen"] >= -1) & (planted_scores["copy_eigen"] <= 1)).all()
     for key in ("copy_topk", "copy_suppression_topk", "ov_identity_distance", "ov_projection_distance",
@@ -135,7 +148,7 @@ def test_planted_copy_and_suppression_heads(planted_scores):
     random_heads = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
     for layer, head in random_heads:
         assert abs(float(eig[layer, head])) < 0.5, (layer, head, float(eig[layer, head]))
-    assert float(torch.tensor([abs(float(eig[l, h])) for l, h in random_heads]).mean()) < 0.3
+    assert float(torch.tensor([abs(float(eig[layer, head])) for layer, head in random_heads]).mean()) < 0.3
 
     assert planted_scores["copy_topk"][1, 0] > 0.95
     assert planted_scores["copy_suppression_topk"][1, 1] > 0.95
@@ -199,6 +212,8 @@ def test_effective_embedding_matches_first_mlp_and_feeds_the_scores(tiny_gpt2):
     assert abs(float(eig[1, 2]) - float(copy_eigen_score(torch.linalg.eigvals(full)))) < 1e-4
     scores = weight_scores(model, config={"weights": {"effective_embedding": True, "copy_sample_size": 50}})
     assert torch.isfinite(scores["copy_topk"]).all()
+    rows = torch.tensor([5, 9])
+    torch.testing.assert_close(model.effective_embedding(tokens=rows), effective_embedding(model)[rows])
 
 
 def test_effective_embedding_needs_a_first_mlp():
@@ -362,7 +377,7 @@ def test_positional_score_absent_for_rotary_models(tiny_llama_dir):
     scores = weight_scores(model, config={"weights": {"copy_sample_size": 32}})
     assert "positional_prev_token" not in scores
     assert set(scores) == set(WEIGHT_SCORE_KEYS) - {"positional_prev_token"}
-    assert all(torch.isfinite(v.float()).all() for v in scores.values())
+    assert all(torch.isfinite(v.float()).all() for k, v in scores.items() if k not in NO_TOKENIZER_NAN)
     with pytest.raises(ScoreError, match="learned absolute position"):
         positional_prev_token_score(model)
 
@@ -412,6 +427,7 @@ def test_smollm2_scores_finite_and_induction_heads_copy(smollm2):
     for key, value in scores.items():
         assert value.shape == (30, 9), key
         assert torch.isfinite(value.float()).all(), key
+    assert float(scores["successor"].max()) > 0.5   # SmolLM2 holds digits, weekdays, months...
     raw = copy_eigen_score(ov_circuit_eigenvalues(smollm2))
     induction = induction_scores(smollm2).flatten()
     top = induction.argsort(descending=True)[:5]
@@ -425,3 +441,93 @@ def test_smollm2_scores_finite_and_induction_heads_copy(smollm2):
     layers, heads = top // smollm2.n_heads, top % smollm2.n_heads
     assert (scores["copy_eigen"][layers, heads] > 0).all(), report
     assert float(raw[layers, heads].mean()) > 0.2, report
+
+
+# -- sampling errors, output gain, successor heads ---------------------------------------------
+
+def test_sampling_errors_of_the_topk_scores(tiny_gpt2, planted_scores):
+    p = torch.tensor([[0.0, 0.5], [0.2, 1.0]])
+    torch.testing.assert_close(sampling_error(p, 100), (p * (1 - p) / 100).sqrt())
+    finite = sampling_error(p, 100, population=200)
+    torch.testing.assert_close(finite, (p * (1 - p) / 100).sqrt() * math.sqrt(100 / 199))
+    assert (sampling_error(p, 200, population=200) == 0).all()
+    assert sampling_error(p, 0).isnan().all()
+    # the planted fixture samples every ordinary token: nothing is left to sampling
+    assert (planted_scores["copy_topk_se"] == 0).all()
+    scores = weight_scores(tiny_gpt2, config={"weights": {"copy_sample_size": 40}})
+    population = tiny_gpt2.d_vocab - len(tiny_gpt2.special_token_ids())
+    for key in ("copy_topk", "copy_suppression_topk"):
+        torch.testing.assert_close(scores[f"{key}_se"], sampling_error(scores[key], 40, population))
+
+
+def test_ov_gain_equals_explicit_output_norms(planted, planted_scores):
+    tokens = copy_token_sample(planted, VOCAB)
+    x = planted.W_E[tokens]
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    expected = torch.zeros(2, N_HEADS)
+    for layer in range(2):
+        for head in range(N_HEADS):
+            out = x @ planted.W_V[layer, head] @ planted.W_O[layer, head]
+            expected[layer, head] = ((out.norm(dim=-1) / x.norm(dim=-1)) ** 2).mean().sqrt()
+    torch.testing.assert_close(planted_scores["ov_gain"], expected, atol=1e-5, rtol=1e-4)
+    assert float(planted_scores["ov_gain"][0, 3]) == 0.0                   # W_O = 0
+    writing = expected[expected > 0]
+    torch.testing.assert_close(planted_scores["ov_gain_relative"], expected / writing.median(),
+                               atol=1e-5, rtol=1e-4)
+    direct = ov_gain_scores(planted, planted.W_E, tokens)
+    torch.testing.assert_close(direct["ov_gain"], planted_scores["ov_gain"])
+
+
+def test_writes_nothing_cutoff_is_the_config_key(planted):
+    tiny = {"copy_sample_size": 16}
+    default = weight_scores(planted, config={"weights": tiny})["writes_nothing"]
+    assert default.tolist() == [[False, False, False, True], [False, False, False, False]]
+    none = weight_scores(planted, config={"weights": {**tiny, "writes_nothing_below": 0.0}})["writes_nothing"]
+    assert not none.any()                     # 0 < 0 never holds, not even for the zero head
+    with pytest.raises(headclass.ConfigError, match="writes_nothing_below"):
+        weight_scores(planted, config={"weights": {"writes_nothing_below": 1.5}})
+
+
+def test_successor_score_equals_explicit_ranking(tiny_gpt2):
+    runs = [torch.tensor([3, 9, 4, 20, 7]), torch.tensor([11, 12, 13])]
+    scores = successor_scores(tiny_gpt2, sequences=runs, embedding=tiny_gpt2.W_E)
+    expected = torch.zeros(2, 4)
+    for layer in range(2):
+        for head in range(4):
+            for run in runs:
+                logits = tiny_gpt2.W_E[run] @ tiny_gpt2.W_V[layer, head] @ tiny_gpt2.W_O[layer, head] \
+                    @ tiny_gpt2.W_U[:, run]                                     # [item, item]
+                for i in range(len(run) - 1):
+                    others = torch.cat([logits[i, :i + 1], logits[i, i + 2:]])
+                    expected[layer, head] += float(logits[i, i + 1] > others.max())
+    n = 4 + 2
+    torch.testing.assert_close(scores["successor"], expected / n)
+    torch.testing.assert_close(scores["successor_se"], sampling_error(expected / n, n))
+    assert successor_sequences(tiny_gpt2) == []                           # no tokenizer
+    assert successor_scores(tiny_gpt2)["successor"].isnan().all()
+
+
+@pytest.fixture(scope="module")
+def roles_planted(tmp_path_factory):
+    from planted import planted_roles_model
+
+    return planted_roles_model(tmp_path_factory.mktemp("planted-roles"))
+
+
+def test_planted_output_roles(roles_planted):
+    """transform, successor, no-op and copy heads of the planted roles model, on their axis."""
+    from planted import DIGIT_IDS
+
+    model, roles = roles_planted
+    assert [r.tolist() for r in successor_sequences(model)] == [list(DIGIT_IDS)]
+    scores = weight_scores(model)
+    at = {role: {key: float(value[roles[role]]) for key, value in scores.items()} for role in roles}
+    assert at["successor"]["successor"] == 1.0 and at["successor"]["successor_se"] == 0.0
+    for role in ("transform", "noop", "copy", "previous_token", "local"):
+        assert at[role]["successor"] == 0.0, role
+    assert at["copy"]["copy_topk"] == 1.0 and at["copy"]["copy_eigen"] > 0.99
+    for role in ("transform", "successor"):   # substantial output, own token neither up nor down
+        assert at[role]["copy_topk"] == 0.0 and at[role]["copy_suppression_topk"] == 0.0, role
+        assert at[role]["ov_gain_relative"] > 0.5 and not at[role]["writes_nothing"], role
+    assert at["noop"]["writes_nothing"] and at["noop"]["ov_gain_relative"] < 0.01
+    assert at["transform"]["ov_gain_relative"] > 0.9 * at["copy"]["ov_gain_relative"]
