@@ -229,6 +229,7 @@ def main() -> None:
         for dtype in options.dtype.split(","):
             row = bench(alias, dtype, options.breakdown)
             print_row(row)
+            sys.stdout.flush()
             rows.append(row)
     print(json.dumps(rows))
 

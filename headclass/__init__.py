@@ -10,6 +10,7 @@ from headclass.config import HeadclassConfig, load_config
 from headclass.errors import (
     ConfigError,
     HeadclassError,
+    HeadclassWarning,
     HubUnreachableError,
     MissingDependencyError,
     ModelFileError,
@@ -40,6 +41,7 @@ __all__ = [
     "load_config",
     "HeadclassConfig",
     "HeadclassError",
+    "HeadclassWarning",
     "ModelNotFoundError",
     "HubUnreachableError",
     "UnsupportedArchitectureError",

@@ -137,7 +137,8 @@ def check_output_folder(out: PathLike, option: str = "--out") -> Path:
         if not path.is_dir():
             raise PublishError(f"{option} {text!r} exists and is not a folder; give a folder (new or existing).")
         if not os.access(path, os.W_OK | os.X_OK):
-            raise PublishError(f"{option} folder {text!r} is not writable; choose another folder or fix its permissions.")
+            raise PublishError(
+                f"{option} folder {text!r} is not writable; choose another folder or fix its permissions.")
         return path
     parent = _nearest_existing(path)
     if not parent.is_dir():
@@ -177,6 +178,7 @@ class FolderPublication:
         self.removed: list[str] = []
         self.committed = False
         self._root: Optional[Path] = None
+        self._keep_staging = False  # set when an undo failed: the staging folder holds old files
 
     # -- staging ---------------------------------------------------------------------------------
     def __enter__(self) -> "FolderPublication":
@@ -194,7 +196,7 @@ class FolderPublication:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._root is not None and self._root.exists() and not getattr(self, "_keep_staging", False):
+        if self._root is not None and self._root.exists() and not self._keep_staging:
             _remove_tree(self._root)
 
     @property

@@ -64,9 +64,12 @@ __all__ = [
 
 #: Scores the natural-text probe feeds by default. Induction and duplicate-token scores need
 #: exact repeats, which random repeated tokens provide cleanly and prose only by accident
-#: (function words), so :func:`text` leaves them to :func:`repeated`.
+#: (function words), so :func:`text` leaves them to :func:`repeated`. ``budget`` and
+#: ``positional_consistency`` are the natural-text attention budget and consistency (the
+#: repeated probe feeds their ``_rep`` twins; see :mod:`headclass.scores.patterns`).
 TEXT_SCORES = frozenset(
-    {"previous_token", "current_token", "bos", "fixed_offset", "diffuse_entropy", "max_attention"}
+    {"previous_token", "current_token", "bos", "fixed_offset", "diffuse_entropy", "max_attention",
+     "budget", "positional_consistency"}
 )
 
 
@@ -445,8 +448,8 @@ def build_probe_set(model: Any, config: Any = None, *, ablation: bool = False) -
         }
     if notes:
         warnings.warn(HeadclassWarning(
-            f"model {getattr(model, 'name', '?')!r} has a context of {model.n_ctx} tokens, so "
-            + "; ".join(notes) + "."), stacklevel=2)
+            f"probes shrunk to fit model {getattr(model, 'name', '?')!r} (context of "
+            f"{getattr(model, 'n_ctx', '?')} tokens): " + "; ".join(notes) + "."), stacklevel=2)
     return ProbeSet(
         repeated=repeated(model, rep.n_sequences, segment, rep.n_repeats, seed=seed,
                           exclude_extreme_fraction=extremes),
@@ -465,11 +468,20 @@ def default_probes(model: Any, config: Any = None) -> list[Probe]:
 
 def fit_segment_length(model: Any, segment_length: int, n_repeats: int, notes: list[str], *,
                        what: str = "repeated probe") -> int:
-    """The one sizing step: the longest segment <= ``segment_length`` whose ``n_repeats``
-    copies (after BOS) fit the model's context; appends a note to ``notes`` when it shrank.
+    """The one sizing step: the longest segment <= ``segment_length`` of distinct ordinary
+    tokens whose ``n_repeats`` copies (after BOS) fit the model's context; appends a note to
+    ``notes`` when it shrank.
 
     Raises :class:`ProbeError` when not even 2-token segments fit, naming the context.
     """
+    n_ordinary = len(ordinary_token_ids(model))  # a segment holds distinct ordinary tokens
+    if n_ordinary < segment_length:
+        if n_ordinary < 2:
+            raise ProbeError(f"model {getattr(model, 'name', '?')!r} has {n_ordinary} ordinary token ids; "
+                             "a repeated probe needs at least 2.")
+        notes.append(f"the {what}'s segment was cut from {segment_length} to the {n_ordinary} ordinary "
+                     "token ids of the vocabulary")
+        segment_length = n_ordinary
     n_ctx = getattr(model, "n_ctx", None)
     if n_ctx is None:
         return segment_length

@@ -64,6 +64,36 @@ def save_tiny_llama(folder: Path, *, n_layer: int = 2, n_head: int = 4, n_kv: in
     return folder
 
 
+def save_tiny_qwen2(folder: Path, *, n_layer: int = 2, n_head: int = 6, n_kv: int = 2, d_head: int = 16,
+                    vocab_size: int = 128, seed: int = 0) -> Path:
+    """Save a random Qwen2 (grouped-query attention ``n_head``/``n_kv``, q/k/v biases, rotary)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    hidden = n_head * d_head
+    config = Qwen2Config(num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv,
+                         hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab_size,
+                         max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # sharp patterns, non-zero biases and norms: differences would show
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.mul_(3.0)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    assert all(model.model.layers[0].self_attn.__getattr__(n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-gqa"))
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))

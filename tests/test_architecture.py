@@ -23,6 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "headclass"
 #: and those below it. The package's ``__init__`` re-exports from every layer.
 LAYERS: dict[str, int] = {
     "headclass._version": 0,
+    "headclass._startup": 0,
     "headclass.errors": 0,
     "headclass.atomic": 0,
     "headclass.config": 0,
@@ -46,6 +47,7 @@ LAYERS: dict[str, int] = {
 #: pandas' ``DataFrame.to_parquet`` imports its writer: on call, never at import time.
 LAZY_DELEGATIONS: dict[tuple[str, str], str] = {
     ("headclass.taxonomy.result", "headclass.report.export"): "HeadTaxonomy.save and its to_* methods",
+    ("headclass.taxonomy.result", "headclass.report.cards"): "HeadTaxonomy.card builds the report's HeadCard",
 }
 
 

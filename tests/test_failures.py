@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_tiny_gpt2
+
 from headclass import cli
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64)
@@ -159,11 +159,32 @@ def test_broken_patterns_fail_before_the_callback_sees_them(tiny_dir, hook_point
     _poison_activations(model, hook_point, how)
     seen: list[int] = []
     try:
-        with pytest.raises(ScoreError, match=r"attention pattern of layer 1 head 0 (is not finite|has rows that do not sum to 1)"):
+        broken = r"attention pattern of layer 1 head 0 (is not finite|has rows that do not sum to 1)"
+        with pytest.raises(ScoreError, match=broken):
             model.run_with_patterns(torch.randint(1, 100, (2, 8)), lambda layer, pattern: seen.append(layer))
     finally:
         model.tl_model.reset_hooks(including_permanent=True)
     assert seen == [0]
+
+
+def test_pattern_check_rules():
+    from headclass.errors import ScoreError
+    from headclass.loading.head_model import _check_pattern
+
+    good = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)
+    _check_pattern(good, 0, "m")
+    _check_pattern(good.to(torch.bfloat16), 0, "m")
+    _check_pattern(good * 0.4, 0, "m", sinks=True)  # GPT-OSS: a sink takes part of each row
+    with pytest.raises(ScoreError, match="layer 3 head 0 has rows that do not sum to 1"):
+        _check_pattern(good * 0.4, 3, "m")
+    broken = good.clone()
+    broken[1, 2, 4, 0] = float("inf")
+    with pytest.raises(ScoreError, match="layer 0 head 2 is not finite"):
+        _check_pattern(broken, 0, "m", sinks=True)
+    zero = good.clone()
+    zero[:, 1] = 0.0  # what the bridge makes of NaN scores
+    with pytest.raises(ScoreError, match="layer 0 head 1 has rows that do not sum to 1"):
+        _check_pattern(zero, 0, "m", sinks=True)
 
 
 def test_broken_activations_give_no_table_in_the_cli(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -212,8 +233,8 @@ def test_slug_keeps_the_organisation_and_any_script():
     assert cli._slug("u/模型") == "u-模型" and cli._slug("u/αβ") == "u-αβ"
     assert cli._slug("///") == "model"
     assert cli._unique_stems(["u/x y", "u/x-y", "U/X-Y"]) == ["u-x-y", "u-x-y-2", "U-X-Y-3"]
-    assert cli._unique_stems(["comparison", "comparison_counts", "headclass-run"],
-                             reserved=cli._COMPARISON_STEMS) == ["comparison-2", "comparison_counts-2", "headclass-run-2"]
+    stems = cli._unique_stems(["comparison", "comparison_counts", "headclass-run"], reserved=cli._COMPARISON_STEMS)
+    assert stems == ["comparison-2", "comparison_counts-2", "headclass-run-2"]
 
 
 def test_compare_never_overwrites_one_model_with_another(tmp_path, monkeypatch, capsys, fast_classify):
@@ -419,7 +440,8 @@ def test_bad_out_fails_before_loading(tmp_path, monkeypatch, capsys, no_loading,
     target = tmp_path / "report"
     if case == "file":
         target.write_text("a file")
-        out, message = str(target), f"--out {str(target)!r} exists and is not a folder; give a folder (new or existing)."
+        out = str(target)
+        message = f"--out {out!r} exists and is not a folder; give a folder (new or existing)."
     elif case == "below-a-file":
         target.write_text("a file")
         out = str(target / "sub")
@@ -432,7 +454,8 @@ def test_bad_out_fails_before_loading(tmp_path, monkeypatch, capsys, no_loading,
         real_access = os.access
         monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
         if case == "unwritable":
-            out, message = str(target), f"--out folder {str(target)!r} is not writable; choose another folder or fix its permissions."
+            out = str(target)
+            message = f"--out folder {out!r} is not writable; choose another folder or fix its permissions."
         else:
             out = str(tmp_path / "new")
             message = (f"--out {out!r} cannot be created: folder {str(tmp_path)!r} is not writable; "
@@ -465,7 +488,8 @@ def test_mistyped_relative_path(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     status, err = run_main(capsys, "classify", "models/tinyy", "--out", "out", "-q")
     assert status == 1
-    assert one_error_line(err) == "headclass: error: no such file or folder: 'models/tinyy'. Did you mean 'models/tiny'?"
+    assert one_error_line(err) == (
+        "headclass: error: no such file or folder: 'models/tinyy'. Did you mean 'models/tiny'?")
     status, err = run_main(capsys, "classify", "./tiny", "--out", "out", "-q")
     assert one_error_line(err) == "headclass: error: no such file or folder: './tiny'."
     status, err = run_main(capsys, "classify", "nowhere/at/all", "--out", "out", "-q")
@@ -619,3 +643,38 @@ def test_gguf_progress_bar_only_on_a_terminal(capsys):
             pass
     assert gguf_utils.tqdm is real
     assert capsys.readouterr().err == ""
+
+
+# -- docs/failure-modes.md lists them all -------------------------------------------------------------
+
+def test_failure_modes_doc_lists_every_message():
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "failure-modes.md").read_text(encoding="utf-8")
+    assert "(docs/failure-modes.md)" in (root / "README.md").read_text(encoding="utf-8")
+    for fragment in [
+        "--out is empty; give a folder", "exists and is not a folder; give a folder (new or existing).",
+        "is a file, not a folder.", "is not writable; choose another folder or fix its permissions.",
+        "it is a folder; move it away or choose another --out. Nothing in",
+        "exists and was not written by headclass (not listed in headclass-run.json)",
+        "cannot write tiny.html (No space left on device); nothing in", "cannot stage the outputs in",
+        "cannot publish the outputs to", "and restoring", "is not a readable headclass manifest",
+        "removed N files of the previous run in", "changed since headclass wrote them",
+        "headclass: interrupted while starting; nothing was written.",
+        "headclass: interrupted while loading the model; nothing was written",
+        "headclass: interrupted while classifying; nothing was written",
+        "headclass: interrupted while writing the outputs; nothing was written",
+        "headclass: interrupted after publishing; all N files were written to",
+        "headclass: interrupted while sweeping", "HEADCLASS_TEST_PAUSE",
+        "no such file or folder: 'models/tinyy'. Did you mean 'models/tiny'?", "does not exist either",
+        "cannot reach the Hugging Face hub", "cannot download '...' from the Hugging Face hub at",
+        "is empty; re-save the model with save_pretrained or download it again.",
+        "is truncated or corrupt: its header describes", "is not a valid safetensors file (bad header)",
+        "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)",
+        "cannot read the weights in folder", "weights_only=False",
+        "has non-finite weights (NaN or inf): W_Q of layer 0 head 0.",
+        "has non-finite weights (NaN or inf) in layer 0 (transformer.h.0.mlp.c_fc.weight)",
+        "the attention pattern of layer 1 head 0 is not finite", "has rows that do not sum to 1",
+        "has a context of 4 tokens", "column 'layer' (int64) has a value that is not int64: 'zero'.",
+        "EleutherAI-pythia-160m", "comparison_counts", "progress bar only when stderr is a terminal",
+    ]:
+        assert fragment in doc, fragment

@@ -233,7 +233,7 @@ def test_probe_set_is_sized_once_and_says_so(tiny_gpt2):
         built = probes.build_probe_set(tiny_gpt2, ablation=True)
     assert len(caught) == 1  # one warning line for everything that shrank
     message = str(caught[0].message)
-    assert "context of 64 tokens" in message
+    assert "(context of 64 tokens)" in message
     assert "repeated probe was shrunk from 2 x 64 to 2 x 31" in message
     assert "ablation probe was shrunk from 2 x 64 to 2 x 31" in message
     assert built.repeated.n_positions == 63 and built.ablation_induction.n_positions == 63

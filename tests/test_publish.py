@@ -16,10 +16,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_failures import one_error_line, renamed, save_model, snapshot
 
 from headclass import cli
 from headclass.atomic import FolderPublication, PublishError
-from test_failures import one_error_line, renamed, save_model, snapshot
 
 _OPS = [(os, "replace"), (os, "rename"), (os, "mkdir"), (os, "open"), (os, "fsync"), (os, "chmod"),
         (os, "unlink"), (os, "rmdir"), (builtins, "open")]

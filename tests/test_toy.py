@@ -196,3 +196,59 @@ def test_two_layer_induction_head_reads_a_previous_token_head(toy_models, toy_co
                                           int(best["head"]), kind="k", n=1)
     partner = table.set_index(["layer", "head"]).loc[(int(partners["layer"][0]), int(partners["head"][0]))]
     assert bool(partner["is_previous_token"]), (partners, partner[["previous_token", "labels"]])
+
+
+# -- checkpoints and the in-context loss ----------------------------------------------------------
+
+
+def test_checkpoints_change_nothing_about_training(tmp_path):
+    from safetensors.torch import load_file
+
+    from headclass.toy import toy_checkpoints
+
+    plain = train_toy_model(2, steps=20, out_dir=tmp_path / "plain", progress=False)
+    saved = train_toy_model(2, steps=20, checkpoint_every=10, checkpoints=[5], out_dir=tmp_path / "ckpt",
+                            progress=False)
+    found = toy_checkpoints(saved)
+    assert [step for step, _ in found] == [0, 5, 10, 20]
+    assert all(path == saved / "checkpoints" / f"step-{step}" for step, path in found)
+    final, last = load_file(str(plain / "model.safetensors")), load_file(str(found[-1][1] / "model.safetensors"))
+    ours = load_file(str(saved / "model.safetensors"))
+    assert all(torch.equal(final[k], ours[k]) and torch.equal(final[k], last[k]) for k in final)
+    first = load_file(str(found[0][1] / "model.safetensors"))
+    assert not all(torch.equal(first[k], final[k]) for k in final)  # step 0 is the initialisation
+    record = json.loads((found[1][1] / "toy_spec.json").read_text())
+    assert record["step"] == 5 and record["spec"]["steps"] == 20
+    model = headclass.load_model(found[1][1])
+    assert model.n_layers == 2 and model.bos_token_id == 0
+    assert toy_checkpoints(plain) == []
+    assert not [p for p in saved.rglob(".*")], "staging folders left behind"
+
+
+@pytest.mark.parametrize("kwargs, message", [({"checkpoint_every": 0}, "'checkpoint_every'"),
+                                             ({"checkpoints": [21]}, "'checkpoints'"),
+                                             ({"checkpoints": [-1]}, "'checkpoints'")])
+def test_checkpoint_settings_are_checked(tmp_path, kwargs, message):
+    with pytest.raises(HeadclassError, match=message):
+        train_toy_model(1, steps=20, out_dir=tmp_path / "m", progress=False, **kwargs)
+
+
+def test_toy_model_with_checkpoints_is_cached_apart(tmp_path):
+    from headclass.toy import toy_checkpoints
+
+    plain = toy_model(1, cache_dir=tmp_path, steps=4, progress=False)
+    saved = toy_model(1, cache_dir=tmp_path, steps=4, checkpoint_every=2, progress=False)
+    assert plain != saved and plain.name == ToySpec(1, steps=4).folder_name()  # the old key still works
+    assert [s for s, _ in toy_checkpoints(saved)] == [0, 2, 4] and toy_checkpoints(plain) == []
+    assert toy_model(1, cache_dir=tmp_path, steps=4, checkpoint_every=2, progress=False) == saved
+
+
+@pytest.mark.slow
+def test_in_context_loss_is_negative_once_induction_heads_exist(toy_models):
+    from headclass.toy import in_context_loss
+
+    losses = {n: in_context_loss(headclass.load_model(folder), toy_config(32)) for n, folder in toy_models.items()}
+    untrained = headclass.load_model(train_toy_model(2, steps=1, out_dir=None, progress=False))
+    assert abs(in_context_loss(untrained, toy_config(32))) < 0.2  # no learning: both copies equally hard
+    assert losses[2] < -4 and losses[3] < -4, losses  # the second copy is predicted by induction
+    assert losses[1] > losses[2] + 2, losses  # one layer: no induction, far less in-context learning

@@ -92,6 +92,7 @@ def load_model(
         Each with a one-line message that says what to do.
     """
     dtype = _check_dtype(dtype)
+    device = _check_device(device, dtype)
     backend = _check_backend(backend)
     if revision is not None and not _is_hub_source(source):
         raise OptionError(
@@ -246,6 +247,40 @@ def _check_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     raise OptionError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}.")
+
+
+def _check_device(device: Any, dtype: torch.dtype) -> str:
+    """A device that exists here, as a string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+
+    Checked before anything is loaded. float16 on a CPU works but is slow (no half-precision
+    matmul kernels): a :class:`~headclass.errors.HeadclassWarning` suggests bfloat16.
+    """
+    import warnings
+
+    from headclass.errors import HeadclassWarning
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}.") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise OptionError(f"device {device!r} is not available: {why}. Use device='cpu'.")
+        if dev.index is not None and dev.index >= count:
+            raise OptionError(
+                f"device {device!r} does not exist: {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}."
+            )
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise OptionError(f"device {device!r} is not available on this machine. Use device='cpu'.")
+    elif dev.type != "cpu":
+        raise OptionError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    if dev.type == "cpu" and dtype == torch.float16:
+        warnings.warn("float16 on CPU is about 10x slower than float32 (no half-precision kernels); "
+                      "use dtype='bfloat16' to halve memory at full speed.", HeadclassWarning, stacklevel=4)
+    return str(dev)
 
 
 def _check_backend(backend: str) -> str:

@@ -93,6 +93,10 @@ class HeadModelLike(Protocol):
     def effective_embedding(self, chunk_size: int = 4096, *, tokens: Optional[Tensor] = None) -> Tensor: ...
 
 
+class _PatternsDone(Exception):
+    """Raised by the last requested layer's pattern hook to end the forward pass there."""
+
+
 def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
     """Repeat grouped-query key/value heads so that head h uses kv head h // (n_heads / n_kv).
 
@@ -107,13 +111,17 @@ def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
     return weight.repeat_interleave(n_heads // n_kv, dim=1)
 
 
-def _check_pattern(pattern: Tensor, layer: int, name: str) -> None:
+def _check_pattern(pattern: Tensor, layer: int, name: str, sinks: bool = False) -> None:
     """Raise ScoreError unless ``pattern`` ``[batch, head, query, key]`` is finite and its rows
-    sum to 1 within a dtype tolerance. One host sync (``.item()``) when all is well."""
+    sum to 1 within a dtype tolerance (with attention sinks, GPT-OSS: to a share in (0, 1]).
+    One host sync (``.item()``) when all is well."""
     with torch.no_grad():
         sums = pattern.sum(dim=-1, dtype=torch.float32)  # [batch, head, query]; NaN propagates
         tol = 1e-3 if pattern.dtype in (torch.float32, torch.float64) else 2e-2
-        bad = ~((sums - 1).abs() <= tol)  # also True for NaN sums
+        if sinks:  # a learned sink logit takes part of each row's mass
+            bad = ~((sums > 0) & (sums <= 1 + tol))  # also True for NaN sums
+        else:
+            bad = ~((sums - 1).abs() <= tol)
         if not bool(bad.any().item()):
             return
         per_head = bad.any(dim=0).any(dim=-1)  # [head]
@@ -129,11 +137,12 @@ def _check_pattern(pattern: Tensor, layer: int, name: str) -> None:
     )
 
 
-def check_finite_weights(model: "HeadModel") -> None:
+def check_finite_weights(model: "HeadModelLike") -> None:
     """Raise ScoreError naming the first layer (and head) with a NaN or inf weight.
 
     The attention weights ``W_Q, W_K, W_V, W_O`` are checked per head; every other parameter
-    of the TransformerLens model (MLPs, norms, embeddings) by name. One host sync per tensor.
+    of the TransformerLens model (MLPs, norms, embeddings), when there is one, by name. One
+    host sync per tensor. :func:`headclass.load_model` calls it on every model it returns.
     """
     with torch.no_grad():
         for key in ("W_Q", "W_K", "W_V", "W_O"):
@@ -145,7 +154,9 @@ def check_finite_weights(model: "HeadModel") -> None:
                     f"model {model.name!r} has non-finite weights (NaN or inf): {key} of layer "
                     f"{layer} head {head}. Fix or re-download the checkpoint; no table was made."
                 )
-        for pname, param in model.tl_model.named_parameters():
+        tl_model = getattr(model, "tl_model", None)
+        named = tl_model.named_parameters() if hasattr(tl_model, "named_parameters") else ()
+        for pname, param in named:
             if not bool(torch.isfinite(param).all()):
                 import re
 
@@ -481,22 +492,33 @@ class HeadModel:
         if not wanted:
             return
 
+        sinks = self._has_attention_sinks()
+
         def make_hook(layer: int) -> Callable[[Tensor, Any], None]:
             def hook(pattern: Tensor, hook: Any) -> None:
-                _check_pattern(pattern, layer, self.name)
+                _check_pattern(pattern, layer, self.name, sinks)
                 callback(layer, pattern.detach())
+                if layer == wanted[-1]:
+                    raise _PatternsDone  # nothing after this pattern is needed
 
             return hook
 
         fwd_hooks = [(hook_name(layer, "hook_pattern"), make_hook(layer)) for layer in wanted]
-        stop = wanted[-1] + 1
+        # Stopping inside the last pattern hook (not with stop_at_layer, which is None for the
+        # last layer) skips the rest of that block, the final norm and the [batch, pos,
+        # d_vocab] logits, on both TransformerLens generations.
         with torch.no_grad():
-            self.tl_model.run_with_hooks(
-                tokens,
-                return_type=None,
-                fwd_hooks=fwd_hooks,
-                stop_at_layer=stop if stop < self.n_layers else None,
-            )
+            try:
+                self.tl_model.run_with_hooks(tokens, return_type=None, fwd_hooks=fwd_hooks)
+            except _PatternsDone:
+                pass
+
+    def _has_attention_sinks(self) -> bool:
+        """Whether attention has learned sink logits (GPT-OSS), so pattern rows sum to <= 1."""
+        if "_sinks" not in self.__dict__:
+            named = getattr(self.tl_model, "named_parameters", None)
+            self.__dict__["_sinks"] = bool(named) and any(n.endswith("sinks") for n, _ in named())
+        return bool(self.__dict__["_sinks"])
 
     def forward(self, tokens: Tensor, **kwargs: Any) -> Any:
         """The TransformerLens forward (``return_type`` etc. passed through)."""

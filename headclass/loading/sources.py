@@ -12,8 +12,8 @@ import difflib
 import functools
 import importlib.util
 import os
-import sys
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
@@ -138,7 +138,8 @@ def hub_errors(name: str) -> Iterator[None]:
     except HeadclassError:
         raise
     except Exception as exc:
-        chain, cause = [], exc
+        chain: list[BaseException] = []
+        cause: Optional[BaseException] = exc
         while cause is not None and len(chain) < 10:
             chain.append(cause)
             cause = cause.__cause__ or cause.__context__
@@ -238,6 +239,7 @@ def check_weight_file(path: Path) -> None:
             raw = handle.read(8)
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
             header = handle.read(n) if 0 < n <= size - 8 else b""
+        entries: Any = None
         try:
             entries = json.loads(header.decode("utf-8")) if header else None
             end = max((int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"), default=0)

@@ -225,7 +225,8 @@ def from_json_dict(doc: Any, source: str = "(dict)") -> HeadTaxonomy:
     if not isinstance(doc, dict) or doc.get("kind") != JSON_KIND:
         raise ExportError(f"{source} is not a headclass taxonomy JSON file (no \"kind\": \"{JSON_KIND}\").")
     if doc.get("version") != JSON_VERSION:
-        raise ExportError(f"{source} has taxonomy format version {doc.get('version')!r}; this headclass reads {JSON_VERSION}.")
+        raise ExportError(
+            f"{source} has taxonomy format version {doc.get('version')!r}; this headclass reads {JSON_VERSION}.")
     try:
         names = [c["name"] for c in doc["columns"]]
         dtypes = {c["name"]: c["dtype"] for c in doc["columns"]}
@@ -330,7 +331,8 @@ def to_markdown_text(taxonomy: HeadTaxonomy) -> str:
     """The Markdown report: facts, thresholds, the per-label summary and every head."""
     meta = taxonomy.metadata
     lines = [f"# Attention heads of {taxonomy.model_name}", ""]
-    facts = [("layers", taxonomy.n_layers), ("heads per layer", taxonomy.n_heads), ("heads", len(taxonomy))]
+    facts: list[tuple[str, Any]] = [
+        ("layers", taxonomy.n_layers), ("heads per layer", taxonomy.n_heads), ("heads", len(taxonomy))]
     for key in ("n_params", "backend", "probe_seed", "date"):
         if meta.get(key) is not None:
             facts.append((key.replace("_", " "), meta[key]))
@@ -345,7 +347,8 @@ def to_markdown_text(taxonomy: HeadTaxonomy) -> str:
     lines += ["## Labels", "", markdown_table(taxonomy.summary()), ""]
     table = taxonomy.table
     cols = ["layer", "head", "primary_label", "margin", "labels"] + [
-        c for c in table.columns if c not in ("model", "relative_depth", "primary_label", "margin", "labels", "layer", "head")
+        c for c in table.columns
+        if c not in ("model", "relative_depth", "primary_label", "margin", "labels", "layer", "head")
         and not c.startswith("is_")]
     lines += ["## Heads", "", markdown_table(table[cols]), ""]
     return "\n".join(lines)

@@ -119,13 +119,14 @@ def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = 
             raise HeadclassError(f"figure {title!r} must be a plotly Figure; got {type(fig).__name__}.")
     table = taxonomy.table
     name = taxonomy.model_name
-    shown = [c for c in plots.score_columns(table) if not _is_extra(c)]
+    shown = plots.headline_columns(table)
 
     figure_sections = [
         ("grid", "Layer x head grid", plots.head_grid(taxonomy), GRID_DIV_ID,
          "Each cell is a head, coloured by its primary label; hover for every score."),
         ("by-layer", "Labels per layer", plots.label_counts_by_layer(taxonomy), "labels-per-layer",
          "Primary labels of each layer's heads."),
+        *_budget_sections(taxonomy),
         ("scores", "Scores", plots.score_heatmaps(taxonomy, shown), "score-heatmaps",
          "Every score as a layer x head heatmap; pick the score in the menu. Blank: not computed (NaN)."),
     ]
@@ -148,9 +149,22 @@ def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = 
 
 # -- pieces ------------------------------------------------------------------------------------
 
-def _is_extra(column: str) -> bool:
-    """Diagnostics that ride along in the table (shown in the table, not as heatmaps)."""
-    return column.startswith(("ov_", "qk_"))
+def _budget_sections(taxonomy: Any) -> list[tuple[str, str, Any, str, str]]:
+    """The attention-budget figure of each probe the taxonomy has a budget for."""
+    from headclass.errors import ScoreError
+    from headclass.report import plots
+
+    sections = []
+    for probe, anchor in (("text", "budget"), ("repeated", "budget-rep")):
+        try:
+            fig = plots.attention_budget(taxonomy, probe=probe)
+        except ScoreError:  # no such budget (e.g. no tokenizer: no text)
+            continue
+        sections.append((anchor, f"Attention budget ({probe})", fig, f"attention-{anchor}",
+                         "Where each head's attention goes, one bar per head: first position, self, "
+                         "previous token, local window, earlier copies, induction targets, delimiters, "
+                         "other. Pick a layer in the menu; hover for the lift over a uniform head."))
+    return sections
 
 
 def _head(name: str) -> str:

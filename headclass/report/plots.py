@@ -24,6 +24,8 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from headclass.errors import HeadclassError, MissingDependencyError, ProbeError, ScoreError
+from headclass.scores.patterns import BUDGET_CLASSES
+from headclass.taxonomy.rules import BUDGET_ROLE
 from headclass.taxonomy.schema import ABLATION_COLUMNS, ID_COLUMNS, SCORE_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +40,10 @@ __all__ = [
     "score_heatmap",
     "score_heatmaps",
     "score_columns",
+    "headline_columns",
     "label_counts_by_layer",
+    "attention_budget",
+    "BUDGET_COLORS",
     "attention_pattern",
     "attention_pattern_circuitsvis",
     "singular_value_spectra",
@@ -167,10 +172,35 @@ def _hover_text(row: Any, columns: Sequence[str]) -> str:
         lines.append(f"margin: {_format_value(row['margin'])}")
     if "labels" in row.index:
         lines.append(f"labels: {_format_value(row['labels']) or '-'}")
+    if "attention_role" in row.index:
+        roles = row.get("attention_roles", "")
+        named = f" ({roles})" if roles and roles != row["attention_role"] else ""
+        lines.append(f"attention: <b>{row['attention_role']}</b>{named}")
+    if "output_role" in row.index:
+        lines.append(f"output: <b>{row['output_role']}</b>")
+    if "confidence" in row.index and not _is_missing(row["confidence"]):
+        lines.append(f"confidence: {row['confidence']:.2f}")
+    if "borderline" in row.index and row["borderline"]:
+        lines.append(f"<i>borderline: {row['borderline']}</i>")
     if "fixed_offset_k" in row.index and not _is_missing(row["fixed_offset_k"]):
         lines.append(f"fixed_offset_k: {row['fixed_offset_k']}")
-    lines += [f"{c}: {_format_value(row[c])}" for c in columns]
+    lines += [f"{c}: {_format_value(row[c])}" + _se_text(row, c) for c in columns]
     return "<br>".join(lines)
+
+
+def _se_text(row: Any, column: str) -> str:
+    se = row.get(f"{column}_se")
+    return "" if se is None or _is_missing(se) else f" ± {se:.3f}"
+
+
+def headline_columns(data: Any) -> list[str]:
+    """The scores worth a heatmap or a hover line: the labelling scores, the budget shares,
+    the positional consistency and the ablation columns present (not SEs, base rates, lifts)."""
+    table = _as_table(data)
+    budget = [f"budget_{c}" for c in BUDGET_CLASSES] + [f"budget_rep_{c}" for c in BUDGET_CLASSES]
+    wanted = list(SCORE_COLUMNS) + budget + ["positional_consistency", "positional_consistency_rep"]
+    wanted += list(ABLATION_COLUMNS)
+    return [c for c in wanted if c in table.columns and not table[c].isna().all()]
 
 
 def _grid_layout(fig: Any, n_layers: int, n_heads: int, title: str) -> None:
@@ -211,7 +241,7 @@ def head_grid(data: Any, *, title: Optional[str] = None) -> "go.Figure":
     order = _label_order(labels.tolist())
     index = {label: i for i, label in enumerate(order)}
     n_layers, n_heads = _grid_shape(table)
-    scores = score_columns(table)
+    scores = headline_columns(table)
 
     z: list[list[Optional[float]]] = [[None] * n_heads for _ in range(n_layers)]
     text: list[list[str]] = [[""] * n_heads for _ in range(n_layers)]
@@ -343,6 +373,68 @@ def label_counts_by_layer(data: Any, *, title: Optional[str] = None) -> "go.Figu
         xaxis=dict(title="layer", tickmode="linear", dtick=1 if n_layers <= 36 else 4),
         yaxis=dict(title="heads"), legend=dict(title="label", traceorder="normal"), plot_bgcolor="white",
         margin=dict(l=60, r=20, t=60, b=50),
+    )
+    return fig
+
+
+#: Colours of the attention-budget classes (:data:`headclass.scores.patterns.BUDGET_CLASSES`),
+#: each the colour of the attention role it stands for.
+BUDGET_COLORS: dict[str, str] = {cls: LABEL_COLORS[role] for cls, role in BUDGET_ROLE.items()}
+
+
+def attention_budget(data: Any, *, probe: str = "text", title: Optional[str] = None) -> "go.Figure":
+    """Stacked bars of the attention budget: one bar per head, one segment per destination class.
+
+    Parameters
+    ----------
+    data
+        A :class:`~headclass.taxonomy.HeadTaxonomy` or its table, with the ``budget_<class>``
+        columns (``probe="text"``) or ``budget_rep_<class>`` (``probe="repeated"``).
+    probe
+        ``"text"`` (natural text) or ``"repeated"`` (repeated random tokens).
+    title
+        Figure title.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Bars ``L{layer}H{head}`` (shares summing to 1), a menu choosing one layer or all of them;
+        hover shows each share and its lift over a uniform head.
+    """
+    go = _go()
+    table = _as_table(data)
+    if probe not in ("text", "repeated"):
+        raise HeadclassError(f"The 'probe' parameter must be 'text' or 'repeated'. Got {probe!r}.")
+    prefix = "budget" if probe == "text" else "budget_rep"
+    columns = [f"{prefix}_{cls}" for cls in BUDGET_CLASSES]
+    missing = [c for c in columns if c not in table.columns]
+    if missing or table[columns].isna().all().all():
+        raise ScoreError(f"the table has no {probe} attention budget (columns {columns[0]}...); classify "
+                         "a model with a tokenizer for the text budget, or use probe='repeated'.")
+    names = [f"L{int(r.layer)}H{int(r.head)}" for r in table.itertuples(index=False)]
+    fig = go.Figure()
+    for cls, column in zip(BUDGET_CLASSES, columns):
+        lift = table.get(f"{prefix}_lift_{cls}")
+        custom = lift.tolist() if lift is not None else [math.nan] * len(table)
+        fig.add_trace(go.Bar(
+            x=names, y=table[column].tolist(), name=cls, customdata=custom,
+            marker=dict(color=BUDGET_COLORS[cls], line=dict(width=0.3, color="#444")),
+            hovertemplate=f"%{{x}}<br>{cls}: %{{y:.3f}} (lift %{{customdata:.2f}})<extra></extra>",
+        ))
+    layers = sorted(set(int(x) for x in table["layer"]))
+    ranges = {layer: [names.index(f"L{layer}H0") - 0.5 if f"L{layer}H0" in names else 0,
+                      max(i for i, n in enumerate(names) if n.startswith(f"L{layer}H")) + 0.5]
+              for layer in layers}
+    buttons = [dict(label="all layers", method="relayout", args=[{"xaxis.range": [-0.5, len(names) - 0.5]}])]
+    buttons += [dict(label=f"layer {layer}", method="relayout", args=[{"xaxis.range": ranges[layer]}])
+                for layer in layers]
+    name = _model_name(data, table)
+    fig.update_layout(
+        barmode="stack", plot_bgcolor="white", margin=dict(l=60, r=20, t=80, b=60),
+        title=title or f"Attention budget ({probe}){' - ' + name if name else ''}",
+        yaxis=dict(title="share of attention", range=[0, 1.0001]), xaxis=dict(title="head", tickangle=-90),
+        legend=dict(title="destination", traceorder="normal"),
+        updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15, yanchor="top")],
     )
     return fig
 

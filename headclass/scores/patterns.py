@@ -10,7 +10,7 @@ size and any number of probes pool into the same weighted mean, and chunking nev
 result. The per-sequence sums also give every score's standard error (``<key>_se``) and a
 bootstrap over probe sequences (:meth:`PatternMeasurement.bootstrap`) without another forward.
 
-This module is longer than most (about 1000 lines) because it is the one engine: the registry,
+This module is longer than most (about 1200 lines) because it is the one engine: the registry,
 the shared gather, the per-sequence bookkeeping and the uncertainty all read the same
 reductions, and splitting them would split the one place where a score is defined.
 
@@ -813,12 +813,17 @@ def pattern_measurement(
     exclude_current_token: bool = False,
     convention: str = "headclass",
     progress: bool = True,
+    observers: Sequence[Callable[[int, Tensor, Probe], None]] = (),
 ) -> PatternMeasurement:
     """Every attention-pattern score of every head, with what its uncertainty needs.
 
     Same parameters as :func:`pattern_scores`; returns a :class:`PatternMeasurement` whose
     ``scores`` is :func:`pattern_scores`' dict and whose :meth:`~PatternMeasurement.bootstrap`
-    resamples probe sequences.
+    resamples probe sequences. ``observers``: callables ``observer(layer, pattern, chunk)``
+    that see every layer's pattern ``[batch, head, query, key]`` (float32) inside the same
+    hooked pass, after the scores' reductions, with the probe chunk it came from (e.g.
+    :class:`headclass.scores.examples.ExampleCollector`); like the reductions, they must
+    not keep the pattern.
     """
     from headclass.config import load_config
 
@@ -840,7 +845,7 @@ def pattern_measurement(
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ProbeError(f"batch_size must be an int >= 1; got {size!r}.")
     names = _score_names(scores, probes, options)
-    return _Engine(model, probes, names, options).run(size, progress)
+    return _Engine(model, probes, names, options, observers).run(size, progress)
 
 
 def pattern_scores(
@@ -982,8 +987,10 @@ def delimiter_token_mask(model: HeadModelLike) -> Tensor:
 class _Engine:
     """Runs probes batch by batch and folds every layer's pattern into per-sequence sums."""
 
-    def __init__(self, model: HeadModelLike, probes: list[Probe], names: list[str], options: _Options):
+    def __init__(self, model: HeadModelLike, probes: list[Probe], names: list[str], options: _Options,
+                 observers: Sequence[Callable[[int, Tensor, Probe], None]] = ()):
         self.model, self.probes, self.names, self.options = model, probes, names, options
+        self.observers = tuple(observers)
         for probe in probes:
             probe.check(model)
         problems = [problem for problem in (self._problem(name) for name in names) if problem]
@@ -1074,6 +1081,8 @@ class _Engine:
                     "the model's weights or its dtype (float16 overflow?) are broken for this "
                     "input. Try dtype=torch.float32."
                 )
+            for observer in self.observers:  # e.g. the head cards' top-k examples
+                observer(layer, pattern, chunk)
 
         self.model.run_with_patterns(chunk.tokens, callback)
         missing = [layer for layer in range(L) if sums[active[0]][layer] is None]

@@ -55,6 +55,10 @@ circuits, eigenvalue copying score); Wang et al. (2022), *Interpretability in th
 top-k copy score, effective embedding); McDougall et al. (2023), *Copy Suppression*; Gould,
 Ong, Ogden, Conmy (2023), *Successor Heads: Recurring, Interpretable Attention Heads In The Wild*.
 
+The module is longer than most (about 850 lines): every score here reads the same processed
+weights through the same ``d_head``-sized factors (:func:`r_factor`), and the blocked top-k
+ranking that keeps ``[heads, sample, vocab]`` from ever being held needs its own page.
+
 Examples
 --------
 >>> import headclass
@@ -74,9 +78,9 @@ import torch
 from torch import Tensor
 
 from headclass.config import HeadclassConfig, load_config
-from headclass.errors import ScoreError
+from headclass.errors import ProbeError, ScoreError
 from headclass.loading.head_model import HeadModelLike
-from headclass.probes import ordinary_token_ids
+from headclass.probes import ordinary_token_ids, token_sample
 from headclass.scores.patterns import ScoreInfo
 
 __all__ = [
@@ -279,18 +283,13 @@ def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) 
 
     Ordinary: :func:`headclass.probes.ordinary_token_ids` (not BOS or another special token, and
     below the tokenizer's length when the embedding is padded beyond it). All ordinary ids when there
-    are no more than ``sample_size``.
+    are no more than ``sample_size``. The one sampler is :func:`headclass.probes.token_sample`
+    (what :class:`~headclass.probes.ProbeSet` holds); this front door raises :class:`ScoreError`.
     """
-    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
-        raise ScoreError(f"The 'copy_sample_size' parameter must be an int >= 1. Got {sample_size!r}.")
-    ordinary = ordinary_token_ids(model)  # the same "ordinary" as the probes draw from
-    if ordinary.numel() == 0:
-        raise ScoreError(f"model {getattr(model, 'name', model)!r} has no ordinary tokens to sample.")
-    if ordinary.numel() <= sample_size:
-        return ordinary
-    generator = torch.Generator().manual_seed(int(seed))
-    chosen = torch.randperm(ordinary.numel(), generator=generator)[:sample_size]
-    return ordinary[chosen].sort().values
+    try:
+        return token_sample(model, sample_size, seed=seed)
+    except ProbeError as error:
+        raise ScoreError(str(error)) from None
 
 
 def _topk_counts(model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0,

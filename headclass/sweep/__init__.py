@@ -209,9 +209,8 @@ def sweep(
 
     atomic_write(out_dir / "sweep.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     table = pd.read_parquet(out_dir / "sweep.parquet")  # exactly what a reader of the file gets
-    write_text(out_dir / "failures.json", json.dumps(failures, indent=2, default=_json) + "\n")
-    write_text(out_dir / "summary.json", json.dumps(
-        {"executor": executor, "models": models.to_dict(orient="records")}, indent=2, default=_json) + "\n")
+    write_text(out_dir / "failures.json", _dumps(failures))
+    write_text(out_dir / "summary.json", _dumps({"executor": executor, "models": models.to_dict(orient="records")}))
     write_report(out_dir / "sweep.html", table=table, models=models, taxonomies=taxonomies, failures=failures,
                  n_bins=valid.n_bins)
     result = SweepResult(table=table, models=models, failures=failures, out=out_dir,
@@ -237,14 +236,14 @@ def _finished_part(parts: Path, job: Job) -> Optional[dict[str, Any]]:
 
 def _write_part(parts: Path, job: Job, result: PartResult) -> dict[str, Any]:
     """Parquet first, then the sidecar: a sidecar names only a part that is completely written."""
-    from headclass.taxonomy import HeadTaxonomy
     from headclass.atomic import write_text
+    from headclass.taxonomy import HeadTaxonomy
 
     facts = {**job.record(), "n_params": result.n_params, "in_context_loss": result.in_context_loss,
              "seconds": result.seconds, "pid": result.pid, "host": result.host, "peak_rss_mb": result.peak_rss_mb}
     metadata = {**result.metadata, "sweep": facts}
     HeadTaxonomy(result.table, metadata).to_parquet(parts / f"{job.stem}.parquet")
-    write_text(parts / f"{job.stem}.json", json.dumps(facts, indent=2, default=_json) + "\n")
+    write_text(parts / f"{job.stem}.json", _dumps(facts))
     return dict(facts)
 
 
@@ -291,14 +290,25 @@ def _models_table(jobs: list[Job], records: Mapping[int, dict[str, Any]]) -> pd.
     return models
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
+def _plain(value: Any) -> Any:
+    """JSON-able: NaN and <NA> become null, numpy scalars Python ones."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or value is pd.NA:
         return None
-    if value is pd.NA:
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
         return None
-    if hasattr(value, "item"):
-        return value.item()
+    if isinstance(value, (str, int, float, bool)):
+        return value
     return str(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_plain(value), indent=2, allow_nan=False) + "\n"
 
 
 class _Progress:

@@ -9,7 +9,9 @@
   is cuda). A task whose worker dies is rerun up to ``max_retries`` times; a source that
   fails by itself comes back as a failure and is not rerun (``retry_exceptions=False``).
 
-Ray is imported here only, inside :func:`run_ray`: ``pip install "headclass[ray]"``.
+Ray is imported here only, inside :func:`run_ray`: ``pip install "headclass[ray]"``. On a
+cluster, every node needs headclass and its dependencies installed (the same versions as the
+driver): the tasks import it there.
 """
 
 from __future__ import annotations
@@ -98,14 +100,12 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
     ray = _import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_here = False
-    if address is not None:
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(address=address, log_to_driver=False)
+    if ray.is_initialized():  # the caller's connection: used as it is, and left open
+        where = "using the Ray instance this process is already connected to"
+    elif address is not None:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
         where = f"joined the Ray cluster at {address}"
         started_here = True  # disconnect after; the cluster itself keeps running
-    elif ray.is_initialized():
-        where = "using the Ray instance already started in this process"
     else:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  configure_logging=False)
@@ -117,8 +117,15 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
     try:
         remote = ray.remote(run_job)
         gpus = spec.num_gpus if spec.num_gpus is not None else (1 if spec.device.startswith("cuda") else 0)
+        largest = _largest_node_memory(ray)
         for job in jobs:
-            task = remote.options(num_cpus=spec.num_cpus, num_gpus=gpus, memory=estimate_memory(job, spec),
+            memory = estimate_memory(job, spec)
+            if largest and memory > largest:  # would wait forever for a node that big
+                if on_start is not None:
+                    on_start(f"{job.name}: estimated {memory / 2**30:.1f} GiB, more than the largest node's "
+                             f"{largest / 2**30:.1f} GiB; reserving that instead (set memory_gb to override)")
+                memory = largest
+            task = remote.options(num_cpus=spec.num_cpus, num_gpus=gpus, memory=memory,
                                   max_retries=spec.max_retries, retry_exceptions=False, name=f"headclass:{job.stem}")
             pending[task.remote(job)] = job
         while pending:
@@ -137,6 +144,14 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
                 ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+
+
+def _largest_node_memory(ray: Any) -> int:
+    """The ``memory`` resource of the cluster's largest alive node, in bytes (0 if unknown)."""
+    try:
+        return int(max(node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")))
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 #: Executor name -> function ``(jobs, spec, address=...) -> iterator of (job, result)``.

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -166,7 +166,6 @@ class Job:
     family: Optional[str] = None
     series: Optional[str] = None
     key: str = ""
-    spec_entry: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The job's facts for ``summary.json`` and part sidecars (no config)."""
@@ -318,6 +317,5 @@ def plan(spec: SweepSpec, base: Path) -> list[Job]:
         jobs.append(Job(index=index, name=name, stem=stem, source=source, revision=entry.revision, config=config,
                         device=spec.device, dtype=spec.dtype, backend=spec.backend, ablation=spec.ablation,
                         threads=threads, step=step, family=entry.family or _family(name),
-                        series=_series(name, source, step), key=job_key(keyed),
-                        spec_entry=entry.model_dump(mode="json", exclude_none=True)))
+                        series=_series(name, source, step), key=job_key(keyed)))
     return jobs

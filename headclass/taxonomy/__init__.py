@@ -13,11 +13,15 @@ from headclass.taxonomy.classification import classify
 from headclass.taxonomy.labelling import label_heads, label_margins, resolve_thresholds, scores_from_table
 from headclass.taxonomy.result import HeadTaxonomy
 from headclass.taxonomy.rules import (
+    ATTENTION_ROLES,
+    BUDGET_ROLE,
     CORE_LABELS,
     FALLBACK_LABELS,
     LABEL_MEANINGS,
     LABEL_SCORE,
     LABELS,
+    MIXED,
+    OUTPUT_ROLES,
     PRIORITY,
     RULES,
     UNCLASSIFIED,
@@ -44,6 +48,10 @@ __all__ = [
     "LabelRule",
     "Condition",
     "LABELS",
+    "ATTENTION_ROLES",
+    "OUTPUT_ROLES",
+    "MIXED",
+    "BUDGET_ROLE",
     "CORE_LABELS",
     "PRIORITY",
     "FALLBACK_LABELS",

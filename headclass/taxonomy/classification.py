@@ -25,6 +25,7 @@ def classify(
     *,
     probes: Any = None,
     ablation: bool = False,
+    evidence: bool = True,
     progress: bool = True,
 ) -> HeadTaxonomy:
     """Score and label every attention head of ``model``.
@@ -48,6 +49,11 @@ def classify(
         Also measure each head's effect on loss by ablating it
         (:func:`headclass.scores.ablation.ablation_scores`; slow): adds the
         ``ablation_induction_dloss`` and ``ablation_text_dloss`` columns.
+    evidence
+        Also keep what each head's card shows (:mod:`headclass.scores.examples`): its
+        strongest attention examples (a bounded top-k kept inside the same hooked pass), the
+        tokens its OV circuit raises and lowers, its composition partners (when affordable)
+        and a pattern sample; :meth:`HeadTaxonomy.card` shows them. A few seconds more.
     progress
         Show progress bars.
 
@@ -67,11 +73,14 @@ def classify(
         from headclass.loading import load_model
 
         model = load_model(model)
+    from headclass.scores.examples import ExampleCollector, head_evidence
     from headclass.scores.patterns import pattern_measurement
     from headclass.scores.weights import weight_scores
 
     probe_set, pattern_probes = _probe_inputs(model, cfg, probes, ablation)
-    measured = pattern_measurement(model, config=cfg, probes=pattern_probes, progress=progress)
+    collector = ExampleCollector(pattern_probes, model.n_layers, model.n_heads) if evidence else None
+    measured = pattern_measurement(model, config=cfg, probes=pattern_probes, progress=progress,
+                                   observers=(collector,) if collector is not None else ())
     n_boot = cfg.uncertainty.bootstrap
     replicates = measured.bootstrap(n_boot, seed=cfg.uncertainty.seed) if n_boot else None
     scores: dict[str, Any] = dict(measured.scores)
@@ -84,7 +93,9 @@ def classify(
     metadata["ablation"] = bool(ablation)
     table = label_heads(scores, cfg.thresholds, model=metadata["model"], replicates=replicates,
                         borderline_se=cfg.uncertainty.borderline_se)
-    return HeadTaxonomy(table, metadata, replicates=replicates)
+    cards = (head_evidence(model, collector, local_window=cfg.patterns.local_window)
+             if collector is not None else None)
+    return HeadTaxonomy(table, metadata, replicates=replicates, evidence=cards)
 
 
 def _probe_inputs(model: Any, cfg: HeadclassConfig, probes: Any, ablation: bool) -> tuple[ProbeSet, list[Probe]]:

@@ -57,17 +57,23 @@ class HeadTaxonomy:
     """
 
     def __init__(self, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None, *,
-                 replicates: Optional[Mapping[str, Any]] = None):
+                 replicates: Optional[Mapping[str, Any]] = None,
+                 evidence: Optional[Mapping[str, Any]] = None):
         self._table = normalise_table(table)
         self._metadata = dict(metadata or {})
+        # what the head cards show beyond the table (headclass.scores.examples: examples, OV
+        # effects, composition partners, pattern sample): plain JSON-able data, no model
+        self._evidence = dict(evidence) if evidence else None
         # bootstrap replicates of the pattern scores ([replicate, layer, head] each), kept in
         # memory only, so that relabel() can recompute confidence; not written by exports
         self._replicates = dict(replicates) if replicates else None
 
     @classmethod
-    def from_table(cls, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None) -> "HeadTaxonomy":
-        """Rebuild a taxonomy from a table (e.g. read back from a file) and its metadata."""
-        return cls(table, metadata)
+    def from_table(cls, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None, *,
+                   evidence: Optional[Mapping[str, Any]] = None) -> "HeadTaxonomy":
+        """Rebuild a taxonomy from a table (e.g. read back from a file), its metadata and its
+        cards' evidence."""
+        return cls(table, metadata, evidence=evidence)
 
     # -- data ------------------------------------------------------------------------------
     @property
@@ -79,6 +85,19 @@ class HeadTaxonomy:
     def metadata(self) -> dict[str, Any]:
         """Model, shapes, backend, config, probe seed, library versions, date (a copy)."""
         return copy.deepcopy(self._metadata)
+
+    @property
+    def evidence(self) -> Optional[dict[str, Any]]:
+        """What the head cards show beyond the table (a copy; ``None`` when not collected):
+        the document of :func:`headclass.scores.examples.head_evidence`."""
+        return copy.deepcopy(self._evidence)
+
+    def card(self, layer: int, head: int) -> Any:
+        """The head's card (:class:`headclass.report.cards.HeadCard`): its roles, scores,
+        attention examples, what it writes and reads; renders in Jupyter, ``.to_html()``."""
+        from headclass.report.cards import HeadCard
+
+        return HeadCard.from_taxonomy(self, layer, head)
 
     @property
     def model_name(self) -> str:
@@ -134,7 +153,7 @@ class HeadTaxonomy:
                             replicates=self._replicates, borderline_se=borderline_se)
         metadata = self.metadata
         metadata.setdefault("config", {})["thresholds"] = values
-        return HeadTaxonomy(table, metadata, replicates=self._replicates)
+        return HeadTaxonomy(table, metadata, replicates=self._replicates, evidence=self._evidence)
 
     # -- summaries -------------------------------------------------------------------------
     def per_layer(self) -> pd.DataFrame:
@@ -234,10 +253,10 @@ class HeadTaxonomy:
 
     # -- comparison ------------------------------------------------------------------------
     def equals(self, other: "HeadTaxonomy") -> bool:
-        """Same table (values and dtypes) and same metadata."""
+        """Same table (values and dtypes), same metadata and same card evidence."""
         return (isinstance(other, HeadTaxonomy) and self._table.equals(other._table)
                 and list(self._table.dtypes) == list(other._table.dtypes)
-                and self._metadata == other._metadata)
+                and self._metadata == other._metadata and self._evidence == other._evidence)
 
     # -- export ----------------------------------------------------------------------------
     def save(self, path: Any, format: Optional[str] = None) -> "Any":

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fake_scores import random_taxonomy
 
-from headclass.errors import HeadclassError
-from headclass.report import export
 from headclass.atomic import atomic_write
+from headclass.errors import HeadclassError
 from headclass.report.export import ExportError, read, read_json, read_parquet, write
 from headclass.taxonomy import HeadTaxonomy
-
-from fake_scores import random_taxonomy
 
 
 @pytest.fixture
@@ -233,8 +231,8 @@ def test_write_needs_a_taxonomy(tmp_path):
 
 def test_extra_columns_round_trip(tmp_path):
     import torch
-
     from fake_scores import random_scores
+
     from headclass.taxonomy import label_heads
 
     scores = random_scores(3, 2)

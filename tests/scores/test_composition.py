@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from test_weights import centred_basis  # directions that survive TransformerLens' centring
 
 import headclass
 from headclass.errors import ScoreError
 from headclass.scores.composition import composition_scores, top_k_composition_partners
-from test_weights import centred_basis   # directions that survive TransformerLens' centring
 
 D_MODEL, N_HEADS, D_HEAD = 64, 4, 16
 

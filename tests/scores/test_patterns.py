@@ -713,3 +713,31 @@ def test_registry_describes_every_returned_key(roles_planted):
         assert (value >= low - 1e-6).all() and (value <= high + 1e-6).all(), key
     assert set(SCORE_NAMES) == {"previous_token", "current_token", "bos", "induction", "duplicate_token",
                                 "fixed_offset", "diffuse_entropy", "max_attention"}
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_smollm2_budgets_uncertainty_and_consistency(smollm2):
+    """The default probes (repeated tokens and the shipped text) on the real model."""
+    run = pattern_measurement(smollm2, progress=False)
+    scores = run.scores
+    for prefix in ("budget", "budget_rep"):
+        total = sum(scores[f"{prefix}_{c}"] for c in BUDGET_CLASSES)
+        assert (total - 1).abs().max() < 1e-4, prefix
+        # SmolLM2 parks much of its attention on the first token (Xiao et al.'s sinks)
+        assert float(scores[f"{prefix}_first"].mean()) > 5 * float(scores[f"{prefix}_base_first"].mean())
+    assert float(scores["budget_lift_delimiter"].max()) > 3        # some heads seek punctuation
+    for key in ("positional_consistency", "positional_consistency_rep"):
+        assert ((scores[key] >= 0) & (scores[key] <= 1)).all()
+    for key, value in scores.items():
+        if key.endswith("_se") and "_lift_" not in key:
+            assert torch.isfinite(value).all() and (value >= 0).all(), key
+    replicates = run.bootstrap(20, seed=0)
+    assert replicates["induction"].shape == (20, 30, 9)
+    # the bootstrap spread of a score is of the size of its standard error
+    ratio = replicates["induction"].std(0).mean() / scores["induction_se"].mean()
+    assert 0.5 < float(ratio) < 2.0
+    mask = delimiter_token_mask(smollm2)
+    tokenizer = smollm2.tokenizer
+    for text, expected in ((".", True), (",", True), ("\n", True), (" the", False), ("1", False)):
+        assert bool(mask[tokenizer.encode(text, add_special_tokens=False)[0]]) == expected, text

@@ -1,0 +1,401 @@
+"""The evidence behind each head's roles, gathered for its card (Elhage et al. 2021's "QK/OV entries").
+
+A label is a claim; a head card (:mod:`headclass.report.cards`) shows why. Everything a card
+shows that is not a table column is collected here, during :func:`headclass.classify`, and kept
+as one plain, JSON-able document (:func:`head_evidence`), so the taxonomy holds no reference to
+the model and ``read_json`` gives the cards back:
+
+* **attention examples** (:class:`ExampleCollector`): an observer of the pattern scores' one
+  hooked pass (:func:`headclass.scores.patterns.pattern_measurement`, ``observers=``). For
+  each probe, layer and head it keeps a *bounded* top-k: per query the key it attends to most
+  (away from the first position: queries ``q >= 1``, keys ``k >= 1``), the ``k`` strongest
+  such (query, key) pairs over every sequence, merged chunk by chunk (``[head, k]`` tensors,
+  never the pattern). Each example also keeps the query's ``n_preferred`` most attended keys
+  (the first position included): what the query looks for.
+* **a pattern sample**: the first sequence's first ``pattern_tokens`` tokens of the text probe
+  (else the first probe), every head's ``[query, key]`` pattern on them (the card's heatmap).
+* **what a head writes** (:func:`ov_token_effects`, from the weights): for a few source tokens,
+  the direct effect on the logits of attending to them, ``x W_V W_O W_U`` with ``x`` the
+  source's embedding (the effective embedding ``W_E + MLP0(W_E)`` when the model has a first
+  MLP, as in Wang et al. 2022) at unit RMS, centred over the vocabulary: the tokens it raises
+  and lowers most.
+* **composition partners** (:func:`composition_partners`): each head's strongest Q-, K- and
+  V-composition partners among earlier heads (:mod:`headclass.scores.composition`), when
+  affordable (:data:`COMPOSITION_MAX_FLOPS`); otherwise the document says "not computed" and why.
+
+The document (``version`` :data:`EVIDENCE_VERSION`)::
+
+    {"version": 1, "settings": {...}, "tokens": {"<id>": "<string>"},
+     "embedding": "effective" | "W_E", "composition": {"computed": bool, "reason": str},
+     "pattern_prompt": {"probe": str, "tokens": [id, ...]},
+     "heads": {"L<layer>H<head>": {
+         "examples": {"<probe>": [{"seq", "query", "key", "weight", "offset", "relation",
+                                   "query_token", "key_token", "context": [[start, [id...]]...],
+                                   "prefers": [[key, key_token, weight], ...]}, ...]},
+         "writes": [{"source": id, "raises": [[id, logit], ...], "lowers": [[id, logit], ...]}],
+         "composition": {"q": [[layer, head, score], ...], "k": [...], "v": [...]} | null,
+         "pattern": [[w, ...], ...]}}}          # row q holds keys 0..q
+
+``relation`` names the attention-budget class of the key (:data:`headclass.scores.patterns.BUDGET_CLASSES`,
+first match wins, ``delimiter`` left out): ``self``, ``previous``, ``local``, ``duplicate``
+(an earlier copy of the query's token), ``induction`` (the token after an earlier copy) or ``other``.
+
+Examples
+--------
+>>> collector = ExampleCollector(probes, model.n_layers, model.n_heads)
+>>> pattern_measurement(model, probes, observers=[collector])
+>>> doc = head_evidence(model, collector)
+>>> doc["heads"]["L1H0"]["examples"]["repeated"][0]["relation"]
+'induction'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from headclass.errors import ScoreError
+from headclass.loading.head_model import HeadModelLike
+from headclass.probes import Probe, token_sample
+
+__all__ = [
+    "EVIDENCE_VERSION",
+    "COMPOSITION_MAX_FLOPS",
+    "ExampleCollector",
+    "ov_token_effects",
+    "composition_partners",
+    "composition_cost",
+    "head_evidence",
+    "head_key",
+    "token_strings",
+]
+
+#: Version of the evidence document.
+EVIDENCE_VERSION = 1
+#: Composition partners are computed only when ``3/2 (n_layers n_heads)^2 d_model^2`` (the
+#: flops of :func:`~headclass.scores.composition.composition_scores`) stays below this (about
+#: 10 s on a laptop CPU; GPT-2 small and SmolLM2-135M are far below, GPT-2 medium above).
+COMPOSITION_MAX_FLOPS = 2.0e11
+
+
+def head_key(layer: int, head: int) -> str:
+    """``"L5H1"``: a head's key in the evidence document (and, as ``head-L5H1``, its card's id)."""
+    return f"L{int(layer)}H{int(head)}"
+
+
+class ExampleCollector:
+    """Observer of the pattern pass that keeps each head's strongest attention examples.
+
+    Call it as ``collector(layer, pattern, chunk)`` (what :func:`pattern_measurement`'s
+    ``observers`` do) for every layer of every chunk, chunks of a probe in order.
+
+    Parameters
+    ----------
+    probes
+        The probes the pass runs (examples are kept per probe name).
+    n_layers, n_heads
+        The model's shape.
+    n_examples
+        Examples kept per probe and head (the bounded top-k).
+    n_preferred
+        Keys kept per example query (what it looks for).
+    pattern_tokens
+        Length of the pattern sample (first sequence of the text probe, else the first probe).
+    """
+
+    def __init__(self, probes: Sequence[Probe], n_layers: int, n_heads: int, *, n_examples: int = 5,
+                 n_preferred: int = 3, pattern_tokens: int = 16):
+        self.probes = {p.name: p for p in probes}
+        self.n_layers, self.n_heads = int(n_layers), int(n_heads)
+        self.n_examples, self.n_preferred = int(n_examples), int(n_preferred)
+        names = list(self.probes)
+        self.sample_probe = "text" if "text" in self.probes else (names[0] if names else None)
+        self.pattern_tokens = int(pattern_tokens)
+        # (probe, layer) -> weight [head, k], seq, query, key [head, k], pref_key, pref_w [head, k, p]
+        self._top: dict[tuple[str, int], dict[str, Tensor]] = {}
+        self._sample: dict[int, Tensor] = {}          # layer -> [head, n, n] float32
+        self._current: Optional[Probe] = None
+        self._start = 0
+        self._next: dict[str, int] = {}
+
+    def __call__(self, layer: int, pattern: Tensor, chunk: Probe) -> None:
+        if chunk is not self._current:  # a new chunk: its first sequence's index in its probe
+            self._current = chunk
+            self._start = self._next.get(chunk.name, 0)
+            self._next[chunk.name] = self._start + chunk.n_sequences
+        if chunk.name not in self.probes:
+            return
+        with torch.no_grad():
+            self._examples(layer, pattern, chunk)
+            if chunk.name == self.sample_probe and self._start == 0 and layer not in self._sample:
+                n = min(self.pattern_tokens, chunk.n_positions)
+                self._sample[layer] = pattern[0, :, :n, :n].float().cpu().clone()
+
+    def _examples(self, layer: int, pattern: Tensor, chunk: Probe) -> None:
+        b, h, n_q, n_k = pattern.shape
+        if n_q < 2:
+            return
+        away = pattern[:, :, 1:, 1:]                              # queries >= 1, keys >= 1
+        best, where = away.max(-1)                                # [b, h, q-1]
+        flat = best.permute(1, 0, 2).reshape(h, -1)               # [h, b (q-1)]
+        k = min(self.n_examples, flat.shape[1])
+        weight, index = flat.topk(k, dim=1)                       # [h, k]
+        seq, query = index // (n_q - 1), index % (n_q - 1)
+        heads = torch.arange(h, device=pattern.device)[:, None].expand(h, k)
+        key = where.permute(1, 0, 2).reshape(h, -1).gather(1, index) + 1
+        rows = pattern[seq, heads, query + 1]                     # [h, k, keys]
+        p = min(self.n_preferred, n_k)
+        pref_w, pref_key = rows.topk(p, dim=-1)
+        found = {"weight": weight.float().cpu(), "seq": (seq + self._start).cpu(), "query": (query + 1).cpu(),
+                 "key": key.cpu(), "pref_key": pref_key.cpu(), "pref_w": pref_w.float().cpu()}
+        slot = (chunk.name, int(layer))
+        old = self._top.get(slot)
+        if old is not None:  # merge with the examples of the earlier chunks, keep the top k
+            found = {name: torch.cat([old[name], value], 1) for name, value in found.items()}
+            keep = found["weight"].topk(min(self.n_examples, found["weight"].shape[1]), dim=1).indices
+            found = {name: value.gather(1, keep if value.ndim == 2 else keep[..., None].expand(-1, -1, value.shape[2]))
+                     for name, value in found.items()}
+        self._top[slot] = found
+
+    # -- results ---------------------------------------------------------------------------
+    def examples(self, layer: int, head: int, *, context: int = 8,
+                 local_window: int = 4) -> dict[str, list[dict[str, Any]]]:
+        """The head's examples per probe (strongest first), as the evidence document holds them."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, probe in self.probes.items():
+            top = self._top.get((name, int(layer)))
+            if top is None:
+                continue
+            tokens = probe.tokens
+            records = []
+            order = top["weight"][head].argsort(descending=True, stable=True)
+            for i in order.tolist():
+                s, q, k = int(top["seq"][head, i]), int(top["query"][head, i]), int(top["key"][head, i])
+                row = tokens[s]
+                records.append({
+                    "seq": s, "query": q, "key": k, "weight": _round(top["weight"][head, i]),
+                    "offset": q - k, "relation": _relation(row, q, k, local_window),
+                    "query_token": int(row[q]), "key_token": int(row[k]),
+                    "context": _context(row, q, k, context),
+                    "prefers": [[int(kk), int(row[int(kk)]), _round(w)]
+                                for kk, w in zip(top["pref_key"][head, i], top["pref_w"][head, i])],
+                })
+            out[name] = records
+        return out
+
+    def pattern_sample(self) -> tuple[Optional[str], list[int], dict[int, Tensor]]:
+        """``(probe name, token ids, {layer: [head, n, n]})`` of the pattern sample."""
+        if self.sample_probe is None or not self._sample:
+            return None, [], {}
+        n = next(iter(self._sample.values())).shape[-1]
+        ids = [int(t) for t in self.probes[self.sample_probe].tokens[0, :n]]
+        return self.sample_probe, ids, dict(self._sample)
+
+
+def _round(value: Any, digits: int = 4) -> float:
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else 0.0
+
+
+def _relation(row: Tensor, q: int, k: int, window: int) -> str:
+    """The key's attention-budget class for query ``q`` (first match wins; no delimiter class)."""
+    if k == q:
+        return "self"
+    if k == q - 1:
+        return "previous"
+    if q - window <= k <= q - 2:
+        return "local"
+    if int(row[k]) == int(row[q]):
+        return "duplicate"
+    if k >= 1 and int(row[k - 1]) == int(row[q]):
+        return "induction"
+    return "other"
+
+
+def _context(row: Tensor, q: int, k: int, width: int) -> list[list[Any]]:
+    """Token spans around the key and the query (one span when they are close): ``[[start, ids]]``."""
+    n = int(row.shape[0])
+    lo, hi = max(0, k - width), min(n, q + width + 1)
+    if q - k <= 2 * width:
+        spans = [(lo, hi)]
+    else:
+        spans = [(lo, min(n, k + width + 1)), (max(0, q - width), hi)]
+    return [[start, [int(t) for t in row[start:stop]]] for start, stop in spans]
+
+
+# -- what a head writes -------------------------------------------------------------------------
+
+def _source_tokens(model: HeadModelLike, probes: dict[str, Probe], n: int) -> Tensor:
+    """A few source tokens: distinct ordinary tokens of the text probe's first sequence (words a
+    reader knows), else a seeded sample of ordinary tokens."""
+    special = set(model.special_token_ids()) if hasattr(model, "special_token_ids") else set()
+    text = probes.get("text")
+    if text is not None:
+        seen: list[int] = []
+        for t in text.tokens[0].tolist():
+            if t not in special and t not in seen:
+                seen.append(int(t))
+            if len(seen) == n:
+                return torch.tensor(seen, dtype=torch.long)
+    return token_sample(model, n, seed=0)[:n]
+
+
+def _source_embedding(model: HeadModelLike, tokens: Tensor) -> tuple[Tensor, str]:
+    """The sources' embeddings, effective (through the first MLP) when the model has one."""
+    method = getattr(model, "effective_embedding", None)
+    if method is not None:
+        try:
+            return method(tokens=tokens).float(), "effective"
+        except (ScoreError, TypeError, AttributeError):
+            pass
+    return model.W_E[tokens.to(model.W_E.device)].float(), "W_E"
+
+
+def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tuple[dict[tuple[int, int], list], str]:
+    """Per head, the tokens its OV circuit raises and lowers most for each source token.
+
+    Returns ``({(layer, head): [{"source", "raises", "lowers"}, ...]}, embedding)`` with
+    ``raises`` / ``lowers`` lists of ``[token id, centred logit]`` (largest effect first) and
+    ``embedding`` ``"effective"`` or ``"W_E"`` (see the module docs). One layer at a time:
+    ``[head, source, vocab]`` logits.
+    """
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    with torch.no_grad():
+        x, embedding = _source_embedding(model, tokens)
+        x = x - x.mean(-1, keepdim=True)
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)   # unit RMS, like a norm
+        W_U = model.W_U.float()
+        k = min(n, int(W_U.shape[1]))
+        out: dict[tuple[int, int], list] = {}
+        for layer in range(int(model.n_layers)):
+            written = torch.einsum("sd,hde->hse", x, model.W_V[layer].float()) @ model.W_O[layer].float()
+            logits = written @ W_U                                  # [head, source, vocab]
+            logits = logits - logits.mean(-1, keepdim=True)
+            up_v, up_i = logits.topk(k, dim=-1)
+            down_v, down_i = (-logits).topk(k, dim=-1)
+            up_v, up_i, down_v, down_i = (t.cpu() for t in (up_v, up_i, down_v, down_i))
+            for head in range(int(model.n_heads)):
+                out[layer, head] = [
+                    {"source": int(src),
+                     "raises": [[int(i), _round(v)] for i, v in zip(up_i[head, s], up_v[head, s])],
+                     "lowers": [[int(i), _round(-v)] for i, v in zip(down_i[head, s], down_v[head, s])]}
+                    for s, src in enumerate(tokens.tolist())]
+    return out, embedding
+
+
+# -- composition --------------------------------------------------------------------------------
+
+def composition_cost(model: HeadModelLike) -> float:
+    """Flops of :func:`~headclass.scores.composition.composition_scores` (all three kinds)."""
+    heads = int(model.n_layers) * int(model.n_heads)
+    return 1.5 * heads * heads * float(model.d_model) ** 2
+
+
+def composition_partners(model: HeadModelLike, *, n: int = 5) -> dict[tuple[int, int], dict[str, list]]:
+    """Each head's ``n`` strongest Q-, K- and V-composition partners among earlier heads:
+    ``{(layer, head): {"q": [[layer_a, head_a, score], ...], "k": ..., "v": ...}}``."""
+    from headclass.scores.composition import composition_scores
+
+    scores = composition_scores(model)
+    L, H = int(model.n_layers), int(model.n_heads)
+    out: dict[tuple[int, int], dict[str, list]] = {(lb, hb): {} for lb in range(L) for hb in range(H)}
+    for kind, grid in scores.items():
+        for lb in range(L):
+            earlier = grid[:lb, :, lb, :].reshape(lb * H, H)       # [earlier head, head_b]
+            k = min(n, lb * H)
+            if k == 0:
+                for hb in range(H):
+                    out[lb, hb][kind] = []
+                continue
+            value, index = earlier.topk(k, dim=0)                  # [k, head_b]
+            for hb in range(H):
+                out[lb, hb][kind] = [[int(i) // H, int(i) % H, _round(v)]
+                                     for i, v in zip(index[:, hb], value[:, hb])]
+    return out
+
+
+# -- the document -------------------------------------------------------------------------------
+
+def head_evidence(
+    model: HeadModelLike,
+    collector: ExampleCollector,
+    *,
+    n_sources: int = 6,
+    n_effects: int = 5,
+    context: int = 8,
+    local_window: int = 4,
+    composition: Optional[bool] = None,
+) -> dict[str, Any]:
+    """The evidence document of every head (module docs), from a collector that saw the pass.
+
+    ``composition``: ``None`` computes the partners when affordable
+    (:func:`composition_cost` <= :data:`COMPOSITION_MAX_FLOPS`), ``True`` always, ``False`` never.
+    """
+    L, H = int(model.n_layers), int(model.n_heads)
+    used: set[int] = set()
+    sources = _source_tokens(model, collector.probes, n_sources)
+    writes, embedding = ov_token_effects(model, sources, n=n_effects)
+    cost = composition_cost(model)
+    if composition is None:
+        composition = cost <= COMPOSITION_MAX_FLOPS
+        reason = ("" if composition else
+                  f"not computed: {cost:.1e} flops for {L * H} heads of width {int(model.d_model)} is above "
+                  f"COMPOSITION_MAX_FLOPS ({COMPOSITION_MAX_FLOPS:.0e}); use "
+                  "headclass.scores.composition.composition_scores(model)")
+    else:
+        reason = "" if composition else "not computed (composition=False)"
+    partners = composition_partners(model) if composition and L > 1 else {}
+    if composition and L <= 1:
+        reason = "no earlier heads (one layer)"
+    probe, prompt, sample = collector.pattern_sample()
+    used.update(prompt)
+    heads: dict[str, Any] = {}
+    for layer in range(L):
+        for head in range(H):
+            examples = collector.examples(layer, head, context=context, local_window=local_window)
+            for records in examples.values():
+                for ex in records:
+                    for _, ids in ex["context"]:
+                        used.update(ids)
+                    used.update(p[1] for p in ex["prefers"])
+            effects = writes[layer, head]
+            for effect in effects:
+                used.add(effect["source"])
+                used.update(i for i, _ in effect["raises"] + effect["lowers"])
+            grid = sample.get(layer)
+            pattern = ([[_round(w, 3) for w in grid[head, q, :q + 1].tolist()] for q in range(grid.shape[1])]
+                       if grid is not None else [])
+            heads[head_key(layer, head)] = {
+                "examples": examples, "writes": effects,
+                "composition": partners.get((layer, head)) if partners else None,
+                "pattern": pattern,
+            }
+    return {
+        "version": EVIDENCE_VERSION,
+        "settings": {"n_examples": collector.n_examples, "n_preferred": collector.n_preferred,
+                     "context": context, "n_sources": int(sources.numel()), "n_effects": n_effects},
+        "tokens": token_strings(model, sorted(used)),
+        "embedding": embedding,
+        "composition": {"computed": bool(partners), "reason": reason},
+        "pattern_prompt": {"probe": probe, "tokens": prompt},
+        "heads": heads,
+    }
+
+
+def token_strings(model: HeadModelLike, ids: Sequence[int]) -> dict[str, str]:
+    """``{"<id>": readable string}`` (newlines as ``\\n``; the id itself without a tokenizer)."""
+    tok = getattr(model, "tokenizer", None)
+    out = {}
+    for i in ids:
+        piece = str(i)
+        if tok is not None:
+            try:
+                piece = tok.decode([int(i)])
+            except Exception:  # any tokenizer failure: show the id
+                piece = str(i)
+            piece = piece.replace("\n", "\\n").replace("\t", "\\t") or f"[{i}]"
+        out[str(int(i))] = piece
+    return out
