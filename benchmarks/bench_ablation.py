@@ -34,9 +34,9 @@ import torch
 
 import headclass
 from headclass import probes
+from headclass.testing import ablation_dloss_reference
 from headclass.scores.ablation import (
     ablation_dloss,
-    ablation_dloss_reference,
     induction_targets,
     rank_correlation,
 )

@@ -30,6 +30,13 @@ and reads ``VmHWM`` after the run. The reported figure is the peak above the RSS
 run, so model loading does not count. Claim checked: scores peak <= bare peak + one layer's
 pattern tensor (``batch * heads * pos * pos * 4`` bytes).
 
+(d) ``hooks``  (with ``--hooks``) the same :func:`pattern_measurement` on a stand-in model that
+                replays one real layer pattern ``[16, 9, 256, 256]`` to the callback for each of
+                the 30 layers, with no forward pass: the cost of the in-hook reductions alone,
+                which is what the pattern pass adds to a forward (less noisy than the
+                difference of two forwards on a loaded machine); ``hooks_core`` the same for
+                the 8 core scores.
+
 Also times (not a forward) ``bootstrap``: 200 replicates of every score from the per-sequence
 sums. Prints a table, the ratios ``scores / bare`` (goal <= 1.1) and ``detect / scores`` (goal
 >= 3), and a JSON line with every figure. ``--no-detect`` skips (c) and (c').
@@ -101,7 +108,34 @@ def full_pass(model, probe):
     return pattern_measurement(model, probe, batch_size=probe.n_sequences, progress=False)
 
 
-def variants(model, probe, with_cached: bool, with_detect: bool = True, with_core: bool = False):
+class Replay:
+    """The model, but ``run_with_patterns`` replays one stored pattern for every layer."""
+
+    def __init__(self, model, pattern):
+        self._model, self._pattern = model, pattern
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def run_with_patterns(self, tokens, callback, *, layers=None):
+        for layer in range(self._model.n_layers):
+            callback(layer, self._pattern)
+
+
+def captured_pattern(model, probe, layer: int = 10):
+    """One real attention pattern ``[batch, head, query, key]`` of ``probe``."""
+    kept = {}
+
+    def keep(index, pattern):
+        if index == layer:
+            kept["pattern"] = pattern.clone()
+
+    model.run_with_patterns(probe.tokens, keep, layers=range(layer + 1))
+    return kept["pattern"]
+
+
+def variants(model, probe, with_cached: bool, with_detect: bool = True, with_core: bool = False,
+             replay=None):
     tokens = probe.tokens
     out = {
         "bare": lambda: bare_forward(model, tokens),
@@ -109,6 +143,9 @@ def variants(model, probe, with_cached: bool, with_detect: bool = True, with_cor
     }
     if with_core:
         out["core"] = lambda: pattern_scores_single_pass(model, probe, scores=SCORE_NAMES)
+    if replay is not None:
+        out["hooks"] = lambda: full_pass(replay, probe)
+        out["hooks_core"] = lambda: pattern_scores_single_pass(replay, probe, scores=SCORE_NAMES)
     if with_detect:
         out["detect"] = lambda: [detect_head_scores(model, tokens, name) for name in HEAD_TYPES]
     if with_detect and with_cached:
@@ -171,6 +208,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
     parser.add_argument("--no-detect", action="store_true", help="skip the detect_head variants")
     parser.add_argument("--core", action="store_true", help="also time (b') the core scores alone")
+    parser.add_argument("--hooks", action="store_true", help="also time (d) the in-hook reductions alone")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -187,8 +225,11 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     detect = not args.no_detect
-    runs = variants(model, probe, args.detect_cached, detect, args.core)
-    small = variants(model, make_probe(model, 2, 32), args.detect_cached, detect, args.core)
+    small_probe = make_probe(model, 2, 32)
+    replay = Replay(model, captured_pattern(model, probe)) if args.hooks else None
+    small_replay = Replay(model, captured_pattern(model, small_probe)) if args.hooks else None
+    runs = variants(model, probe, args.detect_cached, detect, args.core, replay)
+    small = variants(model, small_probe, args.detect_cached, detect, args.core, small_replay)
     for fn in small.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -221,14 +262,19 @@ def main() -> None:
         print(f"{name:14s} {median[name]:9.2f} {best[name]:9.2f}   "
               + " ".join(f"{t:.2f}" for t in times[name]))
     ratios = {"scores/bare": median["scores"] / median["bare"]}
-    if "core" in median:
-        ratios["core/bare"] = median["core"] / median["bare"]
+    for name in ("core", "hooks", "hooks_core"):
+        if name in median:
+            ratios[f"{name}/bare"] = median[name] / median["bare"]
+    if "hooks" in median:
+        ratios["(bare+hooks)/bare"] = (median["bare"] + median["hooks"]) / median["bare"]
     if "detect" in median:
         ratios["detect/scores"] = median["detect"] / median["scores"]
     if "detect_cached" in median:
         ratios["detect_cached/scores"] = median["detect_cached"] / median["scores"]
     for key, value in ratios.items():
-        print(f"ratio {key:22s} {value:6.2f}  (min-based {best[key.split('/')[0]] / best[key.split('/')[1]]:.2f})")
+        top, bottom = key.split("/")
+        extra = f"  (min-based {best[top] / best[bottom]:.2f})" if top in best and bottom in best else ""
+        print(f"ratio {key:22s} {value:6.2f}{extra}")
 
     memory = {} if args.no_memory else measure_memory(args)
     if memory:

@@ -15,10 +15,12 @@ small real model would be, rather than the fraction of a second the 32-token toy
 Runs, each into a fresh output folder (so nothing is skipped), each timed end to end:
 
 1. ``local, 1 thread``: ``headclass.sweep(..., executor="local")``, ``num_cpus: 1``;
-2. ``local, 2 threads``: the same with ``num_cpus: 2`` (torch uses both cores in one process);
+2. ``local, 2 threads``: the same with ``num_cpus: 2`` (torch uses both cores in one process;
+   run once whatever ``--repeats``: on a busy 2-core machine torch's two threads wait on each
+   other and this takes minutes);
 3. ``ray, cold``: ``executor="ray"`` with no Ray running: the sweep starts a local Ray instance
-   (2 CPUs), runs one task per model (``num_cpus: 1``: two workers at once) and stops it; the
-   time includes starting Ray and the workers' imports;
+   (all CPUs: 2 here), runs one task per model (``num_cpus: 1``: two workers at once) and
+   stops it; the time includes starting Ray and the workers' imports;
 4. ``ray, warm``: a Ray instance (2 CPUs) already started in this process, workers already
    imported (one throw-away sweep first): the steady state of a long sweep.
 
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant; the median is reported")
     args = parser.parse_args()
 
-    import ray
+    from headclass.sweep.executors import local_ray
 
     print(f"load before: {uptime()}")
     models = toy_sources(args.models)
@@ -94,18 +96,15 @@ def main() -> None:
     rows = []
     for label, spec, executor in (("local, 1 thread", one, "local"), ("local, 2 threads", two, "local"),
                                   ("ray, cold (starts Ray)", one, "ray")):
-        runs = [timed(spec, executor) for _ in range(args.repeats)]
+        repeats = 1 if spec is two else args.repeats  # minutes on a busy machine: once is enough
+        runs = [timed(spec, executor) for _ in range(repeats)]
         rows.append((label, [s for s, _ in runs], runs[-1][1]))
         print(f"  {label}: {', '.join(f'{s:.1f}' for s, _ in runs)} s", flush=True)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
-    try:
+    with local_ray(num_cpus=2):
         timed(spec_for(models[:2], args.sequences, 1), "ray")  # start and warm both workers
         runs = [timed(one, "ray") for _ in range(args.repeats)]
         rows.append(("ray, warm (Ray up)", [s for s, _ in runs], runs[-1][1]))
         print(f"  ray, warm (Ray up): {', '.join(f'{s:.1f}' for s, _ in runs)} s", flush=True)
-    finally:
-        ray.shutdown()
     print(f"load after:  {uptime()}")
 
     base = statistics.median(rows[0][1])

@@ -379,15 +379,13 @@ def _check_out(out: str, run: _Run) -> Path:
 def _check_source(source: str) -> None:
     """Fail now, in one line, on a source that cannot be loaded: a missing path, a folder that
     is not a model, an unknown or unreachable hub name. Nothing is loaded."""
-    from pathlib import Path as _Path
-
     from headclass.loading.aliases import model_aliases
     from headclass.loading.sources import looks_like_path, missing_path_error, read_folder_config, resolve_hub_name
 
     if source in model_aliases():
         return
     if looks_like_path(source):
-        path = _Path(source).expanduser()
+        path = Path(source).expanduser()
         if not path.exists():
             raise missing_path_error(source)
         if path.is_dir():

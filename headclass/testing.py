@@ -4,18 +4,35 @@
 headclass scores, so the tests can hold :func:`headclass.scores.patterns.pattern_scores`
 (``convention="detect_head"``) to it. It reaches into the model's ``tl_model``, which the
 scores never do.
+
+:func:`ablation_scores_reference` and :func:`ablation_dloss_reference` compute the ablation
+scores the slow, obvious way (one full forward pass per ablated head, no residual caching),
+against which :mod:`headclass.scores.ablation`'s exact mode is tested and timed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ScoreError
+from headclass.loading.head_model import hook_name
+from headclass.scores.ablation import (
+    HeadList,
+    _ablation_hook,
+    _bar,
+    _check_method,
+    _check_targets,
+    _heads_by_layer,
+    _losses,
+    _per_probe,
+    _store_mean,
+)
 
-__all__ = ["detect_head_scores", "FixedTokens"]
+__all__ = ["detect_head_scores", "FixedTokens", "ablation_scores_reference", "ablation_dloss_reference"]
 
 _HEAD_TYPES = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
                "induction": "induction_head"}
@@ -78,3 +95,60 @@ class FixedTokens:
 
     def run_with_cache(self, *args: Any, **kwargs: Any) -> Any:
         return self._tl_model.run_with_cache(*args, **kwargs)
+
+
+# -- ablation: one full forward pass per head ---------------------------------------------------
+
+
+def ablation_scores_reference(
+    model: Any,
+    *,
+    config: Union[None, HeadclassConfig, Mapping[str, Any], str] = None,
+    probes: Optional[Mapping[str, Any]] = None,
+    method: Optional[str] = None,
+    heads: HeadList = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """:func:`ablation_scores` the slow, obvious way: one full forward pass per head.
+
+    Same parameters and result as :func:`headclass.scores.ablation.ablation_scores` in exact mode (no ``mode``); no
+    residual caching, no batching of heads. For tests and for timing the fast path.
+    """
+    cfg = load_config(config)
+    method = _check_method(method if method is not None else cfg.ablation.method)
+    return _per_probe(model, cfg, probes, heads, lambda probe, pairs: ablation_dloss_reference(
+        model, probe.tokens, targets=probe.targets, method=method, heads=pairs, progress=progress,
+    ))
+
+
+def ablation_dloss_reference(
+    model: Any,
+    tokens: Tensor,
+    *,
+    targets: Optional[Tensor] = None,
+    method: str = "mean",
+    heads: HeadList = None,
+    progress: bool = False,
+) -> Tensor:
+    """:func:`headclass.scores.ablation.ablation_dloss` with one full forward pass per head (the slow reference)."""
+    method = _check_method(method)
+    tokens = model.check_tokens(tokens)
+    targets = _check_targets(tokens, targets)
+    heads_by_layer = _heads_by_layer(model, heads)
+    layers = sorted(heads_by_layer)
+    with torch.no_grad():
+        means: dict[int, Tensor] = {}
+        hooks = [(hook_name(l, "hook_z"), _store_mean(means, l)) for l in layers] if method == "mean" else []
+        clean = _losses(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"), tokens, targets)[0]
+        out = torch.full((model.n_layers, model.n_heads), float("nan"))
+        bar = _bar(progress, sum(len(h) for h in heads_by_layer.values()), "ablation (reference)")
+        for layer in layers:
+            for head in heads_by_layer[layer]:
+                hook = _ablation_hook([head], tokens.shape[0], means.get(layer))
+                logits = model.run_with_hooks(
+                    tokens, fwd_hooks=[(hook_name(layer, "hook_z"), hook)], return_type="logits"
+                )
+                out[layer, head] = float(_losses(logits, tokens, targets)[0] - clean)
+                bar.update(1)
+        bar.close()
+    return out

@@ -200,13 +200,17 @@ def test_cli_sweep_exit_status_and_one_line_error(sources, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
-    try:
+    pytest.importorskip("ray")
+    from headclass.sweep.executors import local_ray
+
+    with local_ray(num_cpus=2) as ray:
         yield ray
-    finally:
-        ray.shutdown()
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
 
 
 def test_ray_table_equals_the_local_one_and_a_bad_source_is_reported(sources, local_run, ray_instance, tmp_path):
@@ -215,23 +219,31 @@ def test_ray_table_equals_the_local_one_and_a_bad_source_is_reported(sources, lo
     assert [f["name"] for f in result.failures] == ["missing"]
     assert result.failures[0]["error_type"] == "ModelFileError"
     pd.testing.assert_frame_equal(result.table, local_run.table, check_exact=True)
-    pids = set(result.models["pid"].dropna())
-    assert os.getpid() not in pids  # the work ran in Ray workers
+    pids = {int(p) for p in result.models["pid"].dropna() if p > 0}
+    assert pids and os.getpid() not in pids  # the work ran in Ray workers
+    import psutil
+
+    raylets = {psutil.Process(pid).parent().pid for pid in pids}
+    addresses = set().union(*(_listening_addresses(pid) for pid in pids | raylets))
+    assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses  # loopback only
 
 
-def _task_processes():
+def _task_processes(raylet: int):
+    """``(pid, stem)`` of this Ray instance's workers now running a sweep task (Ray titles a
+    worker ``ray::<task name>`` while it runs one; other Ray instances on the machine are left alone)."""
     import psutil
 
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if cmdline and cmdline[0].startswith("ray::headclass:"):
+        if proc.info.get("ppid") == raylet and cmdline and cmdline[0].startswith("ray::headclass:"):
             found.append((proc.info["pid"], cmdline[0].split(":", 3)[-1]))
     return found
 
 
 def test_a_killed_worker_is_retried_and_the_sweep_completes(sources, local_run, ray_instance, tmp_path):
     spec = write_spec(sources, bad=False, name="kill.yaml")
+    raylet = ray_instance.get(ray_instance.remote(lambda: os.getppid()).remote())  # a worker's parent: our raylet
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=headclass.sweep(
         spec, out=tmp_path, executor="ray", progress=False)))
@@ -239,7 +251,7 @@ def test_a_killed_worker_is_retried_and_the_sweep_completes(sources, local_run, 
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        for pid, stem in _task_processes():
+        for pid, stem in _task_processes(raylet):
             os.kill(pid, signal.SIGKILL)  # a lost worker, mid-task
             killed = (pid, stem)
             break
@@ -283,9 +295,9 @@ def test_memory_and_params_are_estimated_from_the_source(sources):
 
 
 def test_load_model_revision_is_for_hub_models_only(sources, tmp_path, monkeypatch):
+    from conftest import save_tiny_gpt2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import save_tiny_gpt2
     from headclass.errors import HeadclassError
 
     with pytest.raises(HeadclassError, match=r"revision='step1' applies to hub models only; local path .*planted"):

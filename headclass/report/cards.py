@@ -158,12 +158,19 @@ class HeadCard:
         ``<div class="hc-card" id="head-L{layer}H{head}">``."""
         return f"<style>{CARD_CSS}</style>" + self.body_html()
 
-    def body_html(self, *, hidden: bool = False) -> str:
-        """The card's element without the styles (the report holds :data:`CARD_CSS` once)."""
-        parts = [self._header(), self._budget(), self._examples_html(), self._looks_for(),
-                 self._writes(), self._composition(), self._ablation(), self._pattern(), self._scores()]
+    def body_html(self) -> str:
+        """The card's element without the styles (a page holds :data:`CARD_CSS` once)."""
+        return self.element_open() + self.inner_html() + "</div>"
+
+    def element_open(self, *, hidden: bool = False) -> str:
+        """The card element's opening tag: ``<div class="hc-card" id="head-L5H1" data-head="L5H1">``."""
         attrs = f' id="{self.id}" data-head="L{self.layer}H{self.head}"' + (" hidden" if hidden else "")
-        return f'<div class="hc-card"{attrs}>' + "".join(parts) + "</div>"
+        return f'<div class="hc-card"{attrs}>'
+
+    def inner_html(self) -> str:
+        """What the card element holds (the report fills an empty card element with it on opening)."""
+        return "".join([self._header(), self._budget(), self._examples_html(), self._looks_for(),
+                        self._writes(), self._composition(), self._ablation(), self._pattern(), self._scores()])
 
     # -- sections ---------------------------------------------------------------------------
     def _header(self) -> str:
@@ -282,8 +289,8 @@ class HeadCard:
     def _composition(self) -> str:
         partners = self.evidence.get("composition")
         status = self._document.get("composition") or {}
-        if not partners:
-            if self.layer == 0 and status.get("computed"):
+        if not partners or not any(partners.values()):
+            if self.layer == 0 and (status.get("computed") or partners):
                 why = "a first-layer head has no earlier heads"
             else:
                 why = status.get("reason") or "not computed"
@@ -314,13 +321,14 @@ class HeadCard:
         n = len(grid)
         cell, pad = 14, 70
         size = pad + n * cell
-        rects = []
+        levels: dict[int, list[str]] = {}  # one path per shade (8 levels): a small SVG
         for q, row in enumerate(grid):
             for k, w in enumerate(row):
-                if w >= 0.01:
-                    shade = int(255 - 200 * min(1.0, float(w)))
-                    rects.append(f'<rect x="{pad + k * cell}" y="{pad + q * cell}" width="{cell}" height="{cell}" '
-                                 f'fill="rgb({shade},{shade},255)"><title>{q}->{k}: {w:.3f}</title></rect>')
+                if w >= 0.02:
+                    level = min(7, int(float(w) * 8))
+                    levels.setdefault(level, []).append(f"M{pad + k * cell} {pad + q * cell}h{cell}v{cell}h-{cell}z")
+        rects = [f'<path fill="rgb({int(235 - 200 * (lv + 1) / 8)},{int(240 - 170 * (lv + 1) / 8)},255)" '
+                 f'd="{"".join(cells)}"/>' for lv, cells in sorted(levels.items())]
         labels = []
         for i, tid in enumerate(prompt[:n]):
             text = html.escape(self.token(tid)[:8])

@@ -199,15 +199,21 @@ def _fits(value: Any, kind: str) -> bool:
 
 def to_json_dict(taxonomy: HeadTaxonomy) -> dict[str, Any]:
     """The JSON document: ``kind``, ``version``, ``metadata``, ``columns`` (name + dtype),
-    ``records`` (one object per head)."""
+    ``records`` (one object per head), and ``evidence`` (what the head cards show,
+    :mod:`headclass.scores.examples`) when the taxonomy has it: an optional key, so version 1
+    readers that do not know it still read the table."""
     table = taxonomy.table
     columns = [{"name": str(c), "dtype": _dtype_name(table[c].dtype)} for c in table.columns]
     records = [
         {str(c): _json_value(v) for c, v in zip(table.columns, row)}
         for row in table.itertuples(index=False, name=None)
     ]
-    return {"kind": JSON_KIND, "version": JSON_VERSION, "metadata": taxonomy.metadata,
-            "columns": columns, "records": records}
+    doc = {"kind": JSON_KIND, "version": JSON_VERSION, "metadata": taxonomy.metadata,
+           "columns": columns, "records": records}
+    evidence = taxonomy._evidence
+    if evidence is not None:
+        doc["evidence"] = evidence
+    return doc
 
 
 def write_json(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
@@ -234,8 +240,12 @@ def from_json_dict(doc: Any, source: str = "(dict)") -> HeadTaxonomy:
     except (KeyError, TypeError, AttributeError) as exc:
         raise ExportError(f"{source} is malformed ({exc!r} missing or wrong).") from None
     table = _restore(columns, dtypes, source)
+    evidence = doc.get("evidence")
+    if evidence is not None and not isinstance(evidence, dict):
+        raise ExportError(f"{source}: \"evidence\" must be an object (the head cards' evidence); "
+                          f"got {type(evidence).__name__}.")
     try:
-        return HeadTaxonomy.from_table(table, doc.get("metadata") or {})
+        return HeadTaxonomy.from_table(table, doc.get("metadata") or {}, evidence=evidence)
     except ExportError:
         raise
     except (ValueError, TypeError, KeyError) as exc:
@@ -272,9 +282,11 @@ def write_parquet(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
     pa = _pyarrow()
     table = taxonomy.table
     arrow = pa.Table.from_pandas(table, preserve_index=False)
-    extra = json.dumps({"kind": JSON_KIND, "version": JSON_VERSION, "metadata": taxonomy.metadata,
-                        "dtypes": {str(c): _dtype_name(table[c].dtype) for c in table.columns}},
-                       default=_json_value)
+    fields = {"kind": JSON_KIND, "version": JSON_VERSION, "metadata": taxonomy.metadata,
+              "dtypes": {str(c): _dtype_name(table[c].dtype) for c in table.columns}}
+    if taxonomy._evidence is not None:
+        fields["evidence"] = taxonomy._evidence
+    extra = json.dumps(fields, default=_json_value)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _PARQUET_KEY: extra.encode()})
     return atomic_write(_check_target(path), lambda tmp: pa.parquet.write_table(arrow, str(tmp)))
 
@@ -297,7 +309,7 @@ def read_parquet(path: PathLike) -> HeadTaxonomy:
     columns = {c: [_json_value(v) for v in df[c].tolist()] for c in df.columns}
     table = _restore(columns, extra.get("dtypes", {}), repr(str(p)))
     try:
-        return HeadTaxonomy.from_table(table, extra.get("metadata") or {})
+        return HeadTaxonomy.from_table(table, extra.get("metadata") or {}, evidence=extra.get("evidence"))
     except ExportError:
         raise
     except (ValueError, TypeError, KeyError) as exc:

@@ -1,10 +1,17 @@
 """The self-contained HTML report of a head taxonomy: one file that opens offline.
 
 The page holds, in order: the headline and per-label summary, the layer x head grid (a plotly
-figure in ``<div id="head-grid">``), label counts per layer, every score as a layer x head
-heatmap (one figure, a menu picks the score), any extra figures, the per-layer table, the full
-head table (click a column header to sort), the label definitions, and the metadata (model,
-config, library versions). plotly.js is embedded once, inline, so the file needs no network.
+figure in ``<div id="head-grid">``), every head's card (:mod:`headclass.report.cards`, one
+element ``id="head-L{layer}H{head}"`` each, hidden until opened) with a search box, label counts
+per layer, every score as a layer x head heatmap (one figure, a menu picks the score), any extra
+figures, the per-layer table, the full head table (click a column header to sort), the label
+definitions, and the metadata (model, config, library versions). plotly.js is embedded once,
+inline, so the file needs no network.
+
+A click on a cell of the grid, on a row of the full head table or on a search result opens
+that head's card (so does a link to ``#head-L17H3``); the search box finds heads by id
+(``L17H3``, ``17.3``) or by role and label (``induction``). All of it is in the page's own
+script: no server.
 
 Examples
 --------
@@ -30,10 +37,14 @@ from headclass.taxonomy import LABEL_MEANINGS, LABELS, RULES, UNCLASSIFIED, Head
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["write_html_report", "render_html_report", "GRID_DIV_ID"]
+__all__ = ["write_html_report", "render_html_report", "GRID_DIV_ID", "CARDS_DIV_ID", "SEARCH_ID"]
 
 #: DOM id of the layer x head grid figure (stable: tests and users may look it up).
 GRID_DIV_ID = "head-grid"
+#: DOM id of the element holding every head card (each ``id="head-L{layer}H{head}"``).
+CARDS_DIV_ID = "head-cards"
+#: DOM id of the head search box.
+SEARCH_ID = "head-search"
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
@@ -54,7 +65,88 @@ td.text, th.text { text-align: left; }
           vertical-align: middle; margin-right: 0.4em; border: 1px solid #999; }
 pre { background: white; border: 1px solid #e0e0e0; padding: 0.8em; overflow: auto; font-size: 0.85em; }
 code { background: #f0f0f0; padding: 0 0.2em; }
+tr.head-row { cursor: pointer; } tr.head-row:hover td { background: #fff8e1; }
+tr.head-row.selected td { background: #ffecb3; }
+#head-search { font-size: 1em; padding: 0.3em 0.5em; width: 22em; }
+#head-search-results a { margin-right: 0.6em; white-space: nowrap; }
+#head-cards .hc-card { max-width: none; box-shadow: 0 1px 4px rgba(0,0,0,0.12); }
 """
+
+# Open a head's card: from a grid click (plotly_click), a table row, a search result or the
+# URL hash (#head-L17H3); the search box filters the full table and lists matching heads.
+_CARDS_JS = """
+(function () {
+  var shown = null, content = null;
+  function fill(card) {
+    if (card.dataset.filled) return;
+    if (content === null) {
+      var blob = document.getElementById("head-card-content");
+      content = blob ? JSON.parse(blob.textContent) : {};
+    }
+    card.innerHTML = content[card.dataset.head] || "";
+    card.dataset.filled = "1";
+  }
+  function openCard(id, scroll) {
+    var card = document.getElementById(id);
+    if (!card || !card.classList.contains("hc-card")) return false;
+    fill(card);
+    if (shown && shown !== card) shown.hidden = true;
+    card.hidden = false; shown = card;
+    document.querySelectorAll("tr.head-row.selected").forEach(function (r) { r.classList.remove("selected"); });
+    document.querySelectorAll('tr.head-row[data-head="' + card.dataset.head + '"]').forEach(
+      function (r) { r.classList.add("selected"); });
+    var none = document.getElementById("head-cards-empty"); if (none) none.hidden = true;
+    if (scroll !== false) card.scrollIntoView({block: "start"});
+    return true;
+  }
+  window.headclassOpenCard = openCard;
+  function fromHash() { var h = decodeURIComponent(location.hash.slice(1)); if (/^head-L\\d+H\\d+$/.test(h)) openCard(h); }
+  window.addEventListener("hashchange", fromHash);
+  document.querySelectorAll("tr.head-row").forEach(function (row) {
+    row.addEventListener("click", function () { openCard("head-" + row.dataset.head); });
+  });
+  var grid = document.getElementById("%(grid)s");
+  if (grid && grid.on) {
+    grid.on("plotly_click", function (data) {
+      var p = data && data.points && data.points[0];
+      if (p && p.x !== null && p.y !== null && p.x !== undefined) openCard("head-L" + p.y + "H" + p.x);
+    });
+  }
+  var box = document.getElementById("%(search)s"), results = document.getElementById("head-search-results");
+  function norm(t) { return t.toLowerCase().replace(/^\\s+|\\s+$/g, ""); }
+  function matches(query) {
+    var q = norm(query), m = q.match(/^l?(\\d+)[.h](\\d+)$/);
+    var rows = Array.from(document.querySelectorAll("tr.head-row"));
+    if (!q) return rows;
+    if (m) return rows.filter(function (r) { return r.dataset.head === "L" + (+m[1]) + "H" + (+m[2]); });
+    return rows.filter(function (r) { return r.dataset.search.indexOf(q) >= 0; });
+  }
+  function search() {
+    var q = box.value, found = matches(q), set = new Set(found);
+    document.querySelectorAll("tr.head-row").forEach(function (r) { r.hidden = !set.has(r); });
+    if (!norm(q)) { results.textContent = ""; return found; }
+    results.innerHTML = "";
+    var head = document.createElement("span");
+    head.textContent = found.length + " head" + (found.length === 1 ? "" : "s") + ": ";
+    results.appendChild(head);
+    found.slice(0, 60).forEach(function (r) {
+      var a = document.createElement("a"); a.href = "#head-" + r.dataset.head; a.textContent = r.dataset.head;
+      a.title = r.dataset.roles; results.appendChild(a);
+    });
+    if (found.length > 60) results.appendChild(document.createTextNode("..."));
+    return found;
+  }
+  if (box) {
+    box.addEventListener("input", search);
+    box.addEventListener("keydown", function (e) {
+      if (e.key === "Enter") { var f = search(); if (f.length) openCard("head-" + f[0].dataset.head); }
+    });
+  }
+  window.headclassSearch = function (q) { box.value = q; return search().map(function (r) { return r.dataset.head; }); };
+  fromHash();
+  window.addEventListener("load", fromHash);  // again once the figures are drawn: the card stays in view
+})();
+""" % {"grid": GRID_DIV_ID, "search": SEARCH_ID}
 
 # Click a header to sort its table (numbers numerically, blanks last).
 _SORT_JS = """
@@ -139,12 +231,44 @@ def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = 
         body = (f'<p class="sub">{html.escape(caption)}</p>' if caption else "") + _figure_html(
             fig, div_id, include_plotlyjs=(i == 0))
         parts.append(_section(anchor, title, body))
+        if anchor == "grid":
+            parts.append(_section("cards", "Head cards", _cards_html(taxonomy)))
     parts.append(_section("per-layer", "Per layer", _per_layer_html(taxonomy)))
     parts.append(_section("heads", "All heads", _full_table_html(table)))
     parts.append(_section("labels", "Label definitions", _definitions_html(taxonomy)))
     parts.append(_section("metadata", "Metadata", _metadata_html(taxonomy)))
-    parts.append(f"</main><script>{_SORT_JS}</script></body></html>")
+    parts.append(f"</main><script>{_SORT_JS}</script><script>{_CARDS_JS}</script></body></html>")
     return "\n".join(parts)
+
+
+def _cards_html(taxonomy: Any) -> str:
+    """The search box and every head's card (hidden until opened)."""
+    from headclass.report.cards import CARD_CSS, HeadCard, card_id
+
+    evidence = taxonomy._evidence or {}
+    heads = evidence.get("heads") or {}
+    roles = {(int(l), int(h)): str(r) for l, h, r in zip(taxonomy._table["layer"], taxonomy._table["head"],
+                                                          taxonomy._table["attention_role"])}
+    shells, inner = [], {}
+    for row in taxonomy.table.to_dict("records"):
+        key = f"L{int(row['layer'])}H{int(row['head'])}"
+        card = HeadCard(row, heads.get(key), document=evidence, model=taxonomy.model_name, roles=roles)
+        shells.append(card.element_open(hidden=True) + "</div>")
+        inner[key] = card.inner_html()
+    # The cards' content waits in one JSON string (parsed on the first click, not at load:
+    # hundreds of cards would otherwise be parsed into the DOM before the page opens).
+    blob = json.dumps(inner, ensure_ascii=False).replace("</", "<\\/")
+    note = ("" if evidence else
+            '<p class="sub">This taxonomy holds no card evidence (examples, OV effects, composition): '
+            "classify with <code>evidence=True</code> (the default) for full cards.</p>")
+    return (f"<style>{CARD_CSS}</style>"
+            '<p class="sub">Click a cell of the grid above, a row of the table of all heads, or search: '
+            "a head id (<code>L5H1</code>, <code>5.1</code>) or a role / label (<code>induction</code>).</p>"
+            f'<p><input id="{SEARCH_ID}" type="search" placeholder="search heads: L5H1, induction, copy ..." '
+            'aria-label="search heads"> <span id="head-search-results"></span></p>' + note
+            + '<p id="head-cards-empty" class="sub">No card open yet.</p>'
+            f'<div id="{CARDS_DIV_ID}">' + "".join(shells) + "</div>"
+            f'<script type="application/json" id="head-card-content">{blob}</script>')
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -226,7 +350,8 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _html_table(df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool = True) -> str:
+def _html_table(df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool = True,
+                head_rows: bool = False) -> str:
     import pandas as pd
 
     text_columns = {c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])
@@ -240,7 +365,8 @@ def _html_table(df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool
             content = _swatch(str(value)) if column in label_columns else _cell(value)
             cls = "text" if column in text_columns else ""
             cells.append(f'<td class="{cls}">{content}</td>')
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+        rows.append(_row_open(df.columns, record) if head_rows else "<tr>")
+        rows[-1] += "".join(cells) + "</tr>"
     klass = "sortable" if sortable else ""
     return (f'<table class="{klass}"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
@@ -274,7 +400,20 @@ def _full_table_html(table: "pd.DataFrame") -> str:
     return (f'<p class="sub">{len(table)} heads, one row per head; click a header to sort. Label '
             "flags (is_&lt;label&gt;) are summed up in the labels column; the CSV/JSON exports "
             "have every column.</p>"
-            '<div class="scroll">' + _html_table(shown, label_columns=("primary_label",)) + "</div>")
+            '<div class="scroll">' + _html_table(shown, label_columns=("primary_label",), head_rows=True)
+            + "</div>")
+
+
+def _row_open(columns: Any, record: Any) -> str:
+    """``<tr>`` of one head of the full table: ``data-head`` (opens its card) and the text the
+    search box looks in (id, roles, labels)."""
+    row = dict(zip(columns, record))
+    key = f"L{int(row['layer'])}H{int(row['head'])}"
+    roles = " ".join(str(row.get(c) or "") for c in ("attention_role", "attention_roles", "output_role",
+                                                      "primary_label", "labels"))
+    search = f"{key} {row['layer']}.{row['head']} {roles}".lower().replace(",", " ")
+    return (f'<tr class="head-row" data-head="{key}" data-search="{html.escape(search)}" '
+            f'data-roles="{html.escape(str(row.get("attention_role")))} / {html.escape(str(row.get("output_role")))}">')
 
 
 def _definitions_html(taxonomy: Any) -> str:

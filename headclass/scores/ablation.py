@@ -29,7 +29,7 @@ Two modes
     the batch replicated once per head (copy ``i`` ablates head ``i``). The forward stops at
     the unembedding's input and logits are computed only where the loss counts, when the clean
     run shows that ``x @ W_U + b_U`` reproduces the model's logits (otherwise the model's own
-    logits are used). Equal to :func:`ablation_scores_reference` (one full forward per head,
+    logits are used). Equal to :func:`headclass.testing.ablation_scores_reference` (one full forward per head,
     no caching) to float rounding (tested to 1e-5).
 ``mode="attribution"``
     Attribution patching (Nanda 2023; Syed et al. 2023): one forward and one backward pass,
@@ -38,6 +38,9 @@ Two modes
     certain has ~0 gradient there) and often misjudges heads whose removal changes the loss a
     lot. Check it against exact ablation on your model with :func:`rank_correlation` (smollm2
     numbers in ``benchmarks/RESULTS.md``).
+
+The slow references the fast paths are tested against (one full forward per head) live in
+:mod:`headclass.testing`: ``ablation_scores_reference``, ``ablation_dloss_reference``.
 
 Examples
 --------
@@ -66,9 +69,7 @@ from headclass.probes import build_probe_set
 
 __all__ = [
     "ablation_scores",
-    "ablation_scores_reference",
     "ablation_dloss",
-    "ablation_dloss_reference",
     "induction_targets",
     "text_targets",
     "rank_correlation",
@@ -149,27 +150,6 @@ def ablation_scores(
     ))
 
 
-def ablation_scores_reference(
-    model: Any,
-    *,
-    config: Union[None, HeadclassConfig, Mapping[str, Any], str] = None,
-    probes: Optional[Mapping[str, Any]] = None,
-    method: Optional[str] = None,
-    heads: HeadList = None,
-    progress: bool = False,
-) -> dict[str, Tensor]:
-    """:func:`ablation_scores` the slow, obvious way: one full forward pass per head.
-
-    Same parameters and result as :func:`ablation_scores` in exact mode (no ``mode``); no
-    residual caching, no batching of heads. For tests and for timing the fast path.
-    """
-    cfg = load_config(config)
-    method = _check_method(method if method is not None else cfg.ablation.method)
-    return _per_probe(model, cfg, probes, heads, lambda probe, pairs: ablation_dloss_reference(
-        model, probe.tokens, targets=probe.targets, method=method, heads=pairs, progress=progress,
-    ))
-
-
 def ablation_dloss(
     model: Any,
     tokens: Tensor,
@@ -216,39 +196,6 @@ def ablation_dloss(
     if mode == "attribution":
         return _attribution_dloss(model, tokens, targets, method, heads_by_layer)
     return _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass, progress, desc)
-
-
-def ablation_dloss_reference(
-    model: Any,
-    tokens: Tensor,
-    *,
-    targets: Optional[Tensor] = None,
-    method: str = "mean",
-    heads: HeadList = None,
-    progress: bool = False,
-) -> Tensor:
-    """:func:`ablation_dloss` with one full forward pass per head (the slow reference)."""
-    method = _check_method(method)
-    tokens = model.check_tokens(tokens)
-    targets = _check_targets(tokens, targets)
-    heads_by_layer = _heads_by_layer(model, heads)
-    layers = sorted(heads_by_layer)
-    with torch.no_grad():
-        means: dict[int, Tensor] = {}
-        hooks = [(hook_name(l, "hook_z"), _store_mean(means, l)) for l in layers] if method == "mean" else []
-        clean = _losses(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"), tokens, targets)[0]
-        out = torch.full((model.n_layers, model.n_heads), float("nan"))
-        bar = _bar(progress, sum(len(h) for h in heads_by_layer.values()), "ablation (reference)")
-        for layer in layers:
-            for head in heads_by_layer[layer]:
-                hook = _ablation_hook([head], tokens.shape[0], means.get(layer))
-                logits = model.run_with_hooks(
-                    tokens, fwd_hooks=[(hook_name(layer, "hook_z"), hook)], return_type="logits"
-                )
-                out[layer, head] = float(_losses(logits, tokens, targets)[0] - clean)
-                bar.update(1)
-        bar.close()
-    return out
 
 
 def induction_targets(tokens: Tensor, *, segment_length: Optional[int] = None) -> Tensor:
@@ -472,7 +419,8 @@ _UNEMBED_IN = "unembed.hook_in"
 
 
 def _has_hook(model: Any, name: str) -> bool:
-    return name in (getattr(getattr(model, "tl_model", None), "hook_dict", None) or {})
+    has_hook = getattr(model, "has_hook", None)
+    return bool(has_hook(name)) if callable(has_hook) else False
 
 
 class _StopAtUnembed(Exception):
@@ -496,11 +444,10 @@ class _Readout:
 
     @classmethod
     def if_exact(cls, model: Any, x: Tensor, logits: Tensor, targets: Tensor) -> Optional["_Readout"]:
-        tl_model = getattr(model, "tl_model", None)
         w_u = getattr(model, "W_U", None)
-        if tl_model is None or not isinstance(w_u, Tensor) or x is None or x.shape[:2] != logits.shape[:2]:
+        if not isinstance(w_u, Tensor) or x is None or x.shape[:2] != logits.shape[:2]:
             return None
-        b_u = getattr(tl_model, "b_U", None)
+        b_u = getattr(model, "b_U", None)
         readout = cls(w_u, b_u.detach() if isinstance(b_u, Tensor) else None)
         expected = logits[:, :-1][targets].float()
         got = readout.logits(x[:, :-1][targets])

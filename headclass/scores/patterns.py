@@ -1008,7 +1008,8 @@ class _Engine:
         if any(bool((spec.count(p, self.options).sum(0) > 0).any()) for p in feeding):
             return None
         hint = (" Use probes.repeated(...)." if name in ("induction", "duplicate_token")
-                else " Use longer sequences.")
+                else f" Only probes that name {name!r} in Probe.scores feed it (probes.text does)."
+                if spec.opt_in else " Use longer sequences.")
         if not feeding:
             given = ", ".join(repr(p.name) for p in self.probes)
             return (f"{name} {undefined}; no probe given feeds it (probes {given} "

@@ -2,9 +2,9 @@
 
 * :func:`run_local` -- sequential, in this process, one model in memory at a time.
 * :func:`run_ray` -- one Ray task per source. ``ray.init(address=...)`` joins the cluster at
-  ``address`` (or ``$RAY_ADDRESS``); with neither, a Ray instance already started in this
-  process is used, else a local one is started for the run (bound to 127.0.0.1, no
-  dashboard) and stopped after. Each task declares ``num_cpus``, ``memory`` (estimated from
+  ``address`` (or ``$RAY_ADDRESS``); a Ray connection this process already has is used as it
+  is; with neither, a local instance is started for the run (:func:`local_ray`: bound to
+  127.0.0.1, no dashboard) and stopped after. Each task declares ``num_cpus``, ``memory`` (estimated from
   the model's size and dtype, see :func:`estimate_memory`) and ``num_gpus`` (when the device
   is cuda). A task whose worker dies is rerun up to ``max_retries`` times; a source that
   fails by itself comes back as a failure and is not rerun (``retry_exceptions=False``).
@@ -27,7 +27,7 @@ from headclass.errors import MissingDependencyError
 from headclass.sweep.spec import Job, SweepSpec
 from headclass.sweep.work import PartResult, one_line, run_job
 
-__all__ = ["EXECUTORS", "run_local", "run_ray", "estimate_memory", "estimate_params"]
+__all__ = ["EXECUTORS", "run_local", "run_ray", "local_ray", "estimate_memory", "estimate_params"]
 
 _BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 _SIZE = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([mMbB])(?![A-Za-z])")
@@ -99,20 +99,22 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
         return
     ray = _import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    started_here = False
-    if ray.is_initialized():  # the caller's connection: used as it is, and left open
-        where = "using the Ray instance this process is already connected to"
-    elif address is not None:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        where = f"joined the Ray cluster at {address}"
-        started_here = True  # disconnect after; the cluster itself keeps running
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
-        started_here = True
-        where = "started a local Ray instance for this run"
-    if on_start is not None:
-        on_start(f"{where} ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+    with contextlib.ExitStack() as stack:
+        if ray.is_initialized():  # the caller's connection: used as it is, and left open
+            where = "using the Ray instance this process is already connected to"
+        elif address is not None:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            stack.callback(ray.shutdown)  # disconnect after; the cluster itself keeps running
+            where = f"joined the Ray cluster at {address}"
+        else:
+            stack.enter_context(local_ray())
+            where = "started a local Ray instance for this run (127.0.0.1 only)"
+        yield from _run_tasks(ray, jobs, spec, lambda text: on_start(text) if on_start else None, where)
+
+
+def _run_tasks(ray: Any, jobs: Sequence[Job], spec: SweepSpec, note: Callable[[str], None],
+               where: str) -> Iterator[tuple[Job, PartResult]]:
+    note(f"{where} ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
     pending: dict[Any, Job] = {}
     try:
         remote = ray.remote(run_job)
@@ -121,9 +123,8 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
         for job in jobs:
             memory = estimate_memory(job, spec)
             if largest and memory > largest:  # would wait forever for a node that big
-                if on_start is not None:
-                    on_start(f"{job.name}: estimated {memory / 2**30:.1f} GiB, more than the largest node's "
-                             f"{largest / 2**30:.1f} GiB; reserving that instead (set memory_gb to override)")
+                note(f"{job.name}: estimated {memory / 2**30:.1f} GiB, more than the largest node's "
+                     f"{largest / 2**30:.1f} GiB; reserving that instead (set memory_gb to override)")
                 memory = largest
             task = remote.options(num_cpus=spec.num_cpus, num_gpus=gpus, memory=memory,
                                   max_retries=spec.max_retries, retry_exceptions=False, name=f"headclass:{job.stem}")
@@ -142,8 +143,42 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
         for ref in pending:  # left only when the driver stops early (an error, Ctrl-C)
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
-        if started_here:
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: Optional[int] = None) -> Iterator[Any]:
+    """A Ray instance on this machine only, for the block: no dashboard, every server on 127.0.0.1,
+    workers at normal priority.
+
+    On Linux Ray advertises and binds the machine's network address even for a one-machine
+    instance (``_node_ip_address="127.0.0.1"`` is turned back into it); its single-machine mode,
+    the default on macOS and Windows, uses the loopback address. That mode is switched on for
+    the block (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads when it is imported, and
+    the constant it set, for a Ray already imported) and restored after ``ray.shutdown()``.
+    """
+    ray = _import_ray()
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    saved_constant = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if saved_constant is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # worker_niceness 0: Ray runs workers at nice 15 by default, which on a busy machine
+        # leaves them a fraction of the CPU the same work gets in a normal process.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1", _system_config={"worker_niceness": 0})
+        try:
+            yield ray
+        finally:
             ray.shutdown()
+    finally:
+        if saved_constant is not None:
+            constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
 
 
 def _largest_node_memory(ray: Any) -> int:

@@ -51,74 +51,6 @@ __all__ = ["label_heads", "label_margins", "scores_from_table", "resolve_thresho
 ThresholdSource = Union[None, Thresholds, Mapping[str, float], HeadclassConfig]
 
 
-def _precision(value: Any) -> torch.dtype:
-    """The floating dtype a score was computed in (float64 for ints and Python numbers)."""
-    if isinstance(value, Tensor) and value.dtype.is_floating_point:
-        return value.dtype
-    if isinstance(value, np.ndarray) and value.dtype in (np.float16, np.float32):
-        return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[value.dtype]
-    return torch.float64
-
-
-def _at_precision(threshold: float, dtype: torch.dtype) -> float:
-    """``threshold`` rounded to ``dtype``, so a float32 score equal to float32(0.3) meets 0.3."""
-    return float(torch.tensor(threshold, dtype=torch.float64).to(dtype).double())
-
-
-def _as_grid(name: str, value: Any, shape: Optional[tuple[int, int]]) -> np.ndarray:
-    """A score as a float64 ``[layer, head]`` array, shape-checked."""
-    if isinstance(value, Tensor):
-        value = value.detach().to("cpu", torch.float64).numpy()
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ScoreError(f"score {name!r} must be a tensor or array of numbers; got {type(value).__name__}.") from None
-    if arr.ndim != 2:
-        raise ScoreError(f"score {name!r} must have shape [layer, head]; got shape {tuple(arr.shape)}.")
-    if shape is not None and arr.shape != shape:
-        raise ScoreError(
-            f"score {name!r} has shape {tuple(arr.shape)} but the other scores have {shape}; "
-            "every score must cover the same [layer, head] grid."
-        )
-    return arr
-
-
-def _fixed_offset(scores: Mapping[str, Any], shape: Optional[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """The best fixed-offset score over offsets k >= 2, and that k (0 where unknown).
-
-    Accepts, in this order of preference: ``fixed_offset_per_k`` ``[layer, head, offset]``
-    (index i is k = i + 1); ``fixed_offset`` of that shape; or ``fixed_offset`` ``[layer, head]``
-    with ``fixed_offset_k`` ``[layer, head]``. In the last form a best offset of k = 1 says
-    nothing about k >= 2, so the score becomes NaN there.
-    """
-    value = scores["fixed_offset_per_k"] if "fixed_offset_per_k" in scores else scores["fixed_offset"]
-    if isinstance(value, Tensor):
-        value = value.detach().to("cpu", torch.float64).numpy()
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 3:
-        if shape is not None and arr.shape[:2] != shape:
-            raise ScoreError(f"score 'fixed_offset' has shape {tuple(arr.shape)}; expected {shape} + [offset].")
-        if arr.shape[2] < 2:
-            nan = np.full(arr.shape[:2], np.nan)
-            return nan, np.zeros(arr.shape[:2], dtype=np.int64)
-        beyond = arr[:, :, 1:]  # k = 2, 3, ...
-        filled = np.where(np.isnan(beyond), -np.inf, beyond)
-        idx = filled.argmax(axis=2)
-        best = np.take_along_axis(beyond, idx[..., None], axis=2)[..., 0]
-        k = np.where(np.isnan(best), 0, idx + 2).astype(np.int64)
-        return best, k
-    best = _as_grid("fixed_offset", arr, shape)
-    if "fixed_offset_k" not in scores:
-        raise ScoreError(
-            "a [layer, head] 'fixed_offset' score needs 'fixed_offset_k' (the offset behind it); "
-            "or give 'fixed_offset' as [layer, head, offset]."
-        )
-    k = _as_grid("fixed_offset_k", scores["fixed_offset_k"], best.shape)
-    k = np.where(np.isnan(k), 0, k).astype(np.int64)
-    best = np.where(k >= 2, best, np.nan)
-    return best, np.where(k >= 2, k, 0)
-
-
 def resolve_thresholds(thresholds: ThresholdSource) -> dict[str, float]:
     """Every threshold as a plain dict: from None (defaults), a config, ``config.thresholds`` or a
     partial mapping over the defaults (validated: bad keys or values raise ConfigError)."""
@@ -237,6 +169,33 @@ def label_heads(
         if extra is not None and name not in data and name != "fixed_offset_k":
             data[name] = extra
     return normalise_table(pd.DataFrame(data))
+
+
+def scores_from_table(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The ``[layer, head]`` score grids behind a head table, for relabelling without the model.
+
+    Returns every score column (``fixed_offset`` with ``fixed_offset_k``), the ablation columns
+    and any extra float / bool columns, each as a ``[n_layers, n_heads]`` array.
+    """
+    table = normalise_table(table)
+    n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
+    if len(table) != n_layers * n_heads:
+        raise ScoreError(
+            f"the table has {len(table)} heads, not a full grid of {n_layers} layers x {n_heads} heads; "
+            "relabelling needs every head."
+        )
+    fixed = set(TABLE_COLUMNS) - set(SCORE_COLUMNS)
+    out: dict[str, np.ndarray] = {}
+    for col in table.columns:
+        if col in fixed and col != "fixed_offset_k":
+            continue
+        values = table[col]
+        if col == "fixed_offset_k":
+            values = values.astype("float64")  # <NA> -> NaN: "no offset >= 2"
+        elif not (pd.api.types.is_float_dtype(values) or pd.api.types.is_bool_dtype(values)):
+            continue
+        out[col] = values.to_numpy().reshape(n_layers, n_heads)
+    return out
 
 
 # -- the rules, applied ------------------------------------------------------------------------
@@ -424,6 +383,74 @@ def _join(masks: list[np.ndarray], names: tuple[str, ...]) -> np.ndarray:
 # -- scores in ---------------------------------------------------------------------------------
 
 
+def _precision(value: Any) -> torch.dtype:
+    """The floating dtype a score was computed in (float64 for ints and Python numbers)."""
+    if isinstance(value, Tensor) and value.dtype.is_floating_point:
+        return value.dtype
+    if isinstance(value, np.ndarray) and value.dtype in (np.float16, np.float32):
+        return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[value.dtype]
+    return torch.float64
+
+
+def _at_precision(threshold: float, dtype: torch.dtype) -> float:
+    """``threshold`` rounded to ``dtype``, so a float32 score equal to float32(0.3) meets 0.3."""
+    return float(torch.tensor(threshold, dtype=torch.float64).to(dtype).double())
+
+
+def _as_grid(name: str, value: Any, shape: Optional[tuple[int, int]]) -> np.ndarray:
+    """A score as a float64 ``[layer, head]`` array, shape-checked."""
+    if isinstance(value, Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ScoreError(f"score {name!r} must be a tensor or array of numbers; got {type(value).__name__}.") from None
+    if arr.ndim != 2:
+        raise ScoreError(f"score {name!r} must have shape [layer, head]; got shape {tuple(arr.shape)}.")
+    if shape is not None and arr.shape != shape:
+        raise ScoreError(
+            f"score {name!r} has shape {tuple(arr.shape)} but the other scores have {shape}; "
+            "every score must cover the same [layer, head] grid."
+        )
+    return arr
+
+
+def _fixed_offset(scores: Mapping[str, Any], shape: Optional[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The best fixed-offset score over offsets k >= 2, and that k (0 where unknown).
+
+    Accepts, in this order of preference: ``fixed_offset_per_k`` ``[layer, head, offset]``
+    (index i is k = i + 1); ``fixed_offset`` of that shape; or ``fixed_offset`` ``[layer, head]``
+    with ``fixed_offset_k`` ``[layer, head]``. In the last form a best offset of k = 1 says
+    nothing about k >= 2, so the score becomes NaN there.
+    """
+    value = scores["fixed_offset_per_k"] if "fixed_offset_per_k" in scores else scores["fixed_offset"]
+    if isinstance(value, Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 3:
+        if shape is not None and arr.shape[:2] != shape:
+            raise ScoreError(f"score 'fixed_offset' has shape {tuple(arr.shape)}; expected {shape} + [offset].")
+        if arr.shape[2] < 2:
+            nan = np.full(arr.shape[:2], np.nan)
+            return nan, np.zeros(arr.shape[:2], dtype=np.int64)
+        beyond = arr[:, :, 1:]  # k = 2, 3, ...
+        filled = np.where(np.isnan(beyond), -np.inf, beyond)
+        idx = filled.argmax(axis=2)
+        best = np.take_along_axis(beyond, idx[..., None], axis=2)[..., 0]
+        k = np.where(np.isnan(best), 0, idx + 2).astype(np.int64)
+        return best, k
+    best = _as_grid("fixed_offset", arr, shape)
+    if "fixed_offset_k" not in scores:
+        raise ScoreError(
+            "a [layer, head] 'fixed_offset' score needs 'fixed_offset_k' (the offset behind it); "
+            "or give 'fixed_offset' as [layer, head, offset]."
+        )
+    k = _as_grid("fixed_offset_k", scores["fixed_offset_k"], best.shape)
+    k = np.where(np.isnan(k), 0, k).astype(np.int64)
+    best = np.where(k >= 2, best, np.nan)
+    return best, np.where(k >= 2, k, 0)
+
+
 def _precisions(scores: Mapping[str, Any]) -> dict[str, torch.dtype]:
     return {name: _precision(value) for name, value in scores.items()} if isinstance(scores, Mapping) else {}
 
@@ -447,7 +474,8 @@ def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
             continue
         grids[name] = _as_grid(name, scores[name], shape)
         shape = grids[name].shape
-    assert shape is not None  # SCORE_COLUMNS is never only fixed_offset
+    if shape is None:  # SCORE_COLUMNS is never fixed_offset alone; this keeps the type checker honest
+        raise ScoreError("labelling needs at least one [layer, head] score besides fixed_offset.")
     grids["fixed_offset"], grids["fixed_offset_k"] = _fixed_offset(scores, shape)
     for name, value in scores.items():
         if name in grids or name in ("fixed_offset_per_k", "fixed_offset_k"):
@@ -472,30 +500,3 @@ def _extra_column(name: str, value: Any, shape: tuple[int, int]) -> Optional[np.
     if value.dtype == bool:
         return value.ravel().copy()
     return value.astype(np.float64).ravel()
-
-
-def scores_from_table(table: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The ``[layer, head]`` score grids behind a head table, for relabelling without the model.
-
-    Returns every score column (``fixed_offset`` with ``fixed_offset_k``), the ablation columns
-    and any extra float / bool columns, each as a ``[n_layers, n_heads]`` array.
-    """
-    table = normalise_table(table)
-    n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
-    if len(table) != n_layers * n_heads:
-        raise ScoreError(
-            f"the table has {len(table)} heads, not a full grid of {n_layers} layers x {n_heads} heads; "
-            "relabelling needs every head."
-        )
-    fixed = set(TABLE_COLUMNS) - set(SCORE_COLUMNS)
-    out: dict[str, np.ndarray] = {}
-    for col in table.columns:
-        if col in fixed and col != "fixed_offset_k":
-            continue
-        values = table[col]
-        if col == "fixed_offset_k":
-            values = values.astype("float64")  # <NA> -> NaN: "no offset >= 2"
-        elif not (pd.api.types.is_float_dtype(values) or pd.api.types.is_bool_dtype(values)):
-            continue
-        out[col] = values.to_numpy().reshape(n_layers, n_heads)
-    return out

@@ -15,12 +15,11 @@ import torch
 
 import headclass
 from headclass import ProbeError, ScoreError, probes
+from headclass.testing import ablation_dloss_reference, ablation_scores_reference
 from headclass.scores.ablation import (
     SCORE_KEYS,
     ablation_dloss,
-    ablation_dloss_reference,
     ablation_scores,
-    ablation_scores_reference,
     induction_targets,
     rank_correlation,
 )

