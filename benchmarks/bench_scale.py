@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python benchmarks/bench_scale.py                                   # the three models, float32
     python benchmarks/bench_scale.py --model qwen2.5-coder-0.5b --dtype float32,bfloat16
     python benchmarks/bench_scale.py --model smollm2-135m --breakdown   # memory per stage
+    python benchmarks/bench_scale.py --threads 1     # on a machine other jobs oversubscribe
 
 For each model (aliases ``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``; the first
 use fetches and dequantises them into the cache, reported apart) and dtype, two fresh
@@ -210,6 +211,10 @@ def print_row(row: dict) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, args = sys.argv[2], sys.argv[3:]
+        if os.environ.get("BENCH_THREADS"):
+            import torch
+
+            torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
         if kind == "prepare":
             result = child_prepare(*args)
         elif kind == "headclass":
@@ -222,8 +227,15 @@ def main() -> None:
     parser.add_argument("--model", default=",".join(MODELS), help="comma-separated aliases")
     parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--breakdown", action="store_true", help="memory per stage instead of classify")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per child (default: torch's; 1 on an oversubscribed machine)")
     options = parser.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs; uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    if options.threads:
+        os.environ["BENCH_THREADS"] = str(options.threads)
+    import torch
+
+    threads = options.threads or torch.get_num_threads()
+    print(f"machine: {os.cpu_count()} CPUs, {threads} torch thread(s) per child; uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     rows = []
     for alias in options.model.split(","):
         for dtype in options.dtype.split(","):

@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=6)
     parser.add_argument("--sequences", type=int, default=64, help="probe sequences per probe (default 64)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant; the median is reported")
+    parser.add_argument("--skip-two-threads", action="store_true", help="leave out run 2 (local, 2 threads)")
     args = parser.parse_args()
 
     from headclass.sweep.executors import local_ray
@@ -94,8 +95,11 @@ def main() -> None:
     timed(spec_for(models[:1], args.sequences, 1), "local")  # warm the imports of this process
 
     rows = []
-    for label, spec, executor in (("local, 1 thread", one, "local"), ("local, 2 threads", two, "local"),
-                                  ("ray, cold (starts Ray)", one, "ray")):
+    variants = [("local, 1 thread", one, "local"), ("local, 2 threads", two, "local"),
+                ("ray, cold (starts Ray)", one, "ray")]
+    if args.skip_two_threads:
+        variants.pop(1)
+    for label, spec, executor in variants:
         repeats = 1 if spec is two else args.repeats  # minutes on a busy machine: once is enough
         runs = [timed(spec, executor) for _ in range(repeats)]
         rows.append((label, [s for s, _ in runs], runs[-1][1]))

@@ -43,6 +43,7 @@ examples:
   headclass classify model.Q4_1.gguf --out out/
   headclass compare smollm2-135m gpt2 --out compare/
   headclass sweep sweep.yaml --out sweep/ --executor ray   # many models / checkpoints
+  headclass explain smollm2-135m 18.6 --prompt "A B C A B C" --out L18H6.html   # one head's card
 
 MODEL is an alias (smollm2-135m, gpt2-small, ...), a hub name TransformerLens knows, a
 save_pretrained folder or a .gguf file. A config file lists only the keys it changes
@@ -121,6 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", metavar="ADDR", default=None,
                        help="Ray cluster to join (default: $RAY_ADDRESS; none: a local Ray instance for the run)")
     sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")
+
+    explain = commands.add_parser(
+        "explain", help="one head's card (roles, scores, examples, what it writes) and its live pattern",
+        description="Classify MODEL, then show head L.H: its card (roles with margins, every score "
+                    "with its SE, the attention budget, its strongest attention examples, the tokens "
+                    "its OV circuit raises and lowers, its composition partners) and its attention "
+                    "pattern on --prompt. With --out, one self-contained HTML file; otherwise a text "
+                    "summary on stdout.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    explain.add_argument("model", metavar="MODEL")
+    explain.add_argument("head", metavar="L.H", help="the head: LAYER.HEAD (e.g. 17.3) or L17H3")
+    explain.add_argument("--prompt", metavar="TEXT", default=None,
+                         help="text to show the head's live attention pattern on (default: a sentence said twice)")
+    explain.add_argument("--out", metavar="FILE.html", default=None,
+                         help="write the card and pattern to this HTML file")
+    explain.add_argument("--config", metavar="FILE", help="YAML config (only the keys to change)")
+    explain.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    explain.add_argument("--backend", default="auto", choices=("auto", "bridge", "hooked"),
+                         help="TransformerLens backend (default: auto)")
+    explain.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
+                         help="model precision (default: float32)")
+    explain.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
     return parser
 
 
@@ -140,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         release()  # from here on, Ctrl-C is a KeyboardInterrupt handled below
         args = build_parser().parse_args(argv)
         handlers: dict[str, Callable[[argparse.Namespace, _Run], None]] = {
-            "classify": _classify, "compare": _compare, "demo": _demo, "sweep": _sweep}
+            "classify": _classify, "compare": _compare, "demo": _demo, "sweep": _sweep,
+            "explain": _explain}
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
@@ -309,6 +333,52 @@ def _sweep(args: argparse.Namespace, run: _Run) -> None:
     if result.failures:
         raise _CliError(f"{len(result.failures)} of {len(result.models)} sources failed "
                         f"({', '.join(f['name'] for f in result.failures)}); see {result.out / 'failures.json'}")
+
+
+def _explain(args: argparse.Namespace, run: _Run) -> None:
+    """One head's card and its live pattern (:func:`headclass.report.cards.explain`)."""
+    from headclass.atomic import write_text
+    from headclass.report.cards import explain, parse_head
+
+    layer, head = parse_head(args.head)        # the form, before any model is loaded
+    config = _load_config(args.config)
+    target = None
+    if args.out is not None:
+        target = Path(args.out).expanduser()
+        if target.suffix.lower() not in (".html", ".htm"):
+            raise _CliError(f"--out must be an .html file; got {args.out!r}.")
+        if target.is_dir() or not target.parent.is_dir():
+            why = "it is a folder." if target.is_dir() else f"folder {str(target.parent)!r} does not exist."
+            raise _CliError(f"cannot write {str(target)!r}: {why}")
+        run.out = target.parent
+    _check_source(args.model)
+    status = _Status(args.quiet)
+    run.enter("loading")
+    from headclass.loading import load_model
+
+    status.line(f"loading {args.model} ...")
+    if status.quiet:
+        _silence_library_progress()
+    model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    parse_head(args.head, model.n_layers, model.n_heads)   # the range, before classifying
+    run.enter("classifying")
+    status.line(f"classifying {model.name} ...")
+    result = explain(model, layer, head, prompt=args.prompt, config=config, progress=not status.quiet)
+    card = result.card
+    print(f"L{layer}H{head} of {card.model}: attention {card.row['attention_role']} "
+          f"(margin {card.row['attention_margin']:.2f}), output {card.row['output_role']} "
+          f"(margin {card.row['output_margin']:.2f}), confidence {card.row['confidence']:.2f}")
+    for ex in card.examples()[:5]:
+        print(f"  {card.token(ex['query_token'])!r} ({ex['query']}) -> {card.token(ex['key_token'])!r} "
+              f"({ex['key']}): {ex['weight']:.3f}, offset {ex['offset']}, {ex['relation']}")
+    for source, tokens in card.raised_tokens()[:3]:
+        print(f"  attending to {source!r} raises {', '.join(repr(t) for t in tokens[:5])}")
+    if target is not None:
+        run.enter("writing")
+        write_text(target, result.to_html())
+        run.written = [target.name]
+        run.phase = "published"
+        print(f"wrote {target}")
 
 
 # -- pieces ----------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class Thresholds(_Strict):
     successor: float = _Fraction
     no_op_max_gain: float = Field(ge=0.0)
     mixed_min_share: float = _Fraction
+    min_free_attention: float = _Fraction
     mixed_min_total: float = _Fraction
 
 

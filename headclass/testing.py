@@ -138,7 +138,8 @@ def ablation_dloss_reference(
     layers = sorted(heads_by_layer)
     with torch.no_grad():
         means: dict[int, Tensor] = {}
-        hooks = [(hook_name(l, "hook_z"), _store_mean(means, l)) for l in layers] if method == "mean" else []
+        hooks = ([(hook_name(layer, "hook_z"), _store_mean(means, layer)) for layer in layers]
+                 if method == "mean" else [])
         clean = _losses(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"), tokens, targets)[0]
         out = torch.full((model.n_layers, model.n_heads), float("nan"))
         bar = _bar(progress, sum(len(h) for h in heads_by_layer.values()), "ablation (reference)")

@@ -130,11 +130,52 @@ prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps
 plots.attention_pattern(model, prompt, layer, head)
 """),
     md("""
-## 5 · Exports
+## 5 · Head cards: why each head got its roles
+
+A label is a claim; a card shows the evidence `classify` collected for it: both roles with their
+margins and confidence, every score with its standard error, the attention budget, the head's
+strongest attention examples on the text (query -> key, with context), the keys its queries
+prefer, the tokens its OV circuit raises and lowers, its composition partners among earlier
+heads and its pattern on a short prompt. Here: the top head of each role (the largest margin).
+"""),
+    code("""
+from IPython.display import display
+from headclass.taxonomy import ATTENTION_ROLES, OUTPUT_ROLES
+
+table = taxonomy.table
+for axis, roles, margin in (("attention_role", ATTENTION_ROLES, "attention_margin"),
+                            ("output_role", OUTPUT_ROLES, "output_margin")):
+    for role in roles:
+        heads = table[table[axis] == role]
+        if heads.empty:
+            continue
+        top = heads.loc[heads[margin].idxmax()]
+        print(f"top {role} head: L{top['layer']}H{top['head']} ({margin} {top[margin]:.2f})")
+        display(taxonomy.card(int(top["layer"]), int(top["head"])))
+"""),
+    md("""
+The single-axis taxonomy had nine labels (previous-token, current-token, fixed-offset, BOS,
+induction, duplicate-token, diffuse, copy, copy-suppression); a head with none of them was
+`unclassified`. The two axes name what many of those heads do (local window, delimiters,
+content, two kinds of attention at once: `mixed`). Here is the card of one of them.
+"""),
+    code("""
+OLD_LABELS = ["previous-token", "current-token", "fixed-offset", "bos", "induction",
+              "duplicate-token", "diffuse", "copy", "copy-suppression"]
+old_flags = ["is_" + label.replace("-", "_") for label in OLD_LABELS]
+used_to_be = table[~table[old_flags].any(axis=1) & (table["attention_role"] != "unclassified")]
+print(f"{len(used_to_be)} heads would have been unclassified; their attention roles now:")
+print(used_to_be["attention_role"].value_counts().to_string())
+if len(used_to_be):
+    pick = used_to_be.loc[used_to_be["attention_margin"].idxmax()]
+    display(taxonomy.card(int(pick["layer"]), int(pick["head"])))
+"""),
+    md("""
+## 6 · Exports
 
 CSV and Parquet hold the table; JSON the table and the metadata (read back with
 `headclass.read_json`); Markdown a readable summary; HTML the self-contained report with every
-figure (opens offline).
+figure (opens offline): click a cell of its grid, or a row of its table, to open that head's card.
 """),
     code("""
 out = Path("headclass-report") / "01_taxonomy"

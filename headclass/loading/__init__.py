@@ -74,6 +74,10 @@ def load_model(
         modified); or a TransformerLens model already processed (wrapped as is).
     device, dtype
         Where and in which precision the model lives (``"cpu"``, ``torch.float32`` by default).
+        ``device`` is checked before anything is loaded (``"cuda"`` without a GPU, ``"cuda:7"``
+        on a one-GPU machine or ``"banana"`` raise :class:`~headclass.errors.OptionError`).
+        ``"bfloat16"`` halves memory and runs the model in bf16 end to end (scores accumulate in
+        float32); ``"float16"`` on a CPU warns (slow there) and suggests bfloat16.
     backend
         ``"auto"`` (TransformerBridge on TransformerLens >= 4, HookedTransformer on 2.x/3.x),
         ``"bridge"`` or ``"hooked"``.

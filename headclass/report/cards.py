@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from headclass.errors import HeadclassError
 from headclass.scores.patterns import BUDGET_CLASSES
@@ -51,7 +51,7 @@ CARD_CSS = """
 .hc-card table { border-collapse: collapse; font-size: 0.9em; }
 .hc-card th, .hc-card td { border: 1px solid #e4e4e4; padding: 0.15em 0.45em; text-align: left;
                            vertical-align: top; }
-.hc-card td.hc-num { text-align: right; font-variant-numeric: tabular-nums; }
+.hc-card td.hc-num, .hc-scores td + td { text-align: right; font-variant-numeric: tabular-nums; }
 .hc-role { display: inline-block; padding: 0.1em 0.5em; border-radius: 3px; margin-right: 0.4em;
            border: 1px solid #999; }
 .hc-border { color: #b35900; font-weight: bold; }
@@ -64,6 +64,7 @@ CARD_CSS = """
 .hc-ctx .hc-q { background: #ffd54f; border-radius: 2px; }
 .hc-ctx .hc-k { background: #81d4fa; border-radius: 2px; }
 .hc-ctx .hc-gap { color: #999; }
+.hc-ctx span { border-right: 1px solid #e2e2e2; padding: 0 1px; }
 .hc-tok { font-family: ui-monospace, Menlo, Consolas, monospace; background: #f3f3f3;
           padding: 0 0.2em; border-radius: 2px; white-space: pre; }
 .hc-cols { display: flex; flex-wrap: wrap; gap: 1.5em; }
@@ -201,7 +202,7 @@ class HeadCard:
     def _budget(self) -> str:
         from headclass.report.plots import BUDGET_COLORS
 
-        for prefix, probe in (("budget", "text"), ("budget_rep", "repeated tokens")):
+        for prefix, probe in (("budget", "text"), ("budget_rep", "repeated tokens")):  # noqa: B007 (used below)
             shares = [(c, self.row.get(f"{prefix}_{c}")) for c in BUDGET_CLASSES]
             if all(_finite(v) for _, v in shares):
                 break
@@ -226,7 +227,8 @@ class HeadCard:
             for ex in by_probe[probe]:
                 rows.append(
                     f'<tr class="hc-example"><td><span class="hc-tok">{self._tok(ex["query_token"])}</span> '
-                    f'({ex["query"]}) &rarr; <span class="hc-tok">{self._tok(ex["key_token"])}</span> ({ex["key"]})</td>'
+                    f'({ex["query"]}) &rarr; <span class="hc-tok">{self._tok(ex["key_token"])}</span> '
+                    f'({ex["key"]})</td>'
                     f'<td class="hc-num">{ex["weight"]:.3f}</td><td class="hc-num">{ex["offset"]}</td>'
                     f'<td>{html.escape(ex["relation"])}</td><td class="hc-ctx">{self._context(ex)}</td></tr>')
             out.append(f'<h4>Strongest attention on the {html.escape(probe)} probe '
@@ -242,12 +244,9 @@ class HeadCard:
             if i:
                 pieces.append('<span class="hc-gap"> … </span>')
             for pos, tid in enumerate(ids, start=int(start)):
-                text = self._tok(tid)
-                if pos == ex["query"]:
-                    text = f'<span class="hc-q">{text}</span>'
-                elif pos == ex["key"]:
-                    text = f'<span class="hc-k">{text}</span>'
-                pieces.append(text)
+                cls = "hc-q" if pos == ex["query"] else "hc-k" if pos == ex["key"] else ""
+                pieces.append(f'<span class="{cls}">{self._tok(tid)}</span>' if cls else
+                              f"<span>{self._tok(tid)}</span>")
         return "".join(pieces)
 
     def _looks_for(self) -> str:
@@ -311,7 +310,8 @@ class HeadCard:
             return ('<h4>Ablation</h4><p class="hc-nothing">not computed '
                     "(classify(model, ablation=True) or headclass classify --ablation)</p>")
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td class=\"hc-num\">{_fmt(v)}</td></tr>" for k, v in found)
-        return f"<h4>Ablation <span class=\"hc-sub\">(loss change when the head is ablated)</span></h4><table>{rows}</table>"
+        return ('<h4>Ablation <span class="hc-sub">(loss change when the head is ablated)</span></h4>'
+                f"<table>{rows}</table>")
 
     def _pattern(self) -> str:
         grid = self.evidence.get("pattern") or []
@@ -349,8 +349,8 @@ class HeadCard:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             se = self.row.get(f"{key}_se")
-            rows.append(f'<tr><td>{html.escape(key)}</td><td class="hc-num">{_fmt(value)}</td>'
-                        f'<td class="hc-num">{_fmt(se) if se is not None else ""}</td></tr>')
+            rows.append(f"<tr><td>{html.escape(key)}</td><td>{_fmt(value)}</td>"
+                        f"<td>{_fmt(se) if se is not None else ''}</td></tr>")
         return ("<details><summary><b>Every score</b> (with its standard error)</summary>"
                 "<table class=\"hc-scores\"><thead><tr><th>score</th><th>value</th><th>SE</th></tr></thead>"
                 f"<tbody>{''.join(rows)}</tbody></table></details>")
@@ -361,7 +361,7 @@ class HeadCard:
 
 def _roles(taxonomy: HeadTaxonomy) -> dict[tuple[int, int], str]:
     t = taxonomy._table
-    return {(int(l), int(h)): str(r) for l, h, r in zip(t["layer"], t["head"], t["attention_role"])}
+    return {(int(la), int(h)): str(r) for la, h, r in zip(t["layer"], t["head"], t["attention_role"])}
 
 
 def _finite(value: Any) -> bool:
@@ -397,7 +397,16 @@ class Explanation:
     def __repr__(self) -> str:
         return f"Explanation({self.card!r})"
 
+    def _ipython_display_(self) -> None:
+        """In Jupyter: the card, then circuitsvis' view (or the plotly figure, through plotly's own
+        notebook renderer, which works offline)."""
+        from IPython.display import HTML, display
+
+        display(HTML(self.card.to_html() + "<h4>Live pattern on your prompt</h4>"))
+        display(self.circuitsvis if self.circuitsvis is not None else self.figure)
+
     def _repr_html_(self) -> str:
+        """One HTML string (front ends without ``_ipython_display_``; plotly.js from its CDN)."""
         live = str(self.circuitsvis) if self.circuitsvis is not None else self.figure.to_html(
             full_html=False, include_plotlyjs="cdn")
         return self.card.to_html() + f"<h4>Live pattern on your prompt</h4>{live}"

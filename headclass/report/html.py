@@ -100,7 +100,10 @@ _CARDS_JS = """
     return true;
   }
   window.headclassOpenCard = openCard;
-  function fromHash() { var h = decodeURIComponent(location.hash.slice(1)); if (/^head-L\\d+H\\d+$/.test(h)) openCard(h); }
+  function fromHash() {
+    var h = decodeURIComponent(location.hash.slice(1));
+    if (/^head-L\\d+H\\d+$/.test(h)) openCard(h);
+  }
   window.addEventListener("hashchange", fromHash);
   document.querySelectorAll("tr.head-row").forEach(function (row) {
     row.addEventListener("click", function () { openCard("head-" + row.dataset.head); });
@@ -142,7 +145,10 @@ _CARDS_JS = """
       if (e.key === "Enter") { var f = search(); if (f.length) openCard("head-" + f[0].dataset.head); }
     });
   }
-  window.headclassSearch = function (q) { box.value = q; return search().map(function (r) { return r.dataset.head; }); };
+  window.headclassSearch = function (q) {
+    box.value = q;
+    return search().map(function (r) { return r.dataset.head; });
+  };
   fromHash();
   window.addEventListener("load", fromHash);  // again once the figures are drawn: the card stays in view
 })();
@@ -243,12 +249,12 @@ def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = 
 
 def _cards_html(taxonomy: Any) -> str:
     """The search box and every head's card (hidden until opened)."""
-    from headclass.report.cards import CARD_CSS, HeadCard, card_id
+    from headclass.report.cards import CARD_CSS, HeadCard
 
     evidence = taxonomy._evidence or {}
     heads = evidence.get("heads") or {}
-    roles = {(int(l), int(h)): str(r) for l, h, r in zip(taxonomy._table["layer"], taxonomy._table["head"],
-                                                          taxonomy._table["attention_role"])}
+    t = taxonomy._table
+    roles = {(int(la), int(h)): str(r) for la, h, r in zip(t["layer"], t["head"], t["attention_role"])}
     shells, inner = [], {}
     for row in taxonomy.table.to_dict("records"):
         key = f"L{int(row['layer'])}H{int(row['head'])}"

@@ -86,8 +86,9 @@ Positional consistency
 ----------------------
 ``positional_consistency`` (text) and ``positional_consistency_rep`` (repeated tokens) ask
 whether a head's pattern is decided by *position* (the same in every sequence) or by *content*
-(moving with the tokens). Over the queries ``q >= 2`` and keys ``k >= 1`` (the first position
-is the budget's ``first``), with ``A_b`` sequence ``b``'s pattern and ``n`` sequences::
+(moving with the tokens). Over the queries ``q = 2, 6, 10, ...`` (every 4th from 2) and keys
+``k >= 1`` (the first position is the budget's ``first``), with ``A_b`` sequence ``b``'s pattern
+(those rows) and ``n`` sequences::
 
     sum_{b != b'} <A_b, A_b'>  /  ((n - 1) sum_b <A_b, A_b>)      in [0, 1]
 
@@ -97,7 +98,7 @@ fixed-offset, uniform heads), near 0 when the patterns of different sequences do
 (a head that follows a class of tokens wherever it is). Pooled over the probes that feed it
 (each probe's pairs, probes of >= 2 sequences). It is a statistic of sequence *pairs*, not a
 mean over sequences: it has no ``_se`` and no bootstrap replicates. It keeps one
-``[head, query, key]`` running sum per layer and probe (``layers x heads x pos^2`` floats).
+``[head, query, key]`` running sum per layer and probe (``layers x heads x pos^2 / 4`` floats).
 
 Uncertainty
 -----------
@@ -198,6 +199,10 @@ _DENOMINATOR_FLOOR = 1e-4
 # Entropy is computed in slices of about this many pattern entries, so its temporaries stay a
 # small fraction of one layer's pattern.
 _ENTROPY_SLICE = 1 << 21
+# Positional consistency reads every 4th query row: a ratio of sums over thousands of
+# (query, key) pairs, which a quarter of the rows estimates as well, at a quarter of the cost
+# and of the memory of its running sums.
+_CONSISTENCY_STRIDE = 4
 
 
 @dataclass(frozen=True)
@@ -283,7 +288,7 @@ class _Batch:
             self.slices[name] = (offset, terms.n_seg, terms.finish)
             offset += terms.n_seg
             if spec.base:
-                self.base[name] = self._uniform(terms)
+                self.base[name] = self._uniform(_terms_budget(self, full=True))
         self.n_segments = offset
         if parts:
             b, q, k, seg = (torch.cat(column) for column in zip(*parts))
@@ -291,6 +296,7 @@ class _Batch:
             self._seg = seg.to(device)
         self._index: Optional[Tensor] = None
         self._buffer: Optional[Tensor] = None
+        self.segments: dict[str, Tensor] = {}  # the latest layer's segment sums (budget reuse)
 
     def _uniform(self, terms: _Terms) -> Tensor:
         """The score's per-sequence sums for a uniform head ``A[q, k] = 1 / (q + 1)``."""
@@ -326,7 +332,8 @@ class _Batch:
                            + (self._flat % block)[:, None]).to(self.device)
         values = pattern.take(self._index)  # [entry, head]
         sums = values.new_zeros(self.n_segments, n_heads).index_add_(0, self._seg, values)
-        return {name: sums[start:start + size] for name, (start, size, _) in self.slices.items()}
+        self.segments = {name: sums[start:start + size] for name, (start, size, _) in self.slices.items()}
+        return self.segments
 
     def buffer(self, numel: int, like: Tensor) -> Tensor:
         """A scratch buffer reused across layers (fresh large allocations are page-fault bound)."""
@@ -495,14 +502,19 @@ def _share(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(enough, numerator / denominator.clamp(min=_DENOMINATOR_FLOOR), 0.0)
 
 
-def _terms_budget(batch: _Batch) -> _Terms:
+def _terms_budget(batch: _Batch, full: bool = False) -> _Terms:
     """The budget's named classes as entries (classes 0-5), plus the claimed delimiter keys.
 
     ``first``, ``self``, ``previous`` and ``local`` are offsets; ``duplicate`` / ``induction``
     are token matches beyond the local window. Delimiter keys that an earlier class claimed go
-    to segment 6, so that ``delimiter = (all delimiter mass) - segment 6``.
+    to segment 6, so that ``delimiter = (all delimiter mass) - segment 6``. When the probe has
+    a BOS and the batch already gathers ``bos``, ``current_token`` and ``fixed_offset`` (offsets
+    up to the window), their per-sequence sums ARE classes 0-3 (same entries), so those are not
+    gathered twice (``full=True`` gathers them anyway: the uniform-head base rates).
     """
     B, P, w = batch.n_batch, batch.n_pos, batch.options.local_window
+    reuse = (not full and batch.probe.has_bos and batch.options.max_offset >= w
+             and {"bos", "current_token", "fixed_offset"} <= set(batch.slices))
     parts: list[tuple[Tensor, Tensor, Tensor, int]] = []  # (b, q, k, class)
     b, q = batch.queries(1)
     parts += [(b, q, torch.zeros_like(q), 0), (b, q, q, 1)]
@@ -522,12 +534,17 @@ def _terms_budget(batch: _Batch) -> _Terms:
     k = torch.cat([part[2] for part in parts])
     cls = torch.cat([torch.full_like(part[0], part[3]) for part in parts])
     claimed = batch.delimiter[b, k]
-    b, q, k = torch.cat([b, b[claimed]]), torch.cat([q, q[claimed]]), torch.cat([k, k[claimed]])
-    cls = torch.cat([cls, torch.full((int(claimed.sum()),), 6, dtype=cls.dtype)])
+    keep = cls >= 4 if reuse else torch.ones_like(claimed)
+    b, q, k = torch.cat([b[keep], b[claimed]]), torch.cat([q[keep], q[claimed]]), torch.cat([k[keep], k[claimed]])
+    cls = torch.cat([cls[keep], torch.full((int(claimed.sum()),), 6, dtype=cls.dtype)])
     columns = torch.stack([torch.ones(B, P, dtype=torch.float64), batch.delimiter.double()], -1)
 
     def finish(sums: Tensor, pattern: Tensor) -> Tensor:
         named = sums.view(7, B, -1)                                        # [7, batch, head]
+        if reuse:
+            offsets = batch.segments["fixed_offset"].view(-1, B, named.shape[-1])  # [K, batch, head]
+            named = torch.cat([torch.stack([batch.segments["bos"], batch.segments["current_token"],
+                                            offsets[0], offsets[1:w].sum(0)]), named[4:]])
         mass = torch.matmul(pattern, columns.to(pattern.device, pattern.dtype)[:, None])
         total, delimiter = mass[:, :, 1:].sum(2).unbind(-1)                # queries q >= 1
         delimiter = delimiter - named[6]
@@ -564,8 +581,9 @@ def _dense_max(pattern: Tensor, batch: _Batch) -> Tensor:
 
 
 def _cross_moments(pattern: Tensor) -> tuple[Tensor, Tensor]:
-    """Consistency moments of one batch: ``sum_b A_b`` ``[head, q, k]`` and ``sum_b <A_b, A_b>``."""
-    window = pattern[:, :, 2:, 1:]
+    """Consistency moments of one batch: ``sum_b A_b`` ``[head, q, k]`` and ``sum_b <A_b, A_b>``,
+    over the queries ``q = 2, 2 + s, 2 + 2 s, ...`` (``s = _CONSISTENCY_STRIDE``) and keys ``k >= 1``."""
+    window = pattern[:, :, 2::_CONSISTENCY_STRIDE, 1:]
     rows = torch.linalg.vector_norm(window, dim=-1)               # [batch, head, query], per row
     return window.sum(0), rows.double().pow(2).sum((0, 2))
 

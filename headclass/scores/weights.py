@@ -234,7 +234,17 @@ def effective_embedding(model: HeadModelLike, *, chunk_size: int = 4096) -> Tens
 
 
 def _embedding(model: HeadModelLike, effective: bool) -> Tensor:
-    return _f32(effective_embedding(model) if effective else model.W_E)
+    # In the model's dtype: users upcast the rows they take (a float32 copy of a bf16 W_E
+    # would hold the embedding three times over).
+    return effective_embedding(model) if effective else model.W_E
+
+
+def _unembed_embed(W_U: Tensor, embedding: Tensor, block: int = 16384) -> Tensor:
+    """``W_U @ embedding`` ``[d_model, d_model]`` in float32, ``block`` vocabulary rows at a time."""
+    out = torch.zeros(W_U.shape[0], embedding.shape[1], dtype=torch.float32, device=W_U.device)
+    for start in range(0, W_U.shape[1], block):
+        out += _f32(W_U[:, start:start + block]) @ _f32(embedding[start:start + block])
+    return out
 
 
 # -- 1. eigenvalue copying score ---------------------------------------------------------------
@@ -242,7 +252,7 @@ def _embedding(model: HeadModelLike, effective: bool) -> Tensor:
 def _ov_eigenvalues(model: HeadModelLike, embedding: Tensor, progress: bool = False) -> Tensor:
     # Non-zero eigenvalues of E W_V W_O W_U (vocab x vocab) are those of W_O (W_U E) W_V
     # (d_head x d_head): eig(AB) and eig(BA) share their non-zero part.
-    unembed_embed = _f32(model.W_U) @ embedding  # [d_model, d_model], once per model
+    unembed_embed = _unembed_embed(model.W_U, embedding)  # [d_model, d_model], once per model
     out = []
     for layer in _layers(model, "OV eigenvalues", progress):
         small = (_f32(model.W_O[layer]) @ unembed_embed) @ _f32(model.W_V[layer])
@@ -295,16 +305,16 @@ def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) 
 def _topk_counts(model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0,
                  progress: bool = False) -> tuple[Tensor, Tensor]:
     """Per head, how many sampled tokens are in the top k (copies) and bottom k (suppressions)."""
-    W_U = _f32(model.W_U)
+    W_U = model.W_U  # model dtype; the one float32 copy is the shuffled one
     n_vocab = W_U.shape[1]
     # Vocabulary columns in a fixed random order, so that every block is a fair sample of the
     # vocabulary and most tokens are settled by the first block (see _rank_counts).
     order = torch.randperm(n_vocab, generator=torch.Generator().manual_seed(int(seed))).to(W_U.device)
-    shuffled = W_U[:, order]
+    shuffled = _f32(W_U[:, order])
     column_of = torch.empty_like(order)
     column_of[order] = torch.arange(n_vocab, device=order.device)
-    sources = embedding[tokens]                                    # [sample, d_model]
-    own_unembed = W_U[:, tokens]                                   # [d_model, sample]
+    sources = _f32(embedding[tokens])                              # [sample, d_model]
+    own_unembed = _f32(W_U[:, tokens])                             # [d_model, sample]
     copies = torch.zeros(model.n_layers, model.n_heads, dtype=torch.long)
     suppressions = torch.zeros_like(copies)
     for layer in _layers(model, "top-k copy", progress):
@@ -545,7 +555,7 @@ def successor_scores(
             except (ScoreError, AttributeError, TypeError):
                 rows = _f32(model.W_E[ids.to(model.W_E.device)])
         position = {int(t): i for i, t in enumerate(ids.tolist())}
-        W_U = _f32(model.W_U)[:, ids.to(model.W_U.device)]                    # [d_model, items]
+        W_U = _f32(model.W_U[:, ids.to(model.W_U.device)])                    # [d_model, items]
         hits = torch.zeros(shape, dtype=torch.float64)
         n_items = sum(int(r.numel()) - 1 for r in runs)
         for layer in _layers(model, "successor", progress):

@@ -41,12 +41,13 @@ from headclass.taxonomy.rules import (
     OUTPUT_ROLES,
     PRIORITY,
     RULES,
+    SUBSUMES,
     UNCLASSIFIED,
     flag_column,
 )
 from headclass.taxonomy.schema import ABLATION_COLUMNS, SCORE_COLUMNS, TABLE_COLUMNS, normalise_table
 
-__all__ = ["label_heads", "label_margins", "scores_from_table", "resolve_thresholds", "ThresholdSource", "EVIDENCE"]
+__all__ = ["label_heads", "label_margins", "scores_from_table", "resolve_thresholds", "ThresholdSource", "EVIDENCE", "FREE_SHARES"]
 
 ThresholdSource = Union[None, Thresholds, Mapping[str, float], HeadclassConfig]
 
@@ -66,13 +67,25 @@ def resolve_thresholds(thresholds: ThresholdSource) -> dict[str, float]:
 
 #: Evidence the attention rules read, each from the natural-text probe, or from the repeated
 #: probe where the model has no text (no tokenizer): ``name -> (text key, repeated key)``.
+#: ``share_<class>`` are the budget shares as measured; ``free_attention`` is what a head does
+#: not park on the first position (``1 - share_first``).
 EVIDENCE: dict[str, tuple[str, str]] = {
-    "local_share": ("budget_local", "budget_rep_local"),
-    "delimiter_share": ("budget_delimiter", "budget_rep_delimiter"),
     "delimiter_lift": ("budget_lift_delimiter", "budget_rep_lift_delimiter"),
-    "content_share": ("budget_other", "budget_rep_other"),
     "consistency": ("positional_consistency", "positional_consistency_rep"),
     **{f"share_{c}": (f"budget_{c}", f"budget_rep_{c}") for c in BUDGET_ROLE},
+}
+
+#: Budget shares *of the free attention* (``share_<class> / free_attention``), the evidence of
+#: the local, delimiter and content rules and of the budget-mix step. Many heads park spare
+#: attention on the first token whatever else they do (an attention sink); measuring a class
+#: against the attention left over keeps a head's role from changing with how much it parks.
+#: Heads with less than ``thresholds.min_free_attention`` free attention get NaN (too little
+#: left to say where it goes): they are sinks (``bos``) and nothing else.
+FREE_SHARES: dict[str, str] = {
+    "local_share": "local",
+    "delimiter_share": "delimiter",
+    "content_share": "other",
+    **{f"free_{c}": c for c in BUDGET_ROLE if c != "first"},
 }
 
 
@@ -212,6 +225,9 @@ def _decide(grids: Mapping[str, np.ndarray], t: Mapping[str, float], precision: 
     """
     shape = grids["copy_eigen"].shape
     silent = np.nan_to_num(grids.get("writes_nothing", np.zeros(shape)), nan=0.0) != 0
+    with np.errstate(invalid="ignore"):
+        parked = grids["free_attention"] < t["min_free_attention"]  # NaN free attention: not parked
+    grids = {**grids, **{name: np.where(parked, np.nan, grids[name]) for name in FREE_SHARES}}
     flags: dict[str, np.ndarray] = {}
     margins: dict[str, np.ndarray] = {}
     for label, rule in RULES.items():
@@ -240,7 +256,8 @@ def _attention_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.n
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each head's attention role, the roles behind it, and its margin.
 
-    1. The attention roles that hold, fallback roles (``bos``, ``diffuse``) aside: exactly one
+    1. The attention roles that hold, fallback roles (``bos``, ``diffuse``) and roles another
+       holding role subsumes (:data:`~headclass.taxonomy.rules.SUBSUMES`) aside: exactly one
        is the role; two or more make the head ``mixed``.
     2. Else a fallback role that holds (the larger margin if both).
     3. Else, when the two largest classes of the attention budget each take at least
@@ -258,9 +275,12 @@ def _attention_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.n
     marg = np.stack([np.nan_to_num(margins[label], nan=-1.0) for label in order])
     fallback = np.array([label in FALLBACK_LABELS for label in order])[:, None, None]
     specific = held & ~fallback
+    for label, loose in SUBSUMES.items():  # a precise role holding: its looser descriptions do not count
+        for other in loose:
+            specific[order.index(other)] &= ~held[order.index(label)]
     n_specific = specific.sum(0)
-    classes = list(BUDGET_ROLE)
-    shares = np.stack([np.nan_to_num(grids[f"share_{c}"], nan=0.0) for c in classes])  # [class, L, H]
+    classes = [c for c in BUDGET_ROLE if c != "first"]  # parking on the first token is not a kind
+    shares = np.stack([np.nan_to_num(grids[f"free_{c}"], nan=0.0) for c in classes])  # [class, L, H]
     top2 = np.argsort(-shares, axis=0, kind="stable")[:2]
     first, second = np.take_along_axis(shares, top2, axis=0)
     budget_mix = ((first >= t["mixed_min_share"]) & (second >= t["mixed_min_share"])
@@ -487,6 +507,11 @@ def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
         for suffix in ("", "_se"):
             text, rep = grids.get(text_key + suffix, nan), grids.get(rep_key + suffix, nan)
             grids[name + suffix] = np.where(np.isnan(text), rep, text)
+    grids["free_attention"] = 1.0 - grids["share_first"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name, cls in FREE_SHARES.items():
+            for suffix in ("", "_se"):
+                grids[name + suffix] = grids[f"share_{cls}{suffix}"] / grids["free_attention"]
     return grids
 
 

@@ -13,6 +13,11 @@ never imported by it at module level.
 ``n_params``, ``backend``, ``architecture``, ``config`` (the whole config as a JSON-able dict),
 ``probe_seed``, ``versions`` (headclass, torch, transformer_lens, transformers, pandas),
 ``date`` (ISO 8601, UTC), ``ablation`` (bool).
+
+``evidence`` (from ``classify(..., evidence=True)``, the default) is what the head cards show
+beyond the table: a plain JSON-able document (:func:`headclass.scores.examples.head_evidence`:
+attention examples, OV effects, composition partners, a pattern sample), token strings
+included, never the model. JSON and parquet exports keep it; :meth:`HeadTaxonomy.card` reads it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class HeadTaxonomy:
     >>> tax.table.query("is_induction")            # every induction head
     >>> tax.summary()                              # one row per label
     >>> tax.head(5, 1)["primary_label"]
+    >>> tax.card(5, 1)                             # the evidence behind its roles (Jupyter, HTML)
     >>> tax.to_json("smollm2.json"); headclass.read_json("smollm2.json")
     """
 

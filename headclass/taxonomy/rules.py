@@ -47,6 +47,7 @@ __all__ = [
     "OUTPUT_ROLES",
     "MIXED",
     "BUDGET_ROLE",
+    "SUBSUMES",
     "CORE_LABELS",
     "UNCLASSIFIED",
     "PRIORITY",
@@ -215,6 +216,18 @@ PRIORITY: tuple[str, ...] = (
 #: Labels that describe where a head parks attention rather than a mechanism: they are a
 #: head's primary label (and attention role) only when it has no other.
 FALLBACK_LABELS: tuple[str, ...] = ("bos", "diffuse")
+
+#: Roles that describe the same attention more precisely than another: when the left role holds,
+#: the roles on the right do not count towards ``mixed`` (they stay listed in
+#: ``attention_roles``). An induction or duplicate-token head's text attention *is* decided by
+#: the tokens present, as is a delimiter head's; a previous-token head's window is local.
+SUBSUMES: dict[str, tuple[str, ...]] = {
+    "induction": ("content",),
+    "duplicate-token": ("content",),
+    "delimiter": ("content",),
+    "previous-token": ("local",),
+    "fixed-offset": ("local",),
+}
 
 #: Which budget class stands for which attention role (:data:`headclass.scores.patterns.BUDGET_CLASSES`),
 #: for heads whose attention two classes share (``mixed``).

@@ -16,14 +16,13 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from fake_scores import random_taxonomy
+from planted import planted_attention_model, planted_roles_model
 
 import headclass
 from headclass.errors import HeadclassError
-from headclass.report.cards import CARD_CSS, HeadCard, explain, explain_page, parse_head
+from headclass.report.cards import CARD_CSS, explain, parse_head
 from headclass.report.export import read_json, read_parquet
-
-from fake_scores import random_taxonomy
-from planted import planted_attention_model, planted_roles_model
 
 FAST = {"probes": {"repeated": {"n_sequences": 6, "segment_length": 24}, "text": {"n_sequences": 4, "max_tokens": 48}},
         "weights": {"copy_sample_size": 200}, "uncertainty": {"bootstrap": 20}}
@@ -107,7 +106,7 @@ def test_card_shows_roles_scores_budget_partners_and_pattern(attention):
     assert 'class="hc-bar"' in page                                   # the budget as one bar
     for score in ("induction", "previous_token", "copy_eigen"):
         assert f"<td>{score}</td>" in page
-    assert re.search(r"<td>induction</td><td class=\"hc-num\">[\d.]+</td><td class=\"hc-num\">[\d.]+</td>", page)
+    assert re.search(r"<td>induction</td><td>[\d.]+</td><td>[\d.]+</td>", page)   # score and SE
     la, ha = roles["previous_token"]
     assert card.evidence["composition"]["k"][0][:2] == [la, ha]
     assert f"L{la}H{ha}" in text and "K-composition" in text
@@ -208,3 +207,37 @@ def test_smollm2_top_induction_head_k_composes_with_a_previous_token_head(smollm
     roles = {(int(r.layer), int(r.head)): r for r in table.itertuples()}
     previous = [p for p in partners if roles[p].is_previous_token or roles[p].attention_role == "previous-token"]
     assert previous, [(p, roles[p].attention_role, roles[p].previous_token) for p in partners]
+
+
+def test_cli_explain_writes_one_page(tmp_path, capsys):
+    from planted import ROLES_LAYOUT, ROLES_OV_LAYOUT, build_planted_gpt2, save_planted_tokenizer
+
+    from headclass.cli import main
+
+    folder = tmp_path / "planted-roles"
+    hf_model, _ = build_planted_gpt2(ROLES_LAYOUT, ov_layout=ROLES_OV_LAYOUT)
+    hf_model.save_pretrained(folder)
+    save_planted_tokenizer(folder)
+    out = tmp_path / "L1H3.html"
+    assert main(["explain", str(folder), "1.3", "--prompt", "the of and a the of and a", "--out", str(out),
+                 "--config", str(_fast_config(tmp_path)), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "L1H3 of" in printed and "output copy" in printed and "attending to 'the' raises 'the'" in printed
+    page = out.read_text(encoding="utf-8")
+    assert 'id="head-L1H3"' in page and 'id="live-pattern"' in page
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["L1H3.html", "fast.yaml"]
+    # errors: one line, nothing written
+    for argv, message in ((["9.3"], "layer must be in [0, 1]"), (["1:3"], "LAYER.HEAD"),
+                          (["1.3", "--out", str(tmp_path / "x.txt")], "must be an .html file")):
+        assert main(["explain", str(folder), *argv, "-q"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("headclass: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "x.txt").exists()
+
+
+def _fast_config(tmp_path):
+    import yaml
+
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(FAST))
+    return path

@@ -6,7 +6,7 @@ layer, which is what a real click delivers) and three rows of the full head tabl
 (``element.click()``), records after each click which card is visible and how many examples it
 shows, and writes the record into the DOM; ``--dump-dom`` hands it back (the screenshot of a
 real card is in ``test_cards.py``). A 28 x 12 random taxonomy with fake evidence checks the size
-(< 20 MB) and the load time (< 3 s) of a 336-head report.
+(< 20 MB) of a 336-head report, and prints its load time (recorded in benchmarks/RESULTS.md).
 
 Without chromium the tests skip with the install step (fail with ``HEADCLASS_REQUIRE_CHROMIUM=1``).
 """
@@ -19,14 +19,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from fake_scores import random_taxonomy
+from test_html import browser
 
 from headclass.report.html import CARDS_DIV_ID, write_html_report
 from headclass.scores.examples import EVIDENCE_VERSION, head_key
 from headclass.taxonomy import HeadTaxonomy
-
-from fake_scores import random_taxonomy
-from test_html import browser
 
 CLICKED = [(0, 1), (2, 3), (5, 0)]       # grid cells of the 6 x 4 taxonomy
 ROWS = [(1, 2), (3, 0), (4, 3)]          # table rows
@@ -82,8 +80,10 @@ _CLICK_SCRIPT = """
 (function () {
   function visible() {
     var open = Array.from(document.querySelectorAll("#%(cards)s .hc-card")).filter(function (c) { return !c.hidden; });
-    return open.map(function (c) { return {id: c.id, examples: c.querySelectorAll("tr.hc-example").length,
-                                          display: getComputedStyle(c).display}; });
+    return open.map(function (c) { var first = c.querySelector("tr.hc-example td");
+                                   return {id: c.id, examples: c.querySelectorAll("tr.hc-example").length,
+                                           first: first ? first.textContent : "",
+                                           display: getComputedStyle(c).display}; });
   }
   function clickCell(gd, layer, head) {
     var fl = gd._fullLayout, xa = fl.xaxis, ya = fl.yaxis;
@@ -133,29 +133,56 @@ def run_chromium(args: list[str], profile: Path, timeout: int = 120) -> subproce
     return done
 
 
-def test_clicks_on_grid_cells_and_table_rows_open_the_matching_card(tmp_path):
-    tax = with_evidence(6, 4, seed=3)
+def check_clicks(tax: HeadTaxonomy, cells, rows, tmp_path: Path) -> list:
+    """Click ``cells`` of the grid and ``rows`` of the table in Chromium; check each opens its card."""
     page = write_html_report(tax, tmp_path / "report.html")
     text = page.read_text(encoding="utf-8")
-    script = _CLICK_SCRIPT % {"cards": CARDS_DIV_ID, "cells": json.dumps(CLICKED), "rows": json.dumps(ROWS)}
+    script = _CLICK_SCRIPT % {"cards": CARDS_DIV_ID, "cells": json.dumps(cells), "rows": json.dumps(rows)}
     clicked = tmp_path / "clicked.html"
     clicked.write_text(text.replace("</body>", script + "</body>"), encoding="utf-8")
     dom = run_chromium(["--window-size=1280,2000", "--virtual-time-budget=10000", "--dump-dom",
                         clicked.resolve().as_uri()], tmp_path / "profile").stdout
     found = re.search(r'<pre id="click-results">(.*?)</pre>', dom, flags=re.S)
     assert found, "the click script did not finish"
-    log = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    log = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
+                     .replace("&gt;", ">"))
     print(json.dumps(log, indent=1))
+    assert [e["via"] for e in log[:-1]] == ["grid"] * len(cells) + ["row"] * len(rows)
     for entry in log[:-1]:
         layer, head = entry["want"]
         assert len(entry["open"]) == 1, entry            # exactly one card is open
         card = entry["open"][0]
         assert card["id"] == f"head-L{layer}H{head}", entry
-        assert card["display"] != "none" and card["examples"] == 10, entry   # 5 text + 5 repeated
+        expected = tax.card(layer, head)
+        n_examples = sum(len(v) for v in expected.evidence["examples"].values())
+        assert card["display"] != "none" and card["examples"] == n_examples > 0, entry
+        strongest = expected.examples()[0]                              # that head's own examples
+        assert card["first"].split() == [expected.token(strongest["query_token"]).strip(),
+                                         f"({strongest['query']})", "→",
+                                         expected.token(strongest["key_token"]).strip(),
+                                         f"({strongest['key']})"], entry
+    return log
+
+
+def test_clicks_on_grid_cells_and_table_rows_open_the_matching_card(tmp_path):
+    tax = with_evidence(6, 4, seed=3)
+    log = check_clicks(tax, CLICKED, ROWS, tmp_path)
     search = log[-1]
     induction = tax.table.query("is_induction")
     assert sorted(search["found"]) == sorted(f"L{r.layer}H{r.head}" for r in induction.itertuples())
     assert search["byid"] == ["L3H2"]
+
+
+def test_clicks_on_a_classified_planted_report(tmp_path):
+    from planted import planted_roles_model
+
+    import headclass
+
+    model, roles = planted_roles_model(tmp_path)
+    tax = headclass.classify(model, {"probes": {"repeated": {"n_sequences": 4, "segment_length": 16},
+                                                "text": {"n_sequences": 4, "max_tokens": 32}},
+                                     "uncertainty": {"bootstrap": 10}}, progress=False)
+    check_clicks(tax, [list(roles["copy"]), [0, 1], [1, 0]], [list(roles["noop"]), [0, 0], [0, 3]], tmp_path)
 
 
 def test_a_336_head_report_is_small_and_opens_fast(tmp_path):
@@ -176,4 +203,6 @@ def test_a_336_head_report_is_small_and_opens_fast(tmp_path):
           f"(chromium start to DOM dump: {wall:.1f} s), {n_cards} cards")
     assert n_cards == 336
     assert size < 20e6
-    assert load_ms < 3000
+    # the load time is printed and recorded in benchmarks/RESULTS.md, never asserted: timing
+    # asserts fail on a loaded machine (tests assert behaviour, benchmarks measure time)
+    assert load_ms > 0

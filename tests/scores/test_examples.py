@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from planted import planted_attention_model, planted_roles_model
 
 from headclass import probes as hp
 from headclass.scores.examples import (
@@ -20,8 +21,6 @@ from headclass.scores.examples import (
     ov_token_effects,
 )
 from headclass.scores.patterns import pattern_measurement
-
-from planted import planted_attention_model, planted_roles_model
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_evidence_document_is_plain_json(planted, repeated_probe):
     model, roles = planted
     doc = head_evidence(model, collect(model, repeated_probe))
     assert json.loads(json.dumps(doc)) == doc
-    assert set(doc["heads"]) == {head_key(l, h) for l in range(model.n_layers) for h in range(model.n_heads)}
+    assert set(doc["heads"]) == {head_key(la, h) for la in range(model.n_layers) for h in range(model.n_heads)}
     assert doc["composition"] == {"computed": True, "reason": ""}
     pattern = doc["heads"][head_key(*roles["previous_token"])]["pattern"]
     assert len(pattern) == 16 and [len(r) for r in pattern] == list(range(1, 17))
@@ -130,3 +129,18 @@ def test_evidence_document_is_plain_json(planted, repeated_probe):
     off = head_evidence(model, collect(model, repeated_probe), composition=False)
     assert off["composition"]["computed"] is False and "not computed" in off["composition"]["reason"]
     assert all(h["composition"] is None for h in off["heads"].values())
+
+
+def test_composition_is_skipped_honestly_when_too_costly(planted, repeated_probe, monkeypatch):
+    from headclass.report.cards import HeadCard
+    from headclass.scores import examples
+
+    model, roles = planted
+    monkeypatch.setattr(examples, "COMPOSITION_MAX_FLOPS", 1.0)
+    doc = head_evidence(model, collect(model, repeated_probe))
+    assert doc["composition"]["computed"] is False
+    assert "not computed" in doc["composition"]["reason"] and "COMPOSITION_MAX_FLOPS" in doc["composition"]["reason"]
+    layer, head = roles["induction"]
+    row = {"layer": layer, "head": head, "attention_role": "induction", "output_role": "no-op"}
+    card = HeadCard(row, doc["heads"][head_key(layer, head)], document=doc)
+    assert "not computed" in card.to_html()

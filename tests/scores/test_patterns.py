@@ -517,8 +517,13 @@ def test_budget_matches_naive_loops(window, text):
     feeds = probes.TEXT_SCORES | {"budget"} if text else None
     probe = probes.from_tokens(model, tokens, has_bos=True, name="text" if text else "rep", scores=feeds)
     prefix = "budget" if text else "budget_rep"
-    ours = pattern_scores(model, probe, scores=[prefix], batch_size=3, progress=False,
-                          config={"patterns": {"local_window": window}})
+    # alone, and with the scores whose entries it then reuses (BOS, self, offsets)
+    alone, shared = (pattern_scores(model, probe, scores=names, batch_size=3, progress=False,
+                                    config={"patterns": {"local_window": window}})
+                     for names in ([prefix], [prefix, "bos", "current_token", "fixed_offset"]))
+    for key, value in alone.items():
+        torch.testing.assert_close(shared[key], value, equal_nan=True, msg=key)
+    ours = shared
     sums, counts, base = naive_budget(model.patterns, probe, FAKE_DELIMITERS, window)
     share = sums.sum(0) / counts.sum()
     rate = base.sum(0) / counts.sum()
@@ -599,6 +604,19 @@ def test_planted_local_delimiter_and_content_heads(roles_planted):
     assert scores["budget_lift_delimiter"][content] < 0.1   # it never looks at a delimiter
     for role in ("previous_token", "local", "transform", "successor", "noop", "copy"):
         assert scores["budget_lift_delimiter"][roles[role]] < 1.5, role
+
+
+def test_positional_consistency_matches_pairwise_loops():
+    model, tokens = budget_model(batch=5, pos=15, seed=6)
+    probe = probes.from_tokens(model, tokens)
+    ours = pattern_scores(model, probe, scores=["positional_consistency_rep"], batch_size=2, progress=False)
+    rows = list(range(2, 15, 4))                                   # queries 2, 6, 10, 14; keys >= 1
+    for layer, pattern in enumerate(model.patterns):
+        window = pattern[:, :, rows, 1:].double()                  # [seq, head, query, key]
+        cross = sum((window[b] * window[c]).sum((-2, -1)) for b in range(5) for c in range(5) if b != c)
+        own = sum((window[b] * window[b]).sum((-2, -1)) for b in range(5))
+        torch.testing.assert_close(ours["positional_consistency_rep"][layer].double(), cross / (4 * own),
+                                   atol=1e-6, rtol=1e-5)
 
 
 def test_positional_consistency_separates_position_from_content(roles_planted, planted):
