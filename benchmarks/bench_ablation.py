@@ -34,12 +34,12 @@ import torch
 
 import headclass
 from headclass import probes
-from headclass.testing import ablation_dloss_reference
 from headclass.scores.ablation import (
     ablation_dloss,
     induction_targets,
     rank_correlation,
 )
+from headclass.testing import ablation_dloss_reference
 
 
 def _load() -> str:
@@ -54,12 +54,20 @@ def main() -> None:
     parser.add_argument("--method", choices=["mean", "zero"], default="mean")
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence, BOS excluded")
-    parser.add_argument("--reference-heads", type=int, default=6,
-                        help="heads timed with the one-head-per-forward reference (extrapolated)")
+    parser.add_argument(
+        "--reference-heads",
+        type=int,
+        default=6,
+        help="heads timed with the one-head-per-forward reference (extrapolated)",
+    )
     parser.add_argument("--skip-exact", action="store_true", help="only attribution and reference")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's choice). On a machine shared "
-                             "with other busy processes, 1 thread is several times faster than 2")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's choice). On a machine shared "
+        "with other busy processes, 1 thread is several times faster than 2",
+    )
     parser.add_argument("--json", default=None, help="write the measurements here")
     args = parser.parse_args()
     if args.threads:
@@ -76,12 +84,21 @@ def main() -> None:
         probe = probes.text(model, max_tokens=args.tokens + 1, n_sequences=args.sequences)
         targets = None
     tokens = probe.tokens
-    print(f"{model!r} on {model.backend}; probe {args.probe} {tuple(tokens.shape)}, method {args.method}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"load {load_s:.1f}s; {_load()}", flush=True)
-    result = {"model": model.name, "backend": model.backend, "probe": args.probe,
-              "tokens": list(tokens.shape), "method": args.method, "n_heads": n_heads,
-              "threads": torch.get_num_threads()}
+    print(
+        f"{model!r} on {model.backend}; probe {args.probe} {tuple(tokens.shape)}, method {args.method}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"load {load_s:.1f}s; {_load()}",
+        flush=True,
+    )
+    result = {
+        "model": model.name,
+        "backend": model.backend,
+        "probe": args.probe,
+        "tokens": list(tokens.shape),
+        "method": args.method,
+        "n_heads": n_heads,
+        "threads": torch.get_num_threads(),
+    }
 
     # Attribution first: it is quick, and a warm-up of the same code paths.
     t0 = time.perf_counter()
@@ -97,10 +114,12 @@ def main() -> None:
     ref_s = time.perf_counter() - t0
     # The reference also runs one clean pass; per head it is one full forward.
     per_head = ref_s / (len(subset) + 1)
-    result.update(reference_heads=len(subset), reference_s=ref_s,
-                  reference_extrapolated_s=per_head * (n_heads + 1))
-    print(f"reference, {len(subset)} heads: {ref_s:.1f}s -> extrapolated to {n_heads} heads: "
-          f"{result['reference_extrapolated_s']:.0f}s ({_load()})", flush=True)
+    result.update(reference_heads=len(subset), reference_s=ref_s, reference_extrapolated_s=per_head * (n_heads + 1))
+    print(
+        f"reference, {len(subset)} heads: {ref_s:.1f}s -> extrapolated to {n_heads} heads: "
+        f"{result['reference_extrapolated_s']:.0f}s ({_load()})",
+        flush=True,
+    )
 
     if not args.skip_exact:
         t0 = time.perf_counter()
@@ -111,18 +130,28 @@ def main() -> None:
             exact_vs_reference_max_abs_diff=agree,
             speedup_vs_reference=result["reference_extrapolated_s"] / result["exact_s"],
             spearman_attribution_vs_exact=rank_correlation(exact, approx),
-            exact_top5=[[*divmod(int(i), model.n_heads), float(exact.flatten()[i])]
-                        for i in torch.argsort(exact.flatten(), descending=True)[:5]],
-            attribution_top5=[[*divmod(int(i), model.n_heads), float(approx.flatten()[i])]
-                              for i in torch.argsort(approx.flatten(), descending=True)[:5]],
+            exact_top5=[
+                [*divmod(int(i), model.n_heads), float(exact.flatten()[i])]
+                for i in torch.argsort(exact.flatten(), descending=True)[:5]
+            ],
+            attribution_top5=[
+                [*divmod(int(i), model.n_heads), float(approx.flatten()[i])]
+                for i in torch.argsort(approx.flatten(), descending=True)[:5]
+            ],
         )
         top = set(map(tuple, (h[:2] for h in result["exact_top5"])))
         result["top5_overlap"] = len(top & set(map(tuple, (h[:2] for h in result["attribution_top5"]))))
-        print(f"exact, {n_heads} heads: {result['exact_s']:.1f}s ({_load()}); "
-              f"speed-up over reference (extrapolated) x{result['speedup_vs_reference']:.1f}; "
-              f"max |exact - reference| on the subset {agree:.1e}", flush=True)
-        print(f"Spearman(attribution, exact) = {result['spearman_attribution_vs_exact']:.3f}; "
-              f"top-5 overlap {result['top5_overlap']}/5", flush=True)
+        print(
+            f"exact, {n_heads} heads: {result['exact_s']:.1f}s ({_load()}); "
+            f"speed-up over reference (extrapolated) x{result['speedup_vs_reference']:.1f}; "
+            f"max |exact - reference| on the subset {agree:.1e}",
+            flush=True,
+        )
+        print(
+            f"Spearman(attribution, exact) = {result['spearman_attribution_vs_exact']:.3f}; "
+            f"top-5 overlap {result['top5_overlap']}/5",
+            flush=True,
+        )
         print("exact top 5 (layer, head, dloss):", result["exact_top5"])
         print("attribution top 5:", result["attribution_top5"])
     result["load_avg_end"] = os.getloadavg()

@@ -76,8 +76,9 @@ def make_probe(model, n_sequences: int, n_positions: int, seed: int = 0):
     probe = probes.repeated(model, n_sequences, segment, n_repeats=3, seed=seed)
     if probe.n_positions < n_positions:  # pad with a 4th partial copy to reach the exact length
         probe = probes.repeated(model, n_sequences, segment, n_repeats=4, seed=seed)
-    return probes.from_tokens(model, probe.tokens[:, :n_positions], name="bench",
-                              scores=frozenset(PATTERN_SCORES))  # feeds every score, text and _rep
+    return probes.from_tokens(
+        model, probe.tokens[:, :n_positions], name="bench", scores=frozenset(PATTERN_SCORES)
+    )  # feeds every score, text and _rep
 
 
 def detect_cached(model, tokens):
@@ -85,12 +86,15 @@ def detect_cached(model, tokens):
     from transformer_lens.head_detector import detect_head
 
     stand_in = FixedTokens(model.tl_model, tokens)
-    names = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
-             "induction": "induction_head"}
+    names = {
+        "previous_token": "previous_token_head",
+        "duplicate_token": "duplicate_token_head",
+        "induction": "induction_head",
+    }
     totals = {name: 0.0 for name in HEAD_TYPES}
     with torch.no_grad():
         for i in range(tokens.shape[0]):
-            _, cache = model.tl_model.run_with_cache(tokens[i:i + 1], remove_batch_dim=True)
+            _, cache = model.tl_model.run_with_cache(tokens[i : i + 1], remove_batch_dim=True)
             for name in HEAD_TYPES:
                 totals[name] = totals[name] + detect_head(stand_in, str(i), names[name], cache=cache)
             del cache
@@ -134,8 +138,7 @@ def captured_pattern(model, probe, layer: int = 10):
     return kept["pattern"]
 
 
-def variants(model, probe, with_cached: bool, with_detect: bool = True, with_core: bool = False,
-             replay=None):
+def variants(model, probe, with_cached: bool, with_detect: bool = True, with_core: bool = False, replay=None):
     tokens = probe.tokens
     out = {
         "bare": lambda: bare_forward(model, tokens),
@@ -174,24 +177,46 @@ def child(args) -> None:
     variants(model, probe, True, args.child.startswith("detect"), args.child == "core")[args.child]()
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM")
-    print(json.dumps({"variant": args.child, "rss_before_mib": before / 1024,
-                      "peak_mib": peak / 1024, "peak_above_mib": (peak - before) / 1024,
-                      "seconds": seconds}))
+    print(
+        json.dumps(
+            {
+                "variant": args.child,
+                "rss_before_mib": before / 1024,
+                "peak_mib": peak / 1024,
+                "peak_above_mib": (peak - before) / 1024,
+                "seconds": seconds,
+            }
+        )
+    )
 
 
 def measure_memory(args) -> dict:
     results = {}
     for name in ("bare", "scores") + (() if args.no_detect else ("detect",)):
-        cmd = [sys.executable, __file__, "--child", name, "--model", args.model,
-               "--n-sequences", str(args.n_sequences), "--n-positions", str(args.n_positions),
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--model",
+            args.model,
+            "--n-sequences",
+            str(args.n_sequences),
+            "--n-positions",
+            str(args.n_positions),
+            "--threads",
+            str(args.threads),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
             raise RuntimeError(f"memory child {name} failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(lines[-1])
-        print(f"  memory {name:7s}: peak {results[name]['peak_above_mib']:8.1f} MiB above "
-              f"{results[name]['rss_before_mib']:.0f} MiB", flush=True)
+        print(
+            f"  memory {name:7s}: peak {results[name]['peak_above_mib']:8.1f} MiB above "
+            f"{results[name]['rss_before_mib']:.0f} MiB",
+            flush=True,
+        )
     return results
 
 
@@ -201,8 +226,9 @@ def main() -> None:
     parser.add_argument("--n-sequences", type=int, default=16)
     parser.add_argument("--n-positions", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--detect-repeats", type=int, default=None,
-                        help="repeats of the slow detect variants (default: --repeats)")
+    parser.add_argument(
+        "--detect-repeats", type=int, default=None, help="repeats of the slow detect variants (default: --repeats)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--detect-cached", action="store_true", help="also time (c') detect_cached")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
@@ -220,9 +246,12 @@ def main() -> None:
     probe = make_probe(model, args.n_sequences, args.n_positions)
     B, P, H = probe.n_sequences, probe.n_positions, model.n_heads
     layer_pattern_mib = B * H * P * P * 4 / 2**20
-    print(f"model {model.name}: {model.n_layers} layers x {H} heads; batch {B} x {P} tokens; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"model {model.name}: {model.n_layers} layers x {H} heads; batch {B} x {P} tokens; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     detect = not args.no_detect
     small_probe = make_probe(model, 2, 32)
@@ -236,15 +265,18 @@ def main() -> None:
     names = list(runs)
     detect_repeats = args.repeats if args.detect_repeats is None else args.detect_repeats
     for repeat in range(args.repeats):
-        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             if name.startswith("detect") and repeat >= detect_repeats:
                 continue
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
-            print(f"  repeat {repeat + 1}/{args.repeats} {name:13s} {times[name][-1]:8.2f} s "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"  repeat {repeat + 1}/{args.repeats} {name:13s} {times[name][-1]:8.2f} s "
+                f"(load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
 
     measured = full_pass(model, probe)
     start = time.perf_counter()
@@ -259,8 +291,7 @@ def main() -> None:
     best = {name: min(values) for name, values in times.items()}
     print(f"\n{'variant':14s} {'median s':>9s} {'min s':>9s}   all")
     for name in names:
-        print(f"{name:14s} {median[name]:9.2f} {best[name]:9.2f}   "
-              + " ".join(f"{t:.2f}" for t in times[name]))
+        print(f"{name:14s} {median[name]:9.2f} {best[name]:9.2f}   " + " ".join(f"{t:.2f}" for t in times[name]))
     ratios = {"scores/bare": median["scores"] / median["bare"]}
     for name in ("core", "hooks", "hooks_core"):
         if name in median:
@@ -279,14 +310,29 @@ def main() -> None:
     memory = {} if args.no_memory else measure_memory(args)
     if memory:
         bound = memory["bare"]["peak_above_mib"] + layer_pattern_mib
-        print(f"memory: scores peak {memory['scores']['peak_above_mib']:.1f} MiB <= bare peak "
-              f"{memory['bare']['peak_above_mib']:.1f} + one layer's pattern {layer_pattern_mib:.1f} "
-              f"= {bound:.1f} MiB: {memory['scores']['peak_above_mib'] <= bound}")
-    print(json.dumps({"model": model.name, "batch": B, "positions": P, "threads": torch.get_num_threads(),
-                      "cpus": os.cpu_count(), "machine": platform.machine(), "times_s": times,
-                      "median_s": median, "ratios": ratios, "layer_pattern_mib": layer_pattern_mib,
-                      "bootstrap_200_s": bootstrap_s,
-                      "memory": memory}))
+        print(
+            f"memory: scores peak {memory['scores']['peak_above_mib']:.1f} MiB <= bare peak "
+            f"{memory['bare']['peak_above_mib']:.1f} + one layer's pattern {layer_pattern_mib:.1f} "
+            f"= {bound:.1f} MiB: {memory['scores']['peak_above_mib'] <= bound}"
+        )
+    print(
+        json.dumps(
+            {
+                "model": model.name,
+                "batch": B,
+                "positions": P,
+                "threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "machine": platform.machine(),
+                "times_s": times,
+                "median_s": median,
+                "ratios": ratios,
+                "layer_pattern_mib": layer_pattern_mib,
+                "bootstrap_200_s": bootstrap_s,
+                "memory": memory,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,12 @@ def toy_sources(n_models: int) -> list[dict]:
 
 
 def spec_for(models: list[dict], sequences: int, num_cpus: int) -> dict:
-    config = {"probes": {"repeated": {"segment_length": 60, "n_sequences": sequences},
-                         "text": {"max_tokens": 128, "n_sequences": sequences}}}
+    config = {
+        "probes": {
+            "repeated": {"segment_length": 60, "n_sequences": sequences},
+            "text": {"max_tokens": 128, "n_sequences": sequences},
+        }
+    }
     return {"models": models, "config": config, "num_cpus": num_cpus}
 
 
@@ -95,8 +99,11 @@ def main() -> None:
     timed(spec_for(models[:1], args.sequences, 1), "local")  # warm the imports of this process
 
     rows = []
-    variants = [("local, 1 thread", one, "local"), ("local, 2 threads", two, "local"),
-                ("ray, cold (starts Ray)", one, "ray")]
+    variants = [
+        ("local, 1 thread", one, "local"),
+        ("local, 2 threads", two, "local"),
+        ("ray, cold (starts Ray)", one, "ray"),
+    ]
     if args.skip_two_threads:
         variants.pop(1)
     for label, spec, executor in variants:
@@ -113,8 +120,10 @@ def main() -> None:
 
     base = statistics.median(rows[0][1])
     work = rows[0][2].models["seconds"].sum()
-    print(f"\n{args.models} toy models, {args.sequences} probe sequences; model work (local, 1 thread) "
-          f"{work:.1f} s in all")
+    print(
+        f"\n{args.models} toy models, {args.sequences} probe sequences; model work (local, 1 thread) "
+        f"{work:.1f} s in all"
+    )
     print(f"{'run':<24} {'wall s (median)':>15} {'speed-up':>9}  peak RSS per process (MiB)")
     for label, seconds, result in rows:
         median = statistics.median(seconds)

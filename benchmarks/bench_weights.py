@@ -84,8 +84,15 @@ def build_model(args):
     folder = tempfile.mkdtemp(prefix="bench-weights-")
     try:
         torch.manual_seed(0)
-        config = GPT2Config(n_layer=args.layers, n_head=args.heads, n_embd=args.d_model,
-                            vocab_size=args.vocab, n_positions=args.n_ctx, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            n_layer=args.layers,
+            n_head=args.heads,
+            n_embd=args.d_model,
+            vocab_size=args.vocab,
+            n_positions=args.n_ctx,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         hf = GPT2LMHeadModel(config)
         hf.save_pretrained(folder)
         del hf
@@ -112,20 +119,39 @@ def build_weights_only(args) -> SimpleNamespace:
 
     W_E = rand(V, d)
     return SimpleNamespace(
-        name=f"random weights {L}x{H} d{d}", n_layers=L, n_heads=H, d_model=d, d_head=r, d_vocab=V,
-        tokenizer=None, special_token_ids=lambda: {0},
-        W_Q=rand(L, H, d, r), W_K=rand(L, H, d, r), W_V=rand(L, H, d, r), W_O=rand(L, H, r, d),
-        W_E=W_E, W_U=W_E.T.contiguous(), W_pos=rand(args.n_ctx, d),
+        name=f"random weights {L}x{H} d{d}",
+        n_layers=L,
+        n_heads=H,
+        d_model=d,
+        d_head=r,
+        d_vocab=V,
+        tokenizer=None,
+        special_token_ids=lambda: {0},
+        W_Q=rand(L, H, d, r),
+        W_K=rand(L, H, d, r),
+        W_V=rand(L, H, d, r),
+        W_O=rand(L, H, r, d),
+        W_E=W_E,
+        W_U=W_E.T.contiguous(),
+        W_pos=rand(args.n_ctx, d),
     )
 
 
 def first_layers(model, n_layers: int) -> SimpleNamespace:
     """A view of the model's first layers (the top-k scores read only these attributes)."""
     return SimpleNamespace(
-        name=model.name, n_layers=n_layers, n_heads=model.n_heads, d_model=model.d_model,
-        d_head=model.d_head, d_vocab=model.d_vocab, tokenizer=None,
+        name=model.name,
+        n_layers=n_layers,
+        n_heads=model.n_heads,
+        d_model=model.d_model,
+        d_head=model.d_head,
+        d_vocab=model.d_vocab,
+        tokenizer=None,
         special_token_ids=model.special_token_ids,
-        W_V=model.W_V[:n_layers], W_O=model.W_O[:n_layers], W_E=model.W_E, W_U=model.W_U,
+        W_V=model.W_V[:n_layers],
+        W_O=model.W_O[:n_layers],
+        W_E=model.W_E,
+        W_U=model.W_U,
     )
 
 
@@ -140,8 +166,11 @@ def main(argv=None) -> int:
     parser.add_argument("--topk-sample", type=int, default=2000)
     parser.add_argument("--skip-composition", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="random processed weights without a TransformerLens model (less memory)")
+    parser.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="random processed weights without a TransformerLens model (less memory)",
+    )
     args = parser.parse_args(argv)
 
     from headclass.scores.composition import composition_scores
@@ -155,8 +184,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     t0 = time.perf_counter()
     if args.weights_only:
         model = build_weights_only(args)
@@ -164,15 +195,21 @@ def main(argv=None) -> int:
     else:
         model = build_model(args)
         n_weights = sum(p.numel() * p.element_size() for p in model.tl_model.parameters())
-    print(f"model: {model.name!r}: {model.n_layers} layers x {model.n_heads} heads, d_model {model.d_model}, "
-          f"d_head {model.d_head}, vocab {model.d_vocab}")
-    print(f"built and loaded in {time.perf_counter() - t0:.1f} s (not counted); "
-          f"weights {gib(n_weights)}; RSS after loading {gib(rss_bytes())}")
-
+    print(
+        f"model: {model.name!r}: {model.n_layers} layers x {model.n_heads} heads, d_model {model.d_model}, "
+        f"d_head {model.d_head}, vocab {model.d_vocab}"
+    )
+    print(
+        f"built and loaded in {time.perf_counter() - t0:.1f} s (not counted); "
+        f"weights {gib(n_weights)}; RSS after loading {gib(rss_bytes())}"
+    )
 
     def report(name, probe, extra=""):
-        print(f"{name:<16} {probe.seconds:8.1f} s   RSS {gib(probe.start)} -> peak {gib(probe.peak)} "
-              f"({probe.peak / n_weights:.2f}x weights) {extra}", flush=True)
+        print(
+            f"{name:<16} {probe.seconds:8.1f} s   RSS {gib(probe.start)} -> peak {gib(probe.peak)} "
+            f"({probe.peak / n_weights:.2f}x weights) {extra}",
+            flush=True,
+        )
 
     with PeakRSS() as probe:
         for key in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U", "W_pos"):
@@ -186,19 +223,25 @@ def main(argv=None) -> int:
         t_svd = time.perf_counter() - probe.t0 - t_eig
         positional = positional_prev_token_score(model)
         t_pos = time.perf_counter() - probe.t0 - t_eig - t_svd
-    report("per-head scores", probe,
-           f"[eigen {t_eig:.1f} s, svd {t_svd:.1f} s, positional {t_pos:.1f} s; "
-           f"{len(svd) + 2} keys, all finite: "
-           f"{bool(torch.isfinite(eigen).all() and torch.isfinite(positional).all())}]")
+    report(
+        "per-head scores",
+        probe,
+        f"[eigen {t_eig:.1f} s, svd {t_svd:.1f} s, positional {t_pos:.1f} s; "
+        f"{len(svd) + 2} keys, all finite: "
+        f"{bool(torch.isfinite(eigen).all() and torch.isfinite(positional).all())}]",
+    )
 
     if args.topk_layers > 0:
         n = min(args.topk_layers, model.n_layers)
         with PeakRSS() as probe:
             topk_copy_scores(first_layers(model, n), sample_size=args.topk_sample)
         full = probe.seconds * model.n_layers / n
-        report(f"top-k ({n} layers)", probe,
-               f"[{args.topk_sample} tokens; all {model.n_layers} layers: "
-               f"{'measured' if n == model.n_layers else 'extrapolated'} {full:.0f} s]")
+        report(
+            f"top-k ({n} layers)",
+            probe,
+            f"[{args.topk_sample} tokens; all {model.n_layers} layers: "
+            f"{'measured' if n == model.n_layers else 'extrapolated'} {full:.0f} s]",
+        )
 
     if not args.skip_composition:
         with PeakRSS() as probe:

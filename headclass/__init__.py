@@ -5,7 +5,7 @@ Data flows one way: a source (hub name, folder, GGUF file, model object) -> :cla
 """
 
 import headclass._startup  # noqa: F401  (first: the CLI's Ctrl-C guard during the imports below)
-from headclass._version import __version__
+from headclass._version import __version__ as __version__
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import (
     ConfigError,
@@ -22,10 +22,9 @@ from headclass.errors import (
 from headclass.loading import HeadModel, load_model
 from headclass.report.compare import Comparison, compare
 from headclass.report.export import read_json
-from headclass.taxonomy import HeadTaxonomy, classify
 from headclass.sweep import SweepResult, sweep  # the attribute headclass.sweep is this function
+from headclass.taxonomy import HeadTaxonomy, classify
 from headclass.workflows import compare_models
-
 
 __all__ = [
     "load_model",

@@ -27,8 +27,15 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 from headclass.errors import HeadclassError
 
 __all__ = [
-    "atomic_write", "write_text", "write_bytes", "atomic_folder",
-    "check_output_folder", "FolderPublication", "PublishError", "MANIFEST_NAME", "sigint_pending",
+    "atomic_write",
+    "write_text",
+    "write_bytes",
+    "atomic_folder",
+    "check_output_folder",
+    "FolderPublication",
+    "PublishError",
+    "MANIFEST_NAME",
+    "sigint_pending",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -118,6 +125,7 @@ def atomic_folder(target: PathLike) -> Iterator[Path]:
 
 # -- publishing a set of files all or nothing ------------------------------------------------------
 
+
 class PublishError(HeadclassError, OSError):
     """An output folder cannot be used, or its files could not be published (nothing was changed)."""
 
@@ -138,7 +146,8 @@ def check_output_folder(out: PathLike, option: str = "--out") -> Path:
             raise PublishError(f"{option} {text!r} exists and is not a folder; give a folder (new or existing).")
         if not os.access(path, os.W_OK | os.X_OK):
             raise PublishError(
-                f"{option} folder {text!r} is not writable; choose another folder or fix its permissions.")
+                f"{option} folder {text!r} is not writable; choose another folder or fix its permissions."
+            )
         return path
     parent = _nearest_existing(path)
     if not parent.is_dir():
@@ -146,7 +155,8 @@ def check_output_folder(out: PathLike, option: str = "--out") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PublishError(
             f"{option} {text!r} cannot be created: folder {str(parent)!r} is not writable; "
-            "choose another folder or fix its permissions.")
+            "choose another folder or fix its permissions."
+        )
     return path
 
 
@@ -186,8 +196,9 @@ class FolderPublication:
         try:
             self._root = Path(tempfile.mkdtemp(prefix=".headclass-staging-", dir=base))
         except OSError as exc:
-            raise PublishError(f"cannot stage the outputs in {str(base)!r} ({_reason(exc)}); "
-                               f"nothing in {str(self.out)!r} was changed.") from None
+            raise PublishError(
+                f"cannot stage the outputs in {str(base)!r} ({_reason(exc)}); nothing in {str(self.out)!r} was changed."
+            ) from None
         try:
             (self._root / "new").mkdir()
         except BaseException as exc:  # __exit__ does not run when __enter__ fails
@@ -263,12 +274,15 @@ class FolderPublication:
             target = out / name
             if target.is_symlink() or (target.exists() and not target.is_file()):
                 kind = "a folder" if target.is_dir() else "not a regular file"
-                raise PublishError(f"cannot write {str(target)!r}: it is {kind}; move it away or choose "
-                                   f"another --out. Nothing in {str(out)!r} was changed.")
+                raise PublishError(
+                    f"cannot write {str(target)!r}: it is {kind}; move it away or choose "
+                    f"another --out. Nothing in {str(out)!r} was changed."
+                )
             if target.exists() and name not in self.owned:
                 raise PublishError(
                     f"{str(target)!r} exists and was not written by headclass (not listed in "
-                    f"{MANIFEST_NAME}); move it away or choose another --out. Nothing in {str(out)!r} was changed.")
+                    f"{MANIFEST_NAME}); move it away or choose another --out. Nothing in {str(out)!r} was changed."
+                )
         journal: list[tuple[str, str]] = []
         try:
             os.mkdir(old)
@@ -297,7 +311,8 @@ class FolderPublication:
                 self._keep_staging = True
                 raise PublishError(
                     f"publishing to {str(out)!r} failed ({_reason(exc)}) and restoring "
-                    f"{', '.join(failed)} failed too; the previous files are in {str(old)!r}.") from None
+                    f"{', '.join(failed)} failed too; the previous files are in {str(old)!r}."
+                ) from None
             raise _publish_error(out, exc) from None
         self.removed = [name for step, name in journal if step == "aside" and name in remove]
 
@@ -310,8 +325,9 @@ def _publish_error(out: Path, exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, PublishError):
         return exc
-    return PublishError(f"cannot publish the outputs to {str(out)!r} ({_reason(exc)}); "
-                        f"nothing in {str(out)!r} was changed.")
+    return PublishError(
+        f"cannot publish the outputs to {str(out)!r} ({_reason(exc)}); nothing in {str(out)!r} was changed."
+    )
 
 
 def _reason(exc: BaseException) -> str:

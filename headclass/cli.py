@@ -73,76 +73,129 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="FILE", help="YAML config (only the keys to change)")
         sub.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=out_help)
         sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-        sub.add_argument("--backend", default="auto", choices=("auto", "bridge", "hooked"),
-                         help="TransformerLens backend (default: auto)")
-        sub.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
-                         help="model precision (default: float32)")
-        sub.add_argument("-q", "--quiet", action="store_true",
-                         help="no progress bars or status lines (shown only on a terminal anyway)")
+        sub.add_argument(
+            "--backend",
+            default="auto",
+            choices=("auto", "bridge", "hooked"),
+            help="TransformerLens backend (default: auto)",
+        )
+        sub.add_argument(
+            "--dtype",
+            default="float32",
+            choices=("float32", "float64", "bfloat16", "float16"),
+            help="model precision (default: float32)",
+        )
+        sub.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            help="no progress bars or status lines (shown only on a terminal anyway)",
+        )
 
     classify = commands.add_parser(
-        "classify", help="classify every head of one model and write the table and report",
+        "classify",
+        help="classify every head of one model and write the table and report",
         description="Classify every attention head of MODEL; write the table and the HTML report.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     classify.add_argument("model", metavar="MODEL")
     common(classify, f"output folder (default: {DEFAULT_OUT})")
-    classify.add_argument("--format", default=",".join(DEFAULT_FORMATS), metavar="LIST",
-                          help="comma-separated: csv,json,parquet,markdown,html (default: csv,json,html)")
-    classify.add_argument("--ablation", action="store_true",
-                          help="also measure each head's effect on loss by ablation (slow: minutes; "
-                               "set ablation.mode: attribution in --config for a fast estimate)")
+    classify.add_argument(
+        "--format",
+        default=",".join(DEFAULT_FORMATS),
+        metavar="LIST",
+        help="comma-separated: csv,json,parquet,markdown,html (default: csv,json,html)",
+    )
+    classify.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also measure each head's effect on loss by ablation (slow: minutes; "
+        "set ablation.mode: attribution in --config for a fast estimate)",
+    )
 
     compare = commands.add_parser(
-        "compare", help="classify several models and compare labels by relative depth",
+        "compare",
+        help="classify several models and compare labels by relative depth",
         description="Classify each MODEL in turn (one in memory at a time) and compare their heads.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     compare.add_argument("models", metavar="MODEL", nargs="+")
     common(compare, f"output folder (default: {DEFAULT_OUT})")
     compare.add_argument("--bins", type=int, default=10, help="relative-depth bins (default: 10)")
 
     demo = commands.add_parser(
-        "demo", help=f"classify {DEMO_MODEL} with the defaults and write CSV, JSON and HTML",
+        "demo",
+        help=f"classify {DEMO_MODEL} with the defaults and write CSV, JSON and HTML",
         description=f"Classify {DEMO_MODEL} with the default config; write CSV, JSON and the "
-                    "HTML report, and print a short summary.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "HTML report, and print a short summary.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
     sweep = commands.add_parser(
-        "sweep", help="classify every model of a sweep spec (locally or on Ray), resumably",
+        "sweep",
+        help="classify every model of a sweep spec (locally or on Ray), resumably",
         description="Classify every source listed in SPEC (models and training checkpoints), merge "
-                    "the tables into DIR/sweep.parquet and write DIR/sweep.html. Finished sources are "
-                    "skipped on the next run; a failing source is recorded in DIR/failures.json while "
-                    "the others finish (exit status 1). See headclass.sweep.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "the tables into DIR/sweep.parquet and write DIR/sweep.html. Finished sources are "
+        "skipped on the next run; a failing source is recorded in DIR/failures.json while "
+        "the others finish (exit status 1). See headclass.sweep.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sweep.add_argument("spec", metavar="SPEC.yaml")
     sweep.add_argument("--out", metavar="DIR", required=True, help="output folder (reused parts live in DIR/parts)")
-    sweep.add_argument("--executor", default="local", choices=("local", "ray"),
-                       help="local: one model at a time in this process (default); ray: one task per source")
-    sweep.add_argument("--address", metavar="ADDR", default=None,
-                       help="Ray cluster to join (default: $RAY_ADDRESS; none: a local Ray instance for the run)")
+    sweep.add_argument(
+        "--executor",
+        default="local",
+        choices=("local", "ray"),
+        help="local: one model at a time in this process (default); ray: one task per source",
+    )
+    sweep.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS; none: a local Ray instance for the run)",
+    )
     sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or status lines")
 
     explain = commands.add_parser(
-        "explain", help="one head's card (roles, scores, examples, what it writes) and its live pattern",
+        "explain",
+        help="one head's card (roles, scores, examples, what it writes) and its live pattern",
         description="Classify MODEL, then show head L.H: its card (roles with margins, every score "
-                    "with its SE, the attention budget, its strongest attention examples, the tokens "
-                    "its OV circuit raises and lowers, its composition partners) and its attention "
-                    "pattern on --prompt. With --out, one self-contained HTML file; otherwise a text "
-                    "summary on stdout.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "with its SE, the attention budget, its strongest attention examples, the tokens "
+        "its OV circuit raises and lowers, its composition partners) and its attention "
+        "pattern on --prompt. With --out, one self-contained HTML file; otherwise a text "
+        "summary on stdout.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     explain.add_argument("model", metavar="MODEL")
     explain.add_argument("head", metavar="L.H", help="the head: LAYER.HEAD (e.g. 17.3) or L17H3")
-    explain.add_argument("--prompt", metavar="TEXT", default=None,
-                         help="text to show the head's live attention pattern on (default: a sentence said twice)")
-    explain.add_argument("--out", metavar="FILE.html", default=None,
-                         help="write the card and pattern to this HTML file")
+    explain.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        default=None,
+        help="text to show the head's live attention pattern on (default: a sentence said twice)",
+    )
+    explain.add_argument(
+        "--out", metavar="FILE.html", default=None, help="write the card and pattern to this HTML file"
+    )
     explain.add_argument("--config", metavar="FILE", help="YAML config (only the keys to change)")
     explain.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    explain.add_argument("--backend", default="auto", choices=("auto", "bridge", "hooked"),
-                         help="TransformerLens backend (default: auto)")
-    explain.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
-                         help="model precision (default: float32)")
+    explain.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "bridge", "hooked"),
+        help="TransformerLens backend (default: auto)",
+    )
+    explain.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        help="model precision (default: float32)",
+    )
     explain.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
     return parser
 
@@ -163,8 +216,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         release()  # from here on, Ctrl-C is a KeyboardInterrupt handled below
         args = build_parser().parse_args(argv)
         handlers: dict[str, Callable[[argparse.Namespace, _Run], None]] = {
-            "classify": _classify, "compare": _compare, "demo": _demo, "sweep": _sweep,
-            "explain": _explain}
+            "classify": _classify,
+            "compare": _compare,
+            "demo": _demo,
+            "sweep": _sweep,
+            "explain": _explain,
+        }
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
@@ -182,8 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
-                  line: Optional[str] = None) -> None:
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Optional[str] = None
+) -> None:
     """headclass' own warnings as one line, ``headclass: warning: ...`` (each text once)."""
     import warnings
 
@@ -237,18 +295,26 @@ class _Run:
     def interrupted_message(self) -> str:
         """The one line printed on Ctrl-C: true to what is in --out."""
         if self.phase == "published":
-            return (f"headclass: interrupted after publishing; all {len(self.written)} files were "
-                    f"written to {self.out}/: {', '.join(self.written)}.")
+            return (
+                f"headclass: interrupted after publishing; all {len(self.written)} files were "
+                f"written to {self.out}/: {', '.join(self.written)}."
+            )
         if self.phase == "sweeping":
-            return (f"headclass: interrupted while sweeping; the sources finished so far are kept in "
-                    f"{self.out}/ (run the same command again to resume).")
+            return (
+                f"headclass: interrupted while sweeping; the sources finished so far are kept in "
+                f"{self.out}/ (run the same command again to resume)."
+            )
         where = _PHASES.get(self.phase)
         unchanged = f" ({self.out} is unchanged)" if self.out is not None else ""
         return f"headclass: interrupted{' ' + where if where else ''}; nothing was written{unchanged}."
 
 
-_PHASES = {"loading": "while loading the model", "classifying": "while classifying",
-           "writing": "while writing the outputs", "publishing": "while publishing"}
+_PHASES = {
+    "loading": "while loading the model",
+    "classifying": "while classifying",
+    "writing": "while writing the outputs",
+    "publishing": "while publishing",
+}
 
 
 def _test_pause(phase: str) -> None:
@@ -261,6 +327,7 @@ def _test_pause(phase: str) -> None:
 
 
 # -- commands ------------------------------------------------------------------------------------
+
 
 def _classify(args: argparse.Namespace, run: _Run) -> None:
     formats = _parse_formats(args.format)
@@ -314,8 +381,10 @@ def _demo(args: argparse.Namespace, run: _Run) -> None:
     stem = _unique_stems([taxonomy.model_name])[0]
     files = {stem + _SUFFIX[fmt]: _taxonomy_writer(taxonomy, fmt) for fmt in DEFAULT_FORMATS}
     written = _publish(out, files, _manifest_fields("demo", [DEMO_MODEL], None, taxonomy), run, status)
-    print(f"headclass demo: {taxonomy.model_name}, {taxonomy.n_layers} layers x {taxonomy.n_heads} "
-          f"heads, classified in {time.perf_counter() - started:.0f} s")
+    print(
+        f"headclass demo: {taxonomy.model_name}, {taxonomy.n_layers} layers x {taxonomy.n_heads} "
+        f"heads, classified in {time.perf_counter() - started:.0f} s"
+    )
     _print_files(out, written)
     print()
     print(_summary_text(taxonomy))
@@ -327,12 +396,13 @@ def _sweep(args: argparse.Namespace, run: _Run) -> None:
 
     _check_out(args.out, run)
     run.enter("sweeping")
-    result = sweep(args.spec, out=args.out, executor=args.executor, address=args.address,
-                   progress=not args.quiet)
+    result = sweep(args.spec, out=args.out, executor=args.executor, address=args.address, progress=not args.quiet)
     print(result.summary_line())
     if result.failures:
-        raise _CliError(f"{len(result.failures)} of {len(result.models)} sources failed "
-                        f"({', '.join(f['name'] for f in result.failures)}); see {result.out / 'failures.json'}")
+        raise _CliError(
+            f"{len(result.failures)} of {len(result.models)} sources failed "
+            f"({', '.join(f['name'] for f in result.failures)}); see {result.out / 'failures.json'}"
+        )
 
 
 def _explain(args: argparse.Namespace, run: _Run) -> None:
@@ -340,7 +410,7 @@ def _explain(args: argparse.Namespace, run: _Run) -> None:
     from headclass.atomic import write_text
     from headclass.report.cards import explain, parse_head
 
-    layer, head = parse_head(args.head)        # the form, before any model is loaded
+    layer, head = parse_head(args.head)  # the form, before any model is loaded
     config = _load_config(args.config)
     target = None
     if args.out is not None:
@@ -360,17 +430,21 @@ def _explain(args: argparse.Namespace, run: _Run) -> None:
     if status.quiet:
         _silence_library_progress()
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    parse_head(args.head, model.n_layers, model.n_heads)   # the range, before classifying
+    parse_head(args.head, model.n_layers, model.n_heads)  # the range, before classifying
     run.enter("classifying")
     status.line(f"classifying {model.name} ...")
     result = explain(model, layer, head, prompt=args.prompt, config=config, progress=not status.quiet)
     card = result.card
-    print(f"L{layer}H{head} of {card.model}: attention {card.row['attention_role']} "
-          f"(margin {card.row['attention_margin']:.2f}), output {card.row['output_role']} "
-          f"(margin {card.row['output_margin']:.2f}), confidence {card.row['confidence']:.2f}")
+    print(
+        f"L{layer}H{head} of {card.model}: attention {card.row['attention_role']} "
+        f"(margin {card.row['attention_margin']:.2f}), output {card.row['output_role']} "
+        f"(margin {card.row['output_margin']:.2f}), confidence {card.row['confidence']:.2f}"
+    )
     for ex in card.examples()[:5]:
-        print(f"  {card.token(ex['query_token'])!r} ({ex['query']}) -> {card.token(ex['key_token'])!r} "
-              f"({ex['key']}): {ex['weight']:.3f}, offset {ex['offset']}, {ex['relation']}")
+        print(
+            f"  {card.token(ex['query_token'])!r} ({ex['query']}) -> {card.token(ex['key_token'])!r} "
+            f"({ex['key']}): {ex['weight']:.3f}, offset {ex['offset']}, {ex['relation']}"
+        )
     for source, tokens in card.raised_tokens()[:3]:
         print(f"  attending to {source!r} raises {', '.join(repr(t) for t in tokens[:5])}")
     if target is not None:
@@ -383,6 +457,7 @@ def _explain(args: argparse.Namespace, run: _Run) -> None:
 
 # -- pieces ----------------------------------------------------------------------------------------
 
+
 def _parse_formats(text: str) -> tuple[str, ...]:
     chosen = []
     for part in text.split(","):
@@ -390,8 +465,9 @@ def _parse_formats(text: str) -> tuple[str, ...]:
         if not name:
             continue
         if name not in _SUFFIX:
-            raise _CliError(f"unknown format {part.strip()!r} in --format; use a comma-separated "
-                            f"list of {', '.join(_SUFFIX)}.")
+            raise _CliError(
+                f"unknown format {part.strip()!r} in --format; use a comma-separated list of {', '.join(_SUFFIX)}."
+            )
         if name not in chosen:
             chosen.append(name)
     if not chosen:
@@ -412,8 +488,9 @@ def _load_config(path: Optional[str]) -> Any:
     return load_config(path)
 
 
-def _classify_one(source: str, config: Any, args: argparse.Namespace, status: "_Status", run: _Run, *,
-                  ablation: bool = False) -> Any:
+def _classify_one(
+    source: str, config: Any, args: argparse.Namespace, status: "_Status", run: _Run, *, ablation: bool = False
+) -> Any:
     import gc
 
     run.enter("loading")
@@ -529,16 +606,21 @@ def _write_comparison_html(comparison: Any, path: Path) -> None:
     from headclass.atomic import write_text
 
     figures = [comparison.fig_label_counts(), comparison.fig_label_fractions()]
-    body = "".join(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"comparison-{i}")
-                   for i, fig in enumerate(figures))
+    body = "".join(
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"comparison-{i}")
+        for i, fig in enumerate(figures)
+    )
     table = comparison.counts_per_label().to_html(border=0)
-    write_text(path,
-               "<!DOCTYPE html><html><head><meta charset='utf-8'><title>headclass comparison</title></head>"
-               f"<body style='font-family: sans-serif'><h1>{html.escape(repr(comparison))}</h1>"
-               f"<h2>Heads per label</h2>{table}{body}</body></html>")
+    write_text(
+        path,
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>headclass comparison</title></head>"
+        f"<body style='font-family: sans-serif'><h1>{html.escape(repr(comparison))}</h1>"
+        f"<h2>Heads per label</h2>{table}{body}</body></html>",
+    )
 
 
 # -- publishing and the manifest ---------------------------------------------------------------------
+
 
 def _manifest_fields(command: str, sources: Sequence[str], config_path: Optional[str], taxonomy: Any) -> dict:
     """What ``headclass-run.json`` records besides the files: command, sources, config, versions."""
@@ -555,15 +637,15 @@ def _manifest_fields(command: str, sources: Sequence[str], config_path: Optional
     return {
         "command": command,
         "sources": [str(s) for s in sources],
-        "config": {"path": str(Path(config_path).expanduser().resolve()) if config_path else None,
-                   "sha256": digest},
+        "config": {"path": str(Path(config_path).expanduser().resolve()) if config_path else None, "sha256": digest},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
     }
 
 
-def _publish(out: Path, files: dict[str, Callable[[Path], None]], fields: dict, run: _Run,
-             status: "_Status") -> list[str]:
+def _publish(
+    out: Path, files: dict[str, Callable[[Path], None]], fields: dict, run: _Run, status: "_Status"
+) -> list[str]:
     """Write ``files`` (name -> writer) and the manifest into ``out``, all or nothing.
 
     Files listed by the previous run's manifest (unchanged since) are replaced, or removed when
@@ -602,8 +684,9 @@ def _publish(out: Path, files: dict[str, Callable[[Path], None]], fields: dict, 
     kept = sorted(set(previous) - owned - set(files))
     status.done(run.written, out)
     if publication.removed:
-        print(f"removed {len(publication.removed)} files of the previous run in {out}/: "
-              f"{', '.join(publication.removed)}")
+        print(
+            f"removed {len(publication.removed)} files of the previous run in {out}/: {', '.join(publication.removed)}"
+        )
     if kept:
         print(f"kept {', '.join(kept)} from the previous run: changed since headclass wrote them")
     return run.written
@@ -639,11 +722,11 @@ def _read_manifest(out: Path) -> dict[str, str]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("kind") != _MANIFEST_KIND:
             raise ValueError("not a headclass manifest")
-        return {str(e["name"]): str(e["sha256"]) for e in doc["files"]
-                if Path(str(e["name"])).name == str(e["name"])}
+        return {str(e["name"]): str(e["sha256"]) for e in doc["files"] if Path(str(e["name"])).name == str(e["name"])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise PublishError(f"{str(path)!r} is not a readable headclass manifest ({exc}); move it away "
-                           "or choose another --out.") from None
+        raise PublishError(
+            f"{str(path)!r} is not a readable headclass manifest ({exc}); move it away or choose another --out."
+        ) from None
 
 
 def _sha256(path: Path) -> Optional[str]:
@@ -667,8 +750,9 @@ def _summary_text(taxonomy: Any, top: int = 3) -> str:
     table = taxonomy.table
     for score in ("induction", "previous_token"):
         best = table.nlargest(top, score)
-        heads = ", ".join(f"L{int(r.layer)}H{int(r.head)} ({getattr(r, score):.2f})"
-                          for r in best.itertuples(index=False))
+        heads = ", ".join(
+            f"L{int(r.layer)}H{int(r.head)} ({getattr(r, score):.2f})" for r in best.itertuples(index=False)
+        )
         lines.append(f"top {score.replace('_', '-')} heads: {heads}")
     return "\n".join(lines)
 

@@ -173,8 +173,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -268,8 +267,7 @@ def load_config(source: ConfigSource = None) -> HeadclassConfig:
         label = "(mapping)"
     else:
         raise ConfigError(
-            f"config must be None, a YAML path, a mapping or a HeadclassConfig; "
-            f"got {type(source).__name__}."
+            f"config must be None, a YAML path, a mapping or a HeadclassConfig; got {type(source).__name__}."
         )
     try:
         return HeadclassConfig.model_validate(_merge(_defaults(), override))

@@ -68,8 +68,16 @@ __all__ = [
 #: ``positional_consistency`` are the natural-text attention budget and consistency (the
 #: repeated probe feeds their ``_rep`` twins; see :mod:`headclass.scores.patterns`).
 TEXT_SCORES = frozenset(
-    {"previous_token", "current_token", "bos", "fixed_offset", "diffuse_entropy", "max_attention",
-     "budget", "positional_consistency"}
+    {
+        "previous_token",
+        "current_token",
+        "bos",
+        "fixed_offset",
+        "diffuse_entropy",
+        "max_attention",
+        "budget",
+        "positional_consistency",
+    }
 )
 
 
@@ -211,9 +219,7 @@ def from_tokens(
     if has_bos is None:
         bos = getattr(model, "bos_token_id", None)
         has_bos = bool(
-            getattr(model, "prepends_bos", bos is not None)
-            and bos is not None
-            and bool((tokens[:, 0] == bos).all())
+            getattr(model, "prepends_bos", bos is not None) and bos is not None and bool((tokens[:, 0] == bos).all())
         )
     previous, target = _occurrences(tokens)
     return Probe(
@@ -264,11 +270,13 @@ def repeated(
         Bad sizes, a segment longer than the ordinary vocabulary, or a probe longer than the
         model's context.
     """
-    for label, value, low in (("n_sequences", n_sequences, 1), ("segment_length", segment_length, 2),
-                              ("n_repeats", n_repeats, 2)):
+    for label, value, low in (
+        ("n_sequences", n_sequences, 1),
+        ("segment_length", segment_length, 2),
+        ("n_repeats", n_repeats, 2),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            hint = (" (induction needs a repeated segment of >= 2 tokens)"
-                    if label != "n_sequences" else "")
+            hint = " (induction needs a repeated segment of >= 2 tokens)" if label != "n_sequences" else ""
             raise ProbeError(f"repeated probe: {label} must be an int >= {low}{hint}; got {value!r}.")
     if not 0.0 <= float(exclude_extreme_fraction) < 0.5:
         raise ProbeError(
@@ -363,12 +371,9 @@ def text(
     rows = model.to_tokens(texts, max_tokens=limit)
     length = min(len(row) for row in rows)
     if length < 2:
-        raise ProbeError(
-            f"text probe: the shortest text has {length} token(s); every text needs at least 2."
-        )
+        raise ProbeError(f"text probe: the shortest text has {length} token(s); every text needs at least 2.")
     tokens = torch.stack([row[:length] for row in rows])
-    return from_tokens(model, tokens, name=name, has_bos=bool(getattr(model, "prepends_bos", False)),
-                       scores=scores)
+    return from_tokens(model, tokens, name=name, has_bos=bool(getattr(model, "prepends_bos", False)), scores=scores)
 
 
 @dataclass(frozen=True, eq=False)
@@ -407,8 +412,9 @@ class ProbeSet:
     def ablation_probes(self) -> dict[str, Probe]:
         """``{"induction": ..., "text": ...}`` as :func:`headclass.scores.ablation.ablation_scores` takes."""
         if self.ablation_induction is None:
-            raise ProbeError("this probe set was built without ablation probes; use "
-                             "build_probe_set(model, config, ablation=True).")
+            raise ProbeError(
+                "this probe set was built without ablation probes; use build_probe_set(model, config, ablation=True)."
+            )
         out = {"induction": self.ablation_induction}
         if self.ablation_text is not None:
             out["text"] = self.ablation_text
@@ -441,20 +447,38 @@ def build_probe_set(model: Any, config: Any = None, *, ablation: bool = False) -
         abl_segment = fit_segment_length(model, abl.induction_segment_length, 2, notes, what="ablation probe")
         abl_text_tokens = _fit_text_length(model, abl.text_max_tokens, text_notes, "ablation text")
         ablation_parts = {
-            "ablation_induction": repeated(model, abl.induction_sequences, abl_segment, 2, seed=seed,
-                                           exclude_extreme_fraction=extremes, name="ablation induction"),
-            "ablation_text": text(model, max_tokens=abl_text_tokens, n_sequences=min(abl.text_sequences, n_texts),
-                                  name="ablation text", scores=None) if has_text else None,
+            "ablation_induction": repeated(
+                model,
+                abl.induction_sequences,
+                abl_segment,
+                2,
+                seed=seed,
+                exclude_extreme_fraction=extremes,
+                name="ablation induction",
+            ),
+            "ablation_text": text(
+                model,
+                max_tokens=abl_text_tokens,
+                n_sequences=min(abl.text_sequences, n_texts),
+                name="ablation text",
+                scores=None,
+            )
+            if has_text
+            else None,
         }
     if notes:
-        warnings.warn(HeadclassWarning(
-            f"probes shrunk to fit model {getattr(model, 'name', '?')!r} (context of "
-            f"{getattr(model, 'n_ctx', '?')} tokens): " + "; ".join(notes) + "."), stacklevel=2)
+        warnings.warn(
+            HeadclassWarning(
+                f"probes shrunk to fit model {getattr(model, 'name', '?')!r} (context of "
+                f"{getattr(model, 'n_ctx', '?')} tokens): " + "; ".join(notes) + "."
+            ),
+            stacklevel=2,
+        )
     return ProbeSet(
-        repeated=repeated(model, rep.n_sequences, segment, rep.n_repeats, seed=seed,
-                          exclude_extreme_fraction=extremes),
-        text=text(model, max_tokens=text_tokens,
-                  n_sequences=min(cfg.probes.text.n_sequences, n_texts)) if has_text else None,
+        repeated=repeated(model, rep.n_sequences, segment, rep.n_repeats, seed=seed, exclude_extreme_fraction=extremes),
+        text=text(model, max_tokens=text_tokens, n_sequences=min(cfg.probes.text.n_sequences, n_texts))
+        if has_text
+        else None,
         copy_tokens=token_sample(model, cfg.weights.copy_sample_size, seed=seed),
         **ablation_parts,
     )
@@ -466,8 +490,9 @@ def default_probes(model: Any, config: Any = None) -> list[Probe]:
     return build_probe_set(model, config).pattern_probes
 
 
-def fit_segment_length(model: Any, segment_length: int, n_repeats: int, notes: list[str], *,
-                       what: str = "repeated probe") -> int:
+def fit_segment_length(
+    model: Any, segment_length: int, n_repeats: int, notes: list[str], *, what: str = "repeated probe"
+) -> int:
     """The one sizing step: the longest segment <= ``segment_length`` of distinct ordinary
     tokens whose ``n_repeats`` copies (after BOS) fit the model's context; appends a note to
     ``notes`` when it shrank.
@@ -477,10 +502,14 @@ def fit_segment_length(model: Any, segment_length: int, n_repeats: int, notes: l
     n_ordinary = len(ordinary_token_ids(model))  # a segment holds distinct ordinary tokens
     if n_ordinary < segment_length:
         if n_ordinary < 2:
-            raise ProbeError(f"model {getattr(model, 'name', '?')!r} has {n_ordinary} ordinary token ids; "
-                             "a repeated probe needs at least 2.")
-        notes.append(f"the {what}'s segment was cut from {segment_length} to the {n_ordinary} ordinary "
-                     "token ids of the vocabulary")
+            raise ProbeError(
+                f"model {getattr(model, 'name', '?')!r} has {n_ordinary} ordinary token ids; "
+                "a repeated probe needs at least 2."
+            )
+        notes.append(
+            f"the {what}'s segment was cut from {segment_length} to the {n_ordinary} ordinary "
+            "token ids of the vocabulary"
+        )
         segment_length = n_ordinary
     n_ctx = getattr(model, "n_ctx", None)
     if n_ctx is None:
@@ -562,7 +591,7 @@ def ordinary_token_ids(model: Any, exclude_extreme_fraction: float = 0.0) -> Ten
     ids = torch.arange(n)[keep]
     drop = int(len(ids) * float(exclude_extreme_fraction))
     if drop:
-        ids = ids[drop: len(ids) - drop]
+        ids = ids[drop : len(ids) - drop]
     return ids
 
 
@@ -577,8 +606,13 @@ def corpus_paragraphs() -> list[str]:
 
 
 def _check_against_model(tokens: Tensor, name: str, model: Any) -> Tensor:
-    return check_token_ids(tokens, d_vocab=int(model.d_vocab), n_ctx=getattr(model, "n_ctx", None),
-                           name=name, model_name=str(getattr(model, "name", "?")))
+    return check_token_ids(
+        tokens,
+        d_vocab=int(model.d_vocab),
+        n_ctx=getattr(model, "n_ctx", None),
+        name=name,
+        model_name=str(getattr(model, "name", "?")),
+    )
 
 
 def _occurrences(tokens: Tensor) -> tuple[Tensor, Tensor]:

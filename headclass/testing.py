@@ -34,8 +34,11 @@ from headclass.scores.ablation import (
 
 __all__ = ["detect_head_scores", "FixedTokens", "ablation_scores_reference", "ablation_dloss_reference"]
 
-_HEAD_TYPES = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
-               "induction": "induction_head"}
+_HEAD_TYPES = {
+    "previous_token": "previous_token_head",
+    "duplicate_token": "duplicate_token_head",
+    "induction": "induction_head",
+}
 
 
 def detect_head_scores(
@@ -74,8 +77,14 @@ def detect_head_scores(
     stand_in = FixedTokens(model.tl_model, tokens)
     labels = [str(i) for i in range(tokens.shape[0])]
     with torch.no_grad():
-        return detect_head(stand_in, labels, _HEAD_TYPES[head_type], exclude_bos=exclude_bos,  # type: ignore[arg-type]
-                           exclude_current_token=exclude_current_token, error_measure="mul")
+        return detect_head(
+            stand_in,  # type: ignore[arg-type]  # a duck-typed stand-in: run_with_cache and to_tokens
+            labels,
+            _HEAD_TYPES[head_type],  # type: ignore[arg-type]  # one of detect_head's literal names
+            exclude_bos=exclude_bos,
+            exclude_current_token=exclude_current_token,
+            error_measure="mul",
+        )
 
 
 class FixedTokens:
@@ -116,9 +125,20 @@ def ablation_scores_reference(
     """
     cfg = load_config(config)
     method = _check_method(method if method is not None else cfg.ablation.method)
-    return _per_probe(model, cfg, probes, heads, lambda probe, pairs: ablation_dloss_reference(
-        model, probe.tokens, targets=probe.targets, method=method, heads=pairs, progress=progress,
-    ))
+    return _per_probe(
+        model,
+        cfg,
+        probes,
+        heads,
+        lambda probe, pairs: ablation_dloss_reference(
+            model,
+            probe.tokens,
+            targets=probe.targets,
+            method=method,
+            heads=pairs,
+            progress=progress,
+        ),
+    )
 
 
 def ablation_dloss_reference(
@@ -138,8 +158,9 @@ def ablation_dloss_reference(
     layers = sorted(heads_by_layer)
     with torch.no_grad():
         means: dict[int, Tensor] = {}
-        hooks = ([(hook_name(layer, "hook_z"), _store_mean(means, layer)) for layer in layers]
-                 if method == "mean" else [])
+        hooks = (
+            [(hook_name(layer, "hook_z"), _store_mean(means, layer)) for layer in layers] if method == "mean" else []
+        )
         clean = _losses(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"), tokens, targets)[0]
         out = torch.full((model.n_layers, model.n_heads), float("nan"))
         bar = _bar(progress, sum(len(h) for h in heads_by_layer.values()), "ablation (reference)")

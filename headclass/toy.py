@@ -222,7 +222,11 @@ def toy_tokenizer(vocab_size: int = 64) -> Any:
     core.decoder = decoders.Fuse()
     bos, unk = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=bos, eos_token=bos, pad_token=bos, unk_token=unk,
+        tokenizer_object=core,
+        bos_token=bos,
+        eos_token=bos,
+        pad_token=bos,
+        unk_token=unk,
         model_max_length=10**6,
     )
 
@@ -251,7 +255,8 @@ def _build_model(spec: ToySpec) -> Any:
     # Attention-only in effect: GPT-2 always has MLPs, so zero and freeze them. Their output is
     # then exactly 0 and every head's contribution reaches the logits directly.
     with torch.no_grad():
-        for block in model.transformer.h:
+        blocks: Any = model.transformer.h  # a ModuleList of GPT2Block (typed loosely by torch)
+        for block in blocks:
             for param in list(block.mlp.parameters()) + list(block.ln_2.parameters()):
                 if param is block.ln_2.weight:
                     param.fill_(1.0)
@@ -359,9 +364,19 @@ def train_toy_model(
     >>> folder = train_toy_model(2, steps=1000, checkpoint_every=50, out_dir="toy-2l-ckpt")
     >>> toy_checkpoints(folder)[:2]       # [(0, .../checkpoints/step-0), (50, .../step-50)]
     """
-    spec = _spec("train_toy_model", n_layers=n_layers, n_heads=n_heads, d_model=d_model,
-                 vocab_size=vocab_size, seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr,
-                 seed=seed, **extra)
+    spec = _spec(
+        "train_toy_model",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        vocab_size=vocab_size,
+        seq_len=seq_len,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        **extra,
+    )
     save_at = _checkpoint_steps(spec.steps, checkpoint_every, checkpoints)
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="headclass-toy-"))
     if (folder / "config.json").exists():
@@ -435,8 +450,9 @@ def _spec(caller: str, **settings: Any) -> ToySpec:
     return ToySpec(**settings).check()
 
 
-def _train(spec: ToySpec, progress: bool, save_at: frozenset[int] = frozenset(),
-           save: Any = None) -> tuple[Any, list[float]]:
+def _train(
+    spec: ToySpec, progress: bool, save_at: frozenset[int] = frozenset(), save: Any = None
+) -> tuple[Any, list[float]]:
     torch.manual_seed(spec.seed)
     model = _build_model(spec)
     model.train()
@@ -446,15 +462,17 @@ def _train(spec: ToySpec, progress: bool, save_at: frozenset[int] = frozenset(),
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr, betas=(0.9, 0.98),
+        lr=spec.lr,
+        betas=(0.9, 0.98),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, spec))
     losses: list[float] = []
     if 0 in save_at:
         _checkpoint(model, 0, None, save)
     for step in range(spec.steps):
-        tokens, predictable = _segment_batch(spec.batch_size, spec.seq_len, spec.vocab_size, generator,
-                                             spec.min_segment)
+        tokens, predictable = _segment_batch(
+            spec.batch_size, spec.seq_len, spec.vocab_size, generator, spec.min_segment
+        )
         logits = _forward(model, tokens)
         per_token = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, spec.vocab_size), tokens[:, 1:].reshape(-1), reduction="none"
@@ -570,9 +588,7 @@ def toy_config(seq_len: Optional[int] = None, segment_length: Optional[int] = No
     if segment_length is None:
         segment_length = (seq_len - 1) // 2 - 4
     if 1 + 2 * segment_length > seq_len:
-        raise HeadclassError(
-            f"segment_length={segment_length} does not fit a {seq_len}-token context twice after BOS."
-        )
+        raise HeadclassError(f"segment_length={segment_length} does not fit a {seq_len}-token context twice after BOS.")
     return {
         "probes": {"repeated": {"segment_length": segment_length}, "text": {"max_tokens": seq_len}},
         "ablation": {"induction_segment_length": segment_length, "text_max_tokens": seq_len},
@@ -612,8 +628,15 @@ def in_context_loss(model: Any, config: Any = None) -> float:
 
     probes = load_config(config).probes
     cfg = probes.repeated
-    probe = repeated(model, cfg.n_sequences, cfg.segment_length, 2, seed=probes.seed,
-                     exclude_extreme_fraction=cfg.exclude_extreme_fraction, name="in-context loss")
+    probe = repeated(
+        model,
+        cfg.n_sequences,
+        cfg.segment_length,
+        2,
+        seed=probes.seed,
+        exclude_extreme_fraction=cfg.exclude_extreme_fraction,
+        name="in-context loss",
+    )
     tokens = probe.tokens
     offset = int(probe.has_bos)
     length = cfg.segment_length
@@ -621,6 +644,6 @@ def in_context_loss(model: Any, config: Any = None) -> float:
         logits = model.forward(tokens, return_type="logits").float()
     per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # [batch, pos - 1]
     # per_token[:, t - 1] is the loss of predicting token t.
-    first = per_token[:, offset:offset + length - 1]                   # tokens offset+1 .. offset+length-1
-    second = per_token[:, offset + length:offset + 2 * length - 1]     # tokens offset+length+1 ..
+    first = per_token[:, offset : offset + length - 1]  # tokens offset+1 .. offset+length-1
+    second = per_token[:, offset + length : offset + 2 * length - 1]  # tokens offset+length+1 ..
     return float(second.mean() - first.mean())

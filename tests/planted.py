@@ -95,10 +95,10 @@ __all__ = [
     "bos_only_model",
 ]
 
-VOCAB = 32          # ids 0..31; id 0 is BOS
+VOCAB = 32  # ids 0..31; id 0 is BOS
 N_CTX = 64
 D_MODEL = 384
-N_HEADS = 4         # d_head = 96 = VOCAB + N_CTX, room for token and position codes at once
+N_HEADS = 4  # d_head = 96 = VOCAB + N_CTX, room for token and position codes at once
 GAP = 25.0
 PLANTED_OFFSET = 3  # the offset of the ``offset3`` recipe
 
@@ -111,12 +111,15 @@ ATTENTION_LAYOUT = (
 
 #: The vocabulary of :func:`save_planted_tokenizer` (id = index): BOS/EOS, an unknown-word
 #: token, the digits (an ordinal sequence), three delimiters and 17 common English words.
-WORDS = (("<|endoftext|>", "<unk>") + tuple(str(i) for i in range(10)) + (".", ",", "\n")
-         + ("the", "of", "and", "a", "to", "in", "is", "that", "it", "as", "for", "was", "on",
-            "with", "by", "are", "be"))
-DIGIT_IDS = tuple(range(2, 12))          # "0" .. "9"
-DELIMITER_IDS = (12, 13, 14)             # ".", ",", "\n"
-CONTENT_IDS = (15, 16, 17, 18)           # "the", "of", "and", "a"
+WORDS = (
+    ("<|endoftext|>", "<unk>")
+    + tuple(str(i) for i in range(10))
+    + (".", ",", "\n")
+    + ("the", "of", "and", "a", "to", "in", "is", "that", "it", "as", "for", "was", "on", "with", "by", "are", "be")
+)
+DIGIT_IDS = tuple(range(2, 12))  # "0" .. "9"
+DELIMITER_IDS = (12, 13, 14)  # ".", ",", "\n"
+CONTENT_IDS = (15, 16, 17, 18)  # "the", "of", "and", "a"
 #: The ``transform`` head writes ``sum_j TRANSFORM[t, j] T[j]`` when it reads token ``t``: a
 #: seeded random unit mix of the non-digit tokens other than ``t``, so the attended token's own
 #: logit lands in the middle of the others (neither raised nor lowered) and no digit is raised.
@@ -146,9 +149,9 @@ class _Basis:
         raw[:, 0] = 1.0  # the first direction is all-ones: LayerNorm's centring direction
         q, _ = torch.linalg.qr(raw)
         columns = q.T  # row i = i-th orthonormal direction
-        self.T = columns[1:1 + vocab]
-        self.P = columns[1 + vocab:1 + vocab + n_ctx]
-        self.PT = columns[1 + vocab + n_ctx:1 + 2 * vocab + n_ctx]
+        self.T = columns[1 : 1 + vocab]
+        self.P = columns[1 + vocab : 1 + vocab + n_ctx]
+        self.PT = columns[1 + vocab + n_ctx : 1 + 2 * vocab + n_ctx]
 
 
 def _qk(query_pairs, key_pairs, d_model: int, d_head: int, scale: float):
@@ -163,8 +166,7 @@ def _qk(query_pairs, key_pairs, d_model: int, d_head: int, scale: float):
 
 
 def _recipe_previous(B, n_ctx, vocab):
-    return ([(B.P[p], p, 1.0) for p in range(n_ctx)],
-            [(B.P[p], p + 1, 1.0) for p in range(n_ctx - 1)])
+    return ([(B.P[p], p, 1.0) for p in range(n_ctx)], [(B.P[p], p + 1, 1.0) for p in range(n_ctx - 1)])
 
 
 def _recipe_current(B, n_ctx, vocab):
@@ -191,8 +193,7 @@ def _recipe_duplicate(B, n_ctx, vocab):
 
 def _recipe_offset(B, n_ctx, vocab):
     k = PLANTED_OFFSET
-    return ([(B.P[p], p, 1.0) for p in range(n_ctx)],
-            [(B.P[p], p + k, 1.0) for p in range(n_ctx - k)])
+    return ([(B.P[p], p, 1.0) for p in range(n_ctx)], [(B.P[p], p + k, 1.0) for p in range(n_ctx - k)])
 
 
 def _recipe_bos_and_current(B, n_ctx, vocab):
@@ -263,8 +264,9 @@ OV_RECIPES: dict[str, Callable] = {
 }
 
 
-def build_planted_gpt2(layout: Sequence[Sequence[str]] = ATTENTION_LAYOUT, *, seed: int = 0,
-                       gap: float = GAP, ov_layout=None):
+def build_planted_gpt2(
+    layout: Sequence[Sequence[str]] = ATTENTION_LAYOUT, *, seed: int = 0, gap: float = GAP, ov_layout=None
+):
     """A ``GPT2LMHeadModel`` whose head ``(l, h)`` follows recipe ``layout[l][h]``.
 
     Every layer needs ``N_HEADS`` (4) recipes. ``ov_layout`` (same shape, entries from
@@ -278,9 +280,17 @@ def build_planted_gpt2(layout: Sequence[Sequence[str]] = ATTENTION_LAYOUT, *, se
     if unknown or any(len(layer) != N_HEADS for layer in layout):
         raise ValueError(f"layout needs {N_HEADS} known recipes per layer; unknown: {sorted(unknown)}")
     d_head = D_MODEL // N_HEADS
-    config = GPT2Config(n_layer=len(layout), n_head=N_HEADS, n_embd=D_MODEL, vocab_size=VOCAB,
-                        n_positions=N_CTX, bos_token_id=0, eos_token_id=0, n_inner=4 * D_MODEL,
-                        tie_word_embeddings=True)
+    config = GPT2Config(
+        n_layer=len(layout),
+        n_head=N_HEADS,
+        n_embd=D_MODEL,
+        vocab_size=VOCAB,
+        n_positions=N_CTX,
+        bos_token_id=0,
+        eos_token_id=0,
+        n_inner=4 * D_MODEL,
+        tie_word_embeddings=True,
+    )
     model = GPT2LMHeadModel(config)
     basis = _Basis(D_MODEL, VOCAB, N_CTX, seed)
     roles: dict[str, list[tuple[int, int]]] = {}
@@ -311,7 +321,7 @@ def build_planted_gpt2(layout: Sequence[Sequence[str]] = ATTENTION_LAYOUT, *, se
                 if ov is None and recipe == "previous_token":
                     ov = "previous"
                 # value: the token identity (scaled back to unit length); output: the recipe's
-                for dim, read, write in (OV_RECIPES[ov](basis, VOCAB) if ov else ()):
+                for dim, read, write in OV_RECIPES[ov](basis, VOCAB) if ov else ():
                     w_attn[:, 2 * D_MODEL + head * d_head + dim] = read / math.sqrt(c2)
                     w_out[head * d_head + dim] = write
                 writers += ov == "previous"
@@ -368,8 +378,9 @@ def save_planted_tokenizer(folder: Path) -> Path:
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     special = "<|endoftext|>"
-    PreTrainedTokenizerFast(tokenizer_object=core, bos_token=special, eos_token=special,
-                            unk_token="<unk>", pad_token=special).save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=special, eos_token=special, unk_token="<unk>", pad_token=special
+    ).save_pretrained(folder)
     return folder
 
 
@@ -390,6 +401,14 @@ def planted_roles_model(folder: Path) -> tuple[headclass.HeadModel, dict[str, tu
     hf_model.save_pretrained(path)
     save_planted_tokenizer(path)
     model = headclass.load_model(path, name="planted-roles")
-    roles = {"previous_token": (0, 0), "local": (0, 1), "delimiter": (0, 2), "content": (0, 3),
-             "transform": (1, 0), "successor": (1, 1), "noop": (1, 2), "copy": (1, 3)}
+    roles = {
+        "previous_token": (0, 0),
+        "local": (0, 1),
+        "delimiter": (0, 2),
+        "content": (0, 3),
+        "transform": (1, 0),
+        "successor": (1, 1),
+        "noop": (1, 2),
+        "copy": (1, 3),
+    }
     return model, roles

@@ -79,8 +79,7 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             # ``from pkg import sub`` imports the submodule when there is one
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                       for alias in node.names]
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
         else:
             continue
         for target in targets:
@@ -104,8 +103,12 @@ def import_graph(root: Path) -> dict[str, set[str]]:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
-                  for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+    return sorted(
+        f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+        for a, targets in graph.items()
+        for b in targets
+        if layer_of(b) > layer_of(a)
+    )
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -118,7 +121,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -152,8 +155,11 @@ def test_no_import_cycle_between_headclass_modules():
 
 def test_report_is_never_imported_by_the_taxonomy():
     graph = import_graph(PACKAGE)
-    offenders = sorted(a for a, targets in graph.items()
-                       if a.startswith("headclass.taxonomy") and any(t.startswith("headclass.report") for t in targets))
+    offenders = sorted(
+        a
+        for a, targets in graph.items()
+        if a.startswith("headclass.taxonomy") and any(t.startswith("headclass.report") for t in targets)
+    )
     assert offenders == []
 
 
@@ -193,11 +199,14 @@ def test_lazy_delegation_is_allowed_only_inside_functions(tmp_path):
     assert upward_imports(import_graph(root)) == []
     (root / "taxonomy/result.py").write_text("from headclass.report import export\n")
     assert upward_imports(import_graph(root)) == [
-        "headclass.taxonomy.result (layer 4) imports headclass.report.export (layer 5)"]
+        "headclass.taxonomy.result (layer 4) imports headclass.report.export (layer 5)"
+    ]
 
 
 def test_checker_finds_a_cycle(fake_package):
     cycle = find_cycle(import_graph(fake_package))
     assert cycle[0] == cycle[-1] and len(cycle) >= 3
-    assert set(cycle) in ({"headclass.scores.patterns", "headclass.scores.weights"},
-                          {"headclass.report.table", "headclass.taxonomy.result"})
+    assert set(cycle) in (
+        {"headclass.scores.patterns", "headclass.scores.weights"},
+        {"headclass.report.table", "headclass.taxonomy.result"},
+    )

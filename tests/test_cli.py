@@ -19,8 +19,9 @@ from headclass.report.export import read_json
 
 
 def run(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "headclass", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "headclass", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -49,7 +50,8 @@ def test_classify_tiny_folder_writes_csv_json_html(tiny_gpt2_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     stem = Path(tiny_gpt2_dir).name
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{stem}{s}" for s in (".csv", ".json", ".html")] + ["headclass-run.json"])
+        [f"{stem}{s}" for s in (".csv", ".json", ".html")] + ["headclass-run.json"]
+    )
     table = pd.read_csv(out / f"{stem}.csv")
     assert len(table) == 2 * 4 and {"layer", "head", "primary_label"} <= set(table.columns)
     tax = read_json(out / f"{stem}.json")
@@ -110,8 +112,7 @@ def test_failure_while_writing_leaves_no_partial_files(tiny_gpt2_dir, tmp_path, 
     status = cli.main(["classify", str(tiny_gpt2_dir), "--out", str(out), "-q"])
     assert status == 1
     assert list(out.iterdir()) == []
-    err = [line for line in capsys.readouterr().err.strip().splitlines()
-           if not line.startswith("headclass: warning: ")]
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("headclass: warning: ")]
     assert err == ["headclass: error: simulated failure in the HTML report"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
 
@@ -124,7 +125,8 @@ def test_demo_prints_summary(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "headclass-report"
     stem = Path(tiny_gpt2_dir).name
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"{stem}{s}" for s in (".csv", ".json", ".html")] + ["headclass-run.json"])
+        [f"{stem}{s}" for s in (".csv", ".json", ".html")] + ["headclass-run.json"]
+    )
     assert "heads per label" in out and "top induction heads: L" in out and "top previous-token heads: L" in out
     assert "headclass-report" in out
 
@@ -155,13 +157,19 @@ def test_python_dash_m_and_console_script_agree():
 def test_classify_smollm2(tmp_path):
     # Smaller probes than the defaults (as in tests/test_taxonomy.py); `make demo` runs the defaults.
     config = tmp_path / "fast.yaml"
-    config.write_text("probes:\n  repeated: {n_sequences: 8, segment_length: 32}\n"
-                      "  text: {n_sequences: 8, max_tokens: 64}\nweights:\n  copy_sample_size: 500\n")
+    config.write_text(
+        "probes:\n  repeated: {n_sequences: 8, segment_length: 32}\n"
+        "  text: {n_sequences: 8, max_tokens: 64}\nweights:\n  copy_sample_size: 500\n"
+    )
     out = tmp_path / "smollm2"
     done = run("classify", "smollm2-135m", "--config", str(config), "--out", str(out), timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "headclass-run.json", "smollm2-135m.csv", "smollm2-135m.html", "smollm2-135m.json"]
+        "headclass-run.json",
+        "smollm2-135m.csv",
+        "smollm2-135m.html",
+        "smollm2-135m.json",
+    ]
     table = pd.read_csv(out / "smollm2-135m.csv")
     assert len(table) == 30 * 9
     meta = json.loads((out / "smollm2-135m.json").read_text())

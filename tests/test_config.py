@@ -37,15 +37,18 @@ def test_a_key_missing_from_the_defaults_is_named(monkeypatch):
         load_config()
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"thresholds": {"induction": "0.5"}}, r"thresholds\.induction: input should be a valid number \(got '0\.5'\)"),
-    ({"probes": {"batch_size": True}}, r"probes\.batch_size: input should be a valid integer \(got True\)"),
-    ({"probes": {"batch_size": 2.0}}, r"probes\.batch_size: input should be a valid integer"),
-    ({"ablation": {"mode": "fast"}}, r"ablation\.mode: input should be 'exact' or 'attribution' \(got 'fast'\)"),
-    ({"ablation": {"method": "MEAN"}}, r"ablation\.method: input should be 'zero' or 'mean'"),
-    ({"patterns": {"exclude_bos": "yes"}}, r"patterns\.exclude_bos: input should be a valid boolean"),
-    ({"thresholds": {"inducton": 0.5}}, r"thresholds\.inducton: unknown key"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"thresholds": {"induction": "0.5"}}, r"thresholds\.induction: input should be a valid number \(got '0\.5'\)"),
+        ({"probes": {"batch_size": True}}, r"probes\.batch_size: input should be a valid integer \(got True\)"),
+        ({"probes": {"batch_size": 2.0}}, r"probes\.batch_size: input should be a valid integer"),
+        ({"ablation": {"mode": "fast"}}, r"ablation\.mode: input should be 'exact' or 'attribution' \(got 'fast'\)"),
+        ({"ablation": {"method": "MEAN"}}, r"ablation\.method: input should be 'zero' or 'mean'"),
+        ({"patterns": {"exclude_bos": "yes"}}, r"patterns\.exclude_bos: input should be a valid boolean"),
+        ({"thresholds": {"inducton": 0.5}}, r"thresholds\.inducton: unknown key"),
+    ],
+)
 def test_strict_types_and_enumerations(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(override)

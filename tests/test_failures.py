@@ -27,6 +27,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64)
 
 # -- helpers -------------------------------------------------------------------------------------
 
+
 def snapshot(folder: Path) -> dict[str, object]:
     """Every entry under ``folder`` (hidden ones too): relative path -> bytes, or "<dir>"."""
     out: dict[str, object] = {}
@@ -106,6 +107,7 @@ def fast_classify(monkeypatch, tiny_taxonomy):
 
 # -- 1. non-finite weights and activations -----------------------------------------------------------
 
+
 def test_nan_in_an_mlp_weight_is_an_error_naming_layer_0(tiny_dir, tmp_path, capsys):
     model = poisoned(tmp_path / "nan-mlp", tiny_dir, "mlp.c_fc.weight")
     out = tmp_path / "out"
@@ -123,7 +125,8 @@ def test_nan_in_an_attention_weight_names_layer_and_head_not_an_svd_error(tiny_d
     assert status == 1
     assert one_error_line(err) == (
         "headclass: error: model 'nan-attn' has non-finite weights (NaN or inf): W_Q of layer 0 head 0. "
-        "Fix or re-download the checkpoint; no table was made.")
+        "Fix or re-download the checkpoint; no table was made."
+    )
     assert "LinAlgError" not in err and not (tmp_path / "out").exists()
 
 
@@ -204,8 +207,7 @@ def test_broken_activations_give_no_table_in_the_cli(tiny_dir, tmp_path, monkeyp
     before = snapshot(tmp_path)
     status, err = run_main(capsys, "classify", str(tiny_dir), "--out", str(out), "-q")
     assert status == 1
-    assert one_error_line(err).startswith(
-        "headclass: error: model 'tiny': the attention pattern of layer 1 head 0 ")
+    assert one_error_line(err).startswith("headclass: error: model 'tiny': the attention pattern of layer 1 head 0 ")
     assert snapshot(tmp_path) == before
 
 
@@ -226,6 +228,7 @@ def test_the_pattern_check_syncs_once_per_layer(tiny_dir, monkeypatch):
 
 
 # -- 2. compare: unique stems, never the comparison's own files -----------------------------------------
+
 
 def test_slug_keeps_the_organisation_and_any_script():
     assert cli._slug("EleutherAI/pythia-160m") == "EleutherAI-pythia-160m"
@@ -248,8 +251,10 @@ def test_compare_never_overwrites_one_model_with_another(tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert status == 0
     stems = ["x-y", "x-y-2", "comparison-2", "模型", "αβ"]
-    expected = sorted([f"{s}{x}" for s in stems for x in (".csv", ".json", ".html")]
-                      + ["comparison.csv", "comparison_counts.csv", "comparison.html", "headclass-run.json"])
+    expected = sorted(
+        [f"{s}{x}" for s in stems for x in (".csv", ".json", ".html")]
+        + ["comparison.csv", "comparison_counts.csv", "comparison.html", "headclass-run.json"]
+    )
     assert sorted(p.name for p in out.iterdir()) == expected
     assert f"wrote {len(expected)} files to {out}/:" in printed
     for name in expected:
@@ -265,6 +270,7 @@ def test_compare_never_overwrites_one_model_with_another(tmp_path, monkeypatch, 
 
 # -- 3. publish all or nothing --------------------------------------------------------------------------
 
+
 def test_a_folder_in_the_way_changes_nothing(tmp_path, capsys, fast_classify):
     out = tmp_path / "out"
     (out / "tiny.json").mkdir(parents=True)
@@ -274,7 +280,8 @@ def test_a_folder_in_the_way_changes_nothing(tmp_path, capsys, fast_classify):
     assert status == 1
     assert one_error_line(err) == (
         f"headclass: error: cannot write {str(out / 'tiny.json')!r}: it is a folder; move it away or choose "
-        f"another --out. Nothing in {str(out)!r} was changed.")
+        f"another --out. Nothing in {str(out)!r} was changed."
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -296,8 +303,10 @@ def test_a_full_disk_changes_nothing(tmp_path, monkeypatch, capsys, fast_classif
         return real(path, write_to)
 
     monkeypatch.setattr(atomic, "atomic_write", full_on_html)
-    monkeypatch.setattr("headclass.report.export.write_text",
-                        lambda path, text: full_on_html(path, lambda tmp: Path(tmp).write_text(text)))
+    monkeypatch.setattr(
+        "headclass.report.export.write_text",
+        lambda path, text: full_on_html(path, lambda tmp: Path(tmp).write_text(text)),
+    )
     status, err = run_main(capsys, "classify", "tiny", "--out", str(out), "-q")
     assert status == 1
     assert "No space left on device" in one_error_line(err)
@@ -306,10 +315,17 @@ def test_a_full_disk_changes_nothing(tmp_path, monkeypatch, capsys, fast_classif
 
 # -- 4. Ctrl-C ---------------------------------------------------------------------------------------
 
+
 def _start(args: list[str], env_extra: dict[str, str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "headclass", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    return subprocess.Popen(
+        [sys.executable, "-m", "headclass", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def _interrupt_at(proc: subprocess.Popen, marker: str, timeout: float = 120) -> tuple[int, str]:
@@ -335,8 +351,11 @@ def _interrupt_at(proc: subprocess.Popen, marker: str, timeout: float = 120) -> 
 @pytest.mark.parametrize("phase", ["loading", "classifying", "writing", "publishing", "published"])
 def test_ctrl_c_says_what_is_true(tiny_dir, tmp_path, phase):
     out = tmp_path / "out"
-    proc = _start(["classify", str(tiny_dir), "--out", str(out), "--format", "csv,json"],
-                  {"HEADCLASS_TEST_PAUSE": phase}, tmp_path)
+    proc = _start(
+        ["classify", str(tiny_dir), "--out", str(out), "--format", "csv,json"],
+        {"HEADCLASS_TEST_PAUSE": phase},
+        tmp_path,
+    )
     status, err = _interrupt_at(proc, phase)
     lines = [line for line in err.splitlines() if line.startswith("headclass") and "warning" not in line]
     assert status == 130, err
@@ -344,12 +363,16 @@ def test_ctrl_c_says_what_is_true(tiny_dir, tmp_path, phase):
     assert lines[0] == f"headclass-test: {phase}" and len(lines) == 2, err
     files = ["tiny.csv", "tiny.json", "headclass-run.json"]
     if phase in ("publishing", "published"):  # held back until the publication completed
-        assert lines[1] == (f"headclass: interrupted after publishing; all 3 files were written to "
-                            f"{out}/: {', '.join(files)}.")
+        assert lines[1] == (
+            f"headclass: interrupted after publishing; all 3 files were written to {out}/: {', '.join(files)}."
+        )
         assert sorted(p.name for p in out.iterdir()) == sorted(files)
     else:
-        where = {"loading": "while loading the model", "classifying": "while classifying",
-                 "writing": "while writing the outputs"}[phase]
+        where = {
+            "loading": "while loading the model",
+            "classifying": "while classifying",
+            "writing": "while writing the outputs",
+        }[phase]
         assert lines[1] == f"headclass: interrupted {where}; nothing was written ({out} is unchanged)."
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if out.exists() else [])
@@ -362,8 +385,12 @@ def test_ctrl_c_during_the_imports_prints_one_line(tmp_path, entry):
 
     script = Path(sys.executable).with_name("headclass")
     cmd = [sys.executable, "-m", "headclass"] if entry == "module" else [str(script)]
-    proc = subprocess.Popen([*cmd, "classify", "gpt2", "--out", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "classify", "gpt2", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.6)  # importing torch and transformers takes seconds
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -377,13 +404,20 @@ def test_ctrl_c_during_the_imports_prints_one_line(tmp_path, entry):
 
 # -- 5. corrupt files and too-short contexts: one line, never a traceback --------------------------------
 
-@pytest.mark.parametrize("damage, message", [
-    ("empty", "weight file '{w}' is empty; re-save the model with save_pretrained or download it again."),
-    ("truncated", "weight file '{w}' is truncated or corrupt: its header describes"),
-    ("garbage-bin", "weight file '{w}' is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"),
-    ("garbage-zip", "cannot read the weights in folder '{d}' (RuntimeError): a weight file is corrupt"),
-    ("garbage-pickle", "cannot read the weights in folder '{d}' (UnpicklingError): a weight file is corrupt"),
-])
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("empty", "weight file '{w}' is empty; re-save the model with save_pretrained or download it again."),
+        ("truncated", "weight file '{w}' is truncated or corrupt: its header describes"),
+        (
+            "garbage-bin",
+            "weight file '{w}' is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)",
+        ),
+        ("garbage-zip", "cannot read the weights in folder '{d}' (RuntimeError): a weight file is corrupt"),
+        ("garbage-pickle", "cannot read the weights in folder '{d}' (UnpicklingError): a weight file is corrupt"),
+    ],
+)
 def test_corrupt_weight_files(tiny_dir, tmp_path, capsys, damage, message):
     import shutil
     import zipfile
@@ -413,10 +447,21 @@ def test_corrupt_weight_files(tiny_dir, tmp_path, capsys, damage, message):
     assert "weights_only" not in err and not out.exists()
 
 
-@pytest.mark.parametrize("n_positions", [4, pytest.param(6, marks=pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="patterns.py asks for fixed-offset queries beyond a 6-token context (issue 12's rewrite / "
-           "issue 11 item 8, not this module)"))])
+@pytest.mark.parametrize(
+    "n_positions",
+    [
+        4,
+        pytest.param(
+            6,
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=RuntimeError,
+                reason="patterns.py asks for fixed-offset queries beyond a 6-token context (issue 12's rewrite / "
+                "issue 11 item 8, not this module)",
+            ),
+        ),
+    ],
+)
 def test_a_tiny_context_is_one_line(tmp_path, capsys, n_positions):
     model = save_model(tmp_path / f"ctx{n_positions}", n_positions=n_positions)
     status, err = run_main(capsys, "classify", str(model), "--out", str(tmp_path / "out"), "-q")
@@ -426,6 +471,7 @@ def test_a_tiny_context_is_one_line(tmp_path, capsys, n_positions):
 
 
 # -- 6. --out is checked before the model is loaded ----------------------------------------------------
+
 
 @pytest.fixture
 def no_loading(monkeypatch):
@@ -458,8 +504,10 @@ def test_bad_out_fails_before_loading(tmp_path, monkeypatch, capsys, no_loading,
             message = f"--out folder {out!r} is not writable; choose another folder or fix its permissions."
         else:
             out = str(tmp_path / "new")
-            message = (f"--out {out!r} cannot be created: folder {str(tmp_path)!r} is not writable; "
-                       "choose another folder or fix its permissions.")
+            message = (
+                f"--out {out!r} cannot be created: folder {str(tmp_path)!r} is not writable; "
+                "choose another folder or fix its permissions."
+            )
     before = snapshot(tmp_path)
     status, err = run_main(capsys, "classify", "tiny", "--out", out, "-q")
     assert status == 1
@@ -481,6 +529,7 @@ def test_really_unwritable_out(tmp_path, capsys, no_loading):
 
 # -- 7. a mistyped path is a missing path, not a hub name ------------------------------------------------
 
+
 def test_mistyped_relative_path(tiny_dir, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -489,12 +538,14 @@ def test_mistyped_relative_path(tiny_dir, tmp_path, monkeypatch, capsys):
     status, err = run_main(capsys, "classify", "models/tinyy", "--out", "out", "-q")
     assert status == 1
     assert one_error_line(err) == (
-        "headclass: error: no such file or folder: 'models/tinyy'. Did you mean 'models/tiny'?")
+        "headclass: error: no such file or folder: 'models/tinyy'. Did you mean 'models/tiny'?"
+    )
     status, err = run_main(capsys, "classify", "./tiny", "--out", "out", "-q")
     assert one_error_line(err) == "headclass: error: no such file or folder: './tiny'."
     status, err = run_main(capsys, "classify", "nowhere/at/all", "--out", "out", "-q")
-    assert one_error_line(err) == ("headclass: error: no such file or folder: 'nowhere/at/all' "
-                                   "(folder 'nowhere/at' does not exist either).")
+    assert one_error_line(err) == (
+        "headclass: error: no such file or folder: 'nowhere/at/all' (folder 'nowhere/at' does not exist either)."
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
@@ -516,6 +567,7 @@ def test_compare_checks_every_source_before_classifying_the_first(tiny_dir, tmp_
 
 
 # -- 10. the manifest: reruns replace their own files, never anyone else's ----------------------------------
+
 
 def test_manifest_records_the_run(tmp_path, capsys, fast_classify):
     import hashlib
@@ -559,7 +611,8 @@ def test_never_overwrite_a_file_headclass_did_not_write(tmp_path, capsys, fast_c
     assert status == 1
     assert one_error_line(err) == (
         f"headclass: error: {str(out / 'tiny.md')!r} exists and was not written by headclass (not listed in "
-        f"headclass-run.json); move it away or choose another --out. Nothing in {str(out)!r} was changed.")
+        f"headclass-run.json); move it away or choose another --out. Nothing in {str(out)!r} was changed."
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -573,6 +626,7 @@ def test_an_edited_stale_file_is_kept(tmp_path, capsys, fast_classify):
 
 
 # -- 11. read_json names the file --------------------------------------------------------------------------
+
 
 def test_read_json_bad_value_names_the_file(tiny_taxonomy, tmp_path):
     from headclass.report.export import ExportError, read_json
@@ -593,6 +647,7 @@ def test_read_json_bad_value_names_the_file(tiny_taxonomy, tmp_path):
 
 
 # -- 12. an unreachable HF_ENDPOINT; GGUF progress on a non-terminal --------------------------------------
+
 
 def _not_found_server():
     import http.server
@@ -619,8 +674,13 @@ def test_unreachable_hf_endpoint_names_the_offline_options(tmp_path, endpoint):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf-home"))
     try:
-        done = subprocess.run([sys.executable, "-m", "headclass", "classify", "EleutherAI/pythia-14m",
-                               "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "headclass", "classify", "EleutherAI/pythia-14m", "--out", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
     finally:
         if server:
             server.shutdown()
@@ -647,34 +707,50 @@ def test_gguf_progress_bar_only_on_a_terminal(capsys):
 
 # -- docs/failure-modes.md lists them all -------------------------------------------------------------
 
+
 def test_failure_modes_doc_lists_every_message():
     root = Path(__file__).resolve().parent.parent
     doc = (root / "docs" / "failure-modes.md").read_text(encoding="utf-8")
     assert "(docs/failure-modes.md)" in (root / "README.md").read_text(encoding="utf-8")
     for fragment in [
-        "--out is empty; give a folder", "exists and is not a folder; give a folder (new or existing).",
-        "is a file, not a folder.", "is not writable; choose another folder or fix its permissions.",
+        "--out is empty; give a folder",
+        "exists and is not a folder; give a folder (new or existing).",
+        "is a file, not a folder.",
+        "is not writable; choose another folder or fix its permissions.",
         "it is a folder; move it away or choose another --out. Nothing in",
         "exists and was not written by headclass (not listed in headclass-run.json)",
-        "cannot write tiny.html (No space left on device); nothing in", "cannot stage the outputs in",
-        "cannot publish the outputs to", "and restoring", "is not a readable headclass manifest",
-        "removed N files of the previous run in", "changed since headclass wrote them",
+        "cannot write tiny.html (No space left on device); nothing in",
+        "cannot stage the outputs in",
+        "cannot publish the outputs to",
+        "and restoring",
+        "is not a readable headclass manifest",
+        "removed N files of the previous run in",
+        "changed since headclass wrote them",
         "headclass: interrupted while starting; nothing was written.",
         "headclass: interrupted while loading the model; nothing was written",
         "headclass: interrupted while classifying; nothing was written",
         "headclass: interrupted while writing the outputs; nothing was written",
         "headclass: interrupted after publishing; all N files were written to",
-        "headclass: interrupted while sweeping", "HEADCLASS_TEST_PAUSE",
-        "no such file or folder: 'models/tinyy'. Did you mean 'models/tiny'?", "does not exist either",
-        "cannot reach the Hugging Face hub", "cannot download '...' from the Hugging Face hub at",
+        "headclass: interrupted while sweeping",
+        "HEADCLASS_TEST_PAUSE",
+        "no such file or folder: 'models/tinyy'. Did you mean 'models/tiny'?",
+        "does not exist either",
+        "cannot reach the Hugging Face hub",
+        "cannot download '...' from the Hugging Face hub at",
         "is empty; re-save the model with save_pretrained or download it again.",
-        "is truncated or corrupt: its header describes", "is not a valid safetensors file (bad header)",
+        "is truncated or corrupt: its header describes",
+        "is not a valid safetensors file (bad header)",
         "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)",
-        "cannot read the weights in folder", "weights_only=False",
+        "cannot read the weights in folder",
+        "weights_only=False",
         "has non-finite weights (NaN or inf): W_Q of layer 0 head 0.",
         "has non-finite weights (NaN or inf) in layer 0 (transformer.h.0.mlp.c_fc.weight)",
-        "the attention pattern of layer 1 head 0 is not finite", "has rows that do not sum to 1",
-        "has a context of 4 tokens", "column 'layer' (int64) has a value that is not int64: 'zero'.",
-        "EleutherAI-pythia-160m", "comparison_counts", "progress bar only when stderr is a terminal",
+        "the attention pattern of layer 1 head 0 is not finite",
+        "has rows that do not sum to 1",
+        "has a context of 4 tokens",
+        "column 'layer' (int64) has a value that is not int64: 'zero'.",
+        "EleutherAI-pythia-160m",
+        "comparison_counts",
+        "progress bar only when stderr is a terminal",
     ]:
         assert fragment in doc, fragment

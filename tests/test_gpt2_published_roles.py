@@ -39,12 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from toy_fixtures import GPT2_SMALL_LAYOUT, planted_gpt2_roles_model
 
 import headclass
-from headclass.taxonomy import HeadTaxonomy, flag_column
-from headclass.taxonomy import classify
-
-from toy_fixtures import GPT2_SMALL_LAYOUT, planted_gpt2_roles_model
+from headclass.taxonomy import HeadTaxonomy, classify, flag_column
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,18 @@ class PublishedRole:
 
 GPT2_SMALL_ROLES: tuple[PublishedRole, ...] = (
     PublishedRole("previous-token", "previous_token", ((4, 11), (2, 2)), 10, "Wang et al. 2022 (IOI)"),
-    PublishedRole("induction", "induction", ((5, 1), (5, 5), (6, 9), (7, 2), (7, 10)), 15,
-                  "Wang et al. 2022 (IOI); ARENA 1.2"),
+    PublishedRole(
+        "induction", "induction", ((5, 1), (5, 5), (6, 9), (7, 2), (7, 10)), 15, "Wang et al. 2022 (IOI); ARENA 1.2"
+    ),
     PublishedRole("duplicate-token", "duplicate_token", ((0, 1), (3, 0)), 10, "Wang et al. 2022 (IOI)"),
     PublishedRole("copy", "copy_topk", ((9, 6), (9, 9), (10, 0)), 15, "Wang et al. 2022 (IOI), name movers"),
-    PublishedRole("copy-suppression", "copy_suppression_topk", ((10, 7), (11, 10)), 10,
-                  "Wang et al. 2022 (IOI), negative name movers; McDougall et al. 2023"),
+    PublishedRole(
+        "copy-suppression",
+        "copy_suppression_topk",
+        ((10, 7), (11, 10)),
+        10,
+        "Wang et al. 2022 (IOI), negative name movers; McDougall et al. 2023",
+    ),
 )
 
 #: Config for GPT-2 small: copy scores on the effective embedding, as in the IOI paper.
@@ -105,9 +109,7 @@ def check_published_roles(taxonomy: HeadTaxonomy, roles=GPT2_SMALL_ROLES) -> lis
                 continue
             rank = int((column >= value).sum())
             if rank > role.top:
-                failures.append(
-                    f"{name}: {role.score} = {value:.3f} ranks {rank} of {n_heads}; needs top {role.top}"
-                )
+                failures.append(f"{name}: {role.score} = {value:.3f} ranks {rank} of {n_heads}; needs top {role.top}")
             if not bool(row[flag]):
                 failures.append(
                     f"{name}: not labelled {role.label!r} ({flag} is False; {role.score} = {value:.3f}, "
@@ -144,9 +146,9 @@ def test_checker_names_the_head_left_unplanted(tmp_path):
 def test_checker_reports_rank_and_label_separately(planted_roles_taxonomy):
     table = planted_roles_taxonomy.table.copy()
     at = (table["layer"] == 9) & (table["head"] == 6)
-    table.loc[at, "is_copy"] = False                           # label lost, score still top
+    table.loc[at, "is_copy"] = False  # label lost, score still top
     at = (table["layer"] == 0) & (table["head"] == 1)
-    table.loc[at, "duplicate_token"] = 0.0                     # score sinks, label kept
+    table.loc[at, "duplicate_token"] = 0.0  # score sinks, label kept
     failures = check_published_roles(HeadTaxonomy(table, dict(planted_roles_taxonomy.metadata)))
     assert len(failures) == 2, failures
     assert failures[0].startswith("0.1 (duplicate-token") and "ranks" in failures[0]
@@ -178,8 +180,10 @@ def _gpt2_source():
 def test_gpt2_small_published_roles():
     source = _gpt2_source()
     if source is None:
-        pytest.skip("GPT-2 small weights not available: set HEADCLASS_GPT2_DIR to a save_pretrained "
-                    "folder of gpt2, or put 'gpt2' in the Hugging Face cache")
+        pytest.skip(
+            "GPT-2 small weights not available: set HEADCLASS_GPT2_DIR to a save_pretrained "
+            "folder of gpt2, or put 'gpt2' in the Hugging Face cache"
+        )
     if isinstance(source, Path) and not (source / "config.json").is_file():
         pytest.fail(f"HEADCLASS_GPT2_DIR={str(source)!r} is not a Hugging Face model folder")
     model = headclass.load_model(source if isinstance(source, str) else str(source), name="gpt2-small")

@@ -25,16 +25,16 @@ KERNEL = "python3"
 
 def execute(path: Path, workdir: Path, timeout: int = 900) -> "nbformat.NotebookNode":
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name=KERNEL,
-                                     resources={"metadata": {"path": str(workdir)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
     return nb
 
 
 def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
-    assert {"01_gpt2_head_taxonomy.ipynb", "02_compare_model_sizes.ipynb",
-            "03_copy_heads_explained.ipynb"} <= names
+    assert {"01_gpt2_head_taxonomy.ipynb", "02_compare_model_sizes.ipynb", "03_copy_heads_explained.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -58,9 +58,9 @@ def test_repeated_layout_bos_and_vocabulary(tiny_gpt2):
     assert probe.has_bos and (probe.tokens[:, 0] == tiny_gpt2.bos_token_id).all()
     body = probe.tokens[:, 1:]
     assert (body[:, :10] == body[:, 10:20]).all() and (body[:, :10] == body[:, 20:]).all()
-    assert not (body == tiny_gpt2.bos_token_id).any()              # no special tokens
+    assert not (body == tiny_gpt2.bos_token_id).any()  # no special tokens
     for row in body[:, :10]:
-        assert len(set(row.tolist())) == 10                          # distinct within a segment
+        assert len(set(row.tolist())) == 10  # distinct within a segment
     # bookkeeping: the copy in the previous segment, and the token after it
     assert (probe.previous_occurrence[:, 1:11] == -1).all()
     assert (probe.previous_occurrence[:, 11:] == torch.arange(11, 31) - 10).all()
@@ -95,14 +95,17 @@ def test_ordinary_ids_extreme_fraction():
     assert body.min() >= 3 + drop and body.max() < 200 - drop
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(n_sequences=0, segment_length=5), "n_sequences"),
-    (dict(n_sequences=2, segment_length=1), "repeated segment of >= 2 tokens"),
-    (dict(n_sequences=2, segment_length=5, n_repeats=1), "n_repeats"),
-    (dict(n_sequences=2, segment_length=5, exclude_extreme_fraction=0.5), "exclude_extreme_fraction"),
-    (dict(n_sequences=2, segment_length=40), "exceeds the context"),
-    (dict(n_sequences=2, segment_length=200), "exceeds the 127 ordinary token ids"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(n_sequences=0, segment_length=5), "n_sequences"),
+        (dict(n_sequences=2, segment_length=1), "repeated segment of >= 2 tokens"),
+        (dict(n_sequences=2, segment_length=5, n_repeats=1), "n_repeats"),
+        (dict(n_sequences=2, segment_length=5, exclude_extreme_fraction=0.5), "exclude_extreme_fraction"),
+        (dict(n_sequences=2, segment_length=40), "exceeds the context"),
+        (dict(n_sequences=2, segment_length=200), "exceeds the 127 ordinary token ids"),
+    ],
+)
 def test_repeated_rejects_bad_sizes(tiny_gpt2, kwargs, words):
     with pytest.raises(ProbeError, match=words):
         probes.repeated(tiny_gpt2, **kwargs)
@@ -149,19 +152,22 @@ def test_text_probe_errors():
 # -- from_tokens and validation ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tokens, words", [
-    (torch.zeros(0, 5, dtype=torch.long), "is empty"),
-    (torch.zeros(3, 0, dtype=torch.long), "is empty"),
-    ([], "is empty"),
-    (torch.arange(5), r"shape \[batch, pos\].*tokens\[None\]"),
-    (torch.zeros(2, 3, 4, dtype=torch.long), r"shape \[batch, pos\]"),
-    (torch.tensor([[1, 2, 128]]), r"\[0, 127\].*\[1, 128\]"),
-    (torch.tensor([[-1, 2, 3]]), r"\[0, 127\].*\[-1, 3\]"),
-    ([[1, 2, 3], [4, 5]], "mismatched lengths"),
-    (torch.ones(2, 3), "must be integers"),
-    (torch.ones(1, 65, dtype=torch.long), "exceed the context"),
-    ("hello", "must be a \\[batch, pos\\] tensor"),
-])
+@pytest.mark.parametrize(
+    "tokens, words",
+    [
+        (torch.zeros(0, 5, dtype=torch.long), "is empty"),
+        (torch.zeros(3, 0, dtype=torch.long), "is empty"),
+        ([], "is empty"),
+        (torch.arange(5), r"shape \[batch, pos\].*tokens\[None\]"),
+        (torch.zeros(2, 3, 4, dtype=torch.long), r"shape \[batch, pos\]"),
+        (torch.tensor([[1, 2, 128]]), r"\[0, 127\].*\[1, 128\]"),
+        (torch.tensor([[-1, 2, 3]]), r"\[0, 127\].*\[-1, 3\]"),
+        ([[1, 2, 3], [4, 5]], "mismatched lengths"),
+        (torch.ones(2, 3), "must be integers"),
+        (torch.ones(1, 65, dtype=torch.long), "exceed the context"),
+        ("hello", "must be a \\[batch, pos\\] tensor"),
+    ],
+)
 def test_from_tokens_rejects_bad_batches(tiny_gpt2, tokens, words):
     with pytest.raises(ProbeError, match=words):
         probes.from_tokens(tiny_gpt2, tokens)
@@ -212,13 +218,16 @@ def test_default_probes_adapt_to_context(tiny_gpt2):
 
 
 # -- one validator, one sizing step -----------------------------------------------------------------
-@pytest.mark.parametrize("bad", [
-    torch.zeros(3, dtype=torch.long),                # 1-D
-    torch.zeros(2, 0, dtype=torch.long),             # empty
-    torch.zeros(2, 4),                               # float ids
-    torch.full((2, 4), 10_000, dtype=torch.long),    # outside the vocabulary
-    torch.zeros(1, 65, dtype=torch.long),            # longer than the context
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(3, dtype=torch.long),  # 1-D
+        torch.zeros(2, 0, dtype=torch.long),  # empty
+        torch.zeros(2, 4),  # float ids
+        torch.full((2, 4), 10_000, dtype=torch.long),  # outside the vocabulary
+        torch.zeros(1, 65, dtype=torch.long),  # longer than the context
+    ],
+)
 def test_every_entry_point_gives_the_same_message(tiny_gpt2, bad):
     messages = []
     for check in (lambda t: tiny_gpt2.check_tokens(t), lambda t: probes.from_tokens(tiny_gpt2, t, name="tokens")):
@@ -244,7 +253,7 @@ def test_probe_set_without_ablation_builds_no_ablation_probe(tiny_gpt2):
     built = probes.build_probe_set(tiny_gpt2, {"probes": {"repeated": {"segment_length": 8}}})
     assert built.ablation_induction is None
     with pytest.raises(ProbeError, match="ablation=True"):
-        built.ablation_probes
+        _ = built.ablation_probes
 
 
 def test_a_probe_that_fits_is_not_reported(tiny_gpt2, recwarn):
@@ -254,8 +263,9 @@ def test_a_probe_that_fits_is_not_reported(tiny_gpt2, recwarn):
 
 @pytest.mark.parametrize("n_positions", [2, 4])
 def test_too_short_a_context_names_the_model_context(tmp_path, n_positions):
-    import headclass
     from conftest import save_tiny_gpt2
+
+    import headclass
 
     model = headclass.load_model(save_tiny_gpt2(tmp_path / "short", n_positions=n_positions))
     with pytest.raises(ProbeError, match=f"has a context of {n_positions} tokens; the repeated probe needs at least 5"):

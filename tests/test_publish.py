@@ -21,8 +21,17 @@ from test_failures import one_error_line, renamed, save_model, snapshot
 from headclass import cli
 from headclass.atomic import FolderPublication, PublishError
 
-_OPS = [(os, "replace"), (os, "rename"), (os, "mkdir"), (os, "open"), (os, "fsync"), (os, "chmod"),
-        (os, "unlink"), (os, "rmdir"), (builtins, "open")]
+_OPS = [
+    (os, "replace"),
+    (os, "rename"),
+    (os, "mkdir"),
+    (os, "open"),
+    (os, "fsync"),
+    (os, "chmod"),
+    (os, "unlink"),
+    (os, "rmdir"),
+    (builtins, "open"),
+]
 
 
 class Faults:
@@ -72,8 +81,9 @@ def tiny_taxonomy(tmp_path_factory):
 
 @pytest.fixture
 def instant(monkeypatch, tiny_taxonomy):
-    monkeypatch.setattr(cli, "_classify_one",
-                        lambda source, config, args, status, run, ablation=False: renamed(tiny_taxonomy, "tiny"))
+    monkeypatch.setattr(
+        cli, "_classify_one", lambda source, config, args, status, run, ablation=False: renamed(tiny_taxonomy, "tiny")
+    )
 
 
 def _setup(case: str, base: Path) -> Path:
@@ -122,8 +132,9 @@ def test_every_failing_file_operation_leaves_out_as_it_was(tmp_path, monkeypatch
     n_ops = counter.count
     assert n_ops > 10
     clean = snapshot(out)
-    assert sorted(clean) == sorted(["headclass-run.json", "tiny.csv", "tiny.json"]
-                                   + (["notes.txt"] if case == "existing" else []))
+    assert sorted(clean) == sorted(
+        ["headclass-run.json", "tiny.csv", "tiny.json"] + (["notes.txt"] if case == "existing" else [])
+    )
     capsys.readouterr()
 
     for k in range(1, n_ops + 1):
@@ -131,8 +142,11 @@ def test_every_failing_file_operation_leaves_out_as_it_was(tmp_path, monkeypatch
         if case == "existing":
             _rewrite_manifest_hash(out)
         before = snapshot(base)
-        error = (OSError(errno.ENOSPC, "No space left on device") if kind == "enospc"
-                 else OSError(errno.EIO, "Input/output error"))
+        error = (
+            OSError(errno.ENOSPC, "No space left on device")
+            if kind == "enospc"
+            else OSError(errno.EIO, "Input/output error")
+        )
         with monkeypatch.context() as patch:
             faults = Faults(base, fail_at=k, error=error).install(patch)
             status = cli.main(["classify", "tiny", "--out", str(out), *ARGS])
@@ -154,6 +168,7 @@ def test_a_previous_run_is_replaced_completely(tmp_path, capsys, instant):
 
 
 # -- the publisher on its own ---------------------------------------------------------------------------
+
 
 def _publish(out: Path, files: dict[str, str], *, owned=(), remove=()) -> list[str]:
     with FolderPublication(out, owned=owned) as publication:

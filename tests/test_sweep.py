@@ -65,16 +65,22 @@ def local_run(sources, tmp_path_factory):
 # -- the spec ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"models": [{"sorce": "gpt2"}]}, r"models\.0\.source: field required; models\.0\.sorce: unknown key "
-                                      r"\(keys: source, revision, name, config, step, family\)"),
-    ({"models": [{"source": "gpt2"}], "executor": "ray"}, r"executor: unknown key"),
-    ({"models": []}, r"models: list should have at least 1 item"),
-    ({"models": [{"source": "gpt2"}], "num_cpus": "2"}, r"num_cpus: input should be a valid number"),
-    ({"models": [{"source": "gpt2", "step": -1}]}, r"models\.0\.step: input should be greater than or equal to 0"),
-    ({"models": "gpt2"}, r"models: input should be a valid list"),
-    ({"models": [{"source": "gpt2"}], "config": 3}, r"config: "),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"models": [{"sorce": "gpt2"}]},
+            r"models\.0\.source: field required; models\.0\.sorce: unknown key "
+            r"\(keys: source, revision, name, config, step, family\)",
+        ),
+        ({"models": [{"source": "gpt2"}], "executor": "ray"}, r"executor: unknown key"),
+        ({"models": []}, r"models: list should have at least 1 item"),
+        ({"models": [{"source": "gpt2"}], "num_cpus": "2"}, r"num_cpus: input should be a valid number"),
+        ({"models": [{"source": "gpt2", "step": -1}]}, r"models\.0\.step: input should be greater than or equal to 0"),
+        ({"models": "gpt2"}, r"models: input should be a valid list"),
+        ({"models": [{"source": "gpt2"}], "config": 3}, r"config: "),
+    ],
+)
 def test_spec_errors_are_one_line_and_name_the_key(spec, message):
     with pytest.raises(SweepSpecError, match=message) as info:
         load_spec(spec)
@@ -103,10 +109,22 @@ def test_plan_resolves_paths_names_steps_and_keys(sources):
     assert len({j.stem for j in jobs}) == len({j.key for j in jobs}) == 5
     again = plan(*load_spec(write_spec(sources)))
     assert [j.key for j in again] == [j.key for j in jobs]  # the key is stable
-    hub = plan(*load_spec({"models": [{"source": "EleutherAI/pythia-160m", "revision": "step1000"},
-                                      {"source": "qwen2.5-coder-0.5b"}, {"source": "qwen2.5-coder-1.5b"}]}))
-    assert (hub[0].name, hub[0].step, hub[0].series) == ("EleutherAI/pythia-160m@step1000", 1000,
-                                                         "EleutherAI/pythia-160m")
+    hub = plan(
+        *load_spec(
+            {
+                "models": [
+                    {"source": "EleutherAI/pythia-160m", "revision": "step1000"},
+                    {"source": "qwen2.5-coder-0.5b"},
+                    {"source": "qwen2.5-coder-1.5b"},
+                ]
+            }
+        )
+    )
+    assert (hub[0].name, hub[0].step, hub[0].series) == (
+        "EleutherAI/pythia-160m@step1000",
+        1000,
+        "EleutherAI/pythia-160m",
+    )
     assert hub[1].family == hub[2].family == "qwen2.5-coder"
 
 
@@ -125,13 +143,29 @@ def test_local_sweep_writes_parts_merged_table_report_and_failures(local_run):
 
     table = pd.read_parquet(out / "sweep.parquet")
     pd.testing.assert_frame_equal(table, result.table, check_exact=True)
-    assert list(table.columns[:10]) == ["model", "source", "revision", "step", "series", "family", "n_params",
-                                        "in_context_loss", "layer", "head"]
+    assert list(table.columns[:10]) == [
+        "model",
+        "source",
+        "revision",
+        "step",
+        "series",
+        "family",
+        "n_params",
+        "in_context_loss",
+        "layer",
+        "head",
+    ]
     assert table.groupby("model", sort=False).size().to_dict() == {
-        "toy-2l@0": 4, "toy-2l@15": 4, "toy-2l@30": 4, "planted": 8}
+        "toy-2l@0": 4,
+        "toy-2l@15": 4,
+        "toy-2l@30": 4,
+        "planted": 8,
+    }
     assert table.loc[table["model"] == "planted", "n_params"].iloc[0] == 3586560
-    assert table.loc[(table["model"] == "planted") & (table["layer"] == 1) & (table["head"] == 0),
-                     "primary_label"].item() == "induction"
+    assert (
+        table.loc[(table["model"] == "planted") & (table["layer"] == 1) & (table["head"] == 0), "primary_label"].item()
+        == "induction"
+    )
     from headclass.report.export import read_parquet
 
     part = read_parquet(out / "parts" / "planted.parquet")
@@ -167,8 +201,9 @@ def test_second_run_skips_everything_finished_and_a_changed_config_recomputes(so
     # A changed config recomputes that source only; the others are still reused.
     monkeypatch.setattr(executors, "run_job", real)
     changed = {**PLANTED_CONFIG, "thresholds": {"induction": 0.95}}
-    third = headclass.sweep(write_spec(sources, bad=False, planted_config=changed, name="changed.yaml"),
-                            out=local_run.out, progress=False)
+    third = headclass.sweep(
+        write_spec(sources, bad=False, planted_config=changed, name="changed.yaml"), out=local_run.out, progress=False
+    )
     assert list(third.models["status"]) == ["skipped", "skipped", "skipped", "done"] and third.ok
     planted = third.table[third.table["model"] == "planted"]
     assert "induction" in planted["primary_label"].tolist()  # the planted head scores 1.0 > 0.95
@@ -178,8 +213,9 @@ def test_second_run_skips_everything_finished_and_a_changed_config_recomputes(so
 def test_cli_sweep_exit_status_and_one_line_error(sources, tmp_path, capsys):
     from headclass.cli import main
 
-    assert main(["sweep", str(write_spec(sources, bad=False, name="good.yaml")), "--out", str(tmp_path / "a"),
-                 "-q"]) == 0
+    assert (
+        main(["sweep", str(write_spec(sources, bad=False, name="good.yaml")), "--out", str(tmp_path / "a"), "-q"]) == 0
+    )
     assert "4 done, 0 failed" in capsys.readouterr().out
     assert main(["sweep", str(write_spec(sources)), "--out", str(tmp_path / "a"), "-q"]) == 1
     captured = capsys.readouterr()
@@ -245,8 +281,9 @@ def test_a_killed_worker_is_retried_and_the_sweep_completes(sources, local_run, 
     spec = write_spec(sources, bad=False, name="kill.yaml")
     raylet = ray_instance.get(ray_instance.remote(lambda: os.getppid()).remote())  # a worker's parent: our raylet
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=headclass.sweep(
-        spec, out=tmp_path, executor="ray", progress=False)))
+    thread = threading.Thread(
+        target=lambda: box.update(result=headclass.sweep(spec, out=tmp_path, executor="ray", progress=False))
+    )
     thread.start()
     killed = None
     deadline = time.monotonic() + 120
@@ -261,21 +298,32 @@ def test_a_killed_worker_is_retried_and_the_sweep_completes(sources, local_run, 
     result = box["result"]
     assert result.ok and result.counts()["done"] == 4
     pid, stem = killed
-    row = result.models[[Path(s).name == stem or n.replace("@", "-at-") == stem
-                         for s, n in zip(result.models["source"], result.models["name"])]]
+    row = result.models[
+        [
+            Path(s).name == stem or n.replace("@", "-at-") == stem
+            for s, n in zip(result.models["source"], result.models["name"])
+        ]
+    ]
     assert len(row) == 1 and int(row["pid"].iloc[0]) != pid  # rerun in another worker
-    pd.testing.assert_frame_equal(result.table, local_run.table[local_run.table["model"] != "missing"],
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        result.table, local_run.table[local_run.table["model"] != "missing"], check_exact=True
+    )
 
 
 def test_cli_ray_executor_starts_and_stops_its_own_instance(sources, tmp_path):
     pytest.importorskip("ray")
     spec = tmp_path / "one.yaml"
-    spec.write_text(yaml.safe_dump({"models": [{"source": str(sources / "toy-2l/checkpoints/step-30")}],
-                                    "config": TOY_CONFIG}))
+    spec.write_text(
+        yaml.safe_dump({"models": [{"source": str(sources / "toy-2l/checkpoints/step-30")}], "config": TOY_CONFIG})
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "headclass", "sweep", str(spec), "--out", str(tmp_path / "out"),
-                           "--executor", "ray"], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "headclass", "sweep", str(spec), "--out", str(tmp_path / "out"), "--executor", "ray"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "started a local Ray instance for this run" in done.stderr
     assert "1 done, 0 failed, 0 skipped" in done.stdout
@@ -285,8 +333,12 @@ def test_cli_ray_executor_starts_and_stops_its_own_instance(sources, tmp_path):
 def test_memory_and_params_are_estimated_from_the_source(sources):
     from headclass.sweep.executors import BASE_MEMORY, estimate_memory, estimate_params
 
-    spec, base = load_spec({"models": [{"source": str(sources / "planted")}, {"source": "qwen2.5-coder-1.5b"},
-                                       {"source": "gpt2"}], "dtype": "bfloat16"})
+    spec, base = load_spec(
+        {
+            "models": [{"source": str(sources / "planted")}, {"source": "qwen2.5-coder-1.5b"}, {"source": "gpt2"}],
+            "dtype": "bfloat16",
+        }
+    )
     planted, qwen, unknown = plan(spec, base)
     assert estimate_params(planted) == 3586560  # exact, from the safetensors header
     assert estimate_params(qwen) == 1_500_000_000 and estimate_params(unknown) is None
@@ -310,10 +362,16 @@ def test_load_model_revision_is_for_hub_models_only(sources, tmp_path, monkeypat
     real_model, real_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
     asked = []
     monkeypatch.setattr("headclass.loading.resolve_hub_name", lambda name: name)
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        lambda name, **kw: asked.append((name, kw.get("revision"))) or real_model(folder))
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
-                        lambda name, **kw: asked.append((name, kw.get("revision"))) or real_tokenizer(folder))
+    monkeypatch.setattr(
+        AutoModelForCausalLM,
+        "from_pretrained",
+        lambda name, **kw: asked.append((name, kw.get("revision"))) or real_model(folder),
+    )
+    monkeypatch.setattr(
+        AutoTokenizer,
+        "from_pretrained",
+        lambda name, **kw: asked.append((name, kw.get("revision"))) or real_tokenizer(folder),
+    )
     model = headclass.load_model("someone/tiny-gpt2", revision="step7")
     assert [a for a in asked if a[0] == "someone/tiny-gpt2"] == [("someone/tiny-gpt2", "step7")] * 2  # model, tokenizer
     assert model.name == "someone/tiny-gpt2" and model.n_layers == 2

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fake_scores import neutral_scores, random_scores, random_taxonomy
+from planted import bos_only_model, planted_attention_model
 
 import headclass
 from headclass.config import load_config
@@ -21,17 +23,17 @@ from headclass.taxonomy import (
     FALLBACK_LABELS,
     LABELS,
     PRIORITY,
+    RULES,
     SCORE_COLUMNS,
     TABLE_COLUMNS,
     UNCLASSIFIED,
     HeadTaxonomy,
+    classify,
     flag_column,
+    label_heads,
+    label_margins,
 )
-from headclass.taxonomy import RULES, classify, label_heads, label_margins
 from headclass.taxonomy.labelling import EVIDENCE
-
-from fake_scores import neutral_scores, random_scores, random_taxonomy
-from planted import bos_only_model, planted_attention_model
 
 T = load_config().thresholds  # the shipped defaults
 
@@ -90,10 +92,17 @@ def test_neutral_head_is_unclassified():
 
 
 # -- threshold edges ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, label", [("previous_token", "previous-token"), ("induction", "induction"),
-                                         ("bos", "bos"), ("current_token", "current-token"),
-                                         ("duplicate_token", "duplicate-token"),
-                                         ("copy_suppression_topk", "copy-suppression")])
+@pytest.mark.parametrize(
+    "name, label",
+    [
+        ("previous_token", "previous-token"),
+        ("induction", "induction"),
+        ("bos", "bos"),
+        ("current_token", "current-token"),
+        ("duplicate_token", "duplicate-token"),
+        ("copy_suppression_topk", "copy-suppression"),
+    ],
+)
 def test_score_equal_to_threshold_counts(name, label):
     t = float(getattr(T, name))
     at = label_heads({**neutral_scores(1, 1), name: torch.tensor([[t]], dtype=torch.float64)}).iloc[0]
@@ -345,7 +354,7 @@ def test_per_layer_is_tidy_and_consistent():
     per = tax.per_layer()
     assert len(per) == 5 * (len(LABELS) + 1)
     assert not per.duplicated(["layer", "label"]).any()
-    for layer, g in per.groupby("layer"):
+    for _, g in per.groupby("layer"):
         assert g["primary_count"].sum() == 4  # every head has exactly one primary label
         assert np.allclose(g["fraction"], g["count"] / 4)
     table = tax.table
@@ -472,8 +481,10 @@ def stand_in_scores(monkeypatch):
 
     def ablation_scores(model, *, config=None, probes=None, progress=True):
         calls["ablation"] = dict(config=config, probes=probes, progress=progress)
-        return {"ablation_induction_dloss": torch.ones(model.n_layers, model.n_heads),
-                "ablation_text_dloss": torch.zeros(model.n_layers, model.n_heads)}
+        return {
+            "ablation_induction_dloss": torch.ones(model.n_layers, model.n_heads),
+            "ablation_text_dloss": torch.zeros(model.n_layers, model.n_heads),
+        }
 
     for name, fn in (("patterns", pattern_measurement), ("weights", weight_scores), ("ablation", ablation_scores)):
         mod = types.ModuleType(f"headclass.scores.{name}")
@@ -481,8 +492,11 @@ def stand_in_scores(monkeypatch):
         monkeypatch.setitem(sys.modules, f"headclass.scores.{name}", mod)
 
     def build_probe_set(model, config, ablation=False):  # what classify hands each score
-        calls["probe_set"] = types.SimpleNamespace(pattern_probes=["pattern probes"], copy_tokens="copy tokens",
-                                                   ablation_probes={"induction": "ablation probe"})
+        calls["probe_set"] = types.SimpleNamespace(
+            pattern_probes=["pattern probes"],
+            copy_tokens="copy tokens",
+            ablation_probes={"induction": "ablation probe"},
+        )
         return calls["probe_set"]
 
     from headclass.taxonomy import classification
@@ -721,8 +735,7 @@ def test_real_scores_keep_no_reference_to_the_model(tmp_path):
 # Smaller probes and token sample than the defaults: the same heads stand out, in a fraction of
 # the time (the README demo uses the defaults).
 SMOLLM2_CONFIG = {
-    "probes": {"repeated": {"n_sequences": 8, "segment_length": 32},
-               "text": {"n_sequences": 8, "max_tokens": 64}},
+    "probes": {"repeated": {"n_sequences": 8, "segment_length": 32}, "text": {"n_sequences": 8, "max_tokens": 64}},
     "weights": {"copy_sample_size": 500},
 }
 
@@ -788,5 +801,7 @@ def test_ablation_on_a_trained_toy_model_with_toy_config():
     # the heads the model needs most on repeated tokens are its induction circuit: the
     # previous-token head in layer 0 and the induction heads that read it
     top = t.loc[t["ablation_induction_dloss"].idxmax()]
-    assert top["is_induction"] or top["is_previous_token"], t[["layer", "head", "induction", "ablation_induction_dloss"]]
+    assert top["is_induction"] or top["is_previous_token"], t[
+        ["layer", "head", "induction", "ablation_induction_dloss"]
+    ]
     assert (t.loc[t["is_induction"], "ablation_induction_dloss"] > 0).all()

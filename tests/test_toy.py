@@ -47,8 +47,8 @@ def test_batches_hold_one_segment_twice():
         assert 3 <= len(positions) <= 14  # a segment of 4..15 tokens, less its first token
         assert (positions.diff() == 1).all()  # one contiguous stretch: the second copy
         start, length = int(positions[0]) - 1, len(positions) + 1
-        copy = row[start:start + length]
-        earlier = [s for s in range(1, start - length + 1) if torch.equal(row[s:s + length], copy)]
+        copy = row[start : start + length]
+        earlier = [s for s in range(1, start - length + 1) if torch.equal(row[s : s + length], copy)]
         assert earlier, "the second copy repeats nothing earlier"
 
 
@@ -80,8 +80,10 @@ def test_model_is_attention_only_and_fast_forward_matches_transformers():
         torch.testing.assert_close(_forward(model, tokens), model(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("field, value", [("n_layers", 0), ("d_model", 65), ("vocab_size", 3),
-                                          ("seq_len", 8), ("lr", 0.0), ("min_segment", 1)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("n_layers", 0), ("d_model", 65), ("vocab_size", 3), ("seq_len", 8), ("lr", 0.0), ("min_segment", 1)],
+)
 def test_spec_errors_name_the_setting(field, value):
     with pytest.raises(HeadclassError, match=f"'{field}'"):
         ToySpec(**{"n_layers": 2, field: value}).check()
@@ -96,8 +98,7 @@ def test_unknown_setting_is_an_error(tmp_path):
 
 def test_cache_key_covers_every_setting():
     assert ToySpec(2).key() == ToySpec(2).key()
-    assert len({ToySpec(2).key(), ToySpec(2, seed=1).key(), ToySpec(2, steps=10).key(),
-                ToySpec(3).key()}) == 4
+    assert len({ToySpec(2).key(), ToySpec(2, seed=1).key(), ToySpec(2, steps=10).key(), ToySpec(3).key()}) == 4
 
 
 # -- training, saving, caching ------------------------------------------------------------------
@@ -192,8 +193,9 @@ def test_two_layer_induction_head_reads_a_previous_token_head(toy_models, toy_co
     table = toy_comparison.taxonomies["toy-2l"].table
     best = table.loc[table["induction"].idxmax()]
     model = headclass.load_model(toy_models[2])
-    partners = top_k_composition_partners(composition_scores(model, kinds="k"), int(best["layer"]),
-                                          int(best["head"]), kind="k", n=1)
+    partners = top_k_composition_partners(
+        composition_scores(model, kinds="k"), int(best["layer"]), int(best["head"]), kind="k", n=1
+    )
     partner = table.set_index(["layer", "head"]).loc[(int(partners["layer"][0]), int(partners["head"][0]))]
     assert bool(partner["is_previous_token"]), (partners, partner[["previous_token", "labels"]])
 
@@ -207,8 +209,9 @@ def test_checkpoints_change_nothing_about_training(tmp_path):
     from headclass.toy import toy_checkpoints
 
     plain = train_toy_model(2, steps=20, out_dir=tmp_path / "plain", progress=False)
-    saved = train_toy_model(2, steps=20, checkpoint_every=10, checkpoints=[5], out_dir=tmp_path / "ckpt",
-                            progress=False)
+    saved = train_toy_model(
+        2, steps=20, checkpoint_every=10, checkpoints=[5], out_dir=tmp_path / "ckpt", progress=False
+    )
     found = toy_checkpoints(saved)
     assert [step for step, _ in found] == [0, 5, 10, 20]
     assert all(path == saved / "checkpoints" / f"step-{step}" for step, path in found)
@@ -225,9 +228,14 @@ def test_checkpoints_change_nothing_about_training(tmp_path):
     assert not [p for p in saved.rglob(".*")], "staging folders left behind"
 
 
-@pytest.mark.parametrize("kwargs, message", [({"checkpoint_every": 0}, "'checkpoint_every'"),
-                                             ({"checkpoints": [21]}, "'checkpoints'"),
-                                             ({"checkpoints": [-1]}, "'checkpoints'")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"checkpoint_every": 0}, "'checkpoint_every'"),
+        ({"checkpoints": [21]}, "'checkpoints'"),
+        ({"checkpoints": [-1]}, "'checkpoints'"),
+    ],
+)
 def test_checkpoint_settings_are_checked(tmp_path, kwargs, message):
     with pytest.raises(HeadclassError, match=message):
         train_toy_model(1, steps=20, out_dir=tmp_path / "m", progress=False, **kwargs)

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from planted import planted_attention_model, planted_roles_model
 
 import headclass
 from headclass import probes
 from headclass.scores.patterns import BUDGET_CLASSES
 from headclass.taxonomy import ATTENTION_ROLES, OUTPUT_ROLES, classify
-
-from planted import planted_attention_model, planted_roles_model
 
 SECOND_CORPUS = Path(__file__).resolve().parent / "data" / "second_corpus.txt"
 
@@ -42,27 +41,37 @@ def attention_taxonomy(tmp_path_factory):
     return classify(model, config, progress=False), roles
 
 
-@pytest.mark.parametrize("role, axis, expected", [
-    ("previous_token", "attention_role", "previous-token"),
-    ("local", "attention_role", "local"),
-    ("delimiter", "attention_role", "delimiter"),
-    ("content", "attention_role", "content"),
-    ("transform", "output_role", "transform"),
-    ("successor", "output_role", "successor"),
-    ("noop", "output_role", "no-op"),
-    ("copy", "output_role", "copy"),
-])
+@pytest.mark.parametrize(
+    "role, axis, expected",
+    [
+        ("previous_token", "attention_role", "previous-token"),
+        ("local", "attention_role", "local"),
+        ("delimiter", "attention_role", "delimiter"),
+        ("content", "attention_role", "content"),
+        ("transform", "output_role", "transform"),
+        ("successor", "output_role", "successor"),
+        ("noop", "output_role", "no-op"),
+        ("copy", "output_role", "copy"),
+    ],
+)
 def test_each_planted_head_gets_its_role_on_its_axis(roles_taxonomy, role, axis, expected):
     tax, roles = roles_taxonomy
     head = tax.head(*roles[role])
     assert head[axis] == expected, {k: head[k] for k in ("attention_role", "attention_roles", "output_role")}
 
 
-@pytest.mark.parametrize("role, expected", [
-    ("previous_token", "previous-token"), ("current_token", "current-token"), ("bos", "bos"),
-    ("diffuse", "diffuse"), ("induction", "induction"), ("duplicate_token", "duplicate-token"),
-    ("fixed_offset", "fixed-offset"),
-])
+@pytest.mark.parametrize(
+    "role, expected",
+    [
+        ("previous_token", "previous-token"),
+        ("current_token", "current-token"),
+        ("bos", "bos"),
+        ("diffuse", "diffuse"),
+        ("induction", "induction"),
+        ("duplicate_token", "duplicate-token"),
+        ("fixed_offset", "fixed-offset"),
+    ],
+)
 def test_existing_planted_heads_keep_their_roles(attention_taxonomy, role, expected):
     tax, roles = attention_taxonomy
     head = tax.head(*roles[role])
@@ -104,7 +113,8 @@ def test_planted_taxonomy_is_the_same_with_batch_size_1_and_16(tmp_path):
     one = classify(model, {**config, "probes": {**config["probes"], "batch_size": 1}}, progress=False).table
     many = classify(model, {**config, "probes": {**config["probes"], "batch_size": 16}}, progress=False).table
     assert one[["attention_role", "attention_roles", "output_role", "primary_label", "labels"]].equals(
-        many[["attention_role", "attention_roles", "output_role", "primary_label", "labels"]])
+        many[["attention_role", "attention_roles", "output_role", "primary_label", "labels"]]
+    )
     numeric = [c for c in one.columns if one[c].dtype == np.float64]
     np.testing.assert_allclose(one[numeric].to_numpy(), many[numeric].to_numpy(), rtol=1e-5, atol=1e-6)
 

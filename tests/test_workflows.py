@@ -5,10 +5,10 @@ from __future__ import annotations
 import gc
 import weakref
 
+from fake_scores import random_taxonomy
+
 from headclass import workflows
 from headclass.workflows import compare_models
-
-from fake_scores import random_taxonomy
 
 
 def test_compare_models_holds_one_model_at_a_time(monkeypatch):

@@ -37,7 +37,7 @@ import torch
 
 __all__ = ["GPT2_SMALL_LAYOUT", "planted_gpt2_roles_model", "build_planted_roles"]
 
-VOCAB = 16      # id 0 is BOS; 15 ordinary ids (the repeated probe's segment is 15 tokens)
+VOCAB = 16  # id 0 is BOS; 15 ordinary ids (the repeated probe's segment is 15 tokens)
 N_CTX = 32
 N_LAYERS = 12
 N_HEADS = 12
@@ -76,10 +76,10 @@ class _Basis:
         raw[:, 0] = 1.0  # first direction: all-ones, LayerNorm's centring direction
         q, _ = torch.linalg.qr(raw)
         rows = q.T
-        self.T = rows[1:1 + VOCAB]
-        self.P = rows[1 + VOCAB:1 + VOCAB + N_CTX]
-        self.PT = rows[1 + VOCAB + N_CTX:1 + 2 * VOCAB + N_CTX]
-        self.J = rows[1 + 2 * VOCAB + N_CTX:1 + 3 * VOCAB + N_CTX]  # junk: read by nothing
+        self.T = rows[1 : 1 + VOCAB]
+        self.P = rows[1 + VOCAB : 1 + VOCAB + N_CTX]
+        self.PT = rows[1 + VOCAB + N_CTX : 1 + 2 * VOCAB + N_CTX]
+        self.J = rows[1 + 2 * VOCAB + N_CTX : 1 + 3 * VOCAB + N_CTX]  # junk: read by nothing
 
 
 def _qk(recipe: str, B: _Basis, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +104,7 @@ def _qk(recipe: str, B: _Basis, scale: float) -> tuple[torch.Tensor, torch.Tenso
     return w_q, w_k
 
 
-def build_planted_roles(layout: Mapping[tuple[int, int], str] = GPT2_SMALL_LAYOUT, *, seed: int = 0,
-                        gap: float = GAP):
+def build_planted_roles(layout: Mapping[tuple[int, int], str] = GPT2_SMALL_LAYOUT, *, seed: int = 0, gap: float = GAP):
     """A ``GPT2LMHeadModel`` (12 x 12 heads, d_model 576, vocab 16, 32 positions) with ``layout``.
 
     Heads not in ``layout`` get recipe ``none``. At most one ``previous_token_writer``, and every
@@ -117,9 +116,17 @@ def build_planted_roles(layout: Mapping[tuple[int, int], str] = GPT2_SMALL_LAYOU
     inductions = [pos for pos, recipe in layout.items() if recipe == "induction"]
     if len(writers) > 1 or (inductions and (not writers or min(inductions)[0] <= writers[0][0])):
         raise ValueError("induction heads need exactly one previous_token_writer in an earlier layer")
-    config = GPT2Config(n_layer=N_LAYERS, n_head=N_HEADS, n_embd=D_MODEL, vocab_size=VOCAB,
-                        n_positions=N_CTX, n_inner=4, bos_token_id=0, eos_token_id=0,
-                        tie_word_embeddings=True)
+    config = GPT2Config(
+        n_layer=N_LAYERS,
+        n_head=N_HEADS,
+        n_embd=D_MODEL,
+        vocab_size=VOCAB,
+        n_positions=N_CTX,
+        n_inner=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
     model = GPT2LMHeadModel(config)
     B = _Basis(seed)
     with torch.no_grad():
@@ -145,7 +152,7 @@ def build_planted_roles(layout: Mapping[tuple[int, int], str] = GPT2_SMALL_LAYOU
                 w_q, w_k = _qk(recipe, B, scale)
                 w_attn[:, cols] = w_q
                 w_attn[:, D_MODEL:][:, cols] = w_k
-                values = w_attn[:, 2 * D_MODEL + head * D_HEAD:2 * D_MODEL + (head + 1) * D_HEAD]
+                values = w_attn[:, 2 * D_MODEL + head * D_HEAD : 2 * D_MODEL + (head + 1) * D_HEAD]
                 sign = {"copy": 1.0, "copy_suppression": -1.0}.get(recipe)
                 for t in range(VOCAB):
                     if recipe == "previous_token_writer":

@@ -38,8 +38,7 @@ from headclass.scores.patterns import BUDGET_CLASSES
 from headclass.taxonomy import LABEL_MEANINGS, HeadTaxonomy
 from headclass.taxonomy.schema import ID_COLUMNS
 
-__all__ = ["HeadCard", "CARD_CSS", "DEFAULT_PROMPT", "card_id", "explain", "Explanation", "explain_page",
-           "parse_head"]
+__all__ = ["HeadCard", "CARD_CSS", "DEFAULT_PROMPT", "card_id", "explain", "Explanation", "explain_page", "parse_head"]
 
 #: Styles of a card (prefixed ``hc-``, so they never clash with a notebook's or a page's).
 CARD_CSS = """
@@ -95,9 +94,15 @@ class HeadCard:
         ``{"<id>": string}`` for every token the evidence names.
     """
 
-    def __init__(self, row: Mapping[str, Any], evidence: Optional[Mapping[str, Any]] = None, *,
-                 document: Optional[Mapping[str, Any]] = None, model: str = "",
-                 roles: Optional[Mapping[tuple[int, int], str]] = None):
+    def __init__(
+        self,
+        row: Mapping[str, Any],
+        evidence: Optional[Mapping[str, Any]] = None,
+        *,
+        document: Optional[Mapping[str, Any]] = None,
+        model: str = "",
+        roles: Optional[Mapping[tuple[int, int], str]] = None,
+    ):
         self.row = dict(row)
         self.layer, self.head = int(self.row["layer"]), int(self.row["head"])
         self.evidence = dict(evidence or {})
@@ -115,8 +120,13 @@ class HeadCard:
             raise HeadclassError(f"a head card needs a HeadTaxonomy; got {type(taxonomy).__name__}.")
         row = taxonomy.head(int(layer), int(head))
         document = taxonomy._evidence or {}
-        return cls(row, (document.get("heads") or {}).get(f"L{int(layer)}H{int(head)}"), document=document,
-                   model=taxonomy.model_name, roles=_roles(taxonomy))
+        return cls(
+            row,
+            (document.get("heads") or {}).get(f"L{int(layer)}H{int(head)}"),
+            document=document,
+            model=taxonomy.model_name,
+            roles=_roles(taxonomy),
+        )
 
     # -- what it holds ----------------------------------------------------------------------
     @property
@@ -142,14 +152,18 @@ class HeadCard:
 
     def raised_tokens(self) -> list[tuple[str, list[str]]]:
         """``[(source token, [raised tokens, most raised first])]``."""
-        return [(self.token(w["source"]), [self.token(i) for i, _ in w["raises"]])
-                for w in self.evidence.get("writes") or []]
+        return [
+            (self.token(w["source"]), [self.token(i) for i, _ in w["raises"]])
+            for w in self.evidence.get("writes") or []
+        ]
 
     # -- rendering --------------------------------------------------------------------------
     def __repr__(self) -> str:
         r = self.row
-        return (f"HeadCard(L{self.layer}H{self.head} of {self.model!r}: attention {r.get('attention_role')}, "
-                f"output {r.get('output_role')})")
+        return (
+            f"HeadCard(L{self.layer}H{self.head} of {self.model!r}: attention {r.get('attention_role')}, "
+            f"output {r.get('output_role')})"
+        )
 
     def _repr_html_(self) -> str:
         return self.to_html()
@@ -170,8 +184,19 @@ class HeadCard:
 
     def inner_html(self) -> str:
         """What the card element holds (the report fills an empty card element with it on opening)."""
-        return "".join([self._header(), self._budget(), self._examples_html(), self._looks_for(),
-                        self._writes(), self._composition(), self._ablation(), self._pattern(), self._scores()])
+        return "".join(
+            [
+                self._header(),
+                self._budget(),
+                self._examples_html(),
+                self._looks_for(),
+                self._writes(),
+                self._composition(),
+                self._ablation(),
+                self._pattern(),
+                self._scores(),
+            ]
+        )
 
     # -- sections ---------------------------------------------------------------------------
     def _header(self) -> str:
@@ -179,25 +204,42 @@ class HeadCard:
         borderline = {b.strip() for b in str(r.get("borderline") or "").split(",") if b.strip()}
 
         def role(axis: str, name: str, margin: Any) -> str:
-            mark = (' <span class="hc-border" title="borderline: a score within 2 SE of its threshold">'
-                    "borderline</span>") if name in borderline else ""
-            return (f'<span class="hc-role" title="{html.escape(LABEL_MEANINGS.get(name, ""))}">{axis}: '
-                    f"<b>{html.escape(str(name))}</b> (margin {_fmt(margin)}){mark}</span>")
+            mark = (
+                (' <span class="hc-border" title="borderline: a score within 2 SE of its threshold">borderline</span>')
+                if name in borderline
+                else ""
+            )
+            return (
+                f'<span class="hc-role" title="{html.escape(LABEL_MEANINGS.get(name, ""))}">{axis}: '
+                f"<b>{html.escape(str(name))}</b> (margin {_fmt(margin)}){mark}</span>"
+            )
 
         roles = str(r.get("attention_roles") or "")
-        extra = (f'<p class="hc-sub">attention roles that hold: {html.escape(roles)}</p>'
-                 if roles and roles != r.get("attention_role") else "")
+        extra = (
+            f'<p class="hc-sub">attention roles that hold: {html.escape(roles)}</p>'
+            if roles and roles != r.get("attention_role")
+            else ""
+        )
         others = sorted(borderline - {r.get("attention_role"), r.get("output_role")})
-        border = (f'<p class="hc-sub"><span class="hc-border">borderline</span>: {html.escape(", ".join(others))}</p>'
-                  if others else "")
+        border = (
+            f'<p class="hc-sub"><span class="hc-border">borderline</span>: {html.escape(", ".join(others))}</p>'
+            if others
+            else ""
+        )
         labels = str(r.get("labels") or "") or "none"
-        return (f"<h3>L{self.layer}H{self.head}"
-                + (f' <span class="hc-sub">· {html.escape(self.model)}</span>' if self.model else "") + "</h3>"
-                + "<p>" + role("attention", r.get("attention_role", "?"), r.get("attention_margin"))
-                + role("output", r.get("output_role", "?"), r.get("output_margin"))
-                + f"confidence {_fmt(r.get('confidence'))}</p>" + extra + border
-                + f'<p class="hc-sub">primary label <b>{html.escape(str(r.get("primary_label")))}</b> · '
-                  f"labels: {html.escape(labels)}</p>")
+        return (
+            f"<h3>L{self.layer}H{self.head}"
+            + (f' <span class="hc-sub">· {html.escape(self.model)}</span>' if self.model else "")
+            + "</h3>"
+            + "<p>"
+            + role("attention", r.get("attention_role", "?"), r.get("attention_margin"))
+            + role("output", r.get("output_role", "?"), r.get("output_margin"))
+            + f"confidence {_fmt(r.get('confidence'))}</p>"
+            + extra
+            + border
+            + f'<p class="hc-sub">primary label <b>{html.escape(str(r.get("primary_label")))}</b> · '
+            f"labels: {html.escape(labels)}</p>"
+        )
 
     def _budget(self) -> str:
         from headclass.report.plots import BUDGET_COLORS
@@ -208,14 +250,22 @@ class HeadCard:
                 break
         else:
             return '<h4>Attention budget</h4><p class="hc-nothing">not measured</p>'
-        total = sum(max(0.0, float(v)) for _, v in shares) or 1.0
+        values = [(c, float(v if v is not None else 0.0)) for c, v in shares]  # all finite (checked above)
+        total = sum(max(0.0, v) for _, v in values) or 1.0
         bar = "".join(
-            f'<span style="width:{100 * max(0.0, float(v)) / total:.2f}%;background:{BUDGET_COLORS[c]}" '
-            f'title="{c}: {float(v):.3f}"></span>' for c, v in shares)
-        legend = "".join(f'<span><i style="background:{BUDGET_COLORS[c]}"></i>{c} {float(v):.2f}</span>'
-                         for c, v in shares if float(v) >= 0.005)
-        return (f'<h4>Attention budget <span class="hc-sub">({probe})</span></h4>'
-                f'<div class="hc-bar">{bar}</div><div class="hc-legend">{legend}</div>')
+            f'<span style="width:{100 * max(0.0, v) / total:.2f}%;background:{BUDGET_COLORS[c]}" '
+            f'title="{c}: {v:.3f}"></span>'
+            for c, v in values
+        )
+        legend = "".join(
+            f'<span><i style="background:{BUDGET_COLORS[c]}"></i>{c} {v:.2f}</span>'
+            for c, v in values
+            if v >= 0.005
+        )
+        return (
+            f'<h4>Attention budget <span class="hc-sub">({probe})</span></h4>'
+            f'<div class="hc-bar">{bar}</div><div class="hc-legend">{legend}</div>'
+        )
 
     def _examples_html(self) -> str:
         by_probe = self.evidence.get("examples") or {}
@@ -228,14 +278,17 @@ class HeadCard:
                 rows.append(
                     f'<tr class="hc-example"><td><span class="hc-tok">{self._tok(ex["query_token"])}</span> '
                     f'({ex["query"]}) &rarr; <span class="hc-tok">{self._tok(ex["key_token"])}</span> '
-                    f'({ex["key"]})</td>'
+                    f"({ex['key']})</td>"
                     f'<td class="hc-num">{ex["weight"]:.3f}</td><td class="hc-num">{ex["offset"]}</td>'
-                    f'<td>{html.escape(ex["relation"])}</td><td class="hc-ctx">{self._context(ex)}</td></tr>')
-            out.append(f'<h4>Strongest attention on the {html.escape(probe)} probe '
-                       '<span class="hc-sub">(away from the first position)</span></h4>'
-                       '<table class="hc-examples" data-probe="' + html.escape(probe) + '"><thead><tr>'
-                       "<th>query &rarr; key (position)</th><th>weight</th><th>offset</th><th>key is</th>"
-                       "<th>context (query, key)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+                    f'<td>{html.escape(ex["relation"])}</td><td class="hc-ctx">{self._context(ex)}</td></tr>'
+                )
+            out.append(
+                f"<h4>Strongest attention on the {html.escape(probe)} probe "
+                '<span class="hc-sub">(away from the first position)</span></h4>'
+                '<table class="hc-examples" data-probe="' + html.escape(probe) + '"><thead><tr>'
+                "<th>query &rarr; key (position)</th><th>weight</th><th>offset</th><th>key is</th>"
+                "<th>context (query, key)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+            )
         return "".join(out)
 
     def _context(self, ex: Mapping[str, Any]) -> str:
@@ -245,8 +298,9 @@ class HeadCard:
                 pieces.append('<span class="hc-gap"> … </span>')
             for pos, tid in enumerate(ids, start=int(start)):
                 cls = "hc-q" if pos == ex["query"] else "hc-k" if pos == ex["key"] else ""
-                pieces.append(f'<span class="{cls}">{self._tok(tid)}</span>' if cls else
-                              f"<span>{self._tok(tid)}</span>")
+                pieces.append(
+                    f'<span class="{cls}">{self._tok(tid)}</span>' if cls else f"<span>{self._tok(tid)}</span>"
+                )
         return "".join(pieces)
 
     def _looks_for(self) -> str:
@@ -256,21 +310,29 @@ class HeadCard:
         rows = "".join(
             f'<tr><td><span class="hc-tok">{self._tok(ex["query_token"])}</span> ({ex["query"]})</td><td>'
             + ", ".join(f'<span class="hc-tok">{self._tok(t)}</span> ({k}) {w:.2f}' for k, t, w in ex["prefers"])
-            + "</td></tr>" for ex in examples)
-        return ("<h4>What it looks for <span class=\"hc-sub\">(keys each example query prefers, "
-                "first position included)</span></h4><table><thead><tr><th>query</th><th>preferred keys "
-                f"(position) weight</th></tr></thead><tbody>{rows}</tbody></table>")
+            + "</td></tr>"
+            for ex in examples
+        )
+        return (
+            '<h4>What it looks for <span class="hc-sub">(keys each example query prefers, '
+            "first position included)</span></h4><table><thead><tr><th>query</th><th>preferred keys "
+            f"(position) weight</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
 
     def _writes(self) -> str:
         embedding = self._document.get("embedding")
-        head = (f"<h4>What it writes <span class=\"hc-sub\">(OV circuit through "
-                f"{'the effective embedding' if embedding == 'effective' else 'W_E'}; "
-                f"copy_eigen {_fmt(self.row.get('copy_eigen'))})</span></h4>")
+        head = (
+            f'<h4>What it writes <span class="hc-sub">(OV circuit through '
+            f"{'the effective embedding' if embedding == 'effective' else 'W_E'}; "
+            f"copy_eigen {_fmt(self.row.get('copy_eigen'))})</span></h4>"
+        )
         if self.writes_nothing:
-            return head + (f'<p class="hc-nothing hc-writes-nothing">This head writes nothing: its OV output '
-                           f"is negligible (ov_gain_relative {_fmt(self.row.get('ov_gain_relative'))}, output "
-                           f"role {html.escape(str(self.row.get('output_role')))}); the tokens below are noise.</p>"
-                           + self._writes_table())
+            return head + (
+                f'<p class="hc-nothing hc-writes-nothing">This head writes nothing: its OV output '
+                f"is negligible (ov_gain_relative {_fmt(self.row.get('ov_gain_relative'))}, output "
+                f"role {html.escape(str(self.row.get('output_role')))}); the tokens below are noise.</p>"
+                + self._writes_table()
+            )
         return head + self._writes_table()
 
     def _writes_table(self) -> str:
@@ -280,10 +342,15 @@ class HeadCard:
         rows = "".join(
             f'<tr><td><span class="hc-tok">{self._tok(w["source"])}</span></td><td class="hc-raises">'
             + " ".join(f'<span class="hc-tok">{self._tok(i)}</span>' for i, _ in w["raises"])
-            + "</td><td>" + " ".join(f'<span class="hc-tok">{self._tok(i)}</span>' for i, _ in w["lowers"])
-            + "</td></tr>" for w in writes)
-        return ("<table class=\"hc-writes\"><thead><tr><th>attending to</th><th>raises most</th>"
-                f"<th>lowers most</th></tr></thead><tbody>{rows}</tbody></table>")
+            + "</td><td>"
+            + " ".join(f'<span class="hc-tok">{self._tok(i)}</span>' for i, _ in w["lowers"])
+            + "</td></tr>"
+            for w in writes
+        )
+        return (
+            '<table class="hc-writes"><thead><tr><th>attending to</th><th>raises most</th>'
+            f"<th>lowers most</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
 
     def _composition(self) -> str:
         partners = self.evidence.get("composition")
@@ -298,20 +365,26 @@ class HeadCard:
         for kind in ("q", "k", "v"):
             items = "".join(
                 f'<li>L{la}H{ha} {s:.3f} <span class="hc-sub">{html.escape(self._roles.get((la, ha), ""))}</span></li>'
-                for la, ha, s in partners.get(kind, []))
+                for la, ha, s in partners.get(kind, [])
+            )
             cols.append(f"<div><b>{kind.upper()}-composition</b><ol>{items}</ol></div>")
-        return ('<h4>Composition partners <span class="hc-sub">(earlier heads whose output this head\'s '
-                'queries, keys and values read; their attention role)</span></h4>'
-                f'<div class="hc-cols hc-composition">{"".join(cols)}</div>')
+        return (
+            '<h4>Composition partners <span class="hc-sub">(earlier heads whose output this head\'s '
+            "queries, keys and values read; their attention role)</span></h4>"
+            f'<div class="hc-cols hc-composition">{"".join(cols)}</div>'
+        )
 
     def _ablation(self) -> str:
         found = [(k, v) for k, v in self.row.items() if k.startswith("ablation_") and not k.endswith("_se")]
         if not found:
-            return ('<h4>Ablation</h4><p class="hc-nothing">not computed '
-                    "(classify(model, ablation=True) or headclass classify --ablation)</p>")
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td class=\"hc-num\">{_fmt(v)}</td></tr>" for k, v in found)
-        return ('<h4>Ablation <span class="hc-sub">(loss change when the head is ablated)</span></h4>'
-                f"<table>{rows}</table>")
+            return (
+                '<h4>Ablation</h4><p class="hc-nothing">not computed '
+                "(classify(model, ablation=True) or headclass classify --ablation)</p>"
+            )
+        rows = "".join(f'<tr><td>{html.escape(k)}</td><td class="hc-num">{_fmt(v)}</td></tr>' for k, v in found)
+        return (
+            f'<h4>Ablation <span class="hc-sub">(loss change when the head is ablated)</span></h4><table>{rows}</table>'
+        )
 
     def _pattern(self) -> str:
         grid = self.evidence.get("pattern") or []
@@ -327,19 +400,24 @@ class HeadCard:
                 if w >= 0.02:
                     level = min(7, int(float(w) * 8))
                     levels.setdefault(level, []).append(f"M{pad + k * cell} {pad + q * cell}h{cell}v{cell}h-{cell}z")
-        rects = [f'<path fill="rgb({int(235 - 200 * (lv + 1) / 8)},{int(240 - 170 * (lv + 1) / 8)},255)" '
-                 f'd="{"".join(cells)}"/>' for lv, cells in sorted(levels.items())]
+        rects = [
+            f'<path fill="rgb({int(235 - 200 * (lv + 1) / 8)},{int(240 - 170 * (lv + 1) / 8)},255)" '
+            f'd="{"".join(cells)}"/>'
+            for lv, cells in sorted(levels.items())
+        ]
         labels = []
         for i, tid in enumerate(prompt[:n]):
             text = html.escape(self.token(tid)[:8])
             labels.append(f'<text x="{pad - 4}" y="{pad + i * cell + 11}" text-anchor="end">{text}</text>')
             labels.append(f'<text transform="translate({pad + i * cell + 10},{pad - 4}) rotate(-60)">{text}</text>')
         probe = (self._document.get("pattern_prompt") or {}).get("probe") or ""
-        return (f'<h4>Pattern on a short prompt <span class="hc-sub">(first {n} tokens of the {html.escape(probe)} '
-                'probe; query down, key across)</span></h4>'
-                f'<svg class="hc-pattern" width="{size}" height="{size}" font-size="9" '
-                f'xmlns="http://www.w3.org/2000/svg"><rect x="{pad}" y="{pad}" width="{n * cell}" '
-                f'height="{n * cell}" fill="none" stroke="#ccc"/>{"".join(rects)}{"".join(labels)}</svg>')
+        return (
+            f'<h4>Pattern on a short prompt <span class="hc-sub">(first {n} tokens of the {html.escape(probe)} '
+            "probe; query down, key across)</span></h4>"
+            f'<svg class="hc-pattern" width="{size}" height="{size}" font-size="9" '
+            f'xmlns="http://www.w3.org/2000/svg"><rect x="{pad}" y="{pad}" width="{n * cell}" '
+            f'height="{n * cell}" fill="none" stroke="#ccc"/>{"".join(rects)}{"".join(labels)}</svg>'
+        )
 
     def _scores(self) -> str:
         rows = []
@@ -349,11 +427,15 @@ class HeadCard:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             se = self.row.get(f"{key}_se")
-            rows.append(f"<tr><td>{html.escape(key)}</td><td>{_fmt(value)}</td>"
-                        f"<td>{_fmt(se) if se is not None else ''}</td></tr>")
-        return ("<details><summary><b>Every score</b> (with its standard error)</summary>"
-                "<table class=\"hc-scores\"><thead><tr><th>score</th><th>value</th><th>SE</th></tr></thead>"
-                f"<tbody>{''.join(rows)}</tbody></table></details>")
+            rows.append(
+                f"<tr><td>{html.escape(key)}</td><td>{_fmt(value)}</td>"
+                f"<td>{_fmt(se) if se is not None else ''}</td></tr>"
+            )
+        return (
+            "<details><summary><b>Every score</b> (with its standard error)</summary>"
+            '<table class="hc-scores"><thead><tr><th>score</th><th>value</th><th>SE</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></details>"
+        )
 
     def _tok(self, token_id: Any) -> str:
         return html.escape(self.token(token_id))
@@ -380,7 +462,7 @@ def _fmt(value: Any) -> str:
 
 # -- explain: a card plus the live pattern on a prompt ---------------------------------------------
 
-DEFAULT_PROMPT = ("The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.")
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog."
 
 
 class Explanation:
@@ -407,8 +489,11 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         """One HTML string (front ends without ``_ipython_display_``; plotly.js from its CDN)."""
-        live = str(self.circuitsvis) if self.circuitsvis is not None else self.figure.to_html(
-            full_html=False, include_plotlyjs="cdn")
+        live = (
+            str(self.circuitsvis)
+            if self.circuitsvis is not None
+            else self.figure.to_html(full_html=False, include_plotlyjs="cdn")
+        )
         return self.card.to_html() + f"<h4>Live pattern on your prompt</h4>{live}"
 
     def to_html(self) -> str:
@@ -417,16 +502,25 @@ class Explanation:
 
 def explain_page(card: HeadCard, figure: Any) -> str:
     """One self-contained page: the card, then ``figure`` (plotly.js inline, no network)."""
-    live = figure.to_html(full_html=False, include_plotlyjs=True, div_id="live-pattern",
-                          config={"displaylogo": False})
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>headclass: L{card.layer}H{card.head} of {html.escape(card.model)}</title>"
-            f"<style>{CARD_CSS} body {{ margin: 1em 2em; }}</style></head><body>"
-            f"{card.body_html()}<h4>Live pattern on your prompt</h4>{live}</body></html>")
+    live = figure.to_html(full_html=False, include_plotlyjs=True, div_id="live-pattern", config={"displaylogo": False})
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>headclass: L{card.layer}H{card.head} of {html.escape(card.model)}</title>"
+        f"<style>{CARD_CSS} body {{ margin: 1em 2em; }}</style></head><body>"
+        f"{card.body_html()}<h4>Live pattern on your prompt</h4>{live}</body></html>"
+    )
 
 
-def explain(model: Any, layer: int, head: int, *, taxonomy: Optional[HeadTaxonomy] = None,
-            prompt: Any = None, config: Any = None, progress: bool = False) -> Explanation:
+def explain(
+    model: Any,
+    layer: int,
+    head: int,
+    *,
+    taxonomy: Optional[HeadTaxonomy] = None,
+    prompt: Any = None,
+    config: Any = None,
+    progress: bool = False,
+) -> Explanation:
     """One head's card and its live attention pattern on ``prompt``.
 
     Parameters
@@ -483,4 +577,3 @@ def parse_head(text: str, n_layers: Optional[int] = None, n_heads: Optional[int]
     if n_heads is not None and not 0 <= head < n_heads:
         raise HeadclassError(f"head must be in [0, {n_heads - 1}]; got {head} in {text!r}.")
     return layer, head
-

@@ -2,8 +2,9 @@
 
 Models with different numbers of layers are aligned by *relative depth*: layer ``l`` of an
 ``L``-layer model sits at ``l / (L - 1)`` in [0, 1] (first layer 0, last layer 1), and depths
-are cut into ``n_bins`` equal bins (the last bin is closed). For each model, bin and label the tidy table counts the heads with that label and
-the fraction of the bin's heads they are, so a 12-layer and a 30-layer model share an x axis.
+are cut into ``n_bins`` equal bins (the last bin is closed). For each model, bin and label the
+tidy table counts the heads with that label and the fraction of the bin's heads they are, so a
+12-layer and a 30-layer model share an x axis.
 
 A :class:`~headclass.taxonomy.HeadTaxonomy` holds only its table, so models can be
 loaded, classified and freed one after another (:func:`headclass.workflows.compare_models`
@@ -72,8 +73,14 @@ class Comparison:
         px = _plotly_express()
         data = self._rows_for(labels)
         fig = px.line(
-            data, x="depth_mid", y="fraction", color="model", facet_col="label", facet_col_wrap=3,
-            markers=True, category_orders={"label": _label_order(data), "model": self.models},
+            data,
+            x="depth_mid",
+            y="fraction",
+            color="model",
+            facet_col="label",
+            facet_col_wrap=3,
+            markers=True,
+            category_orders={"label": _label_order(data), "model": self.models},
             hover_data={"count": True, "n_heads": True, "depth_low": ":.2f", "depth_high": ":.2f"},
             labels={"depth_mid": "relative depth", "fraction": "fraction of heads"},
             title="Head labels by relative depth",
@@ -96,9 +103,16 @@ class Comparison:
             _check_labels(labels)
             long = long[long["label"].isin(labels)]
         y = "fraction of heads" if fraction else "heads"
-        fig = px.bar(long, x="label", y="value", color="model", barmode="group",
-                     category_orders={"label": _label_order(long), "model": self.models},
-                     labels={"value": y}, title=f"Heads per label ({y})")
+        fig = px.bar(
+            long,
+            x="label",
+            y="value",
+            color="model",
+            barmode="group",
+            category_orders={"label": _label_order(long), "model": self.models},
+            labels={"value": y},
+            title=f"Heads per label ({y})",
+        )
         return fig
 
     def _rows_for(self, labels: Optional[Sequence[str]]) -> pd.DataFrame:
@@ -185,9 +199,20 @@ def compare(taxonomies: Sequence[HeadTaxonomy], *, n_bins: int = 10) -> Comparis
             n = len(sub)
             for label in _ALL_LABELS:
                 count = int(label_mask(sub, label).sum())
-                rows.append({"model": name, "bin": b, "depth_low": b / n_bins, "depth_high": (b + 1) / n_bins,
-                             "depth_mid": (b + 0.5) / n_bins, "label": label, "count": count,
-                             "n_heads": n, "fraction": count / n, "n_layers": tax.n_layers})
+                rows.append(
+                    {
+                        "model": name,
+                        "bin": b,
+                        "depth_low": b / n_bins,
+                        "depth_high": (b + 1) / n_bins,
+                        "depth_mid": (b + 0.5) / n_bins,
+                        "label": label,
+                        "count": count,
+                        "n_heads": n,
+                        "fraction": count / n,
+                        "n_layers": tax.n_layers,
+                    }
+                )
     table = pd.DataFrame(rows)
     table["model"] = table["model"].astype(str)
     table["label"] = table["label"].astype(str)

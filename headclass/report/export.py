@@ -95,8 +95,13 @@ def write(taxonomy: HeadTaxonomy, path: PathLike, format: Optional[str] = None) 
         raise ExportError(f"expected a HeadTaxonomy; got {type(taxonomy).__name__}.")
     fmt = _format_of(path, format)
     _check_target(path)
-    writer = {"csv": write_csv, "json": write_json, "parquet": write_parquet,
-              "markdown": write_markdown, "html": write_html}[fmt]
+    writer = {
+        "csv": write_csv,
+        "json": write_json,
+        "parquet": write_parquet,
+        "markdown": write_markdown,
+        "html": write_html,
+    }[fmt]
     return writer(taxonomy, path)
 
 
@@ -156,9 +161,7 @@ def _restore(columns: dict[str, list[Any]], dtypes: dict[str, str], source: str)
             data[name] = _column(values, kind)
         except (ValueError, TypeError, OverflowError):
             bad = next((v for v in values if not _fits(v, kind)), None)
-            raise ExportError(
-                f"{source}: column {name!r} ({kind}) has a value that is not {kind}: {bad!r}."
-            ) from None
+            raise ExportError(f"{source}: column {name!r} ({kind}) has a value that is not {kind}: {bad!r}.") from None
         if kind in ("int64", "bool") and any(v is None for v in values):
             raise ExportError(f"{source}: column {name!r} ({kind}) has missing values.")
     return pd.DataFrame(data)
@@ -168,8 +171,10 @@ def _column(values: list[Any], kind: str) -> pd.Series:
     if kind == "float64":
         return pd.Series([math.nan if v is None else _float(v) for v in values], dtype="float64")
     if kind == "int64":
-        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
-                   or (isinstance(v, float) and v.is_integer()) for v in values):
+        if not all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+            for v in values
+        ):
             raise ValueError("not an integer")
         return pd.Series(values, dtype="float64" if None in values else "int64")
     if kind == "bool":
@@ -205,11 +210,15 @@ def to_json_dict(taxonomy: HeadTaxonomy) -> dict[str, Any]:
     table = taxonomy.table
     columns = [{"name": str(c), "dtype": _dtype_name(table[c].dtype)} for c in table.columns]
     records = [
-        {str(c): _json_value(v) for c, v in zip(table.columns, row)}
-        for row in table.itertuples(index=False, name=None)
+        {str(c): _json_value(v) for c, v in zip(table.columns, row)} for row in table.itertuples(index=False, name=None)
     ]
-    doc = {"kind": JSON_KIND, "version": JSON_VERSION, "metadata": taxonomy.metadata,
-           "columns": columns, "records": records}
+    doc = {
+        "kind": JSON_KIND,
+        "version": JSON_VERSION,
+        "metadata": taxonomy.metadata,
+        "columns": columns,
+        "records": records,
+    }
     evidence = taxonomy._evidence
     if evidence is not None:
         doc["evidence"] = evidence
@@ -229,10 +238,11 @@ def write_json(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
 def from_json_dict(doc: Any, source: str = "(dict)") -> HeadTaxonomy:
     """Rebuild a taxonomy from :func:`to_json_dict`'s document."""
     if not isinstance(doc, dict) or doc.get("kind") != JSON_KIND:
-        raise ExportError(f"{source} is not a headclass taxonomy JSON file (no \"kind\": \"{JSON_KIND}\").")
+        raise ExportError(f'{source} is not a headclass taxonomy JSON file (no "kind": "{JSON_KIND}").')
     if doc.get("version") != JSON_VERSION:
         raise ExportError(
-            f"{source} has taxonomy format version {doc.get('version')!r}; this headclass reads {JSON_VERSION}.")
+            f"{source} has taxonomy format version {doc.get('version')!r}; this headclass reads {JSON_VERSION}."
+        )
     try:
         names = [c["name"] for c in doc["columns"]]
         dtypes = {c["name"]: c["dtype"] for c in doc["columns"]}
@@ -242,8 +252,9 @@ def from_json_dict(doc: Any, source: str = "(dict)") -> HeadTaxonomy:
     table = _restore(columns, dtypes, source)
     evidence = doc.get("evidence")
     if evidence is not None and not isinstance(evidence, dict):
-        raise ExportError(f"{source}: \"evidence\" must be an object (the head cards' evidence); "
-                          f"got {type(evidence).__name__}.")
+        raise ExportError(
+            f'{source}: "evidence" must be an object (the head cards\' evidence); got {type(evidence).__name__}.'
+        )
     try:
         return HeadTaxonomy.from_table(table, doc.get("metadata") or {}, evidence=evidence)
     except ExportError:
@@ -282,8 +293,12 @@ def write_parquet(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
     pa = _pyarrow()
     table = taxonomy.table
     arrow = pa.Table.from_pandas(table, preserve_index=False)
-    fields = {"kind": JSON_KIND, "version": JSON_VERSION, "metadata": taxonomy.metadata,
-              "dtypes": {str(c): _dtype_name(table[c].dtype) for c in table.columns}}
+    fields = {
+        "kind": JSON_KIND,
+        "version": JSON_VERSION,
+        "metadata": taxonomy.metadata,
+        "dtypes": {str(c): _dtype_name(table[c].dtype) for c in table.columns},
+    }
     if taxonomy._evidence is not None:
         fields["evidence"] = taxonomy._evidence
     extra = json.dumps(fields, default=_json_value)
@@ -327,8 +342,9 @@ def markdown_table(df: pd.DataFrame) -> str:
             "markdown export needs tabulate: pip install 'headclass[export]' (or pip install tabulate)."
         ) from None
     numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
-    return df.map(_cell).to_markdown(index=False, tablefmt="github", disable_numparse=True,
-                                     colalign=["right" if n else "left" for n in numeric])
+    return df.map(_cell).to_markdown(
+        index=False, tablefmt="github", disable_numparse=True, colalign=["right" if n else "left" for n in numeric]
+    )
 
 
 def _cell(value: Any) -> str:
@@ -344,7 +360,10 @@ def to_markdown_text(taxonomy: HeadTaxonomy) -> str:
     meta = taxonomy.metadata
     lines = [f"# Attention heads of {taxonomy.model_name}", ""]
     facts: list[tuple[str, Any]] = [
-        ("layers", taxonomy.n_layers), ("heads per layer", taxonomy.n_heads), ("heads", len(taxonomy))]
+        ("layers", taxonomy.n_layers),
+        ("heads per layer", taxonomy.n_heads),
+        ("heads", len(taxonomy)),
+    ]
     for key in ("n_params", "backend", "probe_seed", "date"):
         if meta.get(key) is not None:
             facts.append((key.replace("_", " "), meta[key]))
@@ -354,14 +373,22 @@ def to_markdown_text(taxonomy: HeadTaxonomy) -> str:
     lines += [f"- **{k}**: {v}" for k, v in facts] + [""]
     thresholds = (meta.get("config") or {}).get("thresholds")
     if thresholds:
-        lines += ["## Thresholds", "", markdown_table(pd.DataFrame(
-            {"threshold": list(thresholds), "value": [float(v) for v in thresholds.values()]})), ""]
+        lines += [
+            "## Thresholds",
+            "",
+            markdown_table(
+                pd.DataFrame({"threshold": list(thresholds), "value": [float(v) for v in thresholds.values()]})
+            ),
+            "",
+        ]
     lines += ["## Labels", "", markdown_table(taxonomy.summary()), ""]
     table = taxonomy.table
     cols = ["layer", "head", "primary_label", "margin", "labels"] + [
-        c for c in table.columns
+        c
+        for c in table.columns
         if c not in ("model", "relative_depth", "primary_label", "margin", "labels", "layer", "head")
-        and not c.startswith("is_")]
+        and not c.startswith("is_")
+    ]
     lines += ["## Heads", "", markdown_table(table[cols]), ""]
     return "\n".join(lines)
 
@@ -377,4 +404,3 @@ def write_html(taxonomy: HeadTaxonomy, path: PathLike) -> Path:
     from headclass.report.html import render_html_report
 
     return write_text(_check_target(path), render_html_report(taxonomy))
-

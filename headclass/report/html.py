@@ -220,13 +220,28 @@ def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = 
     shown = plots.headline_columns(table)
 
     figure_sections = [
-        ("grid", "Layer x head grid", plots.head_grid(taxonomy), GRID_DIV_ID,
-         "Each cell is a head, coloured by its primary label; hover for every score."),
-        ("by-layer", "Labels per layer", plots.label_counts_by_layer(taxonomy), "labels-per-layer",
-         "Primary labels of each layer's heads."),
+        (
+            "grid",
+            "Layer x head grid",
+            plots.head_grid(taxonomy),
+            GRID_DIV_ID,
+            "Each cell is a head, coloured by its primary label; hover for every score.",
+        ),
+        (
+            "by-layer",
+            "Labels per layer",
+            plots.label_counts_by_layer(taxonomy),
+            "labels-per-layer",
+            "Primary labels of each layer's heads.",
+        ),
         *_budget_sections(taxonomy),
-        ("scores", "Scores", plots.score_heatmaps(taxonomy, shown), "score-heatmaps",
-         "Every score as a layer x head heatmap; pick the score in the menu. Blank: not computed (NaN)."),
+        (
+            "scores",
+            "Scores",
+            plots.score_heatmaps(taxonomy, shown),
+            "score-heatmaps",
+            "Every score as a layer x head heatmap; pick the score in the menu. Blank: not computed (NaN).",
+        ),
     ]
     for i, (title, fig) in enumerate((figures or {}).items()):
         figure_sections.append((f"extra-{i}", str(title), fig, f"extra-figure-{i}", ""))
@@ -235,7 +250,8 @@ def render_html_report(taxonomy: Any, *, figures: Optional[Mapping[str, Any]] = 
     parts.append(_section("summary", "Summary", _summary_html(taxonomy)))
     for i, (anchor, title, fig, div_id, caption) in enumerate(figure_sections):
         body = (f'<p class="sub">{html.escape(caption)}</p>' if caption else "") + _figure_html(
-            fig, div_id, include_plotlyjs=(i == 0))
+            fig, div_id, include_plotlyjs=(i == 0)
+        )
         parts.append(_section(anchor, title, body))
         if anchor == "grid":
             parts.append(_section("cards", "Head cards", _cards_html(taxonomy)))
@@ -264,20 +280,27 @@ def _cards_html(taxonomy: Any) -> str:
     # The cards' content waits in one JSON string (parsed on the first click, not at load:
     # hundreds of cards would otherwise be parsed into the DOM before the page opens).
     blob = json.dumps(inner, ensure_ascii=False).replace("</", "<\\/")
-    note = ("" if evidence else
-            '<p class="sub">This taxonomy holds no card evidence (examples, OV effects, composition): '
-            "classify with <code>evidence=True</code> (the default) for full cards.</p>")
-    return (f"<style>{CARD_CSS}</style>"
-            '<p class="sub">Click a cell of the grid above, a row of the table of all heads, or search: '
-            "a head id (<code>L5H1</code>, <code>5.1</code>) or a role / label (<code>induction</code>).</p>"
-            f'<p><input id="{SEARCH_ID}" type="search" placeholder="search heads: L5H1, induction, copy ..." '
-            'aria-label="search heads"> <span id="head-search-results"></span></p>' + note
-            + '<p id="head-cards-empty" class="sub">No card open yet.</p>'
-            f'<div id="{CARDS_DIV_ID}">' + "".join(shells) + "</div>"
-            f'<script type="application/json" id="head-card-content">{blob}</script>')
+    note = (
+        ""
+        if evidence
+        else '<p class="sub">This taxonomy holds no card evidence (examples, OV effects, composition): '
+        "classify with <code>evidence=True</code> (the default) for full cards.</p>"
+    )
+    return (
+        f"<style>{CARD_CSS}</style>"
+        '<p class="sub">Click a cell of the grid above, a row of the table of all heads, or search: '
+        "a head id (<code>L5H1</code>, <code>5.1</code>) or a role / label (<code>induction</code>).</p>"
+        f'<p><input id="{SEARCH_ID}" type="search" placeholder="search heads: L5H1, induction, copy ..." '
+        'aria-label="search heads"> <span id="head-search-results"></span></p>'
+        + note
+        + '<p id="head-cards-empty" class="sub">No card open yet.</p>'
+        f'<div id="{CARDS_DIV_ID}">' + "".join(shells) + "</div>"
+        f'<script type="application/json" id="head-card-content">{blob}</script>'
+    )
 
 
 # -- pieces ------------------------------------------------------------------------------------
+
 
 def _budget_sections(taxonomy: Any) -> list[tuple[str, str, Any, str, str]]:
     """The attention-budget figure of each probe the taxonomy has a budget for."""
@@ -290,10 +313,17 @@ def _budget_sections(taxonomy: Any) -> list[tuple[str, str, Any, str, str]]:
             fig = plots.attention_budget(taxonomy, probe=probe)
         except ScoreError:  # no such budget (e.g. no tokenizer: no text)
             continue
-        sections.append((anchor, f"Attention budget ({probe})", fig, f"attention-{anchor}",
-                         "Where each head's attention goes, one bar per head: first position, self, "
-                         "previous token, local window, earlier copies, induction targets, delimiters, "
-                         "other. Pick a layer in the menu; hover for the lift over a uniform head."))
+        sections.append(
+            (
+                anchor,
+                f"Attention budget ({probe})",
+                fig,
+                f"attention-{anchor}",
+                "Where each head's attention goes, one bar per head: first position, self, "
+                "previous token, local window, earlier copies, induction targets, delimiters, "
+                "other. Pick a layer in the menu; hover for the lift over a uniform head.",
+            )
+        )
     return sections
 
 
@@ -316,14 +346,23 @@ def _intro(taxonomy: Any) -> str:
         facts.append(f"classified {meta['date']}")
     version = (meta.get("versions") or {}).get("headclass")
     facts.append(f"headclass {version}" if version else "headclass")
-    return (f"<h1>Attention heads of {html.escape(taxonomy.model_name)}</h1>"
-            f'<p class="sub">{html.escape(" · ".join(facts))}</p>')
+    return (
+        f"<h1>Attention heads of {html.escape(taxonomy.model_name)}</h1>"
+        f'<p class="sub">{html.escape(" · ".join(facts))}</p>'
+    )
 
 
 def _nav(figure_sections: list) -> str:
-    links = [("summary", "Summary")] + [(a, t) for a, t, *_ in figure_sections] + [
-        ("per-layer", "Per layer"), ("heads", "All heads"), ("labels", "Label definitions"),
-        ("metadata", "Metadata")]
+    links = (
+        [("summary", "Summary")]
+        + [(a, t) for a, t, *_ in figure_sections]
+        + [
+            ("per-layer", "Per layer"),
+            ("heads", "All heads"),
+            ("labels", "Label definitions"),
+            ("metadata", "Metadata"),
+        ]
+    )
     return "<nav>" + "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in links) + "</nav>"
 
 
@@ -332,16 +371,22 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def _figure_html(fig: Any, div_id: str, *, include_plotlyjs: bool) -> str:
-    inner = fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs, div_id=div_id,
-                        config={"responsive": True, "displaylogo": False})
+    inner = fig.to_html(
+        full_html=False,
+        include_plotlyjs=include_plotlyjs,
+        div_id=div_id,
+        config={"responsive": True, "displaylogo": False},
+    )
     return f'<div class="figure">{inner}</div>'
 
 
 def _swatch(label: str) -> str:
     from headclass.report.plots import label_color
 
-    return (f'<span class="label"><span class="swatch" style="background:{label_color(label)}"></span>'
-            f"{html.escape(label)}</span>")
+    return (
+        f'<span class="label"><span class="swatch" style="background:{label_color(label)}"></span>'
+        f"{html.escape(label)}</span>"
+    )
 
 
 def _cell(value: Any) -> str:
@@ -356,14 +401,15 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _html_table(df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool = True,
-                head_rows: bool = False) -> str:
+def _html_table(
+    df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool = True, head_rows: bool = False
+) -> str:
     import pandas as pd
 
-    text_columns = {c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])
-                    or pd.api.types.is_bool_dtype(df[c])}
-    head = "".join(
-        f'<th class="{"text" if c in text_columns else ""}">{html.escape(str(c))}</th>' for c in df.columns)
+    text_columns = {
+        c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])
+    }
+    head = "".join(f'<th class="{"text" if c in text_columns else ""}">{html.escape(str(c))}</th>' for c in df.columns)
     rows = []
     for record in df.itertuples(index=False):
         cells = []
@@ -374,16 +420,17 @@ def _html_table(df: "pd.DataFrame", *, label_columns: tuple = (), sortable: bool
         rows.append(_row_open(df.columns, record) if head_rows else "<tr>")
         rows[-1] += "".join(cells) + "</tr>"
     klass = "sortable" if sortable else ""
-    return (f'<table class="{klass}"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    return f'<table class="{klass}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _summary_html(taxonomy: Any) -> str:
     summary = taxonomy.summary()
     summary = summary.rename(columns={"count": "heads", "primary_count": "primary"})
-    return ('<p class="sub">heads: with the label (a head may have several); primary: heads whose '
-            "primary label it is; best head: highest score among the label's heads.</p>"
-            + _html_table(summary, label_columns=("label",)))
+    return (
+        '<p class="sub">heads: with the label (a head may have several); primary: heads whose '
+        "primary label it is; best head: highest score among the label's heads.</p>"
+        + _html_table(summary, label_columns=("label",))
+    )
 
 
 def _per_layer_html(taxonomy: Any) -> str:
@@ -395,19 +442,22 @@ def _per_layer_html(taxonomy: Any) -> str:
     means = [c for c in per_layer.columns if c.startswith("mean_")]
     firsts = per_layer.groupby("layer", sort=True)[["relative_depth"] + means].first()
     wide = firsts[["relative_depth"]].join(counts[labels]).join(firsts[means]).reset_index()
-    return ('<p class="sub">Heads per layer with each label (flags; a head may count for several '
-            "labels, unclassified: heads with none), then the layer's mean scores.</p>"
-            '<div class="scroll">' + _html_table(wide) + "</div>")
+    return (
+        '<p class="sub">Heads per layer with each label (flags; a head may count for several '
+        "labels, unclassified: heads with none), then the layer's mean scores.</p>"
+        '<div class="scroll">' + _html_table(wide) + "</div>"
+    )
 
 
 def _full_table_html(table: "pd.DataFrame") -> str:
     flags = [c for c in table.columns if c.startswith("is_")]
     shown = table.drop(columns=flags + (["model"] if "model" in table.columns else []))
-    return (f'<p class="sub">{len(table)} heads, one row per head; click a header to sort. Label '
-            "flags (is_&lt;label&gt;) are summed up in the labels column; the CSV/JSON exports "
-            "have every column.</p>"
-            '<div class="scroll">' + _html_table(shown, label_columns=("primary_label",), head_rows=True)
-            + "</div>")
+    return (
+        f'<p class="sub">{len(table)} heads, one row per head; click a header to sort. Label '
+        "flags (is_&lt;label&gt;) are summed up in the labels column; the CSV/JSON exports "
+        "have every column.</p>"
+        '<div class="scroll">' + _html_table(shown, label_columns=("primary_label",), head_rows=True) + "</div>"
+    )
 
 
 def _row_open(columns: Any, record: Any) -> str:
@@ -415,11 +465,14 @@ def _row_open(columns: Any, record: Any) -> str:
     search box looks in (id, roles, labels)."""
     row = dict(zip(columns, record))
     key = f"L{int(row['layer'])}H{int(row['head'])}"
-    roles = " ".join(str(row.get(c) or "") for c in ("attention_role", "attention_roles", "output_role",
-                                                      "primary_label", "labels"))
+    roles = " ".join(
+        str(row.get(c) or "") for c in ("attention_role", "attention_roles", "output_role", "primary_label", "labels")
+    )
     search = f"{key} {row['layer']}.{row['head']} {roles}".lower().replace(",", " ")
-    return (f'<tr class="head-row" data-head="{key}" data-search="{html.escape(search)}" '
-            f'data-roles="{html.escape(str(row.get("attention_role")))} / {html.escape(str(row.get("output_role")))}">')
+    return (
+        f'<tr class="head-row" data-head="{key}" data-search="{html.escape(search)}" '
+        f'data-roles="{html.escape(str(row.get("attention_role")))} / {html.escape(str(row.get("output_role")))}">'
+    )
 
 
 def _definitions_html(taxonomy: Any) -> str:
@@ -434,19 +487,24 @@ def _definitions_html(taxonomy: Any) -> str:
         else:
             condition = " and ".join(
                 f"<code>{c.score} {html.escape(c.op)} {_threshold_text(values, c.threshold)}</code>"
-                for c in rule.conditions)
+                for c in rule.conditions
+            )
             if rule.needs_output:
                 condition += " (and the head writes something)"
-        rows.append(f'<tr><td class="text">{_swatch(label)}</td><td class="text">{condition}</td>'
-                    f'<td class="text">{html.escape(LABEL_MEANINGS.get(label, ""))}</td></tr>')
+        rows.append(
+            f'<tr><td class="text">{_swatch(label)}</td><td class="text">{condition}</td>'
+            f'<td class="text">{html.escape(LABEL_MEANINGS.get(label, ""))}</td></tr>'
+        )
     recorded = "" if values else " (this taxonomy's metadata records no thresholds: shown as ?)"
-    return (f'<p class="sub">A head has a label when all its conditions hold (thresholds used for '
-            f"this report{recorded}). The primary label is the mechanism label with the largest normalised "
-            "margin; bos and diffuse are primary only for heads with no other label. Full "
-            "definitions, scores and references: <code>docs/labels.md</code> in the headclass "
-            "repository.</p>"
-            '<table><thead><tr><th class="text">label</th><th class="text">rule</th>'
-            f'<th class="text">meaning</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    return (
+        f'<p class="sub">A head has a label when all its conditions hold (thresholds used for '
+        f"this report{recorded}). The primary label is the mechanism label with the largest normalised "
+        "margin; bos and diffuse are primary only for heads with no other label. Full "
+        "definitions, scores and references: <code>docs/labels.md</code> in the headclass "
+        "repository.</p>"
+        '<table><thead><tr><th class="text">label</th><th class="text">rule</th>'
+        f'<th class="text">meaning</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
 
 def _threshold_text(values: Mapping[str, Any], key: str) -> str:
@@ -458,10 +516,14 @@ def _metadata_html(taxonomy: Any) -> str:
     meta = taxonomy.metadata
     simple = {k: v for k, v in meta.items() if not isinstance(v, (dict, list))}
     nested = {k: v for k, v in meta.items() if isinstance(v, (dict, list))}
-    rows = "".join(f'<tr><th class="text">{html.escape(str(k))}</th><td class="text">'
-                   f"{html.escape(str(v))}</td></tr>" for k, v in simple.items())
+    rows = "".join(
+        f'<tr><th class="text">{html.escape(str(k))}</th><td class="text">{html.escape(str(v))}</td></tr>'
+        for k, v in simple.items()
+    )
     out = f"<table><tbody>{rows}</tbody></table>"
     for key, value in nested.items():
-        out += (f"<h3>{html.escape(str(key))}</h3><pre>"
-                f"{html.escape(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>")
+        out += (
+            f"<h3>{html.escape(str(key))}</h3><pre>"
+            f"{html.escape(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
+        )
     return out

@@ -71,10 +71,20 @@ LABEL_COLORS: dict[str, str] = {
     "mixed": "#f7b6d2",
     "unclassified": "#e4e4e4",
 }
-_SPARE_COLORS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
-                 "#e6550d", "#31a354", "#756bb1", "#636363", "#6baed6")
+_SPARE_COLORS = (
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#3182bd",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#636363",
+    "#6baed6",
+)
 _NO_LABEL = "unclassified"
-
 
 
 def label_color(label: str) -> str:
@@ -99,9 +109,7 @@ def _as_table(data: Any) -> "pd.DataFrame":
 
     table = getattr(data, "table", data)
     if not isinstance(table, pd.DataFrame):
-        raise HeadclassError(
-            f"expected a HeadTaxonomy or its table (a pandas DataFrame); got {type(data).__name__}."
-        )
+        raise HeadclassError(f"expected a HeadTaxonomy or its table (a pandas DataFrame); got {type(data).__name__}.")
     missing = [c for c in ("layer", "head") if c not in table.columns]
     if missing:
         raise ScoreError(f"the head table needs columns 'layer' and 'head'; it lacks {missing}.")
@@ -118,8 +126,7 @@ def score_columns(data: Any) -> list[str]:
     table = _as_table(data)
     known = [c for c in SCORE_COLUMNS + ABLATION_COLUMNS if c in table.columns]
     extra = [
-        c for c in table.columns
-        if c not in ID_COLUMNS and c not in known and pd.api.types.is_float_dtype(table[c])
+        c for c in table.columns if c not in ID_COLUMNS and c not in known and pd.api.types.is_float_dtype(table[c])
     ]
     return known + extra
 
@@ -213,10 +220,22 @@ def _grid_layout(fig: Any, n_layers: int, n_heads: int, title: str) -> None:
         legend=dict(title="label", itemsizing="constant"),
         showlegend=True,  # plotly hides a legend of one entry (a model with one label)
     )
-    fig.update_xaxes(title="head", tickmode="linear", dtick=1 if n_heads <= 32 else 4,
-                     range=[-0.5, n_heads - 0.5], showgrid=False, zeroline=False)
-    fig.update_yaxes(title="layer", tickmode="linear", dtick=1 if n_layers <= 36 else 4,
-                     range=[n_layers - 0.5, -0.5], showgrid=False, zeroline=False)
+    fig.update_xaxes(
+        title="head",
+        tickmode="linear",
+        dtick=1 if n_heads <= 32 else 4,
+        range=[-0.5, n_heads - 0.5],
+        showgrid=False,
+        zeroline=False,
+    )
+    fig.update_yaxes(
+        title="layer",
+        tickmode="linear",
+        dtick=1 if n_layers <= 36 else 4,
+        range=[n_layers - 0.5, -0.5],
+        showgrid=False,
+        zeroline=False,
+    )
 
 
 def head_grid(data: Any, *, title: Optional[str] = None) -> "go.Figure":
@@ -256,17 +275,34 @@ def head_grid(data: Any, *, title: Optional[str] = None) -> "go.Figure":
     for i, label in enumerate(order):
         colorscale += [[i / n, label_color(label)], [(i + 1) / n, label_color(label)]]
     fig = go.Figure()
-    fig.add_trace(go.Heatmap(
-        z=z, text=text, x=list(range(n_heads)), y=list(range(n_layers)),
-        zmin=-0.5, zmax=n - 0.5, colorscale=colorscale, showscale=False,
-        hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1, name="heads",
-    ))
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            text=text,
+            x=list(range(n_heads)),
+            y=list(range(n_layers)),
+            zmin=-0.5,
+            zmax=n - 0.5,
+            colorscale=colorscale,
+            showscale=False,
+            hovertemplate="%{text}<extra></extra>",
+            xgap=1,
+            ygap=1,
+            name="heads",
+        )
+    )
     for label in order:  # legend only: invisible points with the label's colour
         count = int((labels == label).sum())
-        fig.add_trace(go.Scatter(
-            x=[None], y=[None], mode="markers", name=f"{label} ({count})",
-            marker=dict(symbol="square", size=12, color=label_color(label)), hoverinfo="skip",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=f"{label} ({count})",
+                marker=dict(symbol="square", size=12, color=label_color(label)),
+                hoverinfo="skip",
+            )
+        )
     name = _model_name(data, table)
     _grid_layout(fig, n_layers, n_heads, title or f"Attention heads{' of ' + name if name else ''}")
     return fig
@@ -274,9 +310,7 @@ def head_grid(data: Any, *, title: Optional[str] = None) -> "go.Figure":
 
 def _score_trace(go: Any, table: "pd.DataFrame", score: str, n_layers: int, n_heads: int) -> Any:
     if score not in table.columns:
-        raise ScoreError(
-            f"the head table has no score column {score!r}; score columns: {score_columns(table)}."
-        )
+        raise ScoreError(f"the head table has no score column {score!r}; score columns: {score_columns(table)}.")
     values = table[score].astype(float)
     z: list[list[Optional[float]]] = [[None] * n_heads for _ in range(n_layers)]
     for layer, head, value in zip(table["layer"], table["head"], values):
@@ -290,8 +324,14 @@ def _score_trace(go: Any, table: "pd.DataFrame", score: str, n_layers: int, n_he
     else:
         scale = dict(colorscale="Viridis", zmin=0.0, zmax=1.0 if high <= 1 else high)
     return go.Heatmap(
-        z=z, x=list(range(n_heads)), y=list(range(n_layers)), xgap=1, ygap=1, name=score,
-        colorbar=dict(title=score), hovertemplate="L%{y}H%{x}<br>" + score + ": %{z:.3f}<extra></extra>",
+        z=z,
+        x=list(range(n_heads)),
+        y=list(range(n_layers)),
+        xgap=1,
+        ygap=1,
+        name=score,
+        colorbar=dict(title=score),
+        hovertemplate="L%{y}H%{x}<br>" + score + ": %{z:.3f}<extra></extra>",
         **scale,
     )
 
@@ -318,8 +358,7 @@ def score_heatmap(data: Any, score: str, *, title: Optional[str] = None) -> "go.
     return fig
 
 
-def score_heatmaps(data: Any, scores: Optional[Sequence[str]] = None, *,
-                   title: Optional[str] = None) -> "go.Figure":
+def score_heatmaps(data: Any, scores: Optional[Sequence[str]] = None, *, title: Optional[str] = None) -> "go.Figure":
     """Several scores as layer x head heatmaps in one figure, a drop-down menu picking the score.
 
     Parameters
@@ -340,15 +379,23 @@ def score_heatmaps(data: Any, scores: Optional[Sequence[str]] = None, *,
         fig.add_trace(trace)
     name = _model_name(data, table)
     buttons = [
-        dict(label=score, method="update",
-             args=[{"visible": [j == i for j in range(len(chosen))]},
-                   {"title.text": f"{score}{' - ' + name if name else ''}"}])
+        dict(
+            label=score,
+            method="update",
+            args=[
+                {"visible": [j == i for j in range(len(chosen))]},
+                {"title.text": f"{score}{' - ' + name if name else ''}"},
+            ],
+        )
         for i, score in enumerate(chosen)
     ]
     _grid_layout(fig, n_layers, n_heads, title or f"{chosen[0]}{' - ' + name if name else ''}")
-    fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right",
-                                        y=1.12, yanchor="bottom", showactive=True)],
-                      margin=dict(t=90))
+    fig.update_layout(
+        updatemenus=[
+            dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.12, yanchor="bottom", showactive=True)
+        ],
+        margin=dict(t=90),
+    )
     return fig
 
 
@@ -362,16 +409,23 @@ def label_counts_by_layer(data: Any, *, title: Optional[str] = None) -> "go.Figu
     counts = counts.reindex(range(n_layers), fill_value=0)
     fig = go.Figure()
     for label in _label_order(labels.tolist()):
-        fig.add_trace(go.Bar(
-            x=list(range(n_layers)), y=counts[label].tolist(), name=label,
-            marker=dict(color=label_color(label), line=dict(width=0.5, color="#444")),
-            hovertemplate=f"layer %{{x}}<br>{label}: %{{y}}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Bar(
+                x=list(range(n_layers)),
+                y=counts[label].tolist(),
+                name=label,
+                marker=dict(color=label_color(label), line=dict(width=0.5, color="#444")),
+                hovertemplate=f"layer %{{x}}<br>{label}: %{{y}}<extra></extra>",
+            )
+        )
     name = _model_name(data, table)
     fig.update_layout(
-        barmode="stack", title=title or f"Primary labels per layer{' - ' + name if name else ''}",
+        barmode="stack",
+        title=title or f"Primary labels per layer{' - ' + name if name else ''}",
         xaxis=dict(title="layer", tickmode="linear", dtick=1 if n_layers <= 36 else 4),
-        yaxis=dict(title="heads"), legend=dict(title="label", traceorder="normal"), plot_bgcolor="white",
+        yaxis=dict(title="heads"),
+        legend=dict(title="label", traceorder="normal"),
+        plot_bgcolor="white",
         margin=dict(l=60, r=20, t=60, b=50),
     )
     return fig
@@ -409,30 +463,45 @@ def attention_budget(data: Any, *, probe: str = "text", title: Optional[str] = N
     columns = [f"{prefix}_{cls}" for cls in BUDGET_CLASSES]
     missing = [c for c in columns if c not in table.columns]
     if missing or table[columns].isna().all().all():
-        raise ScoreError(f"the table has no {probe} attention budget (columns {columns[0]}...); classify "
-                         "a model with a tokenizer for the text budget, or use probe='repeated'.")
+        raise ScoreError(
+            f"the table has no {probe} attention budget (columns {columns[0]}...); classify "
+            "a model with a tokenizer for the text budget, or use probe='repeated'."
+        )
     names = [f"L{int(r.layer)}H{int(r.head)}" for r in table.itertuples(index=False)]
     fig = go.Figure()
     for cls, column in zip(BUDGET_CLASSES, columns):
         lift = table.get(f"{prefix}_lift_{cls}")
         custom = lift.tolist() if lift is not None else [math.nan] * len(table)
-        fig.add_trace(go.Bar(
-            x=names, y=table[column].tolist(), name=cls, customdata=custom,
-            marker=dict(color=BUDGET_COLORS[cls], line=dict(width=0.3, color="#444")),
-            hovertemplate=f"%{{x}}<br>{cls}: %{{y:.3f}} (lift %{{customdata:.2f}})<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=table[column].tolist(),
+                name=cls,
+                customdata=custom,
+                marker=dict(color=BUDGET_COLORS[cls], line=dict(width=0.3, color="#444")),
+                hovertemplate=f"%{{x}}<br>{cls}: %{{y:.3f}} (lift %{{customdata:.2f}})<extra></extra>",
+            )
+        )
     layers = sorted(set(int(x) for x in table["layer"]))
-    ranges = {layer: [names.index(f"L{layer}H0") - 0.5 if f"L{layer}H0" in names else 0,
-                      max(i for i, n in enumerate(names) if n.startswith(f"L{layer}H")) + 0.5]
-              for layer in layers}
+    ranges = {
+        layer: [
+            names.index(f"L{layer}H0") - 0.5 if f"L{layer}H0" in names else 0,
+            max(i for i, n in enumerate(names) if n.startswith(f"L{layer}H")) + 0.5,
+        ]
+        for layer in layers
+    }
     buttons = [dict(label="all layers", method="relayout", args=[{"xaxis.range": [-0.5, len(names) - 0.5]}])]
-    buttons += [dict(label=f"layer {layer}", method="relayout", args=[{"xaxis.range": ranges[layer]}])
-                for layer in layers]
+    buttons += [
+        dict(label=f"layer {layer}", method="relayout", args=[{"xaxis.range": ranges[layer]}]) for layer in layers
+    ]
     name = _model_name(data, table)
     fig.update_layout(
-        barmode="stack", plot_bgcolor="white", margin=dict(l=60, r=20, t=80, b=60),
+        barmode="stack",
+        plot_bgcolor="white",
+        margin=dict(l=60, r=20, t=80, b=60),
         title=title or f"Attention budget ({probe}){' - ' + name if name else ''}",
-        yaxis=dict(title="share of attention", range=[0, 1.0001]), xaxis=dict(title="head", tickangle=-90),
+        yaxis=dict(title="share of attention", range=[0, 1.0001]),
+        xaxis=dict(title="head", tickangle=-90),
         legend=dict(title="destination", traceorder="normal"),
         updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15, yanchor="top")],
     )
@@ -440,6 +509,7 @@ def attention_budget(data: Any, *, probe: str = "text", title: Optional[str] = N
 
 
 # -- attention patterns -----------------------------------------------------------------------
+
 
 def _check_head(model: Any, layer: int, head: int) -> None:
     if not 0 <= int(layer) < model.n_layers:
@@ -459,9 +529,7 @@ def _prompt_tokens(model: Any, prompt: Union[str, "Tensor", Sequence[int]]) -> "
         if tokens.ndim == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
     if tokens.ndim != 1 or tokens.numel() == 0:
-        raise ProbeError(
-            f"prompt must be a text or a 1-D sequence of token ids; got shape {tuple(tokens.shape)}."
-        )
+        raise ProbeError(f"prompt must be a text or a 1-D sequence of token ids; got shape {tuple(tokens.shape)}.")
     return tokens
 
 
@@ -493,8 +561,12 @@ def _head_pattern(model: Any, tokens: "Tensor", layer: int) -> "Tensor":
 
 
 def attention_pattern(
-    model: Any, prompt: Union[str, "Tensor", Sequence[int]], layer: int, head: int,
-    *, title: Optional[str] = None,
+    model: Any,
+    prompt: Union[str, "Tensor", Sequence[int]],
+    layer: int,
+    head: int,
+    *,
+    title: Optional[str] = None,
 ) -> "go.Figure":
     """One head's attention pattern on a prompt: query tokens down, key tokens across.
 
@@ -517,21 +589,44 @@ def attention_pattern(
     z = pattern.numpy().copy()
     z[~_causal_mask(n)] = float("nan")  # future keys: blank, not 0
     hover = [[f"query {q}: {strings[q]!r}<br>key {k}: {strings[k]!r}" for k in range(n)] for q in range(n)]
-    fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=list(range(n)), y=list(range(n)), text=hover, zmin=0.0, zmax=1.0,
-        colorscale="Blues", colorbar=dict(title="attention"),
-        hovertemplate="%{text}<br>attention: %{z:.3f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            x=list(range(n)),
+            y=list(range(n)),
+            text=hover,
+            zmin=0.0,
+            zmax=1.0,
+            colorscale="Blues",
+            colorbar=dict(title="attention"),
+            hovertemplate="%{text}<br>attention: %{z:.3f}<extra></extra>",
+        )
+    )
     size = min(900, max(360, 18 * n + 200))
     fig.update_layout(
         title=title or f"L{layer}H{head} attention - {getattr(model, 'name', '')}",
-        width=size + 80, height=size, plot_bgcolor="white", margin=dict(l=120, r=20, t=60, b=120),
+        width=size + 80,
+        height=size,
+        plot_bgcolor="white",
+        margin=dict(l=120, r=20, t=60, b=120),
     )
     step = max(1, math.ceil(n / 64))
-    fig.update_xaxes(title="key", tickmode="array", tickvals=list(range(0, n, step)),
-                     ticktext=ticks[::step], tickangle=-60, showgrid=False)
-    fig.update_yaxes(title="query", tickmode="array", tickvals=list(range(0, n, step)),
-                     ticktext=ticks[::step], autorange="reversed", showgrid=False)
+    fig.update_xaxes(
+        title="key",
+        tickmode="array",
+        tickvals=list(range(0, n, step)),
+        ticktext=ticks[::step],
+        tickangle=-60,
+        showgrid=False,
+    )
+    fig.update_yaxes(
+        title="query",
+        tickmode="array",
+        tickvals=list(range(0, n, step)),
+        ticktext=ticks[::step],
+        autorange="reversed",
+        showgrid=False,
+    )
     return fig
 
 
@@ -542,7 +637,9 @@ def _causal_mask(n: int) -> Any:
 
 
 def attention_pattern_circuitsvis(
-    model: Any, prompt: Union[str, "Tensor", Sequence[int]], layer: int,
+    model: Any,
+    prompt: Union[str, "Tensor", Sequence[int]],
+    layer: int,
     heads: Optional[Sequence[int]] = None,
 ) -> Any:
     """circuitsvis' interactive ``attention_heads`` view of a layer's heads on a prompt.
@@ -569,12 +666,14 @@ def attention_pattern_circuitsvis(
     tokens = _prompt_tokens(model, prompt)
     pattern = _head_pattern(model, tokens, layer)[chosen]  # [head, query, key]
     return cv.attention.attention_heads(
-        attention=pattern, tokens=_token_strings(model, tokens),
+        attention=pattern,
+        tokens=_token_strings(model, tokens),
         attention_head_names=[f"L{layer}H{h}" for h in chosen],
     )
 
 
 # -- weights ------------------------------------------------------------------------------------
+
 
 def singular_value_spectra(
     spectra: Union["Tensor", Mapping[str, "Tensor"]],
@@ -628,15 +727,29 @@ def singular_value_spectra(
             ys = values[layer, head].detach().float().cpu().sort(descending=True).values
             if normalize and float(ys[0]) > 0:
                 ys = ys / ys[0]
-            fig.add_trace(go.Scatter(
-                x=list(range(1, len(ys) + 1)), y=ys.tolist(), mode="lines+markers",
-                marker=dict(size=4), name=f"L{layer}H{head}", legendgroup=f"L{layer}H{head}",
-                showlegend=col == 1, line=dict(color=_SPARE_COLORS[i % len(_SPARE_COLORS)]),
-                hovertemplate=f"L{layer}H{head} {name}<br>#%{{x}}: %{{y:.4g}}<extra></extra>",
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=list(range(1, len(ys) + 1)),
+                    y=ys.tolist(),
+                    mode="lines+markers",
+                    marker=dict(size=4),
+                    name=f"L{layer}H{head}",
+                    legendgroup=f"L{layer}H{head}",
+                    showlegend=col == 1,
+                    line=dict(color=_SPARE_COLORS[i % len(_SPARE_COLORS)]),
+                    hovertemplate=f"L{layer}H{head} {name}<br>#%{{x}}: %{{y:.4g}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
         fig.update_xaxes(title_text="index (largest first)", row=1, col=col)
-        fig.update_yaxes(title_text="singular value" + (" / largest" if normalize else ""),
-                         type="log" if log_y else "linear", row=1, col=col)
-    fig.update_layout(title=title or "Singular value spectra", height=420, plot_bgcolor="white",
-                      legend=dict(title="head"))
+        fig.update_yaxes(
+            title_text="singular value" + (" / largest" if normalize else ""),
+            type="log" if log_y else "linear",
+            row=1,
+            col=col,
+        )
+    fig.update_layout(
+        title=title or "Singular value spectra", height=420, plot_bgcolor="white", legend=dict(title="head")
+    )
     return fig

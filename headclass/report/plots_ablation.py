@@ -70,15 +70,17 @@ def importance_by_label(table: Any, *, x: str = "layer", labels: Optional[Sequen
     for score in scores:
         valid = frame[frame[score].notna()]
         for (label, layer), group in valid.groupby(["primary_label", "layer"], sort=True):
-            rows.append({
-                "score": score,
-                "primary_label": str(label),
-                "layer": int(layer),
-                "x": float(group[x].iloc[0]) if x != "layer" else int(layer),
-                "mean_dloss": float(group[score].mean()),
-                "n_heads": int(len(group)),
-                "heads": " ".join(f"L{int(l)}H{int(h)}" for l, h in zip(group["layer"], group["head"])),
-            })
+            rows.append(
+                {
+                    "score": score,
+                    "primary_label": str(label),
+                    "layer": int(layer),
+                    "x": float(group[x].iloc[0]) if x != "layer" else int(layer),
+                    "mean_dloss": float(group[score].mean()),
+                    "n_heads": int(len(group)),
+                    "heads": " ".join(f"L{int(la)}H{int(h)}" for la, h in zip(group["layer"], group["head"])),
+                }
+            )
     columns = ["score", "primary_label", "layer", "x", "mean_dloss", "n_heads", "heads"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -118,23 +120,34 @@ def fig_importance_by_label(
 
     frame = getattr(table, "table", table)
     scores = [c for c in ABLATION_COLUMNS if c in frame.columns]
-    fig = make_subplots(rows=1, cols=len(scores), shared_xaxes=True,
-                        subplot_titles=[_TITLES[s] for s in scores], horizontal_spacing=0.08)
+    fig = make_subplots(
+        rows=1,
+        cols=len(scores),
+        shared_xaxes=True,
+        subplot_titles=[_TITLES[s] for s in scores],
+        horizontal_spacing=0.08,
+    )
     for col, score in enumerate(scores, start=1):
         part = data[data["score"] == score]
         for label, group in part.groupby("primary_label", sort=True):
             fig.add_trace(
                 go.Scatter(
-                    x=group["x"], y=group["mean_dloss"], mode="lines+markers", name=str(label),
-                    legendgroup=str(label), showlegend=col == 1,
+                    x=group["x"],
+                    y=group["mean_dloss"],
+                    mode="lines+markers",
+                    name=str(label),
+                    legendgroup=str(label),
+                    showlegend=col == 1,
                     line=dict(color=label_color(str(label))),
-                    marker=dict(size=[6 + 3 * math.sqrt(n) for n in group["n_heads"]],
-                                color=label_color(str(label))),
+                    marker=dict(size=[6 + 3 * math.sqrt(n) for n in group["n_heads"]], color=label_color(str(label))),
                     customdata=list(zip(group["n_heads"], group["heads"], group["layer"])),
-                    hovertemplate=(f"{label}<br>layer %{{customdata[2]}}: mean dloss %{{y:.4f}}"
-                                   "<br>%{customdata[0]} head(s): %{customdata[1]}<extra></extra>"),
+                    hovertemplate=(
+                        f"{label}<br>layer %{{customdata[2]}}: mean dloss %{{y:.4f}}"
+                        "<br>%{customdata[0]} head(s): %{customdata[1]}<extra></extra>"
+                    ),
                 ),
-                row=1, col=col,
+                row=1,
+                col=col,
             )
         fig.add_hline(y=0.0, line=dict(color="#bbbbbb", width=1), row=1, col=col)
         fig.update_xaxes(title_text="relative depth" if x == "relative_depth" else "layer", row=1, col=col)
@@ -142,6 +155,11 @@ def fig_importance_by_label(
     if title is None:
         model = str(frame["model"].iloc[0]) if "model" in frame.columns and len(frame) else None
         title = "Head importance by label" + (f" — {model}" if model else "")
-    fig.update_layout(title=title, legend_title_text="primary label", template="plotly_white",
-                      height=420, width=max(520, 480 * len(scores)))
+    fig.update_layout(
+        title=title,
+        legend_title_text="primary label",
+        template="plotly_white",
+        height=420,
+        width=max(520, 480 * len(scores)),
+    )
     return fig

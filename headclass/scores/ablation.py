@@ -144,10 +144,23 @@ def ablation_scores(
     method = _check_method(method if method is not None else cfg.ablation.method)
     mode = mode if mode is not None else cfg.ablation.mode
     _check_mode(mode)
-    return _per_probe(model, cfg, probes, heads, lambda probe, pairs: ablation_dloss(
-        model, probe.tokens, targets=probe.targets, method=method, mode=mode, heads=pairs,
-        heads_per_pass=cfg.ablation.heads_per_pass, progress=progress, desc=f"ablation ({probe.name})",
-    ))
+    return _per_probe(
+        model,
+        cfg,
+        probes,
+        heads,
+        lambda probe, pairs: ablation_dloss(
+            model,
+            probe.tokens,
+            targets=probe.targets,
+            method=method,
+            mode=mode,
+            heads=pairs,
+            heads_per_pass=cfg.ablation.heads_per_pass,
+            progress=progress,
+            desc=f"ablation ({probe.name})",
+        ),
+    )
 
 
 def ablation_dloss(
@@ -220,9 +233,9 @@ def induction_targets(tokens: Tensor, *, segment_length: Optional[int] = None) -
         for seg in candidates:
             if seg < 2 or prefix + 2 * seg > n_pos:
                 continue
-            if torch.equal(tokens[:, prefix + seg:], tokens[:, prefix:n_pos - seg]):
+            if torch.equal(tokens[:, prefix + seg :], tokens[:, prefix : n_pos - seg]):
                 targets = torch.zeros(tokens.shape[0], n_pos - 1, dtype=torch.bool, device=tokens.device)
-                targets[:, prefix + seg:] = True
+                targets[:, prefix + seg :] = True
                 return targets
     raise ProbeError(
         "induction loss needs a segment of >= 2 tokens repeated in every row "
@@ -275,7 +288,8 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
     induction = chosen["induction"]
     tokens = _tokens_of(induction, "induction")
     built: dict[str, Optional[_LossProbe]] = {
-        "induction": _LossProbe("induction", tokens, _induction_probe_targets(induction, tokens))}
+        "induction": _LossProbe("induction", tokens, _induction_probe_targets(induction, tokens))
+    }
     text = chosen.get("text")
     if text is None:
         warnings.warn(
@@ -290,8 +304,13 @@ def _loss_probes(model: Any, cfg: HeadclassConfig, given: Mapping[str, Any]) -> 
     return built
 
 
-def _per_probe(model: Any, cfg: HeadclassConfig, given: Optional[Mapping[str, Any]], heads: HeadList,
-               run: Callable[["_LossProbe", list], Tensor]) -> dict[str, Tensor]:
+def _per_probe(
+    model: Any,
+    cfg: HeadclassConfig,
+    given: Optional[Mapping[str, Any]],
+    heads: HeadList,
+    run: Callable[["_LossProbe", list], Tensor],
+) -> dict[str, Tensor]:
     """``run(probe, heads)`` for each score key; all-NaN where the probe cannot be built."""
     pairs = _pairs(_heads_by_layer(model, heads))  # validated before any probe is built
     built = _loss_probes(model, cfg, given or {})
@@ -305,7 +324,9 @@ def _per_probe(model: Any, cfg: HeadclassConfig, given: Optional[Mapping[str, An
 def _tokens_of(probe: Any, name: str) -> Tensor:
     tokens = probe if isinstance(probe, Tensor) else getattr(probe, "tokens", None)
     if not isinstance(tokens, Tensor):
-        raise ProbeError(f"probe {name!r} must be a token tensor [batch, pos] or have .tokens; got {type(probe).__name__}.")
+        raise ProbeError(
+            f"probe {name!r} must be a token tensor [batch, pos] or have .tokens; got {type(probe).__name__}."
+        )
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ProbeError(f"probe {name!r} needs tokens of shape [batch, pos >= 2]; got shape {tuple(tokens.shape)}.")
     return tokens
@@ -330,7 +351,9 @@ def _check_targets(tokens: Tensor, targets: Optional[Tensor]) -> Tensor:
         return text_targets(tokens)
     expected = (tokens.shape[0], tokens.shape[1] - 1)
     if tuple(targets.shape) != expected:
-        raise ProbeError(f"targets must be bool of shape [batch, pos - 1] = {list(expected)}; got {list(targets.shape)}.")
+        raise ProbeError(
+            f"targets must be bool of shape [batch, pos - 1] = {list(expected)}; got {list(targets.shape)}."
+        )
     targets = targets.to(device=tokens.device, dtype=torch.bool)
     if not bool(targets.any()):
         raise ProbeError("targets select no position, so there is no loss to ablate.")
@@ -361,9 +384,7 @@ def _heads_by_layer(model: Any, heads: HeadList) -> dict[int, list[int]]:
         except (TypeError, ValueError):
             raise ScoreError(f"heads must be (layer, head) pairs; got {pair!r}.") from None
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ScoreError(
-                f"head ({layer}, {head}) is outside the model's {n_layers} layers x {n_heads} heads."
-            )
+            raise ScoreError(f"head ({layer}, {head}) is outside the model's {n_layers} layers x {n_heads} heads.")
         grouped.setdefault(layer, set()).add(head)
     if not grouped:
         raise ScoreError("heads is empty; give at least one (layer, head) pair, or None for all.")
@@ -381,16 +402,18 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
     with torch.no_grad():
         resid: dict[int, Tensor] = {}
         means: dict[int, Tensor] = {}
-        final: dict[str, Tensor] = {}
-        hooks = [(hook_name(l, "hook_resid_pre"), _store(resid, l)) for l in layers]
+        unembed_in: dict[str, Tensor] = {}
+        hooks: list[tuple[str, Callable[..., Any]]] = [
+            (hook_name(layer, "hook_resid_pre"), _store(resid, layer)) for layer in layers
+        ]
         if method == "mean":
-            hooks += [(hook_name(l, "hook_z"), _store_mean(means, l)) for l in layers]
+            hooks += [(hook_name(layer, "hook_z"), _store_mean(means, layer)) for layer in layers]
         if _has_hook(model, _UNEMBED_IN):
-            hooks.append((_UNEMBED_IN, _store(final, "x")))
+            hooks.append((_UNEMBED_IN, _store(unembed_in, "x")))
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
-        readout = _Readout.if_exact(model, final.get("x"), logits, targets)
-        clean = readout.losses(final["x"], tokens, targets) if readout else _losses(logits, tokens, targets)
-        del logits, final
+        readout = _Readout.if_exact(model, unembed_in.get("x"), logits, targets)
+        clean = readout.losses(unembed_in["x"], tokens, targets) if readout else _losses(logits, tokens, targets)
+        del logits, unembed_in
 
         per_pass = heads_per_pass or _fitting_copies(model, tokens, readout is not None)
         out = torch.full((model.n_layers, model.n_heads), float("nan"))
@@ -398,16 +421,19 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
         for layer in layers:
             todo = heads_by_layer[layer]
             for start in range(0, len(todo), per_pass):
-                chunk = todo[start:start + per_pass]
-                hooks = [(hook_name(layer, "hook_z"), _ablation_hook(chunk, n_batch, means.get(layer)))]
+                chunk = todo[start : start + per_pass]
+                ablate = [(hook_name(layer, "hook_z"), _ablation_hook(chunk, n_batch, means.get(layer)))]
                 replicated = resid[layer].repeat(len(chunk), 1, 1)
                 if readout is None:
-                    logits = model.run_from_layer(replicated, layer, fwd_hooks=hooks, return_type="logits")
+                    logits = model.run_from_layer(replicated, layer, fwd_hooks=ablate, return_type="logits")
                     losses = _losses(logits, tokens, targets)
                     del logits
                 else:
-                    final = readout.final_residual(lambda extra: model.run_from_layer(
-                        replicated, layer, fwd_hooks=hooks + extra, return_type="logits"))
+
+                    def run(extra: list, replicated: Tensor = replicated, layer: int = layer, ablate: list = ablate) -> Any:
+                        return model.run_from_layer(replicated, layer, fwd_hooks=ablate + extra, return_type="logits")
+
+                    final = readout.final_residual(run)
                     losses = readout.losses(final, tokens, targets)
                 out[layer, chunk] = (losses - clean).float()
                 bar.update(len(chunk))
@@ -443,7 +469,7 @@ class _Readout:
         self.w_u, self.b_u = w_u, b_u
 
     @classmethod
-    def if_exact(cls, model: Any, x: Tensor, logits: Tensor, targets: Tensor) -> Optional["_Readout"]:
+    def if_exact(cls, model: Any, x: Optional[Tensor], logits: Tensor, targets: Tensor) -> Optional["_Readout"]:
         w_u = getattr(model, "W_U", None)
         if not isinstance(w_u, Tensor) or x is None or x.shape[:2] != logits.shape[:2]:
             return None
@@ -492,7 +518,7 @@ class _Readout:
         predicted = tokens[:, 1:][targets]
         out = []
         for i in range(x.shape[0] // n_batch):
-            rows = x[i * n_batch:(i + 1) * n_batch, :-1][targets]  # [n_targets, d_model]
+            rows = x[i * n_batch : (i + 1) * n_batch, :-1][targets]  # [n_targets, d_model]
             out.append(F.cross_entropy(self.logits(rows), predicted))
         return torch.stack(out).double().cpu()
 
@@ -514,16 +540,17 @@ def _attribution_dloss(model, tokens, targets, method, heads_by_layer) -> Tensor
 
         return hook
 
-    hooks = [(hook_name(l, "hook_z"), capture(l)) for l in layers]
+    hooks = [(hook_name(layer, "hook_z"), capture(layer)) for layer in layers]
     readout = _Readout.checked(model, tokens)
     with torch.enable_grad():
         if readout is None:
             loss = _loss(model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits"), tokens, targets)
         else:
-            final = readout.final_residual(lambda extra: model.run_with_hooks(
-                tokens, fwd_hooks=hooks + extra, return_type="logits"))
+            final = readout.final_residual(
+                lambda extra: model.run_with_hooks(tokens, fwd_hooks=hooks + extra, return_type="logits")
+            )
             loss = readout.loss(final, tokens, targets)
-        grads = torch.autograd.grad(loss, [perturbations[l] for l in layers])
+        grads = torch.autograd.grad(loss, [perturbations[layer] for layer in layers])
     out = torch.full((model.n_layers, model.n_heads), float("nan"))
     with torch.no_grad():
         for layer, grad in zip(layers, grads):
@@ -535,7 +562,7 @@ def _attribution_dloss(model, tokens, targets, method, heads_by_layer) -> Tensor
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _store(store: dict[int, Tensor], layer: int) -> Callable[[Tensor, Any], None]:
+def _store(store: dict[Any, Tensor], layer: Any) -> Callable[[Tensor, Any], None]:
     def hook(x: Tensor, hook: Any) -> None:
         store[layer] = x.detach().clone()
 
@@ -568,10 +595,16 @@ def _losses(logits: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:
     ``logits`` ``[copies * batch, pos, vocab]``; returns a float64 CPU tensor ``[copies]``.
     """
     n_batch = tokens.shape[0]
-    return torch.stack([
-        _loss(logits[i * n_batch:(i + 1) * n_batch], tokens, targets).detach()  # one copy at a time
-        for i in range(logits.shape[0] // n_batch)
-    ]).double().cpu()
+    return (
+        torch.stack(
+            [
+                _loss(logits[i * n_batch : (i + 1) * n_batch], tokens, targets).detach()  # one copy at a time
+                for i in range(logits.shape[0] // n_batch)
+            ]
+        )
+        .double()
+        .cpu()
+    )
 
 
 def _loss(logits: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:

@@ -57,8 +57,7 @@ def _check_kinds(kinds: Union[str, Iterable[str]]) -> tuple[str, ...]:
     lowered = tuple(str(kind).lower() for kind in names)
     bad = [kind for kind in lowered if kind not in COMPOSITION_KINDS]
     if bad or not lowered:
-        raise ScoreError(f"The 'kinds' parameter must name composition kinds among 'q', 'k', 'v'. "
-                         f"Got {kinds!r}.")
+        raise ScoreError(f"The 'kinds' parameter must name composition kinds among 'q', 'k', 'v'. Got {kinds!r}.")
     return tuple(dict.fromkeys(lowered))
 
 
@@ -75,11 +74,11 @@ def _left_factor(model: HeadModelLike, layer: int) -> Tensor:
 
 def _right_factor(model: HeadModelLike, layer: int, kind: str) -> Tensor:
     """``T`` ``[head, d_model, d_head]`` with ``T T^T = W_B W_B^T`` for the kind, unit norm."""
-    if kind == "q":      # W_QK W_QK^T = W_Q (W_K^T W_K) W_Q^T
+    if kind == "q":  # W_QK W_QK^T = W_Q (W_K^T W_K) W_Q^T
         factor = _f32(model.W_Q[layer]) @ r_factor(model.W_K[layer]).mT
-    elif kind == "k":    # W_QK^T W_QK = W_K (W_Q^T W_Q) W_K^T
+    elif kind == "k":  # W_QK^T W_QK = W_K (W_Q^T W_Q) W_K^T
         factor = _f32(model.W_K[layer]) @ r_factor(model.W_Q[layer]).mT
-    else:                # W_OV W_OV^T = W_V (W_O W_O^T) W_V^T
+    else:  # W_OV W_OV^T = W_V (W_O W_O^T) W_V^T
         factor = _f32(model.W_V[layer]) @ r_factor(model.W_O[layer].mT).mT
     return _unit(factor)
 
@@ -98,7 +97,7 @@ class _Packer:
         self.size = self.index.numel()
 
     def pack(self, factors: Tensor, *, weighted: bool, out: Optional[Tensor] = None) -> Tensor:
-        gram = factors.mT @ factors                           # [n, d, d]
+        gram = factors.mT @ factors  # [n, d, d]
         packed = torch.index_select(gram.flatten(1), 1, self.index, out=out)
         del gram
         return packed.mul_(self.weight) if weighted else packed
@@ -157,14 +156,15 @@ def composition_scores(
             b1 = min(n_layers, b0 + per_block)
             right = torch.empty(len(kinds) * (b1 - b0) * n_heads, packer.size, device=device)
             for i, (kind, layer) in enumerate((k, lb) for k in kinds for lb in range(b0, b1)):
-                packer.pack(_right_factor(model, layer, kind).mT, weighted=False,
-                            out=right[i * n_heads:(i + 1) * n_heads])  # [kind, layer_b, head_b] rows
+                packer.pack(
+                    _right_factor(model, layer, kind).mT, weighted=False, out=right[i * n_heads : (i + 1) * n_heads]
+                )  # [kind, layer_b, head_b] rows
             for la in range(b1 - 1):
                 left = packer.pack(_left_factor(model, la), weighted=True)  # [head_a, packed]
                 inner = (left @ right.T).clamp_min_(0.0).sqrt_()
                 inner = inner.view(n_heads, len(kinds), b1 - b0, n_heads).permute(1, 0, 2, 3)
-                lb0 = max(b0, la + 1)                         # causal: only la < lb
-                out[:, la, :, lb0:b1] = inner[:, :, lb0 - b0:].cpu()
+                lb0 = max(b0, la + 1)  # causal: only la < lb
+                out[:, la, :, lb0:b1] = inner[:, :, lb0 - b0 :].cpu()
                 del left, inner
             del right
     return {kind: out[i].clamp_(max=1.0) for i, kind in enumerate(kinds)}
@@ -208,14 +208,18 @@ def top_k_composition_partners(
     kind = _check_kinds(kind)[0]
     if isinstance(scores, Mapping):
         if kind not in scores:
-            raise ScoreError(f"scores hold the kinds {sorted(scores)}, not {kind!r}; compute it with "
-                             f"composition_scores(model, kinds=[{kind!r}]).")
+            raise ScoreError(
+                f"scores hold the kinds {sorted(scores)}, not {kind!r}; compute it with "
+                f"composition_scores(model, kinds=[{kind!r}])."
+            )
         grid = scores[kind]
     else:
         grid = scores
     if not isinstance(grid, Tensor) or grid.ndim != 4:
-        raise ScoreError(f"scores must be a [layer, head, layer, head] tensor (or a dict of them); "
-                         f"got {type(grid).__name__} of shape {tuple(getattr(grid, 'shape', ()))}.")
+        raise ScoreError(
+            f"scores must be a [layer, head, layer, head] tensor (or a dict of them); "
+            f"got {type(grid).__name__} of shape {tuple(getattr(grid, 'shape', ()))}."
+        )
     n_layers, n_heads = int(grid.shape[0]), int(grid.shape[1])
     if not (0 <= layer < n_layers and 0 <= head < n_heads):
         raise ScoreError(f"head L{layer}H{head} is outside the scores ({n_layers} layers x {n_heads} heads).")
@@ -224,7 +228,7 @@ def top_k_composition_partners(
     if direction == "earlier":
         partners, layers = grid[:layer, :, layer, head], range(layer)
     elif direction == "later":
-        partners, layers = grid[layer, head, layer + 1:, :], range(layer + 1, n_layers)
+        partners, layers = grid[layer, head, layer + 1 :, :], range(layer + 1, n_layers)
     else:
         raise ScoreError(f"The 'direction' parameter must be 'earlier' or 'later'. Got {direction!r}.")
     rows = [(la, h, float(partners[i, h])) for i, la in enumerate(layers) for h in range(n_heads)]

@@ -107,8 +107,16 @@ class ExampleCollector:
         Length of the pattern sample (first sequence of the text probe, else the first probe).
     """
 
-    def __init__(self, probes: Sequence[Probe], n_layers: int, n_heads: int, *, n_examples: int = 5,
-                 n_preferred: int = 3, pattern_tokens: int = 16):
+    def __init__(
+        self,
+        probes: Sequence[Probe],
+        n_layers: int,
+        n_heads: int,
+        *,
+        n_examples: int = 5,
+        n_preferred: int = 3,
+        pattern_tokens: int = 16,
+    ):
         self.probes = {p.name: p for p in probes}
         self.n_layers, self.n_heads = int(n_layers), int(n_heads)
         self.n_examples, self.n_preferred = int(n_examples), int(n_preferred)
@@ -117,7 +125,7 @@ class ExampleCollector:
         self.pattern_tokens = int(pattern_tokens)
         # (probe, layer) -> weight [head, k], seq, query, key [head, k], pref_key, pref_w [head, k, p]
         self._top: dict[tuple[str, int], dict[str, Tensor]] = {}
-        self._sample: dict[int, Tensor] = {}          # layer -> [head, n, n] float32
+        self._sample: dict[int, Tensor] = {}  # layer -> [head, n, n] float32
         self._current: Optional[Probe] = None
         self._start = 0
         self._next: dict[str, int] = {}
@@ -139,31 +147,40 @@ class ExampleCollector:
         b, h, n_q, n_k = pattern.shape
         if n_q < 2:
             return
-        away = pattern[:, :, 1:, 1:]                              # queries >= 1, keys >= 1
-        best, where = away.max(-1)                                # [b, h, q-1]
-        flat = best.permute(1, 0, 2).reshape(h, -1)               # [h, b (q-1)]
+        away = pattern[:, :, 1:, 1:]  # queries >= 1, keys >= 1
+        best, where = away.max(-1)  # [b, h, q-1]
+        flat = best.permute(1, 0, 2).reshape(h, -1)  # [h, b (q-1)]
         k = min(self.n_examples, flat.shape[1])
-        weight, index = flat.topk(k, dim=1)                       # [h, k]
+        weight, index = flat.topk(k, dim=1)  # [h, k]
         seq, query = index // (n_q - 1), index % (n_q - 1)
         heads = torch.arange(h, device=pattern.device)[:, None].expand(h, k)
         key = where.permute(1, 0, 2).reshape(h, -1).gather(1, index) + 1
-        rows = pattern[seq, heads, query + 1]                     # [h, k, keys]
+        rows = pattern[seq, heads, query + 1]  # [h, k, keys]
         p = min(self.n_preferred, n_k)
         pref_w, pref_key = rows.topk(p, dim=-1)
-        found = {"weight": weight.float().cpu(), "seq": (seq + self._start).cpu(), "query": (query + 1).cpu(),
-                 "key": key.cpu(), "pref_key": pref_key.cpu(), "pref_w": pref_w.float().cpu()}
+        found = {
+            "weight": weight.float().cpu(),
+            "seq": (seq + self._start).cpu(),
+            "query": (query + 1).cpu(),
+            "key": key.cpu(),
+            "pref_key": pref_key.cpu(),
+            "pref_w": pref_w.float().cpu(),
+        }
         slot = (chunk.name, int(layer))
         old = self._top.get(slot)
         if old is not None:  # merge with the examples of the earlier chunks, keep the top k
             found = {name: torch.cat([old[name], value], 1) for name, value in found.items()}
             keep = found["weight"].topk(min(self.n_examples, found["weight"].shape[1]), dim=1).indices
-            found = {name: value.gather(1, keep if value.ndim == 2 else keep[..., None].expand(-1, -1, value.shape[2]))
-                     for name, value in found.items()}
+            found = {
+                name: value.gather(1, keep if value.ndim == 2 else keep[..., None].expand(-1, -1, value.shape[2]))
+                for name, value in found.items()
+            }
         self._top[slot] = found
 
     # -- results ---------------------------------------------------------------------------
-    def examples(self, layer: int, head: int, *, context: int = 8,
-                 local_window: int = 4) -> dict[str, list[dict[str, Any]]]:
+    def examples(
+        self, layer: int, head: int, *, context: int = 8, local_window: int = 4
+    ) -> dict[str, list[dict[str, Any]]]:
         """The head's examples per probe (strongest first), as the evidence document holds them."""
         out: dict[str, list[dict[str, Any]]] = {}
         for name, probe in self.probes.items():
@@ -176,14 +193,23 @@ class ExampleCollector:
             for i in order.tolist():
                 s, q, k = int(top["seq"][head, i]), int(top["query"][head, i]), int(top["key"][head, i])
                 row = tokens[s]
-                records.append({
-                    "seq": s, "query": q, "key": k, "weight": _round(top["weight"][head, i]),
-                    "offset": q - k, "relation": _relation(row, q, k, local_window),
-                    "query_token": int(row[q]), "key_token": int(row[k]),
-                    "context": _context(row, q, k, context),
-                    "prefers": [[int(kk), int(row[int(kk)]), _round(w)]
-                                for kk, w in zip(top["pref_key"][head, i], top["pref_w"][head, i])],
-                })
+                records.append(
+                    {
+                        "seq": s,
+                        "query": q,
+                        "key": k,
+                        "weight": _round(top["weight"][head, i]),
+                        "offset": q - k,
+                        "relation": _relation(row, q, k, local_window),
+                        "query_token": int(row[q]),
+                        "key_token": int(row[k]),
+                        "context": _context(row, q, k, context),
+                        "prefers": [
+                            [int(kk), int(row[int(kk)]), _round(w)]
+                            for kk, w in zip(top["pref_key"][head, i], top["pref_w"][head, i])
+                        ],
+                    }
+                )
             out[name] = records
         return out
 
@@ -229,6 +255,7 @@ def _context(row: Tensor, q: int, k: int, width: int) -> list[list[Any]]:
 
 # -- what a head writes -------------------------------------------------------------------------
 
+
 def _source_tokens(model: HeadModelLike, probes: dict[str, Probe], n: int) -> Tensor:
     """A few source tokens: distinct ordinary tokens of the text probe's first sequence (words a
     reader knows), else a seeded sample of ordinary tokens."""
@@ -267,27 +294,31 @@ def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tup
     with torch.no_grad():
         x, embedding = _source_embedding(model, tokens)
         x = x - x.mean(-1, keepdim=True)
-        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)   # unit RMS, like a norm
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # unit RMS, like a norm
         W_U = model.W_U.float()
         k = min(n, int(W_U.shape[1]))
         out: dict[tuple[int, int], list] = {}
         for layer in range(int(model.n_layers)):
             written = torch.einsum("sd,hde->hse", x, model.W_V[layer].float()) @ model.W_O[layer].float()
-            logits = written @ W_U                                  # [head, source, vocab]
+            logits = written @ W_U  # [head, source, vocab]
             logits = logits - logits.mean(-1, keepdim=True)
             up_v, up_i = logits.topk(k, dim=-1)
             down_v, down_i = (-logits).topk(k, dim=-1)
             up_v, up_i, down_v, down_i = (t.cpu() for t in (up_v, up_i, down_v, down_i))
             for head in range(int(model.n_heads)):
                 out[layer, head] = [
-                    {"source": int(src),
-                     "raises": [[int(i), _round(v)] for i, v in zip(up_i[head, s], up_v[head, s])],
-                     "lowers": [[int(i), _round(-v)] for i, v in zip(down_i[head, s], down_v[head, s])]}
-                    for s, src in enumerate(tokens.tolist())]
+                    {
+                        "source": int(src),
+                        "raises": [[int(i), _round(v)] for i, v in zip(up_i[head, s], up_v[head, s])],
+                        "lowers": [[int(i), _round(-v)] for i, v in zip(down_i[head, s], down_v[head, s])],
+                    }
+                    for s, src in enumerate(tokens.tolist())
+                ]
     return out, embedding
 
 
 # -- composition --------------------------------------------------------------------------------
+
 
 def composition_cost(model: HeadModelLike) -> float:
     """Flops of :func:`~headclass.scores.composition.composition_scores` (all three kinds)."""
@@ -305,20 +336,20 @@ def composition_partners(model: HeadModelLike, *, n: int = 5) -> dict[tuple[int,
     out: dict[tuple[int, int], dict[str, list]] = {(lb, hb): {} for lb in range(L) for hb in range(H)}
     for kind, grid in scores.items():
         for lb in range(L):
-            earlier = grid[:lb, :, lb, :].reshape(lb * H, H)       # [earlier head, head_b]
+            earlier = grid[:lb, :, lb, :].reshape(lb * H, H)  # [earlier head, head_b]
             k = min(n, lb * H)
             if k == 0:
                 for hb in range(H):
                     out[lb, hb][kind] = []
                 continue
-            value, index = earlier.topk(k, dim=0)                  # [k, head_b]
+            value, index = earlier.topk(k, dim=0)  # [k, head_b]
             for hb in range(H):
-                out[lb, hb][kind] = [[int(i) // H, int(i) % H, _round(v)]
-                                     for i, v in zip(index[:, hb], value[:, hb])]
+                out[lb, hb][kind] = [[int(i) // H, int(i) % H, _round(v)] for i, v in zip(index[:, hb], value[:, hb])]
     return out
 
 
 # -- the document -------------------------------------------------------------------------------
+
 
 def head_evidence(
     model: HeadModelLike,
@@ -342,10 +373,13 @@ def head_evidence(
     cost = composition_cost(model)
     if composition is None:
         composition = cost <= COMPOSITION_MAX_FLOPS
-        reason = ("" if composition else
-                  f"not computed: {cost:.1e} flops for {L * H} heads of width {int(model.d_model)} is above "
-                  f"COMPOSITION_MAX_FLOPS ({COMPOSITION_MAX_FLOPS:.0e}); use "
-                  "headclass.scores.composition.composition_scores(model)")
+        reason = (
+            ""
+            if composition
+            else f"not computed: {cost:.1e} flops for {L * H} heads of width {int(model.d_model)} is above "
+            f"COMPOSITION_MAX_FLOPS ({COMPOSITION_MAX_FLOPS:.0e}); use "
+            "headclass.scores.composition.composition_scores(model)"
+        )
     else:
         reason = "" if composition else "not computed (composition=False)"
     partners = composition_partners(model) if composition and L > 1 else {}
@@ -367,17 +401,26 @@ def head_evidence(
                 used.add(effect["source"])
                 used.update(i for i, _ in effect["raises"] + effect["lowers"])
             grid = sample.get(layer)
-            pattern = ([[_round(w, 3) for w in grid[head, q, :q + 1].tolist()] for q in range(grid.shape[1])]
-                       if grid is not None else [])
+            pattern = (
+                [[_round(w, 3) for w in grid[head, q, : q + 1].tolist()] for q in range(grid.shape[1])]
+                if grid is not None
+                else []
+            )
             heads[head_key(layer, head)] = {
-                "examples": examples, "writes": effects,
+                "examples": examples,
+                "writes": effects,
                 "composition": partners.get((layer, head)) if partners else None,
                 "pattern": pattern,
             }
     return {
         "version": EVIDENCE_VERSION,
-        "settings": {"n_examples": collector.n_examples, "n_preferred": collector.n_preferred,
-                     "context": context, "n_sources": int(sources.numel()), "n_effects": n_effects},
+        "settings": {
+            "n_examples": collector.n_examples,
+            "n_preferred": collector.n_preferred,
+            "context": context,
+            "n_sources": int(sources.numel()),
+            "n_effects": n_effects,
+        },
         "tokens": token_strings(model, sorted(used)),
         "embedding": embedding,
         "composition": {"computed": bool(partners), "reason": reason},

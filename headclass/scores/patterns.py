@@ -190,8 +190,7 @@ __all__ = [
 CONVENTIONS = ("headclass", "detect_head")
 
 #: The attention-budget classes, in their first-match-wins order (see the module docs).
-BUDGET_CLASSES: tuple[str, ...] = ("first", "self", "previous", "local", "duplicate", "induction",
-                                   "delimiter", "other")
+BUDGET_CLASSES: tuple[str, ...] = ("first", "self", "previous", "local", "duplicate", "induction", "delimiter", "other")
 
 # Below this much attention left after exclusions, a query's share counts as 0 (float32 gives
 # 1 - A[q, 0] to about 1e-7, so smaller remainders are rounding noise).
@@ -270,8 +269,7 @@ class _Batch:
     segments, whatever the number of scores.
     """
 
-    def __init__(self, probe: Probe, options: _Options, names: Sequence[str], device: torch.device,
-                 delimiters: Tensor):
+    def __init__(self, probe: Probe, options: _Options, names: Sequence[str], device: torch.device, delimiters: Tensor):
         self.probe, self.options, self.device = probe, options, device
         self.n_batch, self.n_pos = probe.n_sequences, probe.n_positions
         self.delimiter = delimiters[probe.tokens]  # [batch, pos] bool, CPU
@@ -328,11 +326,12 @@ class _Batch:
             block = self.n_pos * self.n_pos
             b = self._flat // block
             # flat position in [batch, head, query, key] order; take() reads any memory layout
-            self._index = ((b[:, None] * n_heads + torch.arange(n_heads)) * block
-                           + (self._flat % block)[:, None]).to(self.device)
+            self._index = ((b[:, None] * n_heads + torch.arange(n_heads)) * block + (self._flat % block)[:, None]).to(
+                self.device
+            )
         values = pattern.take(self._index)  # [entry, head]
         sums = values.new_zeros(self.n_segments, n_heads).index_add_(0, self._seg, values)
-        self.segments = {name: sums[start:start + size] for name, (start, size, _) in self.slices.items()}
+        self.segments = {name: sums[start : start + size] for name, (start, size, _) in self.slices.items()}
         return self.segments
 
     def buffer(self, numel: int, like: Tensor) -> Tensor:
@@ -431,8 +430,7 @@ def _token_match(name: str) -> Callable[[_Batch], _Terms]:
         else:
             # key k whose preceding token k - 1 is a copy of token q; the detect_head
             # convention also admits k == q (a token repeated at once)
-            b, q, k = _shifted_match(batch).tril(0 if o.convention == "detect_head" else -1).nonzero(
-                as_tuple=True)
+            b, q, k = _shifted_match(batch).tril(0 if o.convention == "detect_head" else -1).nonzero(as_tuple=True)
         keep = torch.ones_like(q, dtype=torch.bool)
         if o.exclude_bos:
             keep &= k != 0
@@ -455,7 +453,7 @@ def _token_match(name: str) -> Callable[[_Batch], _Terms]:
         b, q, k, seg = (torch.cat(column) for column in zip(*parts))
 
         def finish(sums: Tensor, pattern: Tensor) -> Tensor:
-            left = 1.0 - o.exclude_bos * sums[m:2 * m] - o.exclude_current_token * sums[2 * m:3 * m]
+            left = 1.0 - o.exclude_bos * sums[m : 2 * m] - o.exclude_current_token * sums[2 * m : 3 * m]
             share = _share(sums[:m], left)
             out = share.new_zeros(batch.n_batch, share.shape[1])
             return out.index_add_(0, qb.to(share.device), share)[:, :, None]
@@ -488,9 +486,9 @@ def _detect_head_terms(batch: _Batch, b: Tensor, q: Tensor, k: Tensor) -> _Terms
     b, q, k, seg = (torch.cat(column) for column in zip(*parts))
 
     def finish(sums: Tensor, pattern: Tensor) -> Tensor:
-        left = P - o.exclude_bos * sums[n:2 * n] - o.exclude_current_token * sums[2 * n:3 * n]
+        left = P - o.exclude_bos * sums[n : 2 * n] - o.exclude_current_token * sums[2 * n : 3 * n]
         if o.exclude_bos and o.exclude_current_token:
-            left = left + sums[3 * n:4 * n]
+            left = left + sums[3 * n : 4 * n]
         return _share(sums[:n], left)[:, :, None]
 
     return _Terms(b, q, k, seg, 4 * n, finish)
@@ -513,8 +511,12 @@ def _terms_budget(batch: _Batch, full: bool = False) -> _Terms:
     gathered twice (``full=True`` gathers them anyway: the uniform-head base rates).
     """
     B, P, w = batch.n_batch, batch.n_pos, batch.options.local_window
-    reuse = (not full and batch.probe.has_bos and batch.options.max_offset >= w
-             and {"bos", "current_token", "fixed_offset"} <= set(batch.slices))
+    reuse = (
+        not full
+        and batch.probe.has_bos
+        and batch.options.max_offset >= w
+        and {"bos", "current_token", "fixed_offset"} <= set(batch.slices)
+    )
     parts: list[tuple[Tensor, Tensor, Tensor, int]] = []  # (b, q, k, class)
     b, q = batch.queries(1)
     parts += [(b, q, torch.zeros_like(q), 0), (b, q, q, 1)]
@@ -540,13 +542,19 @@ def _terms_budget(batch: _Batch, full: bool = False) -> _Terms:
     columns = torch.stack([torch.ones(B, P, dtype=torch.float64), batch.delimiter.double()], -1)
 
     def finish(sums: Tensor, pattern: Tensor) -> Tensor:
-        named = sums.view(7, B, -1)                                        # [7, batch, head]
+        named = sums.view(7, B, -1)  # [7, batch, head]
         if reuse:
             offsets = batch.segments["fixed_offset"].view(-1, B, named.shape[-1])  # [K, batch, head]
-            named = torch.cat([torch.stack([batch.segments["bos"], batch.segments["current_token"],
-                                            offsets[0], offsets[1:w].sum(0)]), named[4:]])
+            named = torch.cat(
+                [
+                    torch.stack(
+                        [batch.segments["bos"], batch.segments["current_token"], offsets[0], offsets[1:w].sum(0)]
+                    ),
+                    named[4:],
+                ]
+            )
         mass = torch.matmul(pattern, columns.to(pattern.device, pattern.dtype)[:, None])
-        total, delimiter = mass[:, :, 1:].sum(2).unbind(-1)                # queries q >= 1
+        total, delimiter = mass[:, :, 1:].sum(2).unbind(-1)  # queries q >= 1
         delimiter = delimiter - named[6]
         other = total - named[:6].sum(0) - delimiter
         return torch.cat([named[:6].permute(1, 2, 0), delimiter[..., None], other[..., None]], -1)
@@ -584,7 +592,7 @@ def _cross_moments(pattern: Tensor) -> tuple[Tensor, Tensor]:
     """Consistency moments of one batch: ``sum_b A_b`` ``[head, q, k]`` and ``sum_b <A_b, A_b>``,
     over the queries ``q = 2, 2 + s, 2 + 2 s, ...`` (``s = _CONSISTENCY_STRIDE``) and keys ``k >= 1``."""
     window = pattern[:, :, 2::_CONSISTENCY_STRIDE, 1:]
-    rows = torch.linalg.vector_norm(window, dim=-1)               # [batch, head, query], per row
+    rows = torch.linalg.vector_norm(window, dim=-1)  # [batch, head, query], per row
     return window.sum(0), rows.double().pow(2).sum((0, 2))
 
 
@@ -608,8 +616,11 @@ def _plain(name: str) -> tuple[_Outputs, _Errors]:
 def _offset_outputs(means: Tensor, base: Optional[Tensor]) -> dict[str, Tensor]:
     means = means.clamp(0.0, 1.0)  # NaN (no query could see this offset) stays NaN
     index = means.nan_to_num(-1.0).argmax(-1)  # ties: the smallest offset
-    return {"fixed_offset": means.gather(-1, index[..., None])[..., 0], "fixed_offset_k": index + 1,
-            "fixed_offset_per_k": means}
+    return {
+        "fixed_offset": means.gather(-1, index[..., None])[..., 0],
+        "fixed_offset_k": index + 1,
+        "fixed_offset_per_k": means,
+    }
 
 
 def _offset_errors(se: Tensor, means: Tensor, base: Optional[Tensor]) -> dict[str, Tensor]:
@@ -626,15 +637,13 @@ def _budget(prefix: str) -> tuple[_Outputs, _Errors]:
         rates = cast(Tensor, base)[..., None, None, :].expand_as(shares)  # a budget always has one
         out = {f"{prefix}_{c}": shares[..., i] for i, c in enumerate(BUDGET_CLASSES)}
         out.update({f"{prefix}_base_{c}": rates[..., i] for i, c in enumerate(BUDGET_CLASSES)})
-        out.update({f"{prefix}_lift_{c}": lift(shares[..., i], rates[..., i])
-                    for i, c in enumerate(BUDGET_CLASSES)})
+        out.update({f"{prefix}_lift_{c}": lift(shares[..., i], rates[..., i]) for i, c in enumerate(BUDGET_CLASSES)})
         return out
 
     def errors(se: Tensor, means: Tensor, base: Optional[Tensor]) -> dict[str, Tensor]:
         rates = cast(Tensor, base)[None, None, :].expand_as(se)
         out = {f"{prefix}_{c}_se": se[..., i] for i, c in enumerate(BUDGET_CLASSES)}
-        out.update({f"{prefix}_lift_{c}_se": lift(se[..., i], rates[..., i])
-                    for i, c in enumerate(BUDGET_CLASSES)})
+        out.update({f"{prefix}_lift_{c}_se": lift(se[..., i], rates[..., i]) for i, c in enumerate(BUDGET_CLASSES)})
         return out
 
     return outputs, errors
@@ -649,74 +658,160 @@ class _Score:
     errors: Optional[_Errors]
     terms: Optional[Callable[[_Batch], _Terms]] = None
     dense: Optional[Callable[[Tensor, _Batch], Tensor]] = None
-    core: bool = True      # always computed; an error when no probe feeds it
-    opt_in: bool = False   # fed only by probes that name it in Probe.scores
-    base: bool = False     # also reduce a uniform head (budget base rates)
-    cross: bool = False    # a between-sequence statistic (positional consistency)
+    core: bool = True  # always computed; an error when no probe feeds it
+    opt_in: bool = False  # fed only by probes that name it in Probe.scores
+    base: bool = False  # also reduce a uniform head (budget base rates)
+    cross: bool = False  # a between-sequence statistic (positional consistency)
 
 
 _KEYS = "needs sequences of >= {min_keys} tokens (patterns.diffuse_min_keys)"
 _BOTH, _REP, _TEXT = ("repeated", "text"), ("repeated",), ("text",)
 
 
-def _core(name: str, rng: tuple[float, float], probes: tuple[str, ...], description: str,
-          count: Callable, undefined: str, **kw: Any) -> _Score:
+def _core(
+    name: str,
+    rng: tuple[float, float],
+    probes: tuple[str, ...],
+    description: str,
+    count: Callable,
+    undefined: str,
+    **kw: Any,
+) -> _Score:
     outputs, errors = _plain(name)
-    return _Score(ScoreInfo(name, rng, probes, description, (name, f"{name}_se")), count, undefined,
-                  outputs, errors, **kw)
+    return _Score(
+        ScoreInfo(name, rng, probes, description, (name, f"{name}_se")), count, undefined, outputs, errors, **kw
+    )
 
 
 def _budget_score(name: str, probes: tuple[str, ...], opt_in: bool) -> _Score:
     outputs, errors = _budget(name)
     where = "natural text" if opt_in else "repeated random tokens"
-    keys = tuple(f"{name}{part}_{c}{se}" for part, se in (("", ""), ("", "_se"), ("_base", ""),
-                                                        ("_lift", ""), ("_lift", "_se"))
-                 for c in BUDGET_CLASSES)
-    return _Score(ScoreInfo(name, (0.0, 1.0), probes,
-                            f"attention budget on {where}: share of each query's attention per "
-                            "destination class (first match wins), with base rates and lifts", keys),
-                  _count_budget, "needs sequences of >= 2 tokens", outputs, errors, terms=_terms_budget,
-                  core=False, opt_in=opt_in, base=True)
+    keys = tuple(
+        f"{name}{part}_{c}{se}"
+        for part, se in (("", ""), ("", "_se"), ("_base", ""), ("_lift", ""), ("_lift", "_se"))
+        for c in BUDGET_CLASSES
+    )
+    return _Score(
+        ScoreInfo(
+            name,
+            (0.0, 1.0),
+            probes,
+            f"attention budget on {where}: share of each query's attention per "
+            "destination class (first match wins), with base rates and lifts",
+            keys,
+        ),
+        _count_budget,
+        "needs sequences of >= 2 tokens",
+        outputs,
+        errors,
+        terms=_terms_budget,
+        core=False,
+        opt_in=opt_in,
+        base=True,
+    )
 
 
 def _consistency_score(name: str, probes: tuple[str, ...], opt_in: bool) -> _Score:
     outputs, _ = _plain(name)
     where = "natural text" if opt_in else "repeated random tokens"
-    return _Score(ScoreInfo(name, (0.0, 1.0), probes,
-                            f"positional consistency on {where}: mean overlap of two sequences' "
-                            "patterns over a pattern's overlap with itself (1: decided by position)",
-                            (name,)),
-                  _count_pairs, "needs >= 2 sequences of >= 3 tokens", outputs, None, core=False,
-                  opt_in=opt_in, cross=True)
+    return _Score(
+        ScoreInfo(
+            name,
+            (0.0, 1.0),
+            probes,
+            f"positional consistency on {where}: mean overlap of two sequences' "
+            "patterns over a pattern's overlap with itself (1: decided by position)",
+            (name,),
+        ),
+        _count_pairs,
+        "needs >= 2 sequences of >= 3 tokens",
+        outputs,
+        None,
+        core=False,
+        opt_in=opt_in,
+        cross=True,
+    )
 
 
 #: The registry: one engine, thin named reductions. Order = order of the returned dict.
 _SCORES: dict[str, _Score] = {
-    "previous_token": _core("previous_token", (0.0, 1.0), _BOTH, "mean attention from q to q - 1",
-                            _count_previous, "needs sequences of >= 3 tokens (2 without BOS)",
-                            terms=_token_match("previous_token")),
-    "current_token": _core("current_token", (0.0, 1.0), _BOTH, "mean attention from q to itself",
-                           _count_after_first, "needs sequences of >= 2 tokens", terms=_terms_current),
-    "bos": _core("bos", (0.0, 1.0), _BOTH, "mean attention to position 0 (BOS / first token)",
-                 _count_after_first, "needs sequences of >= 2 tokens", terms=_terms_bos),
-    "induction": _core("induction", (0.0, 1.0), _REP,
-                       "attention to the token after an earlier copy of the current token",
-                       _count_matches("induction_target"), "needs a repeated segment of >= 2 tokens",
-                       terms=_token_match("induction")),
-    "duplicate_token": _core("duplicate_token", (0.0, 1.0), _REP,
-                             "attention to earlier copies of the current token",
-                             _count_matches("previous_occurrence"), "needs a token that occurs twice",
-                             terms=_token_match("duplicate_token")),
+    "previous_token": _core(
+        "previous_token",
+        (0.0, 1.0),
+        _BOTH,
+        "mean attention from q to q - 1",
+        _count_previous,
+        "needs sequences of >= 3 tokens (2 without BOS)",
+        terms=_token_match("previous_token"),
+    ),
+    "current_token": _core(
+        "current_token",
+        (0.0, 1.0),
+        _BOTH,
+        "mean attention from q to itself",
+        _count_after_first,
+        "needs sequences of >= 2 tokens",
+        terms=_terms_current,
+    ),
+    "bos": _core(
+        "bos",
+        (0.0, 1.0),
+        _BOTH,
+        "mean attention to position 0 (BOS / first token)",
+        _count_after_first,
+        "needs sequences of >= 2 tokens",
+        terms=_terms_bos,
+    ),
+    "induction": _core(
+        "induction",
+        (0.0, 1.0),
+        _REP,
+        "attention to the token after an earlier copy of the current token",
+        _count_matches("induction_target"),
+        "needs a repeated segment of >= 2 tokens",
+        terms=_token_match("induction"),
+    ),
+    "duplicate_token": _core(
+        "duplicate_token",
+        (0.0, 1.0),
+        _REP,
+        "attention to earlier copies of the current token",
+        _count_matches("previous_occurrence"),
+        "needs a token that occurs twice",
+        terms=_token_match("duplicate_token"),
+    ),
     "fixed_offset": _Score(
-        ScoreInfo("fixed_offset", (0.0, 1.0), _BOTH, "mean attention from q to q - k at the best k",
-                  ("fixed_offset", "fixed_offset_k", "fixed_offset_se")),
-        _count_offsets, "needs sequences of >= 3 tokens", _offset_outputs, _offset_errors,
-        terms=_terms_offsets),
-    "diffuse_entropy": _core("diffuse_entropy", (0.0, 1.0), _BOTH,
-                             "entropy of each query's attention / log(number of keys)",
-                             _count_diffuse, _KEYS, dense=_dense_entropy),
-    "max_attention": _core("max_attention", (0.0, 1.0), _BOTH, "mean of each query's largest weight",
-                           _count_diffuse, _KEYS, dense=_dense_max),
+        ScoreInfo(
+            "fixed_offset",
+            (0.0, 1.0),
+            _BOTH,
+            "mean attention from q to q - k at the best k",
+            ("fixed_offset", "fixed_offset_k", "fixed_offset_se"),
+        ),
+        _count_offsets,
+        "needs sequences of >= 3 tokens",
+        _offset_outputs,
+        _offset_errors,
+        terms=_terms_offsets,
+    ),
+    "diffuse_entropy": _core(
+        "diffuse_entropy",
+        (0.0, 1.0),
+        _BOTH,
+        "entropy of each query's attention / log(number of keys)",
+        _count_diffuse,
+        _KEYS,
+        dense=_dense_entropy,
+    ),
+    "max_attention": _core(
+        "max_attention",
+        (0.0, 1.0),
+        _BOTH,
+        "mean of each query's largest weight",
+        _count_diffuse,
+        _KEYS,
+        dense=_dense_max,
+    ),
     "budget": _budget_score("budget", _TEXT, opt_in=True),
     "budget_rep": _budget_score("budget_rep", _REP, opt_in=False),
     "positional_consistency": _consistency_score("positional_consistency", _TEXT, opt_in=True),
@@ -737,11 +832,15 @@ def _key_infos() -> dict[str, ScoreInfo]:
         for key in info.keys:
             if key == "fixed_offset_k":
                 continue
-            kind = "se" if key.endswith("_se") else "lift" if "_lift_" in key else (
-                "base" if "_base_" in key else "score")
+            kind = (
+                "se" if key.endswith("_se") else "lift" if "_lift_" in key else ("base" if "_base_" in key else "score")
+            )
             rng = {"se": (0.0, math.inf), "lift": (0.0, math.inf)}.get(kind, info.range)
-            what = {"se": "standard error over probe sequences of ", "base": "uniform head's value of ",
-                    "lift": "share / base rate of "}.get(kind, "")
+            what = {
+                "se": "standard error over probe sequences of ",
+                "base": "uniform head's value of ",
+                "lift": "share / base rate of ",
+            }.get(kind, "")
             out[key] = ScoreInfo(key, rng, info.probes, what + info.description, (key,), kind)
     return out
 
@@ -781,8 +880,7 @@ class PatternMeasurement:
         if isinstance(n_replicates, bool) or not isinstance(n_replicates, int) or n_replicates < 1:
             raise ScoreError(f"The 'n_replicates' parameter must be an int >= 1. Got {n_replicates!r}.")
         generator = torch.Generator().manual_seed(int(seed))
-        return [torch.randint(0, size, (n_replicates, size), generator=generator)
-                for size in self._probe_sizes]
+        return [torch.randint(0, size, (n_replicates, size), generator=generator) for size in self._probe_sizes]
 
     def bootstrap(self, n_replicates: int, seed: int = 0) -> dict[str, Tensor]:
         """Every score recomputed on ``n_replicates`` resamples of the probe sequences.
@@ -794,18 +892,25 @@ class PatternMeasurement:
         (``fixed_offset_per_k``: ``[replicate, layer, head, offset]``; ``fixed_offset_k``
         int). A replicate whose resample has no valid query for a score gives NaN there.
         """
-        weights = [torch.zeros(n_replicates, size, dtype=torch.float64).scatter_add_(
-                       1, draw, torch.ones(n_replicates, size, dtype=torch.float64))
-                   for draw, size in zip(self.bootstrap_draws(n_replicates, seed), self._probe_sizes)]
+        weights = [
+            torch.zeros(n_replicates, size, dtype=torch.float64).scatter_add_(
+                1, draw, torch.ones(n_replicates, size, dtype=torch.float64)
+            )
+            for draw, size in zip(self.bootstrap_draws(n_replicates, seed), self._probe_sizes)
+        ]
         out: dict[str, Tensor] = {}
         for name, pooled in self._pooled.items():
-            w = torch.cat([weights[p] for p in pooled.probes], 1)       # [replicate, sequence]
+            w = torch.cat([weights[p] for p in pooled.probes], 1)  # [replicate, sequence]
             sums = torch.einsum("rs,slhk->rlhk", w, pooled.sums)
-            counts = w @ pooled.counts                                    # [replicate, K]
+            counts = w @ pooled.counts  # [replicate, K]
             means = sums / counts[:, None, None, :]
             base = None if pooled.base is None else (w @ pooled.base) / counts
-            out.update({key: value.float() if value.is_floating_point() else value
-                        for key, value in _SCORES[name].outputs(means, base).items()})
+            out.update(
+                {
+                    key: value.float() if value.is_floating_point() else value
+                    for key, value in _SCORES[name].outputs(means, base).items()
+                }
+            )
         return out
 
 
@@ -813,11 +918,11 @@ class PatternMeasurement:
 class _Pooled:
     """Per-sequence sums of one score over every probe feeding it, sequences in probe order."""
 
-    sums: Tensor               # [sequence, layer, head, K] float64
-    counts: Tensor             # [sequence, K] float64
-    probes: list[int]          # index of each feeding probe, in order
-    strata: Tensor             # [sequence] the probe index of each sequence
-    base: Optional[Tensor]     # [sequence, K] uniform-head sums (budgets)
+    sums: Tensor  # [sequence, layer, head, K] float64
+    counts: Tensor  # [sequence, K] float64
+    probes: list[int]  # index of each feeding probe, in order
+    strata: Tensor  # [sequence] the probe index of each sequence
+    base: Optional[Tensor]  # [sequence, K] uniform-head sums (budgets)
 
 
 def pattern_measurement(
@@ -856,9 +961,7 @@ def pattern_measurement(
         raise ProbeError("pattern_scores needs at least one probe (or probes=None for the defaults).")
     for probe in probes:
         if not isinstance(probe, Probe):
-            raise ProbeError(
-                f"probes must be Probe objects (see headclass.probes); got {type(probe).__name__}."
-            )
+            raise ProbeError(f"probes must be Probe objects (see headclass.probes); got {type(probe).__name__}.")
     size = cfg.probes.batch_size if batch_size is None else batch_size
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ProbeError(f"batch_size must be an int >= 1; got {size!r}.")
@@ -925,9 +1028,17 @@ def pattern_scores(
     ScoreError
         A pattern contains NaN (the message names the layer).
     """
-    return pattern_measurement(model, probes, config=config, scores=scores, batch_size=batch_size,
-                               exclude_bos=exclude_bos, exclude_current_token=exclude_current_token,
-                               convention=convention, progress=progress).scores
+    return pattern_measurement(
+        model,
+        probes,
+        config=config,
+        scores=scores,
+        batch_size=batch_size,
+        exclude_bos=exclude_bos,
+        exclude_current_token=exclude_current_token,
+        convention=convention,
+        progress=progress,
+    ).scores
 
 
 def pattern_scores_single_pass(
@@ -951,8 +1062,9 @@ def pattern_scores_single_pass(
     cfg = load_config(config)
     options = _options(cfg, exclude_bos, exclude_current_token, convention)
     probe = tokens if isinstance(tokens, Probe) else from_tokens(model, tokens, name="tokens")
-    probe = Probe(probe.tokens, probe.name, probe.has_bos, probe.previous_occurrence,
-                  probe.induction_target, scores=None)
+    probe = Probe(
+        probe.tokens, probe.name, probe.has_bos, probe.previous_occurrence, probe.induction_target, scores=None
+    )
     names = _score_names(scores, [probe], options)
     return _Engine(model, [probe], names, options).run(probe.n_sequences, progress=False).scores
 
@@ -1005,8 +1117,14 @@ def delimiter_token_mask(model: HeadModelLike) -> Tensor:
 class _Engine:
     """Runs probes batch by batch and folds every layer's pattern into per-sequence sums."""
 
-    def __init__(self, model: HeadModelLike, probes: list[Probe], names: list[str], options: _Options,
-                 observers: Sequence[Callable[[int, Tensor, Probe], None]] = ()):
+    def __init__(
+        self,
+        model: HeadModelLike,
+        probes: list[Probe],
+        names: list[str],
+        options: _Options,
+        observers: Sequence[Callable[[int, Tensor, Probe], None]] = (),
+    ):
         self.model, self.probes, self.names, self.options = model, probes, names, options
         self.observers = tuple(observers)
         for probe in probes:
@@ -1015,8 +1133,9 @@ class _Engine:
         if problems:
             raise ProbeError("\n".join(problems))
         needs_delimiters = any(_SCORES[n].base for n in names)
-        self.delimiters = (delimiter_token_mask(model) if needs_delimiters
-                           else torch.zeros(int(model.d_vocab), dtype=torch.bool))
+        self.delimiters = (
+            delimiter_token_mask(model) if needs_delimiters else torch.zeros(int(model.d_vocab), dtype=torch.bool)
+        )
 
     def _problem(self, name: str) -> Optional[str]:
         """Why ``name`` has no valid query position in the probes feeding it, if it has none."""
@@ -1025,13 +1144,16 @@ class _Engine:
         feeding = [p for p in self.probes if _feeds(p, name)]
         if any(bool((spec.count(p, self.options).sum(0) > 0).any()) for p in feeding):
             return None
-        hint = (" Use probes.repeated(...)." if name in ("induction", "duplicate_token")
-                else f" Only probes that name {name!r} in Probe.scores feed it (probes.text does)."
-                if spec.opt_in else " Use longer sequences.")
+        hint = (
+            " Use probes.repeated(...)."
+            if name in ("induction", "duplicate_token")
+            else f" Only probes that name {name!r} in Probe.scores feed it (probes.text does)."
+            if spec.opt_in
+            else " Use longer sequences."
+        )
         if not feeding:
             given = ", ".join(repr(p.name) for p in self.probes)
-            return (f"{name} {undefined}; no probe given feeds it (probes {given} "
-                    f"leave it out, see Probe.scores).{hint}")
+            return f"{name} {undefined}; no probe given feeds it (probes {given} leave it out, see Probe.scores).{hint}"
         label = " or ".join(repr(p.name) for p in feeding)
         return f"{name} {undefined}; probe {label} has none.{hint}"
 
@@ -1044,8 +1166,12 @@ class _Engine:
         with tqdm(total=n_chunks, desc="pattern scores", unit="batch", disable=not progress) as bar:
             for probe in self.probes:
                 active = [n for n in self.names if _feeds(probe, n)]
-                collected: dict[str, Any] = {"active": active, "sums": {n: [] for n in active},
-                                             "base": {n: [] for n in active}, "cross": {}}
+                collected: dict[str, Any] = {
+                    "active": active,
+                    "sums": {n: [] for n in active},
+                    "base": {n: [] for n in active},
+                    "cross": {},
+                }
                 per_probe.append(collected)
                 if not active:
                     bar.update(math.ceil(probe.n_sequences / batch_size))
@@ -1056,11 +1182,9 @@ class _Engine:
                     bar.update(1)
         return self._finish(per_probe)
 
-    def _run_chunk(self, chunk: Probe, active: list[str], device: torch.device,
-                   collected: dict[str, Any]) -> None:
+    def _run_chunk(self, chunk: Probe, active: list[str], device: torch.device, collected: dict[str, Any]) -> None:
         L = int(self.model.n_layers)
-        batch = _Batch(chunk, self.options, [n for n in active if not _SCORES[n].cross], device,
-                       self.delimiters)
+        batch = _Batch(chunk, self.options, [n for n in active if not _SCORES[n].cross], device, self.delimiters)
         sums: dict[str, list[Optional[Tensor]]] = {name: [None] * L for name in active}
         cross = collected["cross"]
         covered = "diffuse_entropy" in active and "max_attention" in active
@@ -1106,8 +1230,9 @@ class _Engine:
         self.model.run_with_patterns(chunk.tokens, callback)
         missing = [layer for layer in range(L) if sums[active[0]][layer] is None]
         if missing:
-            raise ScoreError(f"run_with_patterns never reported layers {missing} of model "
-                             f"{getattr(self.model, 'name', '?')!r}.")
+            raise ScoreError(
+                f"run_with_patterns never reported layers {missing} of model {getattr(self.model, 'name', '?')!r}."
+            )
         for name in active:
             if _SCORES[name].cross:
                 continue
@@ -1125,16 +1250,14 @@ class _Engine:
             spec = _SCORES[name]
             feeding = [i for i, c in enumerate(per_probe) if name in c["active"]]
             if spec.cross:
-                out[name] = _consistency(self.probes, per_probe, feeding, name, L,
-                                         int(self.model.n_heads)).float()
+                out[name] = _consistency(self.probes, per_probe, feeding, name, L, int(self.model.n_heads)).float()
                 continue
             sums = torch.cat([torch.cat(per_probe[i]["sums"][name]) for i in feeding])
             counts = torch.cat([spec.count(self.probes[i], self.options) for i in feeding])
             strata = torch.cat([torch.full((self.probes[i].n_sequences,), i) for i in feeding])
-            base = (torch.cat([torch.cat(per_probe[i]["base"][name]) for i in feeding])
-                    if spec.base else None)
+            base = torch.cat([torch.cat(per_probe[i]["base"][name]) for i in feeding]) if spec.base else None
             total = counts.sum(0)
-            means = sums.sum(0) / total                                 # [layer, head, K]
+            means = sums.sum(0) / total  # [layer, head, K]
             base_means = None if base is None else base.sum(0) / total
             se = _ratio_se(sums, counts, strata, means)
             for key, value in spec.outputs(means, base_means).items():
@@ -1145,8 +1268,9 @@ class _Engine:
         return PatternMeasurement(out, pooled, [p.n_sequences for p in self.probes])
 
 
-def _consistency(probes: list[Probe], per_probe: list[dict[str, Any]], feeding: list[int], name: str,
-                 n_layers: int, n_heads: int) -> Tensor:
+def _consistency(
+    probes: list[Probe], per_probe: list[dict[str, Any]], feeding: list[int], name: str, n_layers: int, n_heads: int
+) -> Tensor:
     """Pooled positional consistency ``[layer, head]`` from each probe's moments (module docs)."""
     numerator: Optional[Tensor] = None
     denominator: Optional[Tensor] = None
@@ -1155,21 +1279,22 @@ def _consistency(probes: list[Probe], per_probe: list[dict[str, Any]], feeding: 
         moments = [per_probe[i]["cross"].get((name, layer)) for layer in range(n_layers)]
         if n < 2 or any(m is None for m in moments):
             continue
-        square = torch.stack([m[1].cpu() for m in moments])                       # [layer, head]
+        square = torch.stack([m[1].cpu() for m in moments])  # [layer, head]
         total = torch.stack([m[0].double().pow(2).sum((-2, -1)).cpu() for m in moments])
         num, den = (total - square) / (n - 1), square
         numerator = num if numerator is None else numerator + num
         denominator = den if denominator is None else denominator + den
     if numerator is None or denominator is None:
         return torch.full((n_layers, n_heads), math.nan)
-    ratio = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300),
-                        torch.full_like(numerator, math.nan))
+    ratio = torch.where(
+        denominator > 0, numerator / denominator.clamp_min(1e-300), torch.full_like(numerator, math.nan)
+    )
     return ratio.clamp(0.0, 1.0)
 
 
 def _ratio_se(sums: Tensor, counts: Tensor, strata: Tensor, means: Tensor) -> Tensor:
     """Stratified SE of the ratio estimator ``sum S / sum C`` over sequences (module docs)."""
-    residual = sums - means * counts[:, None, None, :]              # [sequence, layer, head, K]
+    residual = sums - means * counts[:, None, None, :]  # [sequence, layer, head, K]
     variance = torch.zeros_like(means)
     for stratum in strata.unique():
         rows = strata == stratum
@@ -1196,8 +1321,7 @@ def _known(name: str, pooled: Mapping[str, Any]) -> str:
     return name
 
 
-def _options(cfg: Any, exclude_bos: Optional[bool], exclude_current_token: bool,
-             convention: str) -> _Options:
+def _options(cfg: Any, exclude_bos: Optional[bool], exclude_current_token: bool, convention: str) -> _Options:
     if convention not in CONVENTIONS:
         raise ScoreError(f"convention must be one of {CONVENTIONS}; got {convention!r}.")
     return _Options(
@@ -1214,16 +1338,19 @@ def _score_names(scores: Optional[Iterable[str]], probes: Sequence[Probe], optio
     """The requested names in registry order; by default the core scores and every other one
     that some probe feeds with at least one valid query."""
     if scores is None:
-        return [name for name, spec in _SCORES.items()
-                if spec.core or any(_feeds(p, name) and bool(spec.count(p, options).sum() > 0)
-                                    for p in probes)]
+        return [
+            name
+            for name, spec in _SCORES.items()
+            if spec.core or any(_feeds(p, name) and bool(spec.count(p, options).sum() > 0) for p in probes)
+        ]
     if isinstance(scores, str):
         scores = [scores]
     wanted = list(dict.fromkeys(scores))
     unknown = [s for s in wanted if s not in _SCORES]
     if unknown or not wanted:
         raise ScoreError(
-            f"unknown score name(s) {unknown}; choose from {list(_SCORES)}." if unknown
+            f"unknown score name(s) {unknown}; choose from {list(_SCORES)}."
+            if unknown
             else "scores must name at least one score."
         )
     return [s for s in _SCORES if s in wanted]

@@ -107,6 +107,7 @@ __all__ = [
     "r_factor",
 ]
 
+
 def _info(key: str, low: float, high: float, description: str, kind: str = "score") -> ScoreInfo:
     return ScoreInfo(key, (low, high), (), description, (key,), kind)
 
@@ -116,25 +117,28 @@ _INF = math.inf
 #: The registry of weight scores: every key :func:`weight_scores` can return, with its range and
 #: a one-line description (``probes`` is empty: no probe is read). ``positional_prev_token``
 #: only for models with learned absolute position embeddings.
-WEIGHT_SCORES: Mapping[str, ScoreInfo] = {info.name: info for info in (
-    _info("copy_eigen", -1.0, 1.0, "eigenvalue copying score of the full OV circuit"),
-    _info("copy_topk", 0.0, 1.0, "fraction of sampled tokens whose own logit is in the OV top k"),
-    _info("copy_topk_se", 0.0, _INF, "sampling error of copy_topk", "se"),
-    _info("copy_suppression_topk", 0.0, 1.0, "fraction of sampled tokens whose own logit is in the OV bottom k"),
-    _info("copy_suppression_topk_se", 0.0, _INF, "sampling error of copy_suppression_topk", "se"),
-    _info("successor", 0.0, 1.0, "fraction of ordinal items whose OV output ranks the next item first"),
-    _info("successor_se", 0.0, _INF, "binomial standard error of successor", "se"),
-    _info("ov_identity_distance", 0.0, 1.0, "relative distance of W_OV to the best scaled identity"),
-    _info("ov_projection_distance", 0.0, 1.0, "relative distance of W_OV to the best scaled projection"),
-    _info("ov_norm", 0.0, _INF, "Frobenius norm of W_OV"),
-    _info("ov_norm_relative", 0.0, _INF, "ov_norm over the median ov_norm of the head's layer"),
-    _info("writes_nothing", 0.0, 1.0, "ov_norm_relative below weights.writes_nothing_below (bool)"),
-    _info("ov_gain", 0.0, _INF, "RMS over sampled tokens of |x W_OV| / |x| for unit-RMS embeddings x"),
-    _info("ov_gain_relative", 0.0, _INF, "ov_gain over the median ov_gain of the model's writing heads"),
-    _info("ov_effective_rank", 0.0, _INF, "participation ratio of W_OV's singular values"),
-    _info("qk_effective_rank", 0.0, _INF, "participation ratio of W_QK's singular values"),
-    _info("positional_prev_token", 0.0, 1.0, "how often the positional QK circuit prefers the previous position"),
-)}
+WEIGHT_SCORES: Mapping[str, ScoreInfo] = {
+    info.name: info
+    for info in (
+        _info("copy_eigen", -1.0, 1.0, "eigenvalue copying score of the full OV circuit"),
+        _info("copy_topk", 0.0, 1.0, "fraction of sampled tokens whose own logit is in the OV top k"),
+        _info("copy_topk_se", 0.0, _INF, "sampling error of copy_topk", "se"),
+        _info("copy_suppression_topk", 0.0, 1.0, "fraction of sampled tokens whose own logit is in the OV bottom k"),
+        _info("copy_suppression_topk_se", 0.0, _INF, "sampling error of copy_suppression_topk", "se"),
+        _info("successor", 0.0, 1.0, "fraction of ordinal items whose OV output ranks the next item first"),
+        _info("successor_se", 0.0, _INF, "binomial standard error of successor", "se"),
+        _info("ov_identity_distance", 0.0, 1.0, "relative distance of W_OV to the best scaled identity"),
+        _info("ov_projection_distance", 0.0, 1.0, "relative distance of W_OV to the best scaled projection"),
+        _info("ov_norm", 0.0, _INF, "Frobenius norm of W_OV"),
+        _info("ov_norm_relative", 0.0, _INF, "ov_norm over the median ov_norm of the head's layer"),
+        _info("writes_nothing", 0.0, 1.0, "ov_norm_relative below weights.writes_nothing_below (bool)"),
+        _info("ov_gain", 0.0, _INF, "RMS over sampled tokens of |x W_OV| / |x| for unit-RMS embeddings x"),
+        _info("ov_gain_relative", 0.0, _INF, "ov_gain over the median ov_gain of the model's writing heads"),
+        _info("ov_effective_rank", 0.0, _INF, "participation ratio of W_OV's singular values"),
+        _info("qk_effective_rank", 0.0, _INF, "participation ratio of W_QK's singular values"),
+        _info("positional_prev_token", 0.0, 1.0, "how often the positional QK circuit prefers the previous position"),
+    )
+}
 
 #: Every key :func:`weight_scores` can return, in registry order.
 WEIGHT_SCORE_KEYS: tuple[str, ...] = tuple(WEIGHT_SCORES)
@@ -144,18 +148,60 @@ WEIGHT_SCORE_KEYS: tuple[str, ...] = tuple(WEIGHT_SCORES)
 #: tokens are used (:func:`successor_sequences`).
 ORDINAL_SEQUENCES: Mapping[str, tuple[str, ...]] = {
     "numbers": tuple(str(i) for i in range(201)),
-    "number words": ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-                     "eighteen", "nineteen", "twenty"),
+    "number words": (
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+        "twenty",
+    ),
     "Number words": ("One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten"),
-    "ordinals": ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
-                 "tenth"),
+    "ordinals": ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"),
     "weekdays": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
     "weekdays lower": ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"),
-    "months": ("January", "February", "March", "April", "May", "June", "July", "August",
-               "September", "October", "November", "December"),
-    "months lower": ("january", "february", "march", "april", "may", "june", "july", "august",
-                     "september", "october", "november", "december"),
+    "months": (
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ),
+    "months lower": (
+        "january",
+        "february",
+        "march",
+        "april",
+        "may",
+        "june",
+        "july",
+        "august",
+        "september",
+        "october",
+        "november",
+        "december",
+    ),
     "letters": tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
     "letters lower": tuple("abcdefghijklmnopqrstuvwxyz"),
     "roman numerals": ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X"),
@@ -175,6 +221,7 @@ _TOPK_BLOCK_BYTES = 1 << 25
 
 
 # -- shared helpers ----------------------------------------------------------------------------
+
 
 def _f32(x: Tensor) -> Tensor:
     """Half-precision weights are upcast: eigenvalues and ranks need at least fp32."""
@@ -210,6 +257,7 @@ def _check_fraction(name: str, value: float) -> float:
 
 # -- embeddings --------------------------------------------------------------------------------
 
+
 def effective_embedding(model: HeadModelLike, *, chunk_size: int = 4096) -> Tensor:
     """The token embedding as layer 1 sees it: ``W_E + MLP0(LN(W_E))``, ``[d_vocab, d_model]``.
 
@@ -243,11 +291,12 @@ def _unembed_embed(W_U: Tensor, embedding: Tensor, block: int = 16384) -> Tensor
     """``W_U @ embedding`` ``[d_model, d_model]`` in float32, ``block`` vocabulary rows at a time."""
     out = torch.zeros(W_U.shape[0], embedding.shape[1], dtype=torch.float32, device=W_U.device)
     for start in range(0, W_U.shape[1], block):
-        out += _f32(W_U[:, start:start + block]) @ _f32(embedding[start:start + block])
+        out += _f32(W_U[:, start : start + block]) @ _f32(embedding[start : start + block])
     return out
 
 
 # -- 1. eigenvalue copying score ---------------------------------------------------------------
+
 
 def _ov_eigenvalues(model: HeadModelLike, embedding: Tensor, progress: bool = False) -> Tensor:
     # Non-zero eigenvalues of E W_V W_O W_U (vocab x vocab) are those of W_O (W_U E) W_V
@@ -281,12 +330,14 @@ def copy_eigen_score(eigenvalues: Tensor) -> Tensor:
     """
     total = eigenvalues.sum(-1).real if eigenvalues.is_complex() else eigenvalues.sum(-1)
     magnitude = eigenvalues.abs().sum(-1)
-    score = torch.where(magnitude > 0, total / magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny),
-                        torch.zeros_like(magnitude))
+    score = torch.where(
+        magnitude > 0, total / magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny), torch.zeros_like(magnitude)
+    )
     return score.clamp(-1.0, 1.0).float()
 
 
 # -- 2. top-k copy and copy-suppression scores -------------------------------------------------
+
 
 def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) -> Tensor:
     """Sorted ids of ``sample_size`` ordinary tokens drawn without replacement (seeded).
@@ -302,8 +353,9 @@ def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) 
         raise ScoreError(str(error)) from None
 
 
-def _topk_counts(model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0,
-                 progress: bool = False) -> tuple[Tensor, Tensor]:
+def _topk_counts(
+    model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0, progress: bool = False
+) -> tuple[Tensor, Tensor]:
     """Per head, how many sampled tokens are in the top k (copies) and bottom k (suppressions)."""
     W_U = model.W_U  # model dtype; the one float32 copy is the shuffled one
     n_vocab = W_U.shape[1]
@@ -313,22 +365,23 @@ def _topk_counts(model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k:
     shuffled = _f32(W_U[:, order])
     column_of = torch.empty_like(order)
     column_of[order] = torch.arange(n_vocab, device=order.device)
-    sources = _f32(embedding[tokens])                              # [sample, d_model]
-    own_unembed = _f32(W_U[:, tokens])                             # [d_model, sample]
+    sources = _f32(embedding[tokens])  # [sample, d_model]
+    own_unembed = _f32(W_U[:, tokens])  # [d_model, sample]
     copies = torch.zeros(model.n_layers, model.n_heads, dtype=torch.long)
     suppressions = torch.zeros_like(copies)
     for layer in _layers(model, "top-k copy", progress):
-        values = sources @ _f32(model.W_V[layer])                  # [head, sample, d_head]
-        W_O = _f32(model.W_O[layer])                               # [head, d_head, d_model]
-        own = (values * (W_O @ own_unembed).mT).sum(-1)            # [head, sample]
+        values = sources @ _f32(model.W_V[layer])  # [head, sample, d_head]
+        W_O = _f32(model.W_O[layer])  # [head, d_head, d_model]
+        own = (values * (W_O @ own_unembed).mT).sum(-1)  # [head, sample]
         at_least, at_most = _rank_counts(values, W_O, shuffled, own, column_of[tokens], top_k)
         copies[layer] = (at_least < top_k).sum(-1).cpu()
         suppressions[layer] = (at_most < top_k).sum(-1).cpu()
     return copies, suppressions
 
 
-def _rank_counts(x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: Tensor,
-                 top_k: int) -> tuple[Tensor, Tensor]:
+def _rank_counts(
+    x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: Tensor, top_k: int
+) -> tuple[Tensor, Tensor]:
     """How many other tokens' logits are ``>= own`` and ``<= own``, per head and sampled token.
 
     ``x``: ``[head, sample, d_head]`` (sampled embeddings through ``W_V``), ``W_O``:
@@ -354,7 +407,7 @@ def _rank_counts(x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: 
         # block [pairs, columns]: logits of (heads[i], rows[i]) over columns start.. of W_U.
         offset = own_columns[rows] - start
         mine = ((offset >= 0) & (offset < block.shape[1])).nonzero().squeeze(1)
-        block[mine, offset[mine]] = float("nan")                  # never counts itself
+        block[mine, offset[mine]] = float("nan")  # never counts itself
         threshold = own[heads, rows][:, None]
         at_least[heads, rows] += (block >= threshold).sum(-1, dtype=torch.int32)  # int32: 2.5x faster
         at_most[heads, rows] += (block <= threshold).sum(-1, dtype=torch.int32)
@@ -368,8 +421,12 @@ def _rank_counts(x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: 
     for h0 in range(0, n_heads, group):
         h1 = min(n_heads, h0 + group)
         first = (x[h0:h1] @ (W_O[h0:h1] @ W_U[:, :stop])).flatten(0, 1)
-        tally(first, torch.arange(h0, h1, device=device).repeat_interleave(n_rows),
-              torch.arange(n_rows, device=device).repeat(h1 - h0), 0)
+        tally(
+            first,
+            torch.arange(h0, h1, device=device).repeat_interleave(n_rows),
+            torch.arange(n_rows, device=device).repeat(h1 - h0),
+            0,
+        )
     del first
     # Then doubling blocks for the unsettled pairs only. A head with more than `many` of them
     # goes through W_O W_U (d_head-wide products); the few pairs of the others are pooled and
@@ -377,11 +434,11 @@ def _rank_counts(x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: 
     many = d_head * d_model / max(1, d_model - d_head)
     heavy: dict[int, Tensor] = {}
     heads = rows = torch.zeros(0, dtype=torch.long, device=device)
-    projected = x.new_zeros(0, d_model)                            # [pooled pairs, d_model]
+    projected = x.new_zeros(0, d_model)  # [pooled pairs, d_model]
     newly = list(range(n_heads))
     start, size = stop, stop
     while start < n_vocab:
-        for h in newly:                                            # sort heads into the two routes
+        for h in newly:  # sort heads into the two routes
             left = pending_rows(h)
             if left.numel() > many:
                 heavy[h] = left
@@ -452,19 +509,25 @@ def topk_copy_scores(
         return _topk_scores(model, _embedding(model, effective_embedding), tokens, top_k, seed, progress)
 
 
-def _topk_scores(model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, seed: int,
-                 progress: bool) -> dict[str, Tensor]:
-    copies, suppressions = _topk_counts(model, embedding, tokens.to(embedding.device), top_k,
-                                        seed=seed, progress=progress)
+def _topk_scores(
+    model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, seed: int, progress: bool
+) -> dict[str, Tensor]:
+    copies, suppressions = _topk_counts(
+        model, embedding, tokens.to(embedding.device), top_k, seed=seed, progress=progress
+    )
     n = int(tokens.numel())
     population = int(ordinary_token_ids(model).numel())
     copy, suppress = copies.float() / n, suppressions.float() / n
-    return {"copy_topk": copy, "copy_topk_se": sampling_error(copy, n, population),
-            "copy_suppression_topk": suppress,
-            "copy_suppression_topk_se": sampling_error(suppress, n, population)}
+    return {
+        "copy_topk": copy,
+        "copy_topk_se": sampling_error(copy, n, population),
+        "copy_suppression_topk": suppress,
+        "copy_suppression_topk_se": sampling_error(suppress, n, population),
+    }
 
 
 # -- 2b. sampling error, successor heads, output gain -----------------------------------------
+
 
 def sampling_error(fraction: Tensor, n: int, population: Optional[int] = None) -> Tensor:
     """Standard error of a fraction measured on ``n`` sampled items: ``sqrt(p (1 - p) / n)``.
@@ -505,8 +568,12 @@ def successor_sequences(model: HeadModelLike, *, min_length: int = _MIN_RUN) -> 
                 token = None
                 if item is not None:
                     ids = tokenizer.encode(prefix + item, add_special_tokens=False)
-                    if len(ids) == 1 and 0 <= ids[0] < d_vocab and ids[0] not in special \
-                            and tokenizer.decode(ids).strip() == item:
+                    if (
+                        len(ids) == 1
+                        and 0 <= ids[0] < d_vocab
+                        and ids[0] not in special
+                        and tokenizer.decode(ids).strip() == item
+                    ):
                         token = int(ids[0])
                 if token is not None and token not in run:
                     run.append(token)
@@ -555,14 +622,14 @@ def successor_scores(
             except (ScoreError, AttributeError, TypeError):
                 rows = _f32(model.W_E[ids.to(model.W_E.device)])
         position = {int(t): i for i, t in enumerate(ids.tolist())}
-        W_U = _f32(model.W_U[:, ids.to(model.W_U.device)])                    # [d_model, items]
+        W_U = _f32(model.W_U[:, ids.to(model.W_U.device)])  # [d_model, items]
         hits = torch.zeros(shape, dtype=torch.float64)
         n_items = sum(int(r.numel()) - 1 for r in runs)
         for layer in _layers(model, "successor", progress):
             logits = (rows @ _f32(model.W_V[layer])) @ (_f32(model.W_O[layer]) @ W_U)  # [head, item, item]
             for run in runs:
                 index = torch.tensor([position[int(t)] for t in run.tolist()], device=logits.device)
-                block = logits[:, index[:-1]][:, :, index]                          # [head, i, run]
+                block = logits[:, index[:-1]][:, :, index]  # [head, i, run]
                 nxt = torch.arange(1, run.numel(), device=logits.device)
                 target = block.gather(2, nxt[None, :, None].expand(block.shape[0], -1, 1))[..., 0]
                 others = block.scatter(2, nxt[None, :, None].expand(block.shape[0], -1, 1), -math.inf)
@@ -573,8 +640,9 @@ def successor_scores(
     return {"successor": fraction, "successor_se": sampling_error(fraction, n_items)}
 
 
-def ov_gain_scores(model: HeadModelLike, embedding: Tensor, tokens: Tensor, *,
-                   progress: bool = False) -> dict[str, Tensor]:
+def ov_gain_scores(
+    model: HeadModelLike, embedding: Tensor, tokens: Tensor, *, progress: bool = False
+) -> dict[str, Tensor]:
     """How much a head writes, ``{"ov_gain", "ov_gain_relative"}``, ``[layer, head]``.
 
     ``ov_gain = sqrt(mean_t ||x_t W_V W_O||^2 / ||x_t||^2)`` over the sampled tokens ``t``,
@@ -588,12 +656,12 @@ def ov_gain_scores(model: HeadModelLike, embedding: Tensor, tokens: Tensor, *,
     """
     with torch.no_grad():
         x = _f32(embedding[tokens.to(embedding.device)])
-        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)        # unit RMS rows
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # unit RMS rows
         gain = torch.zeros(int(model.n_layers), int(model.n_heads), dtype=torch.float64)
         for layer in _layers(model, "OV gain", progress):
-            values = x @ _f32(model.W_V[layer])                                    # [head, token, d_head]
-            out = values @ r_factor(_f32(model.W_O[layer]).mT).mT                  # same norms as @ W_O
-            ratio = out.pow(2).sum(-1) / x.pow(2).sum(-1)                          # [head, token]
+            values = x @ _f32(model.W_V[layer])  # [head, token, d_head]
+            out = values @ r_factor(_f32(model.W_O[layer]).mT).mT  # same norms as @ W_O
+            ratio = out.pow(2).sum(-1) / x.pow(2).sum(-1)  # [head, token]
             gain[layer] = ratio.mean(-1).sqrt().double().cpu()
         writing = gain[gain > 0]
         median = writing.median() if writing.numel() else torch.tensor(math.nan, dtype=torch.float64)
@@ -602,6 +670,7 @@ def ov_gain_scores(model: HeadModelLike, embedding: Tensor, tokens: Tensor, *,
 
 
 # -- 3. singular values, identity-likeness -----------------------------------------------------
+
 
 def _svdvals(left: Tensor, right: Tensor) -> Tensor:
     """Singular values of ``left @ right^T`` for ``left, right: [head, d_model, d_head]``."""
@@ -614,8 +683,9 @@ def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     With ``W_V = Q_V R_V`` and ``W_O^T = Q_O R_O`` (thin QR, :func:`r_factor`),
     ``W_OV = Q_V (R_V R_O^T) Q_O^T``, so its singular values are those of the ``d_head x d_head`` matrix ``R_V R_O^T``.
     """
-    return torch.stack([_svdvals(model.W_V[layer], model.W_O[layer].mT)
-                        for layer in _layers(model, "OV spectra", progress)])
+    return torch.stack(
+        [_svdvals(model.W_V[layer], model.W_O[layer].mT) for layer in _layers(model, "OV spectra", progress)]
+    )
 
 
 def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tensor:
@@ -623,8 +693,9 @@ def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
 
     Via ``R_Q R_K^T`` as in :func:`ov_singular_values`. Grouped-query key heads are expanded.
     """
-    return torch.stack([_svdvals(model.W_Q[layer], model.W_K[layer])
-                        for layer in _layers(model, "QK spectra", progress)])
+    return torch.stack(
+        [_svdvals(model.W_Q[layer], model.W_K[layer]) for layer in _layers(model, "QK spectra", progress)]
+    )
 
 
 def participation_ratio(singular_values: Tensor) -> Tensor:
@@ -636,8 +707,7 @@ def participation_ratio(singular_values: Tensor) -> Tensor:
     """
     s2 = singular_values.double().pow(2)
     s4 = s2.pow(2).sum(-1)
-    ratio = torch.where(s4 > 0, s2.sum(-1).pow(2) / s4.clamp_min(torch.finfo(s4.dtype).tiny),
-                        torch.zeros_like(s4))
+    ratio = torch.where(s4 > 0, s2.sum(-1).pow(2) / s4.clamp_min(torch.finfo(s4.dtype).tiny), torch.zeros_like(s4))
     return ratio.float()
 
 
@@ -716,19 +786,19 @@ def ov_svd_scores(
     qk = qk_singular_values(model, progress=progress) if qk_spectra is None else qk_spectra
     # trace and ||W_OV||^2 in float64: the distances are sqrt(1 - cos^2), which turns a 1e-7
     # rounding of cos^2 into a 3e-4 error near 0
-    trace = torch.stack([
-        (model.W_V[layer].double() * model.W_O[layer].double().mT).sum((-2, -1))
-        for layer in range(model.n_layers)
-    ])
-    frobenius_sq = torch.stack([
-        (r_factor(model.W_V[layer].double()) @ model.W_O[layer].double()).pow(2).sum((-2, -1))
-        for layer in range(model.n_layers)
-    ])
+    trace = torch.stack(
+        [(model.W_V[layer].double() * model.W_O[layer].double().mT).sum((-2, -1)) for layer in range(model.n_layers)]
+    )
+    frobenius_sq = torch.stack(
+        [
+            (r_factor(model.W_V[layer].double()) @ model.W_O[layer].double()).pow(2).sum((-2, -1))
+            for layer in range(model.n_layers)
+        ]
+    )
     rank = (ov.double() > _RANK_RTOL * ov.double().amax(-1, keepdim=True)).sum(-1).double()
     norm = frobenius_sq.sqrt()
     median = norm.quantile(0.5, dim=1, keepdim=True)
-    relative = torch.where(median > 0, norm / median.clamp_min(torch.finfo(median.dtype).tiny),
-                           torch.zeros_like(norm))
+    relative = torch.where(median > 0, norm / median.clamp_min(torch.finfo(median.dtype).tiny), torch.zeros_like(norm))
     return {
         "ov_identity_distance": identity_distance(trace, frobenius_sq, int(model.d_model)),
         "ov_projection_distance": _distance(trace, frobenius_sq, rank),  # = projection_distance
@@ -741,6 +811,7 @@ def ov_svd_scores(
 
 
 # -- 4. positional signature of the QK circuit -------------------------------------------------
+
 
 def positional_prev_token_score(model: HeadModelLike, *, first_query: int = 2, progress: bool = False) -> Tensor:
     """How often a head's purely positional QK circuit prefers the previous position, ``[layer, head]``.
@@ -773,8 +844,9 @@ def positional_prev_token_score(model: HeadModelLike, *, first_query: int = 2, p
         raise ScoreError(f"The 'first_query' parameter must be an int >= 1. Got {first_query!r}.")
     n_ctx = W_pos.shape[0]
     if n_ctx <= first_query:
-        raise ScoreError(f"positional_prev_token needs a context longer than {first_query} positions; "
-                         f"W_pos has {n_ctx}.")
+        raise ScoreError(
+            f"positional_prev_token needs a context longer than {first_query} positions; W_pos has {n_ctx}."
+        )
     positions = _f32(W_pos)
     positions = positions - positions.mean(-1, keepdim=True)
     positions = positions / positions.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
@@ -783,19 +855,20 @@ def positional_prev_token_score(model: HeadModelLike, *, first_query: int = 2, p
     step = 128
     out = torch.zeros(model.n_layers, model.n_heads)
     for layer in _layers(model, "positional QK", progress):
-        q_all = positions @ _f32(model.W_Q[layer])                      # [head, n_ctx, d_head]
+        q_all = positions @ _f32(model.W_Q[layer])  # [head, n_ctx, d_head]
         k_all = positions @ _f32(model.W_K[layer])
         hits = torch.zeros(model.n_heads, device=positions.device)
         for i0 in range(first_query, n_ctx, step):
             i1 = min(n_ctx, i0 + step)
             scores = (q_all[:, i0:i1] @ k_all[:, :i1].mT).masked_fill_(future[i0:i1, :i1], float("-inf"))
-            best = scores.argmax(-1)                                    # [head, queries]
+            best = scores.argmax(-1)  # [head, queries]
             hits += (best == torch.arange(i0 - 1, i1 - 1, device=best.device)).sum(-1)
         out[layer] = (hits / (n_ctx - first_query)).cpu()
     return out
 
 
 # -- all of them -------------------------------------------------------------------------------
+
 
 def weight_scores(
     model: HeadModelLike,
@@ -843,8 +916,9 @@ def weight_scores(
         if tokens is None:
             tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
         scores.update(_topk_scores(model, embedding, tokens, options.top_k, cfg.probes.seed, progress))
-        scores.update(successor_scores(model, embedding=embedding if options.effective_embedding else None,
-                                       progress=progress))
+        scores.update(
+            successor_scores(model, embedding=embedding if options.effective_embedding else None, progress=progress)
+        )
         gains = ov_gain_scores(model, embedding, tokens, progress=progress)
         del embedding
         scores.update(ov_svd_scores(model, writes_nothing_below=writes_nothing_below, progress=progress))

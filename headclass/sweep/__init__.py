@@ -108,8 +108,10 @@ class SweepResult:
     def summary_line(self) -> str:
         c = self.counts()
         done = self.models.loc[self.models["status"] == "done", "seconds"].sum()
-        return (f"sweep: {c['done']} done, {c['failed']} failed, {c['skipped']} skipped "
-                f"in {self.seconds:.1f} s (model time {done:.1f} s); results in {self.out}")
+        return (
+            f"sweep: {c['done']} done, {c['failed']} failed, {c['skipped']} skipped "
+            f"in {self.seconds:.1f} s (model time {done:.1f} s); results in {self.out}"
+        )
 
     def __repr__(self) -> str:
         return f"SweepResult({self.summary_line()})"
@@ -184,20 +186,31 @@ def sweep(
         kwargs = {"address": address, "on_start": status.note} if executor == "ray" else {}
         # closing: an error here (say, a full disk) stops the executor at once (Ray: cancels
         # the tasks left and stops a Ray instance started for the run), not at interpreter exit.
-        with contextlib.closing(EXECUTORS[executor](todo, valid, **kwargs)) as results:
-            for job, result in results:
-                if result.ok:
-                    records[job.index] = _write_part(parts, job, result)
+        with contextlib.closing(EXECUTORS[executor](todo, valid, **kwargs)) as results:  # type: ignore[type-var]
+            for job, part in results:
+                if part.ok:
+                    records[job.index] = _write_part(parts, job, part)
                     records[job.index]["status"] = "done"
-                    status.line(job, f"done in {result.seconds:.1f} s (pid {result.pid}, "
-                                     f"peak {result.peak_rss_mb:.0f} MiB)")
+                    status.line(
+                        job, f"done in {part.seconds:.1f} s (pid {part.pid}, peak {part.peak_rss_mb:.0f} MiB)"
+                    )
                 else:
-                    failure = {**job.record(), "error_type": result.error_type, "error": result.error,
-                               "traceback": result.traceback, "seconds": result.seconds}
+                    failure = {
+                        **job.record(),
+                        "error_type": part.error_type,
+                        "error": part.error,
+                        "traceback": part.traceback,
+                        "seconds": part.seconds,
+                    }
                     failures.append(failure)
-                    records[job.index] = {**job.record(), "status": "failed", "seconds": result.seconds,
-                                          "error": f"{result.error_type}: {result.error}", "pid": result.pid}
-                    status.line(job, f"FAILED: {result.error_type}: {result.error}")
+                    records[job.index] = {
+                        **job.record(),
+                        "status": "failed",
+                        "seconds": part.seconds,
+                        "error": f"{part.error_type}: {part.error}",
+                        "pid": part.pid,
+                    }
+                    status.line(job, f"FAILED: {part.error_type}: {part.error}")
     finally:
         status.close()
 
@@ -211,16 +224,29 @@ def sweep(
     table = pd.read_parquet(out_dir / "sweep.parquet")  # exactly what a reader of the file gets
     write_text(out_dir / "failures.json", _dumps(failures))
     write_text(out_dir / "summary.json", _dumps({"executor": executor, "models": models.to_dict(orient="records")}))
-    write_report(out_dir / "sweep.html", table=table, models=models, taxonomies=taxonomies, failures=failures,
-                 n_bins=valid.n_bins)
-    result = SweepResult(table=table, models=models, failures=failures, out=out_dir,
-                         seconds=time.perf_counter() - started, taxonomies=taxonomies)
+    write_report(
+        out_dir / "sweep.html",
+        table=table,
+        models=models,
+        taxonomies=taxonomies,
+        failures=failures,
+        n_bins=valid.n_bins,
+    )
+    result = SweepResult(
+        table=table,
+        models=models,
+        failures=failures,
+        out=out_dir,
+        seconds=time.perf_counter() - started,
+        taxonomies=taxonomies,
+    )
     if progress:
         print(f"headclass: {result.summary_line()}", file=sys.stderr, flush=True)
     return result
 
 
 # -- parts -----------------------------------------------------------------------------------------
+
 
 def _finished_part(parts: Path, job: Job) -> Optional[dict[str, Any]]:
     """The sidecar facts of a finished part computed from the same inputs, else None."""
@@ -239,8 +265,15 @@ def _write_part(parts: Path, job: Job, result: PartResult) -> dict[str, Any]:
     from headclass.atomic import write_text
     from headclass.taxonomy import HeadTaxonomy
 
-    facts = {**job.record(), "n_params": result.n_params, "in_context_loss": result.in_context_loss,
-             "seconds": result.seconds, "pid": result.pid, "host": result.host, "peak_rss_mb": result.peak_rss_mb}
+    facts = {
+        **job.record(),
+        "n_params": result.n_params,
+        "in_context_loss": result.in_context_loss,
+        "seconds": result.seconds,
+        "pid": result.pid,
+        "host": result.host,
+        "peak_rss_mb": result.peak_rss_mb,
+    }
     metadata = {**result.metadata, "sweep": facts}
     HeadTaxonomy(result.table, metadata).to_parquet(parts / f"{job.stem}.parquet")
     write_text(parts / f"{job.stem}.json", _dumps(facts))
@@ -259,17 +292,21 @@ def _merge(parts: Path, jobs: list[Job], records: Mapping[int, dict[str, Any]]) 
         taxonomy = read_parquet(parts / f"{job.stem}.parquet")
         taxonomies.append(taxonomy)
         heads = taxonomy.table
-        front = pd.DataFrame({
-            "model": heads["model"].astype(str),
-            "source": job.source,
-            "revision": pd.Series([job.revision] * len(heads), dtype="object"),
-            "step": pd.array([job.step] * len(heads), dtype="Int64"),
-            "series": pd.Series([job.series] * len(heads), dtype="object"),
-            "family": pd.Series([job.family] * len(heads), dtype="object"),
-            "n_params": pd.array([record.get("n_params")] * len(heads), dtype="Int64"),
-            "in_context_loss": float(record["in_context_loss"]) if record.get("in_context_loss") is not None
-            else math.nan,
-        }, index=heads.index)
+        front = pd.DataFrame(
+            {
+                "model": heads["model"].astype(str),
+                "source": job.source,
+                "revision": pd.Series([job.revision] * len(heads), dtype="object"),
+                "step": pd.array([job.step] * len(heads), dtype="Int64"),
+                "series": pd.Series([job.series] * len(heads), dtype="object"),
+                "family": pd.Series([job.family] * len(heads), dtype="object"),
+                "n_params": pd.array([record.get("n_params")] * len(heads), dtype="Int64"),
+                "in_context_loss": float(record["in_context_loss"])
+                if record.get("in_context_loss") is not None
+                else math.nan,
+            },
+            index=heads.index,
+        )
         frames.append(pd.concat([front, heads.drop(columns=["model"])], axis=1))
     if not frames:
         return pd.DataFrame(columns=list(SWEEP_COLUMNS)), taxonomies
@@ -280,10 +317,21 @@ def _models_table(jobs: list[Job], records: Mapping[int, dict[str, Any]]) -> pd.
     rows = []
     for job in jobs:
         r = records.get(job.index, {"status": "failed", "error": "not run"})
-        rows.append({"name": job.name, "status": r["status"], "source": job.source, "revision": job.revision,
-                     "step": job.step, "n_params": r.get("n_params"), "in_context_loss": r.get("in_context_loss"),
-                     "seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb"), "pid": r.get("pid"),
-                     "error": r.get("error")})
+        rows.append(
+            {
+                "name": job.name,
+                "status": r["status"],
+                "source": job.source,
+                "revision": job.revision,
+                "step": job.step,
+                "n_params": r.get("n_params"),
+                "in_context_loss": r.get("in_context_loss"),
+                "seconds": r.get("seconds"),
+                "peak_rss_mb": r.get("peak_rss_mb"),
+                "pid": r.get("pid"),
+                "error": r.get("error"),
+            }
+        )
     models = pd.DataFrame(rows)
     for column in ("step", "n_params", "pid"):
         models[column] = pd.array(models[column].tolist(), dtype="Int64")

@@ -31,8 +31,18 @@ __all__ = ["EXECUTORS", "run_local", "run_ray", "local_ray", "estimate_memory", 
 
 _BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 _SIZE = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([mMbB])(?![A-Za-z])")
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1}
+_SAFETENSORS_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 #: What a worker holds besides the model: Python, torch, TransformerLens, probes, buffers.
 BASE_MEMORY = int(1.5 * 2**30)
 #: Copies of the weights alive at the peak: the Hugging Face model, TransformerLens' processed
@@ -92,8 +102,13 @@ def _import_ray() -> Any:
     return ray
 
 
-def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = None,
-            on_start: Optional[Callable[[str], None]] = None) -> Iterator[tuple[Job, PartResult]]:
+def run_ray(
+    jobs: Sequence[Job],
+    spec: SweepSpec,
+    *,
+    address: Optional[str] = None,
+    on_start: Optional[Callable[[str], None]] = None,
+) -> Iterator[tuple[Job, PartResult]]:
     """Run one Ray task per job; yield results in the order they finish (no jobs: no Ray)."""
     if not jobs:
         return
@@ -112,8 +127,9 @@ def run_ray(jobs: Sequence[Job], spec: SweepSpec, *, address: Optional[str] = No
         yield from _run_tasks(ray, jobs, spec, lambda text: on_start(text) if on_start else None, where)
 
 
-def _run_tasks(ray: Any, jobs: Sequence[Job], spec: SweepSpec, note: Callable[[str], None],
-               where: str) -> Iterator[tuple[Job, PartResult]]:
+def _run_tasks(
+    ray: Any, jobs: Sequence[Job], spec: SweepSpec, note: Callable[[str], None], where: str
+) -> Iterator[tuple[Job, PartResult]]:
     note(f"{where} ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
     pending: dict[Any, Job] = {}
     try:
@@ -123,11 +139,19 @@ def _run_tasks(ray: Any, jobs: Sequence[Job], spec: SweepSpec, note: Callable[[s
         for job in jobs:
             memory = estimate_memory(job, spec)
             if largest and memory > largest:  # would wait forever for a node that big
-                note(f"{job.name}: estimated {memory / 2**30:.1f} GiB, more than the largest node's "
-                     f"{largest / 2**30:.1f} GiB; reserving that instead (set memory_gb to override)")
+                note(
+                    f"{job.name}: estimated {memory / 2**30:.1f} GiB, more than the largest node's "
+                    f"{largest / 2**30:.1f} GiB; reserving that instead (set memory_gb to override)"
+                )
                 memory = largest
-            task = remote.options(num_cpus=spec.num_cpus, num_gpus=gpus, memory=memory,
-                                  max_retries=spec.max_retries, retry_exceptions=False, name=f"headclass:{job.stem}")
+            task = remote.options(
+                num_cpus=spec.num_cpus,
+                num_gpus=gpus,
+                memory=memory,
+                max_retries=spec.max_retries,
+                retry_exceptions=False,
+                name=f"headclass:{job.stem}",
+            )
             pending[task.remote(job)] = job
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -136,8 +160,15 @@ def _run_tasks(ray: Any, jobs: Sequence[Job], spec: SweepSpec, note: Callable[[s
                 try:
                     result = ray.get(ref)
                 except Exception as exc:  # worker lost more than max_retries times, or a Ray error
-                    result = PartResult(ok=False, seconds=float("nan"), pid=-1, host="", peak_rss_mb=float("nan"),
-                                        error_type=type(exc).__name__, error=one_line(exc).split(" Traceback")[0])
+                    result = PartResult(
+                        ok=False,
+                        seconds=float("nan"),
+                        pid=-1,
+                        host="",
+                        peak_rss_mb=float("nan"),
+                        error_type=type(exc).__name__,
+                        error=one_line(exc).split(" Traceback")[0],
+                    )
                 yield job, result
     finally:
         for ref in pending:  # left only when the driver stops early (an error, Ctrl-C)
@@ -161,19 +192,25 @@ def local_ray(num_cpus: Optional[int] = None) -> Iterator[Any]:
     saved_constant = getattr(constants, "ENABLE_RAY_CLUSTER", None)
     saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    if saved_constant is not None:
+    if saved_constant is not None and constants is not None:
         constants.ENABLE_RAY_CLUSTER = False
     try:
         # worker_niceness 0: Ray runs workers at nice 15 by default, which on a busy machine
         # leaves them a fraction of the CPU the same work gets in a normal process.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _node_ip_address="127.0.0.1", _system_config={"worker_niceness": 0})
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            _node_ip_address="127.0.0.1",
+            _system_config={"worker_niceness": 0},
+        )
         try:
             yield ray
         finally:
             ray.shutdown()
     finally:
-        if saved_constant is not None:
+        if saved_constant is not None and constants is not None:
             constants.ENABLE_RAY_CLUSTER = saved_constant
         if saved_env is None:
             os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)

@@ -33,10 +33,15 @@ def training_curves(table: pd.DataFrame) -> pd.DataFrame:
     rows = table[table["step"].notna() & table["series"].notna()]
     if rows.empty:
         return pd.DataFrame(columns=["series", "step", "model", "induction", "previous_token", "in_context_loss"])
-    out = (rows.groupby(["series", "step", "model"], sort=False)
-           .agg(induction=("induction", "max"), previous_token=("previous_token", "max"),
-                in_context_loss=("in_context_loss", "first"))
-           .reset_index())
+    out = (
+        rows.groupby(["series", "step", "model"], sort=False)
+        .agg(
+            induction=("induction", "max"),
+            previous_token=("previous_token", "max"),
+            in_context_loss=("in_context_loss", "first"),
+        )
+        .reset_index()
+    )
     out["step"] = out["step"].astype("int64")
     return out.sort_values(["series", "step"], kind="stable").reset_index(drop=True)
 
@@ -54,8 +59,15 @@ def family_fractions(table: pd.DataFrame, labels: Sequence[str] = FAMILY_LABELS)
         for model, heads in sub.groupby("model", sort=False):
             for label in labels:
                 column = flag_column(label)
-                out.append({"family": family, "model": model, "n_params": int(heads["n_params"].iloc[0]),
-                            "label": label, "fraction": float(heads[column].mean())})
+                out.append(
+                    {
+                        "family": family,
+                        "model": model,
+                        "n_params": int(heads["n_params"].iloc[0]),
+                        "label": label,
+                        "fraction": float(heads[column].mean()),
+                    }
+                )
     return pd.DataFrame(out, columns=["family", "model", "n_params", "label", "fraction"])
 
 
@@ -73,7 +85,8 @@ def fig_depth(taxonomies: Sequence[Any], table: pd.DataFrame, n_bins: int = 10) 
     if not chosen:
         return None
     return compare(chosen, n_bins=n_bins).fig_label_fractions(
-        labels=["previous-token", "induction", "copy", "copy-suppression", "duplicate-token", "bos"])
+        labels=["previous-token", "induction", "copy", "copy-suppression", "duplicate-token", "bos"]
+    )
 
 
 def fig_families(table: pd.DataFrame) -> Optional[Any]:
@@ -83,10 +96,18 @@ def fig_families(table: pd.DataFrame) -> Optional[Any]:
         return None
     import plotly.express as px
 
-    fig = px.line(data.sort_values("n_params"), x="n_params", y="fraction", color="label", facet_col="family",
-                  markers=True, log_x=True, hover_data={"model": True},
-                  labels={"n_params": "parameters", "fraction": "fraction of heads"},
-                  title="Head labels by model size (one facet per family)")
+    fig = px.line(
+        data.sort_values("n_params"),
+        x="n_params",
+        y="fraction",
+        color="label",
+        facet_col="family",
+        markers=True,
+        log_x=True,
+        hover_data={"model": True},
+        labels={"n_params": "parameters", "fraction": "fraction of heads"},
+        title="Head labels by model size (one facet per family)",
+    )
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     return fig
 
@@ -99,38 +120,79 @@ def fig_training(table: pd.DataFrame) -> Optional[Any]:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("best head score", "in-context loss (2nd repeat - 1st), nats"))
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=("best head score", "in-context loss (2nd repeat - 1st), nats"),
+    )
     dash = {"induction": "solid", "previous_token": "dot"}
     for series, rows in curves.groupby("series", sort=False):
         for score in ("induction", "previous_token"):
-            fig.add_trace(go.Scatter(x=rows["step"], y=rows[score], mode="lines+markers",
-                                     name=f"{series}: {score.replace('_', '-')}", line={"dash": dash[score]},
-                                     hovertext=rows["model"]), row=1, col=1)
-        fig.add_trace(go.Scatter(x=rows["step"], y=rows["in_context_loss"], mode="lines+markers",
-                                 name=f"{series}: in-context loss", hovertext=rows["model"]), row=2, col=1)
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["step"],
+                    y=rows[score],
+                    mode="lines+markers",
+                    name=f"{series}: {score.replace('_', '-')}",
+                    line={"dash": dash[score]},
+                    hovertext=rows["model"],
+                ),
+                row=1,
+                col=1,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=rows["step"],
+                y=rows["in_context_loss"],
+                mode="lines+markers",
+                name=f"{series}: in-context loss",
+                hovertext=rows["model"],
+            ),
+            row=2,
+            col=1,
+        )
     fig.update_yaxes(range=[0, 1.02], row=1, col=1)
     fig.update_xaxes(title_text="training step", row=2, col=1)
     fig.update_layout(title="Training dynamics: induction heads form as the in-context loss drops", height=650)
     return fig
 
 
-def write_report(path: Path, *, table: pd.DataFrame, models: pd.DataFrame, taxonomies: Sequence[Any],
-                 failures: Sequence[dict[str, Any]], n_bins: int) -> Path:
+def write_report(
+    path: Path,
+    *,
+    table: pd.DataFrame,
+    models: pd.DataFrame,
+    taxonomies: Sequence[Any],
+    failures: Sequence[dict[str, Any]],
+    n_bins: int,
+) -> Path:
     """The self-contained ``sweep.html``: summary, failures, and the three kinds of figure."""
     from headclass.atomic import write_text
 
     sections = []
-    shown = [c for c in ("name", "status", "source", "revision", "step", "n_params", "in_context_loss", "seconds",
-                         "error") if c in models.columns]
+    shown = [
+        c
+        for c in ("name", "status", "source", "revision", "step", "n_params", "in_context_loss", "seconds", "error")
+        if c in models.columns
+    ]
     sections.append("<h2>Models</h2>" + models[shown].to_html(index=False, border=0, na_rep="", float_format="%.3f"))
     if failures:
-        sections.append(f"<h2>Failed ({len(failures)})</h2><ul>" + "".join(
-            f"<li><b>{html.escape(f['name'])}</b> ({html.escape(str(f['source']))}): "
-            f"{html.escape(str(f['error_type']))}: {html.escape(str(f['error']))}</li>" for f in failures) + "</ul>")
-    figures = [("Role fractions by relative depth", fig_depth(taxonomies, table, n_bins) if len(table) else None),
-               ("Role fractions by parameter count", fig_families(table) if len(table) else None),
-               ("Training dynamics", fig_training(table) if len(table) else None)]
+        sections.append(
+            f"<h2>Failed ({len(failures)})</h2><ul>"
+            + "".join(
+                f"<li><b>{html.escape(f['name'])}</b> ({html.escape(str(f['source']))}): "
+                f"{html.escape(str(f['error_type']))}: {html.escape(str(f['error']))}</li>"
+                for f in failures
+            )
+            + "</ul>"
+        )
+    figures = [
+        ("Role fractions by relative depth", fig_depth(taxonomies, table, n_bins) if len(table) else None),
+        ("Role fractions by parameter count", fig_families(table) if len(table) else None),
+        ("Training dynamics", fig_training(table) if len(table) else None),
+    ]
     first = True
     for i, (title, fig) in enumerate(figures):
         if fig is None:
@@ -139,7 +201,9 @@ def write_report(path: Path, *, table: pd.DataFrame, models: pd.DataFrame, taxon
         first = False
         sections.append(f"<h2>{html.escape(title)}</h2>{body}")
     n_done = int((models["status"] != "failed").sum()) if len(models) else 0
-    text = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>headclass sweep</title></head>"
-            "<body style='font-family: sans-serif; max-width: 1200px; margin: auto'>"
-            f"<h1>headclass sweep: {n_done} of {len(models)} models</h1>" + "".join(sections) + "</body></html>")
+    text = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>headclass sweep</title></head>"
+        "<body style='font-family: sans-serif; max-width: 1200px; margin: auto'>"
+        f"<h1>headclass sweep: {n_done} of {len(models)} models</h1>" + "".join(sections) + "</body></html>"
+    )
     return write_text(path, text)

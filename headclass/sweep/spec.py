@@ -139,8 +139,9 @@ def load_spec(spec: Union[str, os.PathLike, Mapping[str, Any], SweepSpec]) -> tu
     else:
         raise SweepSpecError(f"a sweep spec must be a YAML path, a mapping or a SweepSpec; got {type(spec).__name__}.")
     if not isinstance(data, dict):
-        raise SweepSpecError(f"invalid sweep spec {label}: must be a mapping with 'models' and 'config'; "
-                             f"got {type(data).__name__}.")
+        raise SweepSpecError(
+            f"invalid sweep spec {label}: must be a mapping with 'models' and 'config'; got {type(data).__name__}."
+        )
     try:
         return SweepSpec.model_validate(data), base
     except ValidationError as exc:
@@ -169,8 +170,16 @@ class Job:
 
     def record(self) -> dict[str, Any]:
         """The job's facts for ``summary.json`` and part sidecars (no config)."""
-        return {"name": self.name, "stem": self.stem, "source": self.source, "revision": self.revision,
-                "step": self.step, "family": self.family, "series": self.series, "key": self.key}
+        return {
+            "name": self.name,
+            "stem": self.stem,
+            "source": self.source,
+            "revision": self.revision,
+            "step": self.step,
+            "family": self.family,
+            "series": self.series,
+            "key": self.key,
+        }
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -287,35 +296,66 @@ def plan(spec: SweepSpec, base: Path) -> list[Job]:
         where = f"models.{index} ({entry.source!r})"
         source = _resolve_source(entry.source, base)
         if entry.revision is not None and os.path.isabs(source):
-            raise SweepSpecError(f"{where}: revision {entry.revision!r} applies to hub models only; "
-                                 "for a local checkpoint, point source at its folder.")
+            raise SweepSpecError(
+                f"{where}: revision {entry.revision!r} applies to hub models only; "
+                "for a local checkpoint, point source at its folder."
+            )
         merged = _merge(sweep_config, _config_mapping(entry.config, base, where))
         try:
             config = load_config(merged).model_dump(mode="json")
         except ConfigError as exc:
             raise SweepSpecError(f"{where}: {' '.join(str(exc).split())}") from None
         step = entry.step
-        if step is None and entry.revision is not None and _STEP_REVISION.match(entry.revision):
-            step = int(_STEP_REVISION.match(entry.revision).group(1))
+        matched = _STEP_REVISION.match(entry.revision) if entry.revision is not None else None
+        if step is None and matched is not None:
+            step = int(matched.group(1))
         if step is None and os.path.isabs(source):
             from headclass.toy import checkpoint_step
 
             step = checkpoint_step(source)
         name = entry.name or _default_name(source, entry.source, entry.revision, step)
         if name in names:
-            raise SweepSpecError(f"{where}: models.{names[name]} and models.{index} are both named {name!r}; "
-                                 "give one a different 'name'.")
+            raise SweepSpecError(
+                f"{where}: models.{names[name]} and models.{index} are both named {name!r}; "
+                "give one a different 'name'."
+            )
         names[name] = index
         stem, i = _slug(name), 2
         while stem.lower() in stems:
             stem, i = f"{_slug(name)}-{i}", i + 1
         stems.add(stem.lower())
         threads = max(1, int(spec.num_cpus))
-        keyed = {"format": SWEEP_FORMAT, "headclass": __version__, "source": source, "revision": entry.revision,
-                 "fingerprint": _fingerprint(source), "name": name, "config": config, "device": spec.device,
-                 "dtype": spec.dtype, "backend": spec.backend, "ablation": spec.ablation, "threads": threads}
-        jobs.append(Job(index=index, name=name, stem=stem, source=source, revision=entry.revision, config=config,
-                        device=spec.device, dtype=spec.dtype, backend=spec.backend, ablation=spec.ablation,
-                        threads=threads, step=step, family=entry.family or _family(name),
-                        series=_series(name, source, step), key=job_key(keyed)))
+        keyed = {
+            "format": SWEEP_FORMAT,
+            "headclass": __version__,
+            "source": source,
+            "revision": entry.revision,
+            "fingerprint": _fingerprint(source),
+            "name": name,
+            "config": config,
+            "device": spec.device,
+            "dtype": spec.dtype,
+            "backend": spec.backend,
+            "ablation": spec.ablation,
+            "threads": threads,
+        }
+        jobs.append(
+            Job(
+                index=index,
+                name=name,
+                stem=stem,
+                source=source,
+                revision=entry.revision,
+                config=config,
+                device=spec.device,
+                dtype=spec.dtype,
+                backend=spec.backend,
+                ablation=spec.ablation,
+                threads=threads,
+                step=step,
+                family=entry.family or _family(name),
+                series=_series(name, source, step),
+                key=job_key(keyed),
+            )
+        )
     return jobs

@@ -82,12 +82,28 @@ def run_job(job: Job) -> PartResult:
         taxonomy = classify(model, job.config, ablation=job.ablation, progress=False)
         icl = in_context_loss(model, job.config)
         n_params = int(model.n_params)
-        result = PartResult(ok=True, seconds=0.0, pid=os.getpid(), host=platform.node(), peak_rss_mb=0.0,
-                            table=taxonomy.table, metadata=taxonomy.metadata, n_params=n_params,
-                            in_context_loss=icl)
+        result = PartResult(
+            ok=True,
+            seconds=0.0,
+            pid=os.getpid(),
+            host=platform.node(),
+            peak_rss_mb=0.0,
+            table=taxonomy.table,
+            metadata=taxonomy.metadata,
+            n_params=n_params,
+            in_context_loss=icl,
+        )
     except Exception as exc:  # the source's own error: reported, never retried
-        result = PartResult(ok=False, seconds=0.0, pid=os.getpid(), host=platform.node(), peak_rss_mb=0.0,
-                            error_type=type(exc).__name__, error=one_line(exc), traceback=traceback.format_exc())
+        result = PartResult(
+            ok=False,
+            seconds=0.0,
+            pid=os.getpid(),
+            host=platform.node(),
+            peak_rss_mb=0.0,
+            error_type=type(exc).__name__,
+            error=one_line(exc),
+            traceback=traceback.format_exc(),
+        )
     finally:
         del model
         gc.collect()

@@ -79,8 +79,13 @@ def classify(
 
     probe_set, pattern_probes = _probe_inputs(model, cfg, probes, ablation)
     collector = ExampleCollector(pattern_probes, model.n_layers, model.n_heads) if evidence else None
-    measured = pattern_measurement(model, config=cfg, probes=pattern_probes, progress=progress,
-                                   observers=(collector,) if collector is not None else ())
+    measured = pattern_measurement(
+        model,
+        config=cfg,
+        probes=pattern_probes,
+        progress=progress,
+        observers=(collector,) if collector is not None else (),
+    )
     n_boot = cfg.uncertainty.bootstrap
     replicates = measured.bootstrap(n_boot, seed=cfg.uncertainty.seed) if n_boot else None
     scores: dict[str, Any] = dict(measured.scores)
@@ -91,10 +96,14 @@ def classify(
         scores.update(ablation_scores(model, config=cfg, probes=probe_set.ablation_probes, progress=progress))
     metadata = _model_metadata(model, cfg)
     metadata["ablation"] = bool(ablation)
-    table = label_heads(scores, cfg.thresholds, model=metadata["model"], replicates=replicates,
-                        borderline_se=cfg.uncertainty.borderline_se)
-    cards = (head_evidence(model, collector, local_window=cfg.patterns.local_window)
-             if collector is not None else None)
+    table = label_heads(
+        scores,
+        cfg.thresholds,
+        model=metadata["model"],
+        replicates=replicates,
+        borderline_se=cfg.uncertainty.borderline_se,
+    )
+    cards = head_evidence(model, collector, local_window=cfg.patterns.local_window) if collector is not None else None
     return HeadTaxonomy(table, metadata, replicates=replicates, evidence=cards)
 
 

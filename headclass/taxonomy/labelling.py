@@ -47,7 +47,15 @@ from headclass.taxonomy.rules import (
 )
 from headclass.taxonomy.schema import ABLATION_COLUMNS, SCORE_COLUMNS, TABLE_COLUMNS, normalise_table
 
-__all__ = ["label_heads", "label_margins", "scores_from_table", "resolve_thresholds", "ThresholdSource", "EVIDENCE", "FREE_SHARES"]
+__all__ = [
+    "label_heads",
+    "label_margins",
+    "scores_from_table",
+    "resolve_thresholds",
+    "ThresholdSource",
+    "EVIDENCE",
+    "FREE_SHARES",
+]
 
 ThresholdSource = Union[None, Thresholds, Mapping[str, float], HeadclassConfig]
 
@@ -214,8 +222,9 @@ def scores_from_table(table: pd.DataFrame) -> dict[str, np.ndarray]:
 # -- the rules, applied ------------------------------------------------------------------------
 
 
-def _decide(grids: Mapping[str, np.ndarray], t: Mapping[str, float], precision: Mapping[str, torch.dtype]
-            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _decide(
+    grids: Mapping[str, np.ndarray], t: Mapping[str, float], precision: Mapping[str, torch.dtype]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Flags and margins of every label, ``{label: [layer, head]}`` each.
 
     Labels that describe what a head writes (``needs_output``) never hold for a head flagged
@@ -251,9 +260,12 @@ def _decide(grids: Mapping[str, np.ndarray], t: Mapping[str, float], precision: 
     return flags, margins
 
 
-def _attention_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.ndarray],
-                     grids: Mapping[str, np.ndarray], t: Mapping[str, float]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _attention_roles(
+    flags: Mapping[str, np.ndarray],
+    margins: Mapping[str, np.ndarray],
+    grids: Mapping[str, np.ndarray],
+    t: Mapping[str, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each head's attention role, the roles behind it, and its margin.
 
     1. The attention roles that hold, fallback roles (``bos``, ``diffuse``) and roles another
@@ -271,7 +283,7 @@ def _attention_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.n
     """
     shape = grids["copy_eigen"].shape
     order = [label for label in ATTENTION_ROLES]
-    held = np.stack([flags[label] for label in order])                       # [role, layer, head]
+    held = np.stack([flags[label] for label in order])  # [role, layer, head]
     marg = np.stack([np.nan_to_num(margins[label], nan=-1.0) for label in order])
     fallback = np.array([label in FALLBACK_LABELS for label in order])[:, None, None]
     specific = held & ~fallback
@@ -283,8 +295,9 @@ def _attention_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.n
     shares = np.stack([np.nan_to_num(grids[f"free_{c}"], nan=0.0) for c in classes])  # [class, L, H]
     top2 = np.argsort(-shares, axis=0, kind="stable")[:2]
     first, second = np.take_along_axis(shares, top2, axis=0)
-    budget_mix = ((first >= t["mixed_min_share"]) & (second >= t["mixed_min_share"])
-                  & (first + second >= t["mixed_min_total"]))
+    budget_mix = (
+        (first >= t["mixed_min_share"]) & (second >= t["mixed_min_share"]) & (first + second >= t["mixed_min_total"])
+    )
 
     role = np.full(shape, UNCLASSIFIED, dtype=object)
     roles = np.full(shape, "", dtype=object)
@@ -326,8 +339,11 @@ def _output_roles(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.ndar
     any_role = np.stack([flags[label] for label in order]).any(0)
     names = np.array(order, dtype=object)[best]
     role = np.where(flags["no-op"], "no-op", np.where(any_role, names, "transform")).astype(object)
-    margin = np.where(flags["no-op"], margins["no-op"],
-                      np.where(any_role, np.take_along_axis(stacked, best[None], 0)[0], margins["transform"]))
+    margin = np.where(
+        flags["no-op"],
+        margins["no-op"],
+        np.where(any_role, np.take_along_axis(stacked, best[None], 0)[0], margins["transform"]),
+    )
     return role, margin
 
 
@@ -357,13 +373,20 @@ def _primary(flags: Mapping[str, np.ndarray], margins: Mapping[str, np.ndarray])
     return primary, margin
 
 
-def _confidence(scores: Mapping[str, Any], replicates: Optional[Mapping[str, Any]], t: Mapping[str, float],
-                precision: Mapping[str, torch.dtype], role: np.ndarray) -> np.ndarray:
+def _confidence(
+    scores: Mapping[str, Any],
+    replicates: Optional[Mapping[str, Any]],
+    t: Mapping[str, float],
+    precision: Mapping[str, torch.dtype],
+    role: np.ndarray,
+) -> np.ndarray:
     """Fraction of bootstrap replicates whose attention role equals ``role``; NaN without them."""
     if not replicates:
         return np.full(role.shape, np.nan)
-    arrays = {name: np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value, dtype=np.float64)
-              for name, value in replicates.items()}
+    arrays = {
+        name: np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value, dtype=np.float64)
+        for name, value in replicates.items()
+    }
     n = min(len(a) for a in arrays.values())
     if n == 0:
         return np.full(role.shape, np.nan)
@@ -375,8 +398,13 @@ def _confidence(scores: Mapping[str, Any], replicates: Optional[Mapping[str, Any
     return kept / n
 
 
-def _borderline(grids: Mapping[str, np.ndarray], t: Mapping[str, float], flags: Mapping[str, np.ndarray],
-                precision: Mapping[str, torch.dtype], k: float) -> np.ndarray:
+def _borderline(
+    grids: Mapping[str, np.ndarray],
+    t: Mapping[str, float],
+    flags: Mapping[str, np.ndarray],
+    precision: Mapping[str, torch.dtype],
+    k: float,
+) -> np.ndarray:
     """The labels, among those a head has, with a condition within ``k`` SE of its threshold."""
     shape = grids["copy_eigen"].shape
     marks = []
@@ -396,8 +424,9 @@ def _borderline(grids: Mapping[str, np.ndarray], t: Mapping[str, float], flags: 
 def _join(masks: list[np.ndarray], names: tuple[str, ...]) -> np.ndarray:
     """Per head, the names whose mask is true, comma-separated (flattened)."""
     stacked = np.stack([m.ravel() for m in masks])
-    return np.array([", ".join(names[i] for i in np.flatnonzero(stacked[:, h])) for h in range(stacked.shape[1])],
-                    dtype=object)
+    return np.array(
+        [", ".join(names[i] for i in np.flatnonzero(stacked[:, h])) for h in range(stacked.shape[1])], dtype=object
+    )
 
 
 # -- scores in ---------------------------------------------------------------------------------

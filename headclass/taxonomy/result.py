@@ -62,9 +62,14 @@ class HeadTaxonomy:
     >>> tax.to_json("smollm2.json"); headclass.read_json("smollm2.json")
     """
 
-    def __init__(self, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None, *,
-                 replicates: Optional[Mapping[str, Any]] = None,
-                 evidence: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        replicates: Optional[Mapping[str, Any]] = None,
+        evidence: Optional[Mapping[str, Any]] = None,
+    ):
         self._table = normalise_table(table)
         self._metadata = dict(metadata or {})
         # what the head cards show beyond the table (headclass.scores.examples: examples, OV
@@ -75,8 +80,13 @@ class HeadTaxonomy:
         self._replicates = dict(replicates) if replicates else None
 
     @classmethod
-    def from_table(cls, table: pd.DataFrame, metadata: Optional[Mapping[str, Any]] = None, *,
-                   evidence: Optional[Mapping[str, Any]] = None) -> "HeadTaxonomy":
+    def from_table(
+        cls,
+        table: pd.DataFrame,
+        metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        evidence: Optional[Mapping[str, Any]] = None,
+    ) -> "HeadTaxonomy":
         """Rebuild a taxonomy from a table (e.g. read back from a file), its metadata and its
         cards' evidence."""
         return cls(table, metadata, evidence=evidence)
@@ -155,8 +165,13 @@ class HeadTaxonomy:
             thresholds = {**current, **thresholds}
         values = resolve_thresholds(thresholds)
         borderline_se = ((self._metadata.get("config") or {}).get("uncertainty") or {}).get("borderline_se", 2.0)
-        table = label_heads(scores_from_table(self._table), values, model=self.model_name,
-                            replicates=self._replicates, borderline_se=borderline_se)
+        table = label_heads(
+            scores_from_table(self._table),
+            values,
+            model=self.model_name,
+            replicates=self._replicates,
+            borderline_se=borderline_se,
+        )
         metadata = self.metadata
         metadata.setdefault("config", {})["thresholds"] = values
         return HeadTaxonomy(table, metadata, replicates=self._replicates, evidence=self._evidence)
@@ -180,9 +195,18 @@ class HeadTaxonomy:
             for label in LABELS + (UNCLASSIFIED,):
                 count = int(label_mask(group, label).sum())
                 primary = int((group["primary_label"] == label).sum())
-                rows.append({"layer": int(layer), "relative_depth": depth, "label": label,
-                             "count": count, "fraction": count / n,
-                             "primary_count": primary, "primary_fraction": primary / n, **means})
+                rows.append(
+                    {
+                        "layer": int(layer),
+                        "relative_depth": depth,
+                        "label": label,
+                        "count": count,
+                        "fraction": count / n,
+                        "primary_count": primary,
+                        "primary_fraction": primary / n,
+                        **means,
+                    }
+                )
         out = pd.DataFrame(rows)
         if out.empty:
             return out
@@ -209,15 +233,17 @@ class HeadTaxonomy:
                 key = sub["margin"] if label == UNCLASSIFIED else sub[LABEL_SCORE[label]]
                 top = sub.loc[key.idxmax()] if key.notna().any() else sub.iloc[0]
                 best = f"L{int(top['layer'])}H{int(top['head'])}"
-            rows.append({
-                "label": label,
-                "count": int(mask.sum()),
-                "fraction": float(mask.sum()) / n if n else math.nan,
-                "primary_count": int((t["primary_label"] == label).sum()),
-                "first_layer": int(sub["layer"].min()) if len(sub) else pd.NA,
-                "mean_relative_depth": float(sub["relative_depth"].mean()) if len(sub) else math.nan,
-                "best_head": best,
-            })
+            rows.append(
+                {
+                    "label": label,
+                    "count": int(mask.sum()),
+                    "fraction": float(mask.sum()) / n if n else math.nan,
+                    "primary_count": int((t["primary_label"] == label).sum()),
+                    "first_layer": int(sub["layer"].min()) if len(sub) else pd.NA,
+                    "mean_relative_depth": float(sub["relative_depth"].mean()) if len(sub) else math.nan,
+                    "best_head": best,
+                }
+            )
         out = pd.DataFrame(rows)
         out["label"] = out["label"].astype(str)
         out["best_head"] = out["best_head"].astype(str)
@@ -226,8 +252,7 @@ class HeadTaxonomy:
 
     # -- display ---------------------------------------------------------------------------
     def _headline(self) -> str:
-        return (f"HeadTaxonomy({self.model_name!r}: {self.n_layers} layers x {self.n_heads} heads "
-                f"= {len(self)} heads)")
+        return f"HeadTaxonomy({self.model_name!r}: {self.n_layers} layers x {self.n_heads} heads = {len(self)} heads)"
 
     def __repr__(self) -> str:
         s = self.summary()
@@ -254,15 +279,21 @@ class HeadTaxonomy:
                 f"<tr><td>{_html.escape(row.label)}</td><td>{row.count}</td><td>{row.primary_count}</td>"
                 f"<td>{first}</td><td>{_html.escape(row.best_head)}</td></tr>"
             )
-        return (f"<div><p><b>{_html.escape(self._headline())}</b></p>"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+        return (
+            f"<div><p><b>{_html.escape(self._headline())}</b></p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+        )
 
     # -- comparison ------------------------------------------------------------------------
     def equals(self, other: "HeadTaxonomy") -> bool:
         """Same table (values and dtypes), same metadata and same card evidence."""
-        return (isinstance(other, HeadTaxonomy) and self._table.equals(other._table)
-                and list(self._table.dtypes) == list(other._table.dtypes)
-                and self._metadata == other._metadata and self._evidence == other._evidence)
+        return (
+            isinstance(other, HeadTaxonomy)
+            and self._table.equals(other._table)
+            and list(self._table.dtypes) == list(other._table.dtypes)
+            and self._metadata == other._metadata
+            and self._evidence == other._evidence
+        )
 
     # -- export ----------------------------------------------------------------------------
     def save(self, path: Any, format: Optional[str] = None) -> "Any":

@@ -110,8 +110,16 @@ class LabelRule:
     needs_output: bool = False
 
 
-def _rule(label: str, axis: str, conditions: tuple[Condition, ...], meaning: str, source: str, *,
-          rank: str = "", needs_output: bool = False) -> LabelRule:
+def _rule(
+    label: str,
+    axis: str,
+    conditions: tuple[Condition, ...],
+    meaning: str,
+    source: str,
+    *,
+    rank: str = "",
+    needs_output: bool = False,
+) -> LabelRule:
     return LabelRule(label, axis, conditions, rank or conditions[0].score, meaning, source, needs_output)
 
 
@@ -123,58 +131,129 @@ RULES: dict[str, LabelRule] = {
     rule.label: rule
     for rule in (
         # -- attention roles (QK side, from the patterns) --
-        _rule("previous-token", "attention", (Condition("previous_token", "previous_token"),),
-              "Attends from each position to the position just before it.",
-              "Olsson et al. 2022; Wang et al. 2022 (IOI)"),
-        _rule("current-token", "attention", (Condition("current_token", "current_token"),),
-              "Attends to its own position.", "Clark et al. 2019"),
-        _rule("fixed-offset", "attention", (Condition("fixed_offset", "fixed_offset"),),
-              "Attends k >= 2 positions back (the offset is in fixed_offset_k).", "Voita et al. 2019"),
-        _rule("local", "attention", (Condition("local_share", "local"),
-                                     Condition("fixed_offset", "local_max_single_offset", op="<=")),
-              "Spreads its attention over a short recent window (offsets 2..patterns.local_window), "
-              "no single offset dominating.", "Voita et al. 2019 (positional heads)", rank="budget_local"),
-        _rule("bos", "attention", (Condition("bos", "bos"),),
-              "Parks most of its attention on the first (BOS) token, an attention sink; a fallback "
-              "role: the attention role only when the head has no other.",
-              "Xiao et al. 2023 (attention sinks)"),
-        _rule("induction", "attention", (Condition("induction", "induction"),),
-              "On a repeated segment, attends to the token after the earlier copy of the current "
-              "token ([A][B] ... [A] -> [B]).", "Olsson et al. 2022"),
-        _rule("duplicate-token", "attention", (Condition("duplicate_token", "duplicate_token"),),
-              "Attends to earlier occurrences of the current token.", "Wang et al. 2022 (IOI)"),
-        _rule("delimiter", "attention", (Condition("delimiter_share", "delimiter"),
-                                         Condition("delimiter_lift", "delimiter_lift", high=10.0)),
-              "Attends to punctuation, newline and separator tokens far above their frequency.",
-              "Clark et al. 2019 (attention to [SEP] and punctuation)", rank="budget_delimiter"),
-        _rule("content", "attention", (Condition("content_share", "content"),
-                                       Condition("consistency", "content_max_consistency", op="<=")),
-              "Attends to keys chosen by which tokens are present, not by position: its pattern "
-              "moves with the tokens (low positional consistency) and lands on keys that are "
-              "neither positional, repeats, delimiters nor the first token.",
-              "Elhage et al. 2021 (QK circuit); Voita et al. 2019", rank="budget_other"),
-        _rule("diffuse", "attention", (Condition("diffuse_entropy", "diffuse_entropy"),
-                                       Condition("max_attention", "diffuse_max_attention", op="<=")),
-              "Spreads attention evenly over the context (high entropy, no dominant key); a "
-              "fallback role.", "Clark et al. 2019 (entropy per head)"),
+        _rule(
+            "previous-token",
+            "attention",
+            (Condition("previous_token", "previous_token"),),
+            "Attends from each position to the position just before it.",
+            "Olsson et al. 2022; Wang et al. 2022 (IOI)",
+        ),
+        _rule(
+            "current-token",
+            "attention",
+            (Condition("current_token", "current_token"),),
+            "Attends to its own position.",
+            "Clark et al. 2019",
+        ),
+        _rule(
+            "fixed-offset",
+            "attention",
+            (Condition("fixed_offset", "fixed_offset"),),
+            "Attends k >= 2 positions back (the offset is in fixed_offset_k).",
+            "Voita et al. 2019",
+        ),
+        _rule(
+            "local",
+            "attention",
+            (Condition("local_share", "local"), Condition("fixed_offset", "local_max_single_offset", op="<=")),
+            "Spreads its attention over a short recent window (offsets 2..patterns.local_window), "
+            "no single offset dominating.",
+            "Voita et al. 2019 (positional heads)",
+            rank="budget_local",
+        ),
+        _rule(
+            "bos",
+            "attention",
+            (Condition("bos", "bos"),),
+            "Parks most of its attention on the first (BOS) token, an attention sink; a fallback "
+            "role: the attention role only when the head has no other.",
+            "Xiao et al. 2023 (attention sinks)",
+        ),
+        _rule(
+            "induction",
+            "attention",
+            (Condition("induction", "induction"),),
+            "On a repeated segment, attends to the token after the earlier copy of the current "
+            "token ([A][B] ... [A] -> [B]).",
+            "Olsson et al. 2022",
+        ),
+        _rule(
+            "duplicate-token",
+            "attention",
+            (Condition("duplicate_token", "duplicate_token"),),
+            "Attends to earlier occurrences of the current token.",
+            "Wang et al. 2022 (IOI)",
+        ),
+        _rule(
+            "delimiter",
+            "attention",
+            (Condition("delimiter_share", "delimiter"), Condition("delimiter_lift", "delimiter_lift", high=10.0)),
+            "Attends to punctuation, newline and separator tokens far above their frequency.",
+            "Clark et al. 2019 (attention to [SEP] and punctuation)",
+            rank="budget_delimiter",
+        ),
+        _rule(
+            "content",
+            "attention",
+            (Condition("content_share", "content"), Condition("consistency", "content_max_consistency", op="<=")),
+            "Attends to keys chosen by which tokens are present, not by position: its pattern "
+            "moves with the tokens (low positional consistency) and lands on keys that are "
+            "neither positional, repeats, delimiters nor the first token.",
+            "Elhage et al. 2021 (QK circuit); Voita et al. 2019",
+            rank="budget_other",
+        ),
+        _rule(
+            "diffuse",
+            "attention",
+            (
+                Condition("diffuse_entropy", "diffuse_entropy"),
+                Condition("max_attention", "diffuse_max_attention", op="<="),
+            ),
+            "Spreads attention evenly over the context (high entropy, no dominant key); a fallback role.",
+            "Clark et al. 2019 (entropy per head)",
+        ),
         # -- output roles (OV side, from the weights) --
-        _rule("copy", "output", (Condition("copy_eigen", "copy_eigen", low=-1.0),
-                                 Condition("copy_topk", "copy_topk")),
-              "Its OV circuit maps a token to itself: whatever token it attends to, it raises that "
-              "token's logit.", "Elhage et al. 2021 (eigenvalue copying score); Wang et al. 2022",
-              rank="copy_topk", needs_output=True),
-        _rule("copy-suppression", "output", (Condition("copy_suppression_topk", "copy_suppression_topk"),),
-              "Its OV circuit lowers the logit of the token it attends to.", "McDougall et al. 2023",
-              needs_output=True),
-        _rule("successor", "output", (Condition("successor", "successor"),),
-              "Its OV circuit raises the next item of an ordinal sequence (1 -> 2, Monday -> "
-              "Tuesday, March -> April).", "Gould et al. 2023 (successor heads)", needs_output=True),
-        _rule("no-op", "output", (Condition("ov_gain_relative", "no_op_max_gain", op="<=", high=2.0),),
-              "Writes nearly nothing: its OV output is a small fraction of a typical head's.",
-              "Elhage et al. 2021 (OV circuit norm)"),
-        LabelRule("transform", "output", (), "ov_gain_relative",
-                  "Writes a substantial output that neither copies, suppresses nor steps the token it "
-                  "attends to: it transforms what it reads.", "Elhage et al. 2021 (OV circuit)"),
+        _rule(
+            "copy",
+            "output",
+            (Condition("copy_eigen", "copy_eigen", low=-1.0), Condition("copy_topk", "copy_topk")),
+            "Its OV circuit maps a token to itself: whatever token it attends to, it raises that token's logit.",
+            "Elhage et al. 2021 (eigenvalue copying score); Wang et al. 2022",
+            rank="copy_topk",
+            needs_output=True,
+        ),
+        _rule(
+            "copy-suppression",
+            "output",
+            (Condition("copy_suppression_topk", "copy_suppression_topk"),),
+            "Its OV circuit lowers the logit of the token it attends to.",
+            "McDougall et al. 2023",
+            needs_output=True,
+        ),
+        _rule(
+            "successor",
+            "output",
+            (Condition("successor", "successor"),),
+            "Its OV circuit raises the next item of an ordinal sequence (1 -> 2, Monday -> Tuesday, March -> April).",
+            "Gould et al. 2023 (successor heads)",
+            needs_output=True,
+        ),
+        _rule(
+            "no-op",
+            "output",
+            (Condition("ov_gain_relative", "no_op_max_gain", op="<=", high=2.0),),
+            "Writes nearly nothing: its OV output is a small fraction of a typical head's.",
+            "Elhage et al. 2021 (OV circuit norm)",
+        ),
+        LabelRule(
+            "transform",
+            "output",
+            (),
+            "ov_gain_relative",
+            "Writes a substantial output that neither copies, suppresses nor steps the token it "
+            "attends to: it transforms what it reads.",
+            "Elhage et al. 2021 (OV circuit)",
+        ),
     )
 }
 
@@ -249,7 +328,7 @@ LABEL_SCORE: dict[str, str] = {label: rule.rank_score for label, rule in RULES.i
 LABEL_MEANINGS: dict[str, str] = {
     **{label: rule.meaning for label, rule in RULES.items()},
     MIXED: "Two kinds of attention share the head: two roles hold, or two attention-budget classes "
-           "together take most of its attention (attention_roles names them).",
+    "together take most of its attention (attention_roles names them).",
     UNCLASSIFIED: "No label's conditions hold; margin says how far the head is from its nearest label.",
 }
 

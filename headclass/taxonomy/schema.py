@@ -74,9 +74,22 @@ ABLATION_COLUMNS: tuple[str, ...] = tuple(_ABLATION_KEYS)
 FLAG_COLUMNS: tuple[str, ...] = tuple(flag_column(label) for label in LABELS)
 
 #: The columns that name a head and state its labels and roles, in table order.
-LABEL_COLUMNS: tuple[str, ...] = ("model", "layer", "head", "relative_depth", "primary_label", "margin", "labels",
-                                  "attention_role", "attention_roles", "attention_margin", "output_role",
-                                  "output_margin", "confidence", "borderline")
+LABEL_COLUMNS: tuple[str, ...] = (
+    "model",
+    "layer",
+    "head",
+    "relative_depth",
+    "primary_label",
+    "margin",
+    "labels",
+    "attention_role",
+    "attention_roles",
+    "attention_margin",
+    "output_role",
+    "output_margin",
+    "confidence",
+    "borderline",
+)
 
 #: Columns that identify or label a head rather than score it.
 ID_COLUMNS: tuple[str, ...] = LABEL_COLUMNS + ("fixed_offset_k",)
@@ -86,8 +99,9 @@ TABLE_COLUMNS: tuple[str, ...] = LABEL_COLUMNS + FLAG_COLUMNS + SCORE_COLUMNS + 
 
 _STR_COLUMNS = ("model", "primary_label", "labels", "attention_role", "attention_roles", "output_role", "borderline")
 _INT_COLUMNS = ("layer", "head")
-_FLOAT_COLUMNS = ("relative_depth", "margin", "attention_margin", "output_margin", "confidence") + SCORE_COLUMNS + \
-    ABLATION_COLUMNS
+_FLOAT_COLUMNS = (
+    ("relative_depth", "margin", "attention_margin", "output_margin", "confidence") + SCORE_COLUMNS + ABLATION_COLUMNS
+)
 
 #: Scores averaged per layer by :meth:`HeadTaxonomy.per_layer` (those behind the core labels).
 CORE_SCORES: tuple[str, ...] = (
@@ -125,8 +139,7 @@ def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise HeadclassError(
-            f"the head table lacks column(s) {', '.join(missing)}; see headclass.taxonomy.schema "
-            "for the schema."
+            f"the head table lacks column(s) {', '.join(missing)}; see headclass.taxonomy.schema for the schema."
         )
     out = table.copy()
     for col in _STR_COLUMNS:
@@ -144,9 +157,11 @@ def normalise_table(table: pd.DataFrame) -> pd.DataFrame:
     if out.duplicated(["layer", "head"]).any():
         dup = out.loc[out.duplicated(["layer", "head"]), ["layer", "head"]].iloc[0]
         raise HeadclassError(f"the head table has layer {dup['layer']} head {dup['head']} twice.")
-    for col, allowed in (("primary_label", LABELS + (UNCLASSIFIED,)),
-                         ("attention_role", ATTENTION_ROLES + (MIXED, UNCLASSIFIED)),
-                         ("output_role", OUTPUT_ROLES)):
+    for col, allowed in (
+        ("primary_label", LABELS + (UNCLASSIFIED,)),
+        ("attention_role", ATTENTION_ROLES + (MIXED, UNCLASSIFIED)),
+        ("output_role", OUTPUT_ROLES),
+    ):
         bad = set(out[col]) - set(allowed)
         if bad:
             raise HeadclassError(f"unknown {col} value(s) {sorted(bad)}; allowed: {', '.join(allowed)}.")

@@ -24,8 +24,11 @@ from headclass.errors import HeadclassError
 from headclass.report.cards import CARD_CSS, explain, parse_head
 from headclass.report.export import read_json, read_parquet
 
-FAST = {"probes": {"repeated": {"n_sequences": 6, "segment_length": 24}, "text": {"n_sequences": 4, "max_tokens": 48}},
-        "weights": {"copy_sample_size": 200}, "uncertainty": {"bootstrap": 20}}
+FAST = {
+    "probes": {"repeated": {"n_sequences": 6, "segment_length": 24}, "text": {"n_sequences": 4, "max_tokens": 48}},
+    "weights": {"copy_sample_size": 200},
+    "uncertainty": {"bootstrap": 20},
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,7 @@ def test_induction_and_previous_token_examples(attention):
     assert all(ex["offset"] == 1 for ex in previous.examples("repeated"))
     page = previous.to_html()
     assert page.count('<tr class="hc-example">') == 5
-    assert '<span class="hc-q">' in page and '<span class="hc-k">' in page   # both highlighted
+    assert '<span class="hc-q">' in page and '<span class="hc-k">' in page  # both highlighted
     assert evidence["embedding"] == "effective"
 
 
@@ -103,10 +106,10 @@ def test_card_shows_roles_scores_budget_partners_and_pattern(attention):
     row = tax.head(*roles["induction"])
     assert f"attention: {row['attention_role']}" in text and f"output: {row['output_role']}" in text
     assert "confidence" in text and "margin" in text
-    assert 'class="hc-bar"' in page                                   # the budget as one bar
+    assert 'class="hc-bar"' in page  # the budget as one bar
     for score in ("induction", "previous_token", "copy_eigen"):
         assert f"<td>{score}</td>" in page
-    assert re.search(r"<td>induction</td><td>[\d.]+</td><td>[\d.]+</td>", page)   # score and SE
+    assert re.search(r"<td>induction</td><td>[\d.]+</td><td>[\d.]+</td>", page)  # score and SE
     la, ha = roles["previous_token"]
     assert card.evidence["composition"]["k"][0][:2] == [la, ha]
     assert f"L{la}H{ha}" in text and "K-composition" in text
@@ -120,7 +123,7 @@ def test_layer_zero_and_missing_evidence(attention):
     _, _, tax = attention
     assert "no earlier heads" in text_of(tax.card(0, 1).to_html())
     bare = random_taxonomy(3, 2, ablation=True)
-    card = bare.card(2, 1)                                            # no evidence: still a card
+    card = bare.card(2, 1)  # no evidence: still a card
     text = text_of(card.to_html())
     assert "no examples collected" in text and "not computed" in text and "ablation_text_dloss" in text
     with pytest.raises(HeadclassError, match="no head at layer 7"):
@@ -146,7 +149,7 @@ def test_explain_combines_card_and_live_pattern(attention):
     page = result.to_html()
     assert page.startswith("<!DOCTYPE html>") and 'id="live-pattern"' in page
     assert f'id="head-L{roles["induction"][0]}H{roles["induction"][1]}"' in page
-    assert not re.search(r"<script[^>]+src=", page)                 # plotly inline: offline
+    assert not re.search(r"<script[^>]+src=", page)  # plotly inline: offline
     pytest.importorskip("circuitsvis")
     assert result.circuitsvis is not None and "Live pattern" in result._repr_html_()
 
@@ -165,13 +168,29 @@ def test_screenshot_of_a_card(output, tmp_path):
     _, roles, tax = output
     card = tax.card(*roles["copy"])
     page = tmp_path / "card.html"
-    page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{CARD_CSS}</style></head>"
-                    f"<body>{card.body_html()}</body></html>", encoding="utf-8")
+    page.write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{CARD_CSS}</style></head>"
+        f"<body>{card.body_html()}</body></html>",
+        encoding="utf-8",
+    )
     shot = tmp_path / f"card-{card.id}.png"
-    done = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1150,1700",
-                           "--virtual-time-budget=3000", f"--screenshot={shot}", page.resolve().as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            browser(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1150,1700",
+            "--virtual-time-budget=3000",
+            f"--screenshot={shot}",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.is_file() and shot.stat().st_size > 10_000
     try:
@@ -182,6 +201,7 @@ def test_screenshot_of_a_card(output, tmp_path):
 
 
 # -- the real model ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def smollm2_taxonomy(smollm2):
@@ -219,16 +239,34 @@ def test_cli_explain_writes_one_page(tmp_path, capsys):
     hf_model.save_pretrained(folder)
     save_planted_tokenizer(folder)
     out = tmp_path / "L1H3.html"
-    assert main(["explain", str(folder), "1.3", "--prompt", "the of and a the of and a", "--out", str(out),
-                 "--config", str(_fast_config(tmp_path)), "-q"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(folder),
+                "1.3",
+                "--prompt",
+                "the of and a the of and a",
+                "--out",
+                str(out),
+                "--config",
+                str(_fast_config(tmp_path)),
+                "-q",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "L1H3 of" in printed and "output copy" in printed and "attending to 'the' raises 'the'" in printed
     page = out.read_text(encoding="utf-8")
     assert 'id="head-L1H3"' in page and 'id="live-pattern"' in page
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["L1H3.html", "fast.yaml"]
     # errors: one line, nothing written
-    for argv, message in ((["9.3"], "layer must be in [0, 1]"), (["1:3"], "LAYER.HEAD"),
-                          (["1.3", "--out", str(tmp_path / "x.txt")], "must be an .html file")):
+    for argv, message in (
+        (["9.3"], "layer must be in [0, 1]"),
+        (["1:3"], "LAYER.HEAD"),
+        (["1.3", "--out", str(tmp_path / "x.txt")], "must be an .html file"),
+    ):
         assert main(["explain", str(folder), *argv, "-q"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("headclass: error:") and message in err and "\n" not in err

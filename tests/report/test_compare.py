@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import numpy as np
 import pytest
+from fake_scores import random_taxonomy
 
 from headclass.errors import HeadclassError
 from headclass.report.compare import Comparison, compare
 from headclass.taxonomy import LABELS, UNCLASSIFIED, flag_column
-
-from fake_scores import random_taxonomy
 
 
 @pytest.fixture
@@ -23,8 +19,18 @@ def two():
 def test_tidy_table(two):
     cmp = compare(two, n_bins=4)
     t = cmp.table
-    assert list(t.columns) == ["model", "bin", "depth_low", "depth_high", "depth_mid", "label", "count",
-                               "n_heads", "fraction", "n_layers"]
+    assert list(t.columns) == [
+        "model",
+        "bin",
+        "depth_low",
+        "depth_high",
+        "depth_mid",
+        "label",
+        "count",
+        "n_heads",
+        "fraction",
+        "n_layers",
+    ]
     assert not t.duplicated(["model", "bin", "label"]).any()
     assert set(t["label"]) == set(LABELS) | {UNCLASSIFIED}
     assert t["fraction"].between(0, 1).all()

@@ -74,8 +74,9 @@ def test_markdown_report(tax, tmp_path):
     text = (tmp_path / "t.md").read_text()
     assert text.startswith("# Attention heads of tiny/model")
     assert "## Labels" in text and "## Heads" in text and "## Thresholds" in text
-    head_rows = [line for line in text.splitlines()
-                 if line.startswith("|") and line.strip("|").split("|")[0].strip().isdigit()]
+    head_rows = [
+        line for line in text.splitlines() if line.startswith("|") and line.strip("|").split("|")[0].strip().isdigit()
+    ]
     assert len(head_rows) >= 15  # every head (plus threshold/summary rows starting with digits, if any)
 
 

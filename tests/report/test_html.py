@@ -19,13 +19,11 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
+from fake_scores import random_taxonomy
 
 from headclass.errors import HeadclassError
 from headclass.report.html import GRID_DIV_ID, render_html_report, write_html_report
-from headclass.taxonomy import LABELS, SCORE_COLUMNS, HeadTaxonomy
-from headclass.taxonomy import classify
-
-from fake_scores import random_taxonomy
+from headclass.taxonomy import LABELS, SCORE_COLUMNS, HeadTaxonomy, classify
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -45,8 +43,10 @@ def browser() -> str:
         found = shutil.which(name)
         if found:
             return found
-    message = ("headless Chromium not installed (Debian: apt-get update && apt-get install -y chromium); "
-               "the browser test of the HTML report did not run")
+    message = (
+        "headless Chromium not installed (Debian: apt-get update && apt-get install -y chromium); "
+        "the browser test of the HTML report did not run"
+    )
     if os.environ.get("HEADCLASS_REQUIRE_CHROMIUM") == "1":
         pytest.fail(message)
     pytest.skip(message)
@@ -54,10 +54,23 @@ def browser() -> str:
 
 def render_dom(page: Path, profile: Path) -> str:
     """The DOM of ``page`` after its scripts ran, as headless Chromium serialises it."""
-    cmd = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-extensions", "--disable-default-apps", f"--user-data-dir={profile}",
-           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()]
+    cmd = [
+        browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--disable-default-apps",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout

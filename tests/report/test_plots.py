@@ -10,13 +10,11 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
+from fake_scores import random_taxonomy
 
 from headclass.errors import HeadclassError, MissingDependencyError, ScoreError
 from headclass.report import plots
-from headclass.taxonomy import LABELS, SCORE_COLUMNS, UNCLASSIFIED, HeadTaxonomy
-from headclass.taxonomy import classify
-
-from fake_scores import random_taxonomy
+from headclass.taxonomy import LABELS, SCORE_COLUMNS, UNCLASSIFIED, HeadTaxonomy, classify
 
 
 @pytest.fixture
@@ -46,8 +44,10 @@ def _heatmap(fig: go.Figure) -> go.Heatmap:
 
 
 def test_plotly_is_not_imported_with_headclass():
-    code = ("import sys, headclass, headclass.taxonomy, headclass.report.plots, headclass.report.html; "
-            "print(any(m.startswith('plotly') for m in sys.modules))")
+    code = (
+        "import sys, headclass, headclass.taxonomy, headclass.report.plots, headclass.report.html; "
+        "print(any(m.startswith('plotly') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -132,8 +132,9 @@ def test_label_counts_by_layer(tax):
     assert totals.tolist() == [tax.n_heads] * tax.n_layers
     table = tax.table
     for trace in fig.data:
-        expected = [int(((table.layer == layer) & (table.primary_label == trace.name)).sum())
-                    for layer in range(tax.n_layers)]
+        expected = [
+            int(((table.layer == layer) & (table.primary_label == trace.name)).sum()) for layer in range(tax.n_layers)
+        ]
         assert list(trace.y) == expected
 
 
@@ -152,6 +153,7 @@ def test_bad_input():
 
 
 # -- attention patterns ------------------------------------------------------------------------
+
 
 def test_attention_pattern_matches_the_model(tiny_gpt2):
     ids = torch.tensor([0, 5, 9, 17, 5, 9, 17])
@@ -198,6 +200,7 @@ def test_circuitsvis_render(tiny_gpt2):
 
 
 # -- spectra ----------------------------------------------------------------------------------
+
 
 def test_singular_value_spectra(tiny_gpt2):
     from headclass.scores.weights import ov_singular_values, qk_singular_values

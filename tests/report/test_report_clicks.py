@@ -26,8 +26,8 @@ from headclass.report.html import CARDS_DIV_ID, write_html_report
 from headclass.scores.examples import EVIDENCE_VERSION, head_key
 from headclass.taxonomy import HeadTaxonomy
 
-CLICKED = [(0, 1), (2, 3), (5, 0)]       # grid cells of the 6 x 4 taxonomy
-ROWS = [(1, 2), (3, 0), (4, 3)]          # table rows
+CLICKED = [(0, 1), (2, 3), (5, 0)]  # grid cells of the 6 x 4 taxonomy
+ROWS = [(1, 2), (3, 0), (4, 3)]  # table rows
 
 
 def fake_evidence(n_layers: int, n_heads: int, *, n_examples: int = 5, seed: int = 0) -> dict:
@@ -49,25 +49,55 @@ def fake_evidence(n_layers: int, n_heads: int, *, n_examples: int = 5, seed: int
                     k = q - rng.choice([1, 2, 3, 7, 60])
                     ids = [rng.randrange(1, vocab) for _ in range(q + 9 - max(0, k - 8))]
                     start = max(0, k - 8)
-                    records.append({"seq": rng.randrange(16), "query": q, "key": k,
-                                    "weight": round(rng.random(), 4), "offset": q - k, "relation": "other",
-                                    "query_token": ids[q - start], "key_token": ids[k - start],
-                                    "context": [[start, ids]] if q - k <= 16 else
-                                    [[start, ids[:17]], [q - 8, ids[q - 8 - start:]]],
-                                    "prefers": [[k, ids[k - start], 0.5], [0, 0, 0.3], [q, ids[q - start], 0.1]]})
+                    records.append(
+                        {
+                            "seq": rng.randrange(16),
+                            "query": q,
+                            "key": k,
+                            "weight": round(rng.random(), 4),
+                            "offset": q - k,
+                            "relation": "other",
+                            "query_token": ids[q - start],
+                            "key_token": ids[k - start],
+                            "context": [[start, ids]]
+                            if q - k <= 16
+                            else [[start, ids[:17]], [q - 8, ids[q - 8 - start :]]],
+                            "prefers": [[k, ids[k - start], 0.5], [0, 0, 0.3], [q, ids[q - start], 0.1]],
+                        }
+                    )
                 examples[probe] = records
-            writes = [{"source": s, "raises": [[rng.randrange(vocab), 1.0] for _ in range(5)],
-                       "lowers": [[rng.randrange(vocab), -1.0] for _ in range(5)]}
-                      for s in rng.sample(range(1, vocab), 6)]
-            partners = ({kind: [[rng.randrange(layer), rng.randrange(n_heads), round(rng.random(), 4)]
-                                for _ in range(5)] for kind in "qkv"} if layer else
-                        {kind: [] for kind in "qkv"})
+            writes = [
+                {
+                    "source": s,
+                    "raises": [[rng.randrange(vocab), 1.0] for _ in range(5)],
+                    "lowers": [[rng.randrange(vocab), -1.0] for _ in range(5)],
+                }
+                for s in rng.sample(range(1, vocab), 6)
+            ]
+            partners = (
+                {
+                    kind: [[rng.randrange(layer), rng.randrange(n_heads), round(rng.random(), 4)] for _ in range(5)]
+                    for kind in "qkv"
+                }
+                if layer
+                else {kind: [] for kind in "qkv"}
+            )
             pattern = [[round(rng.random() / (q + 1), 3) for _ in range(q + 1)] for q in range(16)]
-            heads[head_key(layer, head)] = {"examples": examples, "writes": writes, "composition": partners,
-                                            "pattern": pattern}
-    return {"version": EVIDENCE_VERSION, "settings": {"n_examples": n_examples}, "tokens": tokens,
-            "embedding": "effective", "composition": {"computed": True, "reason": ""},
-            "pattern_prompt": {"probe": "text", "tokens": prompt}, "heads": heads}
+            heads[head_key(layer, head)] = {
+                "examples": examples,
+                "writes": writes,
+                "composition": partners,
+                "pattern": pattern,
+            }
+    return {
+        "version": EVIDENCE_VERSION,
+        "settings": {"n_examples": n_examples},
+        "tokens": tokens,
+        "embedding": "effective",
+        "composition": {"computed": True, "reason": ""},
+        "pattern_prompt": {"probe": "text", "tokens": prompt},
+        "heads": heads,
+    }
 
 
 def with_evidence(n_layers: int, n_heads: int, seed: int = 0) -> HeadTaxonomy:
@@ -125,9 +155,21 @@ _CLICK_SCRIPT = """
 
 
 def run_chromium(args: list[str], profile: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    cmd = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-extensions", "--disable-default-apps", f"--user-data-dir={profile}", *args]
+    cmd = [
+        browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--disable-default-apps",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
@@ -140,27 +182,33 @@ def check_clicks(tax: HeadTaxonomy, cells, rows, tmp_path: Path) -> list:
     script = _CLICK_SCRIPT % {"cards": CARDS_DIV_ID, "cells": json.dumps(cells), "rows": json.dumps(rows)}
     clicked = tmp_path / "clicked.html"
     clicked.write_text(text.replace("</body>", script + "</body>"), encoding="utf-8")
-    dom = run_chromium(["--window-size=1280,2000", "--virtual-time-budget=10000", "--dump-dom",
-                        clicked.resolve().as_uri()], tmp_path / "profile").stdout
+    dom = run_chromium(
+        ["--window-size=1280,2000", "--virtual-time-budget=10000", "--dump-dom", clicked.resolve().as_uri()],
+        tmp_path / "profile",
+    ).stdout
     found = re.search(r'<pre id="click-results">(.*?)</pre>', dom, flags=re.S)
     assert found, "the click script did not finish"
-    log = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
-                     .replace("&gt;", ">"))
+    log = json.loads(
+        found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    )
     print(json.dumps(log, indent=1))
     assert [e["via"] for e in log[:-1]] == ["grid"] * len(cells) + ["row"] * len(rows)
     for entry in log[:-1]:
         layer, head = entry["want"]
-        assert len(entry["open"]) == 1, entry            # exactly one card is open
+        assert len(entry["open"]) == 1, entry  # exactly one card is open
         card = entry["open"][0]
         assert card["id"] == f"head-L{layer}H{head}", entry
         expected = tax.card(layer, head)
         n_examples = sum(len(v) for v in expected.evidence["examples"].values())
         assert card["display"] != "none" and card["examples"] == n_examples > 0, entry
-        strongest = expected.examples()[0]                              # that head's own examples
-        assert card["first"].split() == [expected.token(strongest["query_token"]).strip(),
-                                         f"({strongest['query']})", "→",
-                                         expected.token(strongest["key_token"]).strip(),
-                                         f"({strongest['key']})"], entry
+        strongest = expected.examples()[0]  # that head's own examples
+        assert card["first"].split() == [
+            expected.token(strongest["query_token"]).strip(),
+            f"({strongest['query']})",
+            "→",
+            expected.token(strongest["key_token"]).strip(),
+            f"({strongest['key']})",
+        ], entry
     return log
 
 
@@ -179,9 +227,17 @@ def test_clicks_on_a_classified_planted_report(tmp_path):
     import headclass
 
     model, roles = planted_roles_model(tmp_path)
-    tax = headclass.classify(model, {"probes": {"repeated": {"n_sequences": 4, "segment_length": 16},
-                                                "text": {"n_sequences": 4, "max_tokens": 32}},
-                                     "uncertainty": {"bootstrap": 10}}, progress=False)
+    tax = headclass.classify(
+        model,
+        {
+            "probes": {
+                "repeated": {"n_sequences": 4, "segment_length": 16},
+                "text": {"n_sequences": 4, "max_tokens": 32},
+            },
+            "uncertainty": {"bootstrap": 10},
+        },
+        progress=False,
+    )
     check_clicks(tax, [list(roles["copy"]), [0, 1], [1, 0]], [list(roles["noop"]), [0, 0], [0, 3]], tmp_path)
 
 
@@ -190,17 +246,24 @@ def test_a_336_head_report_is_small_and_opens_fast(tmp_path):
     page = write_html_report(tax, tmp_path / "report.html")
     size = page.stat().st_size
     timed = tmp_path / "timed.html"
-    timed.write_text(page.read_text(encoding="utf-8").replace(
-        "</body>", "<script>window.addEventListener('load', function () { var p = document.createElement('pre');"
-                   " p.id = 'load-ms'; p.textContent = String(performance.now()); document.body.appendChild(p);"
-                   " });</script></body>"), encoding="utf-8")
+    timed.write_text(
+        page.read_text(encoding="utf-8").replace(
+            "</body>",
+            "<script>window.addEventListener('load', function () { var p = document.createElement('pre');"
+            " p.id = 'load-ms'; p.textContent = String(performance.now()); document.body.appendChild(p);"
+            " });</script></body>",
+        ),
+        encoding="utf-8",
+    )
     started = time.perf_counter()
     dom = run_chromium(["--dump-dom", timed.resolve().as_uri()], tmp_path / "profile").stdout
     wall = time.perf_counter() - started
     load_ms = float(re.search(r'<pre id="load-ms">([\d.]+)</pre>', dom).group(1))
     n_cards = dom.count('class="hc-card"')
-    print(f"336-head report: {size / 1e6:.1f} MB, load event after {load_ms:.0f} ms "
-          f"(chromium start to DOM dump: {wall:.1f} s), {n_cards} cards")
+    print(
+        f"336-head report: {size / 1e6:.1f} MB, load event after {load_ms:.0f} ms "
+        f"(chromium start to DOM dump: {wall:.1f} s), {n_cards} cards"
+    )
     assert n_cards == 336
     assert size < 20e6
     # the load time is printed and recorded in benchmarks/RESULTS.md, never asserted: timing

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from planted import ATTENTION_LAYOUT, D_MODEL, N_HEADS, VOCAB, build_planted_gpt2
 
 import headclass
 from headclass import ProbeError, ScoreError, probes
-from headclass.testing import ablation_dloss_reference, ablation_scores_reference
 from headclass.scores.ablation import (
     SCORE_KEYS,
     ablation_dloss,
@@ -23,12 +23,12 @@ from headclass.scores.ablation import (
     induction_targets,
     rank_correlation,
 )
-from planted import ATTENTION_LAYOUT, D_MODEL, N_HEADS, VOCAB, build_planted_gpt2
+from headclass.testing import ablation_dloss_reference, ablation_scores_reference
 
 # Weights of the planted read-out (see planted_induction_lm).
-OUT_SCALE = 2.0      # the induction head writes this multiple of OUT[token]
+OUT_SCALE = 2.0  # the induction head writes this multiple of OUT[token]
 UNEMBED_SCALE = 1.5  # logits read OUT[token] with this weight, after ln_f
-JUNK_SCALE = 0.5     # the "unrelated" head (0, 1) writes this multiple of JUNK[token]
+JUNK_SCALE = 0.5  # the "unrelated" head (0, 1) writes this multiple of JUNK[token]
 
 
 def planted_induction_lm(folder: Path) -> tuple[headclass.HeadModel, dict[str, tuple[int, int]]]:
@@ -53,15 +53,22 @@ def planted_induction_lm(folder: Path) -> tuple[headclass.HeadModel, dict[str, t
     hf_model, roles = build_planted_gpt2(ATTENTION_LAYOUT)
     d_head = D_MODEL // N_HEADS
     with torch.no_grad():
-        tok = hf_model.transformer.wte.weight.double()          # T: one direction per token
-        pos = hf_model.transformer.wpe.weight.double()          # P
+        tok = hf_model.transformer.wte.weight.double()  # T: one direction per token
+        pos = hf_model.transformer.wpe.weight.double()  # P
         prev = hf_model.transformer.h[0].attn.c_proj.weight.double()[:VOCAB]  # PT (head 0 rows)
         used = torch.cat([torch.ones(1, D_MODEL, dtype=torch.float64), tok, pos, prev])
         # Orthonormal directions orthogonal to everything planted (and to all-ones).
-        q, _ = torch.linalg.qr(torch.cat([used.T, torch.randn(D_MODEL, 2 * VOCAB, dtype=torch.float64,
-                                                                generator=torch.Generator().manual_seed(1))], 1))
-        free = q.T[used.shape[0]:]
-        out_dirs, junk_dirs = free[:VOCAB], free[VOCAB:2 * VOCAB]
+        q, _ = torch.linalg.qr(
+            torch.cat(
+                [
+                    used.T,
+                    torch.randn(D_MODEL, 2 * VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+                ],
+                1,
+            )
+        )
+        free = q.T[used.shape[0] :]
+        out_dirs, junk_dirs = free[:VOCAB], free[VOCAB : 2 * VOCAB]
 
         def copy_head(layer: int, head: int, target, scale: float, writers: int) -> None:
             # LayerNorm scales a residual of squared norm m (mean 0) by sqrt(d_model / m);
@@ -120,8 +127,8 @@ def test_planted_model_predicts_by_induction(planted, planted_probes):
         logits[:, :-1].flatten(0, 1), probe.tokens[:, 1:].flatten(), reduction="none"
     ).view(probe.tokens.shape[0], -1)
     second = induction_targets(probe.tokens)
-    assert losses[second].mean() < 0.05                  # second repeat: predicted
-    assert losses[~second][1:].mean() > 1.0             # first repeat: guesswork
+    assert losses[second].mean() < 0.05  # second repeat: predicted
+    assert losses[~second][1:].mean() > 1.0  # first repeat: guesswork
 
 
 @pytest.mark.parametrize("method", ["mean", "zero"])
@@ -130,7 +137,7 @@ def test_planted_circuit_heads_matter_and_others_do_not(planted, planted_probes,
     scores = ablation_scores(model, probes=planted_probes, method=method, progress=False)
     dloss = scores["ablation_induction_dloss"]
     induction, previous = dloss[roles["induction"]], dloss[roles["previous_token"]]
-    assert induction > 1.0 and previous > 1.0            # sharp: > 1 nat per token
+    assert induction > 1.0 and previous > 1.0  # sharp: > 1 nat per token
     sharp = min(induction, previous)
     for layer in range(model.n_layers):
         for head in range(model.n_heads):
@@ -168,8 +175,12 @@ def test_exact_matches_reference(request, fixture, method, heads):
     ref = ablation_scores_reference(model, probes=given, method=method, heads=heads)
     _assert_same(fast, ref)
     if heads is not None:
-        done = {(l, h) for l in range(model.n_layers) for h in range(model.n_heads)
-                if not math.isnan(fast["ablation_text_dloss"][l, h])}
+        done = {
+            (layer, h)
+            for layer in range(model.n_layers)
+            for h in range(model.n_heads)
+            if not math.isnan(fast["ablation_text_dloss"][layer, h])
+        }
         assert done == set(heads)
 
 
@@ -180,8 +191,9 @@ def test_targets_only_readout_is_used_and_exact(tiny_gpt2, tiny_llama):
         tokens = repeated_tokens(model)
         seen = {}
         with torch.no_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(_UNEMBED_IN, lambda x, hook: seen.update(x=x))],
-                                          return_type="logits")
+            logits = model.run_with_hooks(
+                tokens, fwd_hooks=[(_UNEMBED_IN, lambda x, hook, seen=seen: seen.update(x=x))], return_type="logits"
+            )
         assert _Readout.if_exact(model, seen["x"], logits, induction_targets(tokens)) is not None
 
 
@@ -216,11 +228,13 @@ def test_run_from_layer_matches_full_forward(tiny_llama):
     def store(layer):
         def hook(x, hook):
             resid[layer] = x.detach().clone()
+
         return hook
 
     with torch.no_grad():
         full = tiny_llama.run_with_hooks(
-            tokens, fwd_hooks=[(f"blocks.{l}.hook_resid_pre", store(l)) for l in range(tiny_llama.n_layers)],
+            tokens,
+            fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", store(layer)) for layer in range(tiny_llama.n_layers)],
             return_type="logits",
         )
         for layer in range(tiny_llama.n_layers):
@@ -233,12 +247,17 @@ def test_run_from_layer_skips_earlier_blocks(tiny_gpt2):
     fired = []
     with torch.no_grad():
         resid = {}
-        tiny_gpt2.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre",
-                                                     lambda x, hook: resid.update(r=x.clone()))])
-        tiny_gpt2.run_from_layer(resid["r"], 1, fwd_hooks=[
-            ("blocks.0.attn.hook_pattern", lambda x, hook: fired.append(0)),
-            ("blocks.1.attn.hook_pattern", lambda x, hook: fired.append(1)),
-        ])
+        tiny_gpt2.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: resid.update(r=x.clone()))]
+        )
+        tiny_gpt2.run_from_layer(
+            resid["r"],
+            1,
+            fwd_hooks=[
+                ("blocks.0.attn.hook_pattern", lambda x, hook: fired.append(0)),
+                ("blocks.1.attn.hook_pattern", lambda x, hook: fired.append(1)),
+            ],
+        )
     assert fired == [1]
 
 
@@ -264,16 +283,19 @@ def test_rank_correlation():
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert rank_correlation(a, a * 10 + 3) == pytest.approx(1.0)
     assert rank_correlation(a, -a) == pytest.approx(-1.0)
-    assert rank_correlation(a, a ** 3) == pytest.approx(1.0)            # ranks, not values
+    assert rank_correlation(a, a**3) == pytest.approx(1.0)  # ranks, not values
     # against scipy's Spearman (average ranks for ties) on data with many ties
     from scipy import stats as scipy_stats  # a dev dependency: never skipped
+
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         x = torch.randint(0, 6, (40,), generator=gen).double()
         y = x + torch.randint(0, 4, (40,), generator=gen).double()
         assert rank_correlation(x, y) == pytest.approx(scipy_stats.spearmanr(x.numpy(), y.numpy())[0], abs=1e-12)
     nan = float("nan")
-    assert rank_correlation(torch.tensor([1.0, nan, 3.0, 2.0]), torch.tensor([1.0, 5.0, 3.0, 2.0])) == pytest.approx(1.0)
+    assert rank_correlation(torch.tensor([1.0, nan, 3.0, 2.0]), torch.tensor([1.0, 5.0, 3.0, 2.0])) == pytest.approx(
+        1.0
+    )
     assert math.isnan(rank_correlation(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0])))
 
 
@@ -317,9 +339,9 @@ def test_no_tokenizer_gives_nan_text_scores_with_a_warning(planted):
     model, _ = planted
     assert model.tokenizer is None
     with pytest.warns(UserWarning, match="no tokenizer"):
-        scores = ablation_scores(model, config={"ablation": {"induction_sequences": 2,
-                                                             "induction_segment_length": 8}},
-                                 progress=False)
+        scores = ablation_scores(
+            model, config={"ablation": {"induction_sequences": 2, "induction_segment_length": 8}}, progress=False
+        )
     assert scores["ablation_text_dloss"].isnan().all()
     assert not scores["ablation_induction_dloss"].isnan().any()
 
@@ -354,8 +376,9 @@ def test_smollm2_top_induction_head_matters_more_than_median(smollm2):
     order = torch.argsort(attention.flatten(), descending=True)
     top = divmod(int(order[0]), smollm2.n_heads)
     median = divmod(int(order[len(order) // 2]), smollm2.n_heads)
-    dloss = ablation_scores(smollm2, probes={"induction": probe, "text": probe.tokens[:, :16]},
-                            heads=[top, median], progress=False)["ablation_induction_dloss"]
+    dloss = ablation_scores(
+        smollm2, probes={"induction": probe, "text": probe.tokens[:, :16]}, heads=[top, median], progress=False
+    )["ablation_induction_dloss"]
     assert dloss[top] > dloss[median] + 0.01, (top, float(dloss[top]), median, float(dloss[median]))
 
 
@@ -363,13 +386,17 @@ def test_smollm2_top_induction_head_matters_more_than_median(smollm2):
 def _table():
     import pandas as pd
 
-    return pd.DataFrame({
-        "model": "m", "layer": [0, 0, 0, 1, 1, 1], "head": [0, 1, 2, 0, 1, 2],
-        "relative_depth": [0.25, 0.25, 0.25, 0.75, 0.75, 0.75],
-        "primary_label": ["copy", "copy", "induction", "copy", "bos", "induction"],
-        "ablation_induction_dloss": [0.1, 0.3, 2.0, 0.05, 0.0, float("nan")],
-        "ablation_text_dloss": [0.2, 0.4, 0.1, 0.6, 0.0, 0.3],
-    })
+    return pd.DataFrame(
+        {
+            "model": "m",
+            "layer": [0, 0, 0, 1, 1, 1],
+            "head": [0, 1, 2, 0, 1, 2],
+            "relative_depth": [0.25, 0.25, 0.25, 0.75, 0.75, 0.75],
+            "primary_label": ["copy", "copy", "induction", "copy", "bos", "induction"],
+            "ablation_induction_dloss": [0.1, 0.3, 2.0, 0.05, 0.0, float("nan")],
+            "ablation_text_dloss": [0.2, 0.4, 0.1, 0.6, 0.0, 0.3],
+        }
+    )
 
 
 def test_importance_by_label_means_per_layer():
@@ -390,7 +417,7 @@ def test_fig_importance_by_label():
 
     fig = fig_importance_by_label(_table())
     names = [t.name for t in fig.data]
-    assert names.count("copy") == 2                       # one trace per panel
+    assert names.count("copy") == 2  # one trace per panel
     assert sum(t.showlegend is not False for t in fig.data if t.name == "copy") == 1
     copy_induction = next(t for t in fig.data if t.name == "copy" and t.xaxis == "x")
     assert list(copy_induction.y) == pytest.approx([0.2, 0.05])
@@ -411,12 +438,15 @@ def test_mode_comes_from_the_config_and_is_validated(tiny_gpt2):
     tokens = torch.randint(1, tiny_gpt2.d_vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     probes = {"induction": torch.cat([tokens, tokens], dim=1), "text": tokens}
     pairs = [(0, 0), (1, 2)]
-    from_config = ablation_scores(tiny_gpt2, config={"ablation": {"mode": "attribution"}}, probes=probes,
-                                  heads=pairs, progress=False)
+    from_config = ablation_scores(
+        tiny_gpt2, config={"ablation": {"mode": "attribution"}}, probes=probes, heads=pairs, progress=False
+    )
     explicit = ablation_scores(tiny_gpt2, probes=probes, heads=pairs, mode="attribution", progress=False)
     exact = ablation_scores(tiny_gpt2, probes=probes, heads=pairs, progress=False)
     for key in explicit:
         torch.testing.assert_close(from_config[key], explicit[key], equal_nan=True)
-    assert not torch.allclose(exact["ablation_induction_dloss"].nan_to_num(), explicit["ablation_induction_dloss"].nan_to_num())
+    assert not torch.allclose(
+        exact["ablation_induction_dloss"].nan_to_num(), explicit["ablation_induction_dloss"].nan_to_num()
+    )
     with pytest.raises(headclass.ConfigError, match="ablation.mode"):
         headclass.load_config({"ablation": {"mode": "fast"}})

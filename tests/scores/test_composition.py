@@ -17,12 +17,12 @@ D_MODEL, N_HEADS, D_HEAD = 64, 4, 16
 def reference(model, mode: str) -> torch.Tensor:
     """TransformerLens' own ``all_composition_scores`` (HookedTransformer or TransformerBridge)."""
     scores = model.tl_model.all_composition_scores(mode)
-    return getattr(scores, "scores", scores)   # the bridge wraps the tensor in CompositionScores
+    return getattr(scores, "scores", scores)  # the bridge wraps the tensor in CompositionScores
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
 def test_equal_to_transformer_lens(fixture, request):
-    model = request.getfixturevalue(fixture)   # tiny_llama: grouped-query attention
+    model = request.getfixturevalue(fixture)  # tiny_llama: grouped-query attention
     ours = composition_scores(model)
     assert set(ours) == {"q", "k", "v"}
     for kind, values in ours.items():
@@ -45,7 +45,7 @@ def test_causal_layout_and_blocking(tmp_path):
     blocked = composition_scores(model, kinds=["K", "v"], memory_bytes=1)
     for kind in ("k", "v"):
         torch.testing.assert_close(blocked[kind], whole[kind], atol=1e-6, rtol=1e-5)
-    later = torch.arange(4)[:, None] < torch.arange(4)[None, :]        # [layer_a, layer_b]
+    later = torch.arange(4)[:, None] < torch.arange(4)[None, :]  # [layer_a, layer_b]
     mask = later[:, None, :, None].expand(4, N_HEADS, 4, N_HEADS)
     for values in whole.values():
         assert (values[~mask] == 0).all()
@@ -59,16 +59,19 @@ def planted_k_pair():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(11)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=N_HEADS, n_embd=D_MODEL, vocab_size=64,
-                                    n_positions=32, bos_token_id=0, eos_token_id=0))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2, n_head=N_HEADS, n_embd=D_MODEL, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    )
     subspace = torch.zeros(D_MODEL, D_HEAD)
     subspace[:, :4] = centred_basis(D_MODEL, 4, seed=12)
     with torch.no_grad():
         a = hf.transformer.h[0].attn
-        a.c_attn.weight[:, 2 * D_MODEL + 2 * D_HEAD:2 * D_MODEL + 3 * D_HEAD] = subspace
-        a.c_proj.weight[2 * D_HEAD:3 * D_HEAD, :] = subspace.T
+        a.c_attn.weight[:, 2 * D_MODEL + 2 * D_HEAD : 2 * D_MODEL + 3 * D_HEAD] = subspace
+        a.c_proj.weight[2 * D_HEAD : 3 * D_HEAD, :] = subspace.T
         b = hf.transformer.h[1].attn
-        b.c_attn.weight[:, D_MODEL + D_HEAD:D_MODEL + 2 * D_HEAD] = subspace
+        b.c_attn.weight[:, D_MODEL + D_HEAD : D_MODEL + 2 * D_HEAD] = subspace
     return headclass.load_model(hf)
 
 

@@ -64,18 +64,18 @@ def test_induction_examples_point_at_the_token_after_the_previous_occurrence(pla
         assert ex["relation"] == "induction" and ex["weight"] > 0.99
         tokens = repeated_probe.tokens[ex["seq"]]
         assert int(tokens[ex["key"] - 1]) == ex["query_token"] == int(tokens[ex["query"]])
-        assert ex["prefers"][0][0] == ex["key"]                      # what the query looks for
+        assert ex["prefers"][0][0] == ex["key"]  # what the query looks for
 
 
 def test_examples_skip_the_first_position_and_carry_their_context(planted, repeated_probe):
     model, roles = planted
     collector = collect(model, repeated_probe)
     bos = collector.examples(*roles["bos"])["repeated"]
-    assert all(ex["key"] >= 1 and ex["weight"] < 1e-3 for ex in bos)   # nothing away from BOS
+    assert all(ex["key"] >= 1 and ex["weight"] < 1e-3 for ex in bos)  # nothing away from BOS
     ex = collector.examples(*roles["previous_token"])["repeated"][0]
     tokens = repeated_probe.tokens[ex["seq"]].tolist()
     for start, ids in ex["context"]:
-        assert ids == tokens[start:start + len(ids)]
+        assert ids == tokens[start : start + len(ids)]
     positions = [start + i for start, ids in ex["context"] for i in range(len(ids))]
     assert ex["query"] in positions and ex["key"] in positions
     assert min(positions) == max(0, ex["key"] - 8) and max(positions) == min(len(tokens) - 1, ex["query"] + 8)
@@ -91,26 +91,26 @@ def test_top_k_is_bounded_and_independent_of_chunking(planted, repeated_probe):
             b = many.examples(layer, head)["repeated"]
             assert len(a) == len(b) == 3
             assert [x["weight"] for x in a] == pytest.approx([x["weight"] for x in b], abs=1e-6)
-    assert one._top[("repeated", 0)]["weight"].shape == (model.n_heads, 3)   # never more than k kept
+    assert one._top[("repeated", 0)]["weight"].shape == (model.n_heads, 3)  # never more than k kept
 
 
 def test_copy_head_raises_its_own_token_first(roles_model):
     model, roles = roles_model
     tokens = torch.tensor([15, 16, 17, 18, 12, 5])
     effects, embedding = ov_token_effects(model, tokens)
-    assert embedding == "effective"                    # the planted GPT-2 has a (zero) first MLP
+    assert embedding == "effective"  # the planted GPT-2 has a (zero) first MLP
     for effect in effects[roles["copy"]]:
         assert effect["raises"][0][0] == effect["source"]
         assert effect["raises"][0][1] > effect["raises"][1][1]
     noop = effects[roles["noop"]]
-    assert max(abs(v) for e in noop for _, v in e["raises"]) < 1e-2   # writes (almost) nothing
+    assert max(abs(v) for e in noop for _, v in e["raises"]) < 1e-2  # writes (almost) nothing
 
 
 def test_induction_head_k_composes_with_the_previous_token_head(planted):
     model, roles = planted
     partners = composition_partners(model, n=2)
     assert partners[roles["induction"]]["k"][0][:2] == list(roles["previous_token"])
-    assert partners[(0, 0)] == {"q": [], "k": [], "v": []}     # no earlier heads
+    assert partners[(0, 0)] == {"q": [], "k": [], "v": []}  # no earlier heads
 
 
 def test_evidence_document_is_plain_json(planted, repeated_probe):

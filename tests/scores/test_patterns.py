@@ -150,14 +150,17 @@ def planted_scores(planted):
 # -- planted heads ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("score, role, floor", [
-    ("previous_token", "previous_token", 0.9),
-    ("current_token", "current_token", 0.9),
-    ("bos", "bos", 0.9),
-    ("induction", "induction", 0.9),
-    ("duplicate_token", "duplicate_token", 0.9),
-    ("diffuse_entropy", "diffuse", 0.95),
-])
+@pytest.mark.parametrize(
+    "score, role, floor",
+    [
+        ("previous_token", "previous_token", 0.9),
+        ("current_token", "current_token", 0.9),
+        ("bos", "bos", 0.9),
+        ("induction", "induction", 0.9),
+        ("duplicate_token", "duplicate_token", 0.9),
+        ("diffuse_entropy", "diffuse", 0.95),
+    ],
+)
 def test_planted_head_ranks_first(planted, planted_scores, score, role, floor):
     _, roles = planted
     values = planted_scores[score]
@@ -167,8 +170,11 @@ def test_planted_head_ranks_first(planted, planted_scores, score, role, floor):
     others[layer, head] = -1
     assert values[layer, head] > others.max()
     if score != "diffuse_entropy":  # the planted heads that are sharp elsewhere score low
-        sharp = [roles[r] for r in ("previous_token", "current_token", "bos", "induction",
-                                    "duplicate_token", "fixed_offset") if r != role]
+        sharp = [
+            roles[r]
+            for r in ("previous_token", "current_token", "bos", "induction", "duplicate_token", "fixed_offset")
+            if r != role
+        ]
         assert max(float(values[layer, head]) for layer, head in sharp) < 0.1
 
 
@@ -202,8 +208,7 @@ def test_bos_only_heads_score_zero_not_nan(tmp_path, exclude_bos):
     for name in SCORE_NAMES:
         assert torch.isfinite(scores[name]).all(), name
     assert (scores["bos"] > 0.999).all() and (scores["max_attention"] > 0.999).all()
-    for name in ("previous_token", "current_token", "induction", "duplicate_token",
-                 "fixed_offset", "diffuse_entropy"):
+    for name in ("previous_token", "current_token", "induction", "duplicate_token", "fixed_offset", "diffuse_entropy"):
         assert scores[name].abs().max() < 1e-6, name
 
 
@@ -219,8 +224,9 @@ def test_formulas_match_naive_loops(has_bos, exclude_bos, exclude_current):
         tokens[:, 0] = 0
     model = FakePatternModel(random_causal_patterns(2, 3, 3, 14), tokens)
     probe = probes.from_tokens(model, tokens, has_bos=has_bos)
-    ours = pattern_scores(model, probe, exclude_bos=exclude_bos, exclude_current_token=exclude_current,
-                          progress=False, batch_size=2)
+    ours = pattern_scores(
+        model, probe, exclude_bos=exclude_bos, exclude_current_token=exclude_current, progress=False, batch_size=2
+    )
     ref = naive_scores(model.patterns, probe, exclude_bos=exclude_bos, exclude_current=exclude_current)
     for name in SCORE_NAMES:
         torch.testing.assert_close(ours[name].double(), ref[name], atol=1e-5, rtol=0, msg=name)
@@ -230,9 +236,18 @@ def test_formulas_match_naive_loops(has_bos, exclude_bos, exclude_current):
 def test_scores_shapes_ranges_and_keys(tiny_gpt2):
     scores = pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 4, 12), progress=False)
     core = [key for key in scores if not key.endswith("_se") and not key.startswith(("budget", "positional"))]
-    assert core == ["previous_token", "current_token", "bos", "induction", "duplicate_token",
-                    "fixed_offset", "fixed_offset_k", "fixed_offset_per_k", "diffuse_entropy",
-                    "max_attention"]
+    assert core == [
+        "previous_token",
+        "current_token",
+        "bos",
+        "induction",
+        "duplicate_token",
+        "fixed_offset",
+        "fixed_offset_k",
+        "fixed_offset_per_k",
+        "diffuse_entropy",
+        "max_attention",
+    ]
     # a repeated probe (scores=None) feeds the _rep budget and consistency, not the text ones
     assert {f"budget_rep_{c}" for c in BUDGET_CLASSES} <= set(scores)
     assert "positional_consistency_rep" in scores and "positional_consistency" in PATTERN_SCORES
@@ -248,8 +263,7 @@ def test_scores_shapes_ranges_and_keys(tiny_gpt2):
         if name != "fixed_offset_k":
             assert value.dtype == torch.float32 and 0 <= value.min() and value.max() <= 1
     assert scores["fixed_offset_k"].min() >= 1 and scores["fixed_offset_k"].max() <= 8
-    subset = pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 4, 12), scores=["bos", "induction"],
-                            progress=False)
+    subset = pattern_scores(tiny_gpt2, probes.repeated(tiny_gpt2, 4, 12), scores=["bos", "induction"], progress=False)
     assert list(subset) == ["bos", "bos_se", "induction", "induction_se"]
     torch.testing.assert_close(subset["bos"], scores["bos"])
 
@@ -263,11 +277,11 @@ def test_chunking_gives_the_same_scores(tiny_gpt2):
     for size in (1, 3, 7):
         chunked = pattern_scores(tiny_gpt2, probe, batch_size=size, progress=False)
         for name in whole:
-            torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5, equal_nan=True,
-                                       msg=name)
+            torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5, equal_nan=True, msg=name)
     detect = pattern_scores(tiny_gpt2, probe, batch_size=2, convention="detect_head", progress=False)
-    torch.testing.assert_close(detect["induction"],
-                               pattern_scores_single_pass(tiny_gpt2, probe, convention="detect_head")["induction"])
+    torch.testing.assert_close(
+        detect["induction"], pattern_scores_single_pass(tiny_gpt2, probe, convention="detect_head")["induction"]
+    )
 
 
 def test_probes_pool_by_valid_positions(tiny_gpt2):
@@ -278,8 +292,9 @@ def test_probes_pool_by_valid_positions(tiny_gpt2):
     wa, wb = a.n_induction_positions, b.n_induction_positions
     torch.testing.assert_close(both["induction"], (wa * sa["induction"] + wb * sb["induction"]) / (wa + wb))
     na, nb = 3 * (a.n_positions - 2), 5 * (b.n_positions - 2)  # previous-token queries q >= 2
-    torch.testing.assert_close(both["previous_token"],
-                               (na * sa["previous_token"] + nb * sb["previous_token"]) / (na + nb))
+    torch.testing.assert_close(
+        both["previous_token"], (na * sa["previous_token"] + nb * sb["previous_token"]) / (na + nb)
+    )
 
 
 def test_one_forward_pass_per_batch(tiny_gpt2):
@@ -304,11 +319,18 @@ def test_detect_head_convention_matches_transformer_lens(request, model_fixture,
     generator = torch.Generator().manual_seed(5)
     random = probes.from_tokens(model, torch.randint(0, 12, (3, 30), generator=generator))  # with "a a"
     for probe in (probes.repeated(model, 3, 15, n_repeats=3), random):
-        ours = pattern_scores_single_pass(model, probe, scores=TOKEN_MATCH, convention="detect_head",
-                                          exclude_bos=exclude_bos, exclude_current_token=exclude_current)
+        ours = pattern_scores_single_pass(
+            model,
+            probe,
+            scores=TOKEN_MATCH,
+            convention="detect_head",
+            exclude_bos=exclude_bos,
+            exclude_current_token=exclude_current,
+        )
         for name in TOKEN_MATCH:
-            ref = detect_head_scores(model, probe.tokens, name, exclude_bos=exclude_bos,
-                                     exclude_current_token=exclude_current)
+            ref = detect_head_scores(
+                model, probe.tokens, name, exclude_bos=exclude_bos, exclude_current_token=exclude_current
+            )
             assert (ours[name] - ref.float()).abs().max() < 1e-4, (name, probe.name)
 
 
@@ -335,16 +357,18 @@ def test_detect_head_convention_on_planted_heads(planted):
 
 def test_probe_without_repeats_is_too_short_for_induction(tiny_gpt2):
     distinct = probes.from_tokens(tiny_gpt2, torch.arange(1, 41).reshape(2, 20))
-    with pytest.raises(ProbeError, match=r"induction needs a repeated segment of >= 2 tokens; "
-                                         r"probe 'tokens' has none\. Use probes\.repeated"):
+    with pytest.raises(
+        ProbeError,
+        match=r"induction needs a repeated segment of >= 2 tokens; "
+        r"probe 'tokens' has none\. Use probes\.repeated",
+    ):
         pattern_scores(tiny_gpt2, distinct, progress=False)
     # the other scores are fine on it
     assert "bos" in pattern_scores(tiny_gpt2, distinct, scores=["bos", "previous_token"], progress=False)
 
 
 def test_text_only_probes_do_not_feed_induction(tiny_gpt2):
-    text_like = probes.from_tokens(tiny_gpt2, torch.randint(1, 9, (2, 20)), name="text",
-                                   scores=probes.TEXT_SCORES)
+    text_like = probes.from_tokens(tiny_gpt2, torch.randint(1, 9, (2, 20)), name="text", scores=probes.TEXT_SCORES)
     with pytest.raises(ProbeError, match="no probe given feeds it.*Use probes.repeated"):
         pattern_scores(tiny_gpt2, text_like, progress=False)
 
@@ -359,13 +383,16 @@ def test_short_probe_for_diffuse(tiny_gpt2):
         pattern_scores(tiny_gpt2, probes.from_tokens(tiny_gpt2, [[0, 3, 3]]), progress=False)
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(scores=["inductoin"]), ScoreError, "unknown score name"),
-    (dict(convention="tl"), ScoreError, "convention must be one of"),
-    (dict(batch_size=0), ProbeError, "batch_size must be an int >= 1"),
-    (dict(probes=[]), ProbeError, "at least one probe"),
-    (dict(probes=[torch.zeros(2, 3)]), ProbeError, "must be Probe objects"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(scores=["inductoin"]), ScoreError, "unknown score name"),
+        (dict(convention="tl"), ScoreError, "convention must be one of"),
+        (dict(batch_size=0), ProbeError, "batch_size must be an int >= 1"),
+        (dict(probes=[]), ProbeError, "at least one probe"),
+        (dict(probes=[torch.zeros(2, 3)]), ProbeError, "must be Probe objects"),
+    ],
+)
 def test_bad_arguments(tiny_gpt2, kwargs, error, words):
     kwargs.setdefault("probes", probes.repeated(tiny_gpt2, 2, 5))
     with pytest.raises(error, match=words):
@@ -451,7 +478,7 @@ class FakeTokenizer:
 
 
 FAKE_STRINGS = ["<s>", "a", ".", "b", "\n", " ,", "c", "d?", " ", "\ufffd"] + [f"w{i}" for i in range(10, 50)]
-FAKE_DELIMITERS = {2, 4, 5, 8}   # ".", "\n", " ,", " " (not "d?", not the replacement character)
+FAKE_DELIMITERS = {2, 4, 5, 8}  # ".", "\n", " ,", " " (not "d?", not the replacement character)
 
 
 def naive_budget(patterns, probe, delimiters, window):
@@ -518,9 +545,12 @@ def test_budget_matches_naive_loops(window, text):
     probe = probes.from_tokens(model, tokens, has_bos=True, name="text" if text else "rep", scores=feeds)
     prefix = "budget" if text else "budget_rep"
     # alone, and with the scores whose entries it then reuses (BOS, self, offsets)
-    alone, shared = (pattern_scores(model, probe, scores=names, batch_size=3, progress=False,
-                                    config={"patterns": {"local_window": window}})
-                     for names in ([prefix], [prefix, "bos", "current_token", "fixed_offset"]))
+    alone, shared = (
+        pattern_scores(
+            model, probe, scores=names, batch_size=3, progress=False, config={"patterns": {"local_window": window}}
+        )
+        for names in ([prefix], [prefix, "bos", "current_token", "fixed_offset"])
+    )
     for key, value in alone.items():
         torch.testing.assert_close(shared[key], value, equal_nan=True, msg=key)
     ours = shared
@@ -531,8 +561,9 @@ def test_budget_matches_naive_loops(window, text):
         torch.testing.assert_close(ours[f"{prefix}_{c}"].double(), share[..., i], atol=1e-6, rtol=0, msg=c)
         assert torch.allclose(ours[f"{prefix}_base_{c}"].double(), rate[i].expand(2, 3), atol=1e-6)
         if rate[i] > 0:
-            torch.testing.assert_close(ours[f"{prefix}_lift_{c}"].double(), share[..., i] / rate[i],
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                ours[f"{prefix}_lift_{c}"].double(), share[..., i] / rate[i], atol=1e-5, rtol=1e-5
+            )
         else:
             assert ours[f"{prefix}_lift_{c}"].isnan().all()
     assert rate[BUDGET_CLASSES.index("delimiter")] > 0 and rate[BUDGET_CLASSES.index("duplicate")] > 0
@@ -558,14 +589,20 @@ def test_planted_budgets_match_their_construction(planted):
     probe = probes.repeated(model, 6, 31)
     scores = pattern_scores(model, probe, progress=False)
     budget = {c: scores[f"budget_rep_{c}"] for c in BUDGET_CLASSES}
-    for role, cls in (("previous_token", "previous"), ("current_token", "self"), ("bos", "first"),
-                      ("fixed_offset", "local")):  # offset 3 lies in the window 2..4
+    for role, cls in (
+        ("previous_token", "previous"),
+        ("current_token", "self"),
+        ("bos", "first"),
+        ("fixed_offset", "local"),
+    ):  # offset 3 lies in the window 2..4
         assert budget[cls][roles[role]] > 0.9, (role, cls)
     # induction / duplicate heads spend on their class exactly what their score says, at the
     # queries that have a target (the second copy): the two reductions agree
     queries = probe.n_sequences * (probe.n_positions - 1)
-    for role, cls, n in (("induction", "induction", probe.n_induction_positions),
-                         ("duplicate_token", "duplicate", probe.n_duplicate_positions)):
+    for role, cls, n in (
+        ("induction", "induction", probe.n_induction_positions),
+        ("duplicate_token", "duplicate", probe.n_duplicate_positions),
+    ):
         expected = scores[role][roles[role]] * n / queries
         assert abs(float(budget[cls][roles[role]] - expected)) < 1e-4
         assert scores[f"budget_rep_lift_{cls}"][roles[role]] > 5
@@ -586,8 +623,9 @@ def roles_probes(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     words = torch.randint(2, 32, (12, 60), generator=generator)
     words[:, 0] = model.bos_token_id
-    text = probes.from_tokens(model, words, name="text",
-                              scores=probes.TEXT_SCORES | {"budget", "positional_consistency"})
+    text = probes.from_tokens(
+        model, words, name="text", scores=probes.TEXT_SCORES | {"budget", "positional_consistency"}
+    )
     return [probes.repeated(model, 12, 28, seed=seed), text]
 
 
@@ -597,11 +635,11 @@ def test_planted_local_delimiter_and_content_heads(roles_planted):
     local = roles["local"]
     for prefix in ("budget", "budget_rep"):
         assert scores[f"{prefix}_previous"][local] + scores[f"{prefix}_local"][local] > 0.95
-        assert abs(float(scores[f"{prefix}_local"][local]) - 2 / 3) < 0.05   # offsets 2, 3 of 1..3
+        assert abs(float(scores[f"{prefix}_local"][local]) - 2 / 3) < 0.05  # offsets 2, 3 of 1..3
     delimiter, content = roles["delimiter"], roles["content"]
     assert scores["budget_delimiter"][delimiter] > 0.5
     assert scores["budget_lift_delimiter"][delimiter] > 5
-    assert scores["budget_lift_delimiter"][content] < 0.1   # it never looks at a delimiter
+    assert scores["budget_lift_delimiter"][content] < 0.1  # it never looks at a delimiter
     for role in ("previous_token", "local", "transform", "successor", "noop", "copy"):
         assert scores["budget_lift_delimiter"][roles[role]] < 1.5, role
 
@@ -610,13 +648,14 @@ def test_positional_consistency_matches_pairwise_loops():
     model, tokens = budget_model(batch=5, pos=15, seed=6)
     probe = probes.from_tokens(model, tokens)
     ours = pattern_scores(model, probe, scores=["positional_consistency_rep"], batch_size=2, progress=False)
-    rows = list(range(2, 15, 4))                                   # queries 2, 6, 10, 14; keys >= 1
+    rows = list(range(2, 15, 4))  # queries 2, 6, 10, 14; keys >= 1
     for layer, pattern in enumerate(model.patterns):
-        window = pattern[:, :, rows, 1:].double()                  # [seq, head, query, key]
+        window = pattern[:, :, rows, 1:].double()  # [seq, head, query, key]
         cross = sum((window[b] * window[c]).sum((-2, -1)) for b in range(5) for c in range(5) if b != c)
         own = sum((window[b] * window[b]).sum((-2, -1)) for b in range(5))
-        torch.testing.assert_close(ours["positional_consistency_rep"][layer].double(), cross / (4 * own),
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            ours["positional_consistency_rep"][layer].double(), cross / (4 * own), atol=1e-6, rtol=1e-5
+        )
 
 
 def test_positional_consistency_separates_position_from_content(roles_planted, planted):
@@ -625,7 +664,7 @@ def test_positional_consistency_separates_position_from_content(roles_planted, p
     for key in ("positional_consistency", "positional_consistency_rep"):
         for role in ("previous_token", "local", "successor", "noop", "copy"):  # position decides
             assert scores[key][roles[role]] > 0.99, (key, role)
-        for role in ("delimiter", "content"):                                  # tokens decide
+        for role in ("delimiter", "content"):  # tokens decide
             assert scores[key][roles[role]] < 0.3, (key, role)
     model, roles = planted
     scores = pattern_scores(model, probes.repeated(model, 6, 31), progress=False)
@@ -640,12 +679,10 @@ def test_standard_errors_follow_the_stratified_ratio_formula():
     model, tokens = budget_model(batch=6, pos=14)
     a = probes.from_tokens(model, tokens[:4], name="a")
     b = probes.from_tokens(model, tokens[4:], name="b")
-    ours = pattern_scores(model, [a, b], scores=["bos", "budget_rep", "induction"], batch_size=4,
-                          progress=False)
+    ours = pattern_scores(model, [a, b], scores=["bos", "budget_rep", "induction"], batch_size=4, progress=False)
     per_sequence = torch.stack([p[:, :, 1:, 0].double().sum(-1) for p in model.patterns], 1)  # [seq, L, H]
     counts = torch.full((6,), 13.0, dtype=torch.float64)
-    sums_budget, counts_budget, _ = naive_budget(model.patterns, probes.from_tokens(model, tokens),
-                                                 FAKE_DELIMITERS, 4)
+    sums_budget, counts_budget, _ = naive_budget(model.patterns, probes.from_tokens(model, tokens), FAKE_DELIMITERS, 4)
 
     def stratified_se(sums, counts):
         ratio = sums.sum(0) / counts.sum()
@@ -665,8 +702,9 @@ def test_standard_errors_follow_the_stratified_ratio_formula():
 
 def test_standard_error_matches_the_bootstrap_spread():
     model, tokens = budget_model(batch=40, pos=12, seed=5)
-    run = pattern_measurement(model, probes.from_tokens(model, tokens), scores=["bos", "previous_token"],
-                              progress=False)
+    run = pattern_measurement(
+        model, probes.from_tokens(model, tokens), scores=["bos", "previous_token"], progress=False
+    )
     replicates = run.bootstrap(400, seed=1)
     for name in ("bos", "previous_token"):
         assert replicates[name].shape == (400, 2, 3)
@@ -683,12 +721,13 @@ def test_a_bootstrap_replicate_is_the_score_of_its_resampled_probes():
     draws = run.bootstrap_draws(3, seed=9)
     assert [d.shape for d in draws] == [(3, 4), (3, 3)]
     for r in range(3):
-        resampled = [probes.from_tokens(model, a.tokens[draws[0][r]], name="a"),
-                     probes.from_tokens(model, b.tokens[draws[1][r]], name="b", scores=b.scores)]
+        resampled = [
+            probes.from_tokens(model, a.tokens[draws[0][r]], name="a"),
+            probes.from_tokens(model, b.tokens[draws[1][r]], name="b", scores=b.scores),
+        ]
         direct = pattern_scores(model, resampled, progress=False)
         for key, value in replicates.items():
-            torch.testing.assert_close(value[r], direct[key], atol=1e-6, rtol=1e-5, equal_nan=True,
-                                       msg=key)
+            torch.testing.assert_close(value[r], direct[key], atol=1e-6, rtol=1e-5, equal_nan=True, msg=key)
     assert not any(key.endswith("_se") or key.startswith("positional") for key in replicates)
     assert torch.equal(run.bootstrap(3, seed=9)["bos"], replicates["bos"])
     assert not torch.equal(run.bootstrap(3, seed=8)["bos"], replicates["bos"])
@@ -709,14 +748,13 @@ def test_bfloat16_patterns_accumulate_in_float32():
     tokens = torch.randint(1, 40, (6, 96), generator=generator)
     tokens[:, 0] = 0
     patterns = [p.to(torch.bfloat16) for p in random_causal_patterns(1, 6, 2, 96, seed=4, sharpness=0.5)]
-    exact = [p.double() for p in patterns]                    # the same values, summed in float64
+    exact = [p.double() for p in patterns]  # the same values, summed in float64
     probe = probes.from_tokens(FakePatternModel(patterns, tokens), tokens)
     low = pattern_scores(FakePatternModel(patterns, tokens), probe, progress=False)
     high = pattern_scores(FakePatternModel(exact, tokens), probe, progress=False)
     for key, value in low.items():
         assert value.dtype == high[key].dtype, key
-        torch.testing.assert_close(value.double(), high[key].double(), atol=2e-6, rtol=1e-5,
-                                   equal_nan=True, msg=key)
+        torch.testing.assert_close(value.double(), high[key].double(), atol=2e-6, rtol=1e-5, equal_nan=True, msg=key)
 
 
 # -- registry ----------------------------------------------------------------------------------
@@ -734,8 +772,16 @@ def test_registry_describes_every_returned_key(roles_planted):
         low, high = info.range
         value = scores[key][~scores[key].isnan()]
         assert (value >= low - 1e-6).all() and (value <= high + 1e-6).all(), key
-    assert set(SCORE_NAMES) == {"previous_token", "current_token", "bos", "induction", "duplicate_token",
-                                "fixed_offset", "diffuse_entropy", "max_attention"}
+    assert set(SCORE_NAMES) == {
+        "previous_token",
+        "current_token",
+        "bos",
+        "induction",
+        "duplicate_token",
+        "fixed_offset",
+        "diffuse_entropy",
+        "max_attention",
+    }
 
 
 @pytest.mark.smollm2
@@ -749,7 +795,7 @@ def test_smollm2_budgets_uncertainty_and_consistency(smollm2):
         assert (total - 1).abs().max() < 1e-4, prefix
         # SmolLM2 parks much of its attention on the first token (Xiao et al.'s sinks)
         assert float(scores[f"{prefix}_first"].mean()) > 5 * float(scores[f"{prefix}_base_first"].mean())
-    assert float(scores["budget_lift_delimiter"].max()) > 3        # some heads seek punctuation
+    assert float(scores["budget_lift_delimiter"].max()) > 3  # some heads seek punctuation
     for key in ("positional_consistency", "positional_consistency_rep"):
         assert ((scores[key] >= 0) & (scores[key] <= 1)).all()
     for key, value in scores.items():

@@ -51,8 +51,9 @@ def tiny_gpt2_object(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_head=N_HEADS, n_embd=D_MODEL, vocab_size=VOCAB, n_positions=N_CTX,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2, n_head=N_HEADS, n_embd=D_MODEL, vocab_size=VOCAB, n_positions=N_CTX, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -66,7 +67,7 @@ def plant_ov(hf, layer: int, head: int, w_v: torch.Tensor, w_o: torch.Tensor) ->
     attn = hf.transformer.h[layer].attn
     attn.c_attn.weight[:, head_columns("v", head)] = w_v
     attn.c_attn.bias[head_columns("v", head)] = 0.0
-    attn.c_proj.weight[head * D_HEAD:(head + 1) * D_HEAD, :] = w_o
+    attn.c_proj.weight[head * D_HEAD : (head + 1) * D_HEAD, :] = w_o
 
 
 def plant_qk(hf, layer: int, head: int, w_q: torch.Tensor, w_k: torch.Tensor) -> None:
@@ -93,18 +94,18 @@ def planted():
         plant_ov(hf, 1, 0, 2.0 * basis, basis.T)
         other = centred_basis(D_MODEL, D_HEAD, seed=3)
         plant_ov(hf, 1, 1, -2.0 * other, other.T)
-        hf.transformer.h[0].attn.c_proj.weight[3 * D_HEAD:4 * D_HEAD, :] = 0.0
+        hf.transformer.h[0].attn.c_proj.weight[3 * D_HEAD : 4 * D_HEAD, :] = 0.0
 
         n_freq = D_HEAD // 2
         pos_basis = centred_basis(D_MODEL, D_HEAD, seed=4)
         freqs = 2 * math.pi * torch.arange(1, n_freq + 1) / (2.5 * N_CTX)
-        angles = torch.arange(N_CTX)[:, None] * freqs[None, :]                # [pos, freq]
-        coords = torch.stack([angles.cos(), angles.sin()], -1).flatten(1)     # [pos, 2 freq]
+        angles = torch.arange(N_CTX)[:, None] * freqs[None, :]  # [pos, freq]
+        coords = torch.stack([angles.cos(), angles.sin()], -1).flatten(1)  # [pos, 2 freq]
         hf.transformer.wpe.weight[:] = coords @ pos_basis.T
         rotate = torch.zeros(D_HEAD, D_HEAD)
         for f, w in enumerate(freqs.tolist()):
             c, s = math.cos(w), math.sin(w)
-            rotate[2 * f:2 * f + 2, 2 * f:2 * f + 2] = torch.tensor([[c, -s], [s, c]])
+            rotate[2 * f : 2 * f + 2, 2 * f : 2 * f + 2] = torch.tensor([[c, -s], [s, c]])
         plant_qk(hf, 0, 1, 3.0 * pos_basis @ rotate, pos_basis)
     return headclass.load_model(hf)
 
@@ -121,7 +122,7 @@ def test_planted_weights_survive_loading(planted):
     assert float(planted.W_O[0, 3].abs().max()) == 0.0
 
 
-NO_TOKENIZER_NAN = {"successor", "successor_se"}   # no tokenizer: no ordinal sequence
+NO_TOKENIZER_NAN = {"successor", "successor_se"}  # no tokenizer: no ordinal sequence
 
 
 def test_weight_scores_keys_shapes_and_ranges(planted_scores):
@@ -136,15 +137,20 @@ def test_weight_scores_keys_shapes_and_ranges(planted_scores):
             assert (value.float() >= low).all() and (value.float() <= high).all(), key
     assert planted_scores["writes_nothing"].dtype == torch.bool
     assert ((planted_scores["copy_eigen"] >= -1) & (planted_scores["copy_eigen"] <= 1)).all()
-    for key in ("copy_topk", "copy_suppression_topk", "ov_identity_distance", "ov_projection_distance",
-                "positional_prev_token"):
+    for key in (
+        "copy_topk",
+        "copy_suppression_topk",
+        "ov_identity_distance",
+        "ov_projection_distance",
+        "positional_prev_token",
+    ):
         assert ((planted_scores[key] >= 0) & (planted_scores[key] <= 1)).all(), key
 
 
 def test_planted_copy_and_suppression_heads(planted_scores):
     eig = planted_scores["copy_eigen"]
-    assert eig[1, 0] > 0.999          # W_OV = +c P, tied embeddings: all eigenvalues >= 0
-    assert eig[1, 1] < -0.999         # W_OV = -c P
+    assert eig[1, 0] > 0.999  # W_OV = +c P, tied embeddings: all eigenvalues >= 0
+    assert eig[1, 1] < -0.999  # W_OV = -c P
     random_heads = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
     for layer, head in random_heads:
         assert abs(float(eig[layer, head])) < 0.5, (layer, head, float(eig[layer, head]))
@@ -193,8 +199,12 @@ def test_eigenvalue_summary_equals_explicit_vocab_matrix(tiny_gpt2):
     ours = copy_eigen_score(eig)
     for layer in range(model.n_layers):
         for head in range(model.n_heads):
-            full = (model.W_E.double() @ model.W_V[layer, head].double() @ model.W_O[layer, head].double()
-                    @ model.W_U.double())                                     # [vocab, vocab]
+            full = (
+                model.W_E.double()
+                @ model.W_V[layer, head].double()
+                @ model.W_O[layer, head].double()
+                @ model.W_U.double()
+            )  # [vocab, vocab]
             explicit = copy_eigen_score(torch.linalg.eigvals(full))
             assert abs(float(ours[layer, head]) - float(explicit)) < 1e-4, (layer, head)
 
@@ -207,8 +217,9 @@ def test_effective_embedding_matches_first_mlp_and_feeds_the_scores(tiny_gpt2):
         expected = model.W_E[tokens] + block.mlp(block.ln2(model.W_E[tokens][None]))[0]
     torch.testing.assert_close(effective_embedding(model)[tokens], expected, atol=1e-5, rtol=1e-5)
     eig = copy_eigen_score(ov_circuit_eigenvalues(model, effective_embedding=True))
-    full = (effective_embedding(model).double() @ model.W_V[1, 2].double() @ model.W_O[1, 2].double()
-            @ model.W_U.double())
+    full = (
+        effective_embedding(model).double() @ model.W_V[1, 2].double() @ model.W_O[1, 2].double() @ model.W_U.double()
+    )
     assert abs(float(eig[1, 2]) - float(copy_eigen_score(torch.linalg.eigvals(full)))) < 1e-4
     scores = weight_scores(model, config={"weights": {"effective_embedding": True, "copy_sample_size": 50}})
     assert torch.isfinite(scores["copy_topk"]).all()
@@ -229,7 +240,7 @@ def test_topk_matches_explicit_logits(tiny_gpt2):
     for layer, head in [(0, 0), (1, 3)]:
         logits = model.W_E[tokens] @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_U
         own = logits.gather(1, tokens[:, None])
-        others = logits.scatter(1, tokens[:, None], float("nan"))   # NaN never compares true
+        others = logits.scatter(1, tokens[:, None], float("nan"))  # NaN never compares true
         copy = float(((others >= own).sum(1) < 3).float().mean())
         suppress = float(((others <= own).sum(1) < 3).float().mean())
         # Blocked and whole matrix products may round a near-tie apart: allow one token.
@@ -245,7 +256,7 @@ def test_topk_with_a_vocabulary_larger_than_one_block():
     basis = torch.linalg.qr(torch.randn(d, r, generator=g)).Q
     W_V = torch.stack([basis, -basis, torch.randn(d, r, generator=g), 0.3 * basis])[None]
     W_O = torch.stack([basis.T, basis.T, torch.randn(r, d, generator=g), basis.T])[None]
-    W_O[0, 3] += 0.2 * torch.randn(r, d, generator=g)            # a noisy, partial copier
+    W_O[0, 3] += 0.2 * torch.randn(r, d, generator=g)  # a noisy, partial copier
     fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_E.T.contiguous())
     tokens = torch.randperm(vocab, generator=g)[:300]
     scores = topk_copy_scores(fake, top_k=5, tokens=tokens)
@@ -276,11 +287,23 @@ def test_token_sample_is_seeded_and_skips_special_tokens(tiny_gpt2):
 
 # -- exact identities on fakes with known answers ----------------------------------------------
 
+
 def fake_model(W_V: torch.Tensor, W_O: torch.Tensor, **extra) -> SimpleNamespace:
     """A HeadModel-like object carrying only weights: ``W_V [L, H, d, r]``, ``W_O [L, H, r, d]``."""
     n_layers, n_heads, d_model, d_head = W_V.shape
-    fields = dict(name="fake", n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
-                  d_vocab=16, W_V=W_V, W_O=W_O, W_Q=W_V.clone(), W_K=W_V.clone(), W_pos=None)
+    fields = dict(
+        name="fake",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_vocab=16,
+        W_V=W_V,
+        W_O=W_O,
+        W_Q=W_V.clone(),
+        W_K=W_V.clone(),
+        W_pos=None,
+    )
     fields.update(extra)
     return SimpleNamespace(**fields)
 
@@ -306,8 +329,8 @@ def test_distance_identities_on_known_matrices():
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(d, r, generator=g)).Q
     rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
-    rotation = torch.block_diag(rot, rot)                 # traceless rotation inside the subspace
-    keep2 = torch.tensor([1.0, 1.0, 0.0, 0.0])            # a rank-deficient head: 2 of 4 used
+    rotation = torch.block_diag(rot, rot)  # traceless rotation inside the subspace
+    keep2 = torch.tensor([1.0, 1.0, 0.0, 0.0])  # a rank-deficient head: 2 of 4 used
     cases = {
         # name: (W_V [d, r], W_O [r, d], identity distance, projection distance)
         "scaled projection": (3.0 * basis, basis.T, math.sqrt(1 - r / d), 0.0),
@@ -360,7 +383,7 @@ def test_spectra_equal_explicit_svd_and_helpers():
 def test_ov_norm_relative_and_writes_nothing_cutoff():
     g = torch.Generator().manual_seed(2)
     W_V, W_O = torch.randn(1, 4, 10, 3, generator=g), torch.randn(1, 4, 3, 10, generator=g)
-    W_O[0, 2] *= 0.05                                     # a head writing at ~5% of its peers
+    W_O[0, 2] *= 0.05  # a head writing at ~5% of its peers
     scores = ov_svd_scores(fake_model(W_V, W_O))
     norm = scores["ov_norm"][0]
     torch.testing.assert_close(scores["ov_norm_relative"][0], norm / norm.quantile(0.5))
@@ -390,6 +413,7 @@ def test_bad_options_are_named(tiny_gpt2):
 
 
 # -- the real model ----------------------------------------------------------------------------
+
 
 def induction_scores(model, *, n_sequences: int = 4, segment: int = 40, seed: int = 0) -> torch.Tensor:
     """Mean attention from each token of a repeat to the token after its first occurrence.
@@ -423,13 +447,16 @@ def test_smollm2_scores_finite_and_induction_heads_copy(smollm2):
     so for the raw embedding only the average is asserted.
     """
     scores = weight_scores(smollm2, config={"weights": {"effective_embedding": True}})
-    assert set(scores) == set(WEIGHT_SCORE_KEYS) - {"positional_prev_token"}   # rotary
+    assert set(scores) == set(WEIGHT_SCORE_KEYS) - {"positional_prev_token"}  # rotary
     for key, value in scores.items():
         assert value.shape == (30, 9), key
         assert torch.isfinite(value.float()).all(), key
     words = {smollm2.tokenizer.decode(run) for run in successor_sequences(smollm2)}
-    assert {"0123456789", " Monday Tuesday Wednesday Thursday Friday Saturday Sunday",
-            " January February March April May June July August September October November December"} <= words
+    assert {
+        "0123456789",
+        " Monday Tuesday Wednesday Thursday Friday Saturday Sunday",
+        " January February March April May June July August September October November December",
+    } <= words
     assert (scores["successor"] >= 0).all() and (scores["successor_se"] > 0).any()
     raw = copy_eigen_score(ov_circuit_eigenvalues(smollm2))
     induction = induction_scores(smollm2).flatten()
@@ -437,8 +464,10 @@ def test_smollm2_scores_finite_and_induction_heads_copy(smollm2):
     report = []
     for index in top.tolist():
         layer, head = divmod(index, smollm2.n_heads)
-        report.append(f"L{layer}H{head}: induction {float(induction[index]):.2f}, copy_eigen "
-                      f"{float(scores['copy_eigen'][layer, head]):+.2f} (raw W_E {float(raw[layer, head]):+.2f})")
+        report.append(
+            f"L{layer}H{head}: induction {float(induction[index]):.2f}, copy_eigen "
+            f"{float(scores['copy_eigen'][layer, head]):+.2f} (raw W_E {float(raw[layer, head]):+.2f})"
+        )
     print("top induction heads of smollm2-135m:\n  " + "\n  ".join(report))
     assert float(induction[top[0]]) > 0.5
     layers, heads = top // smollm2.n_heads, top % smollm2.n_heads
@@ -447,6 +476,7 @@ def test_smollm2_scores_finite_and_induction_heads_copy(smollm2):
 
 
 # -- sampling errors, output gain, successor heads ---------------------------------------------
+
 
 def test_sampling_errors_of_the_topk_scores(tiny_gpt2, planted_scores):
     p = torch.tensor([[0.0, 0.5], [0.2, 1.0]])
@@ -473,10 +503,9 @@ def test_ov_gain_equals_explicit_output_norms(planted, planted_scores):
             out = x @ planted.W_V[layer, head] @ planted.W_O[layer, head]
             expected[layer, head] = ((out.norm(dim=-1) / x.norm(dim=-1)) ** 2).mean().sqrt()
     torch.testing.assert_close(planted_scores["ov_gain"], expected, atol=1e-5, rtol=1e-4)
-    assert float(planted_scores["ov_gain"][0, 3]) == 0.0                   # W_O = 0
+    assert float(planted_scores["ov_gain"][0, 3]) == 0.0  # W_O = 0
     writing = expected[expected > 0]
-    torch.testing.assert_close(planted_scores["ov_gain_relative"], expected / writing.median(),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(planted_scores["ov_gain_relative"], expected / writing.median(), atol=1e-5, rtol=1e-4)
     direct = ov_gain_scores(planted, planted.W_E, tokens)
     torch.testing.assert_close(direct["ov_gain"], planted_scores["ov_gain"])
 
@@ -486,7 +515,7 @@ def test_writes_nothing_cutoff_is_the_config_key(planted):
     default = weight_scores(planted, config={"weights": tiny})["writes_nothing"]
     assert default.tolist() == [[False, False, False, True], [False, False, False, False]]
     none = weight_scores(planted, config={"weights": {**tiny, "writes_nothing_below": 0.0}})["writes_nothing"]
-    assert not none.any()                     # 0 < 0 never holds, not even for the zero head
+    assert not none.any()  # 0 < 0 never holds, not even for the zero head
     with pytest.raises(headclass.ConfigError, match="writes_nothing_below"):
         weight_scores(planted, config={"weights": {"writes_nothing_below": 1.5}})
 
@@ -498,15 +527,16 @@ def test_successor_score_equals_explicit_ranking(tiny_gpt2):
     for layer in range(2):
         for head in range(4):
             for run in runs:
-                logits = tiny_gpt2.W_E[run] @ tiny_gpt2.W_V[layer, head] @ tiny_gpt2.W_O[layer, head] \
-                    @ tiny_gpt2.W_U[:, run]                                     # [item, item]
+                logits = (
+                    tiny_gpt2.W_E[run] @ tiny_gpt2.W_V[layer, head] @ tiny_gpt2.W_O[layer, head] @ tiny_gpt2.W_U[:, run]
+                )  # [item, item]
                 for i in range(len(run) - 1):
-                    others = torch.cat([logits[i, :i + 1], logits[i, i + 2:]])
+                    others = torch.cat([logits[i, : i + 1], logits[i, i + 2 :]])
                     expected[layer, head] += float(logits[i, i + 1] > others.max())
     n = 4 + 2
     torch.testing.assert_close(scores["successor"], expected / n)
     torch.testing.assert_close(scores["successor_se"], sampling_error(expected / n, n))
-    assert successor_sequences(tiny_gpt2) == []                           # no tokenizer
+    assert successor_sequences(tiny_gpt2) == []  # no tokenizer
     assert successor_scores(tiny_gpt2)["successor"].isnan().all()
 
 
@@ -529,7 +559,7 @@ def test_planted_output_roles(roles_planted):
     for role in ("transform", "noop", "copy", "previous_token", "local"):
         assert at[role]["successor"] == 0.0, role
     assert at["copy"]["copy_topk"] == 1.0 and at["copy"]["copy_eigen"] > 0.99
-    for role in ("transform", "successor"):   # substantial output, own token neither up nor down
+    for role in ("transform", "successor"):  # substantial output, own token neither up nor down
         assert at[role]["copy_topk"] == 0.0 and at[role]["copy_suppression_topk"] == 0.0, role
         assert at[role]["ov_gain_relative"] > 0.5 and not at[role]["writes_nothing"], role
     assert at["noop"]["writes_nothing"] and at["noop"]["ov_gain_relative"] < 0.01
