@@ -1,5 +1,8 @@
 """The ``headclass`` command: classify a model's heads, compare models, or run the demo.
 
+(About 750 lines: five subcommands share the one-line error boundary, the early --out checks,
+the staged all-or-nothing publish and the Ctrl-C messages; each subcommand itself is short.)
+
 Inputs are checked before any model is loaded: formats, config, ``--out`` (a folder, new or
 existing, that can be written) and, for ``compare``, every source. Outputs are staged beside
 ``--out`` and published all or nothing (:class:`headclass.atomic.FolderPublication`): on any
@@ -742,9 +745,15 @@ def _sha256(path: Path) -> Optional[str]:
 
 
 def _summary_text(taxonomy: Any, top: int = 3) -> str:
-    """Counts per label, and the top induction and previous-token heads by score."""
+    """Heads per role on both axes, counts per label, and the top induction and previous-token
+    heads by score."""
+    lines = []
+    roles = taxonomy.role_counts()
+    for axis in ("attention", "output"):
+        part = roles[roles["axis"] == axis]
+        lines.append(f"{axis} roles: " + ", ".join(f"{r.role} {r.count}" for r in part.itertuples(index=False)))
     summary = taxonomy.summary()
-    lines = ["heads per label (a head may have several; primary in brackets):"]
+    lines.append("heads per label (a head may have several; primary in brackets):")
     for row in summary.itertuples(index=False):
         lines.append(f"  {row.label:<17} {row.count:>4}  ({row.primary_count})")
     table = taxonomy.table

@@ -1,5 +1,9 @@
 """Probe batches: reproducible token inputs that the pattern scores run on.
 
+One module for every input a classification reads (about 600 lines): the probe type, its three
+factories, the probe set with its one sizing step, and the vocabulary they all draw from. Split
+apart, each would import the others.
+
 A :class:`Probe` is a token batch ``[batch, pos]`` plus the per-position bookkeeping the scores
 need, computed once when the probe is built:
 

@@ -1,5 +1,8 @@
 """Toy transformers that grow induction heads: a known answer to check headclass against.
 
+(About 650 lines: data, tokenizer, model, training with checkpoints, in-context loss and the
+cache are one recipe; the cache key covers all of it.)
+
 Olsson et al. (2022), *In-context Learning and Induction Heads*, found that induction heads
 (attend to the token *after* an earlier copy of the current token, and predict it) need two
 attention layers: a previous-token head in an earlier layer writes "my previous token was A"

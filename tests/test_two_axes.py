@@ -170,3 +170,14 @@ def test_smollm2_roles_are_stable_across_seeds_and_texts(smollm2, smollm2_roles)
     second = classify(smollm2, fast, probes=other, progress=False).table["attention_role"]
     agree = (second == base).mean()
     assert agree >= 0.95, f"{agree:.3f} of heads keep their role on a second English text"
+
+
+def test_role_counts_cover_every_head_once_per_axis(roles_taxonomy):
+    tax, _ = roles_taxonomy
+    counts = tax.role_counts()
+    for axis in ("attention", "output"):
+        part = counts[counts["axis"] == axis]
+        assert part["count"].sum() == len(tax) and part["fraction"].sum() == pytest.approx(1.0)
+    column = tax.table["attention_role"]
+    row = counts[(counts["axis"] == "attention") & (counts["role"] == "local")].iloc[0]
+    assert row["count"] == (column == "local").sum() and 0 <= row["mean_confidence"] <= 1

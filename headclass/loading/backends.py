@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -65,6 +66,28 @@ def available_backends() -> list[str]:
     return found
 
 
+def return_freed_memory() -> None:
+    """Have glibc serve allocations >= 1 MiB with their own mappings, returned when freed.
+
+    By default glibc raises its mmap threshold as large blocks are freed, after which freed
+    weight-sized blocks stay in the heap: loading a model (tensors replaced one by one) then
+    shows as resident memory long after it was released. Process-wide, once; no-op elsewhere.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl...)
+        pass
+
+
+_MALLOC_TUNED = False
+
+
 def build_tl_model(
     backend: str,
     *,
@@ -76,6 +99,7 @@ def build_tl_model(
     dtype: torch.dtype = torch.float32,
 ) -> Any:
     """Build the TransformerLens model from exactly one of hub_name / folder / hf_model."""
+    return_freed_memory()
     if backend == "bridge":
         return _build_bridge(hub_name, folder, hf_model, tokenizer, device, dtype)
     if backend == "hooked":
@@ -165,11 +189,12 @@ def _release_parameters(root: torch.nn.Module, state: dict) -> list[tuple[torch.
 
     Parameters ``state`` only holds views of (GPT-2's fused ``c_attn``) keep their values.
     """
-    held = {(t.data_ptr(), tuple(t.shape)) for t in state.values() if isinstance(t, torch.Tensor)}
+    # Same start and size: the tensor itself or a transposed view of it (the bridge's W_U).
+    held = {(t.data_ptr(), t.numel()) for t in state.values() if isinstance(t, torch.Tensor)}
     released = []
     for module in root.modules():
         for name, param in list(module._parameters.items()):
-            if param is not None and not param.is_meta and (param.data_ptr(), tuple(param.shape)) in held:
+            if param is not None and not param.is_meta and (param.data_ptr(), param.numel()) in held:
                 module._parameters[name] = torch.nn.Parameter(param.detach().to("meta"),
                                                               requires_grad=param.requires_grad)
                 released.append((module, name))
@@ -216,20 +241,20 @@ def _process_weights_lean(stock: Any, state_dict: dict, cfg: Any, fold_ln: bool 
         gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
         for layer in range(cfg.n_layers):
             _upcast(sd, low, lambda key: key.startswith(f"blocks.{layer}."))
-            sd = process._fold_layer(sd, cfg, layer, with_biases, with_biases, adapter, gqa)
+            sd = _into(sd, process._fold_layer(sd, cfg, layer, with_biases, with_biases, adapter, gqa))
             _downcast(sd, low)
         # The final norm folds into the unembedding in the model's dtype: upcasting W_U would
         # hold it four times over (one bf16 ulp of difference, see the module notes).
-        sd = process._fold_final_rms_bias(sd, cfg, with_biases, adapter)
-        sd = process._fold_unembed_layer_norm(sd, cfg, with_biases, with_biases, adapter)
+        sd = _into(sd, process._fold_final_rms_bias(sd, cfg, with_biases, adapter))
+        sd = _into(sd, process._fold_unembed_layer_norm(sd, cfg, with_biases, with_biases, adapter))
         _downcast(sd, low)
     with _no_clone():
         if center:
-            sd = process.center_writing_weights(sd, cfg, adapter=adapter)
-        if center_unembed:
-            sd = process.center_unembed(sd, cfg=cfg, adapter=adapter)
+            sd = _into(sd, process.center_writing_weights(sd, cfg, adapter=adapter))
+        if center_unembed and not _center_unembed_in_place(sd, cfg, process._get_param_key, adapter):
+            sd = _into(sd, process.center_unembed(sd, cfg=cfg, adapter=adapter))
         if fold_value_biases:
-            sd = process.fold_value_biases(sd, cfg, adapter=adapter)
+            sd = _into(sd, process.fold_value_biases(sd, cfg, adapter=adapter))
     if fold_value_biases and center:
         for layer in range(cfg.n_layers):
             key = process._get_param_key(f"blocks.{layer}.attn.b_O", adapter)
@@ -237,6 +262,36 @@ def _process_weights_lean(stock: Any, state_dict: dict, cfg: Any, fold_ln: bool 
                 b_O = process.convert_tensor_to_tl_format(key, sd, sd.get(key), cfg, adapter, layer)
                 sd[key] = process.convert_tensor_to_hf_format(key, b_O - b_O.mean(), cfg, adapter, layer)
     _downcast(sd, low)
+    return sd
+
+
+def _center_unembed_in_place(sd: dict, cfg: Any, param_key: Any, adapter: Any) -> bool:
+    """``W_U -= W_U.mean(over the vocabulary)`` (and ``b_U``) in place; False when unsure of the axis.
+
+    TransformerLens' ``center_unembed`` computes the same difference into new tensors, which
+    holds the unembedding three times at once (the largest matrix of these models).
+    """
+    try:
+        w_key, b_key = param_key("unembed.W_U", adapter), param_key("unembed.b_U", adapter)
+    except (KeyError, ValueError):
+        return False
+    W_U, d_vocab = sd.get(w_key), int(getattr(cfg, "d_vocab", -1))
+    if not isinstance(W_U, torch.Tensor) or W_U.ndim != 2 or W_U.shape[0] == W_U.shape[1]:
+        return False
+    axis = 0 if W_U.shape[0] == d_vocab else 1 if W_U.shape[1] == d_vocab else None
+    if axis is None:
+        return False
+    W_U.sub_(W_U.mean(axis, keepdim=True))
+    if isinstance(sd.get(b_key), torch.Tensor):
+        sd[b_key].sub_(sd[b_key].mean())
+    return True
+
+
+def _into(sd: dict, result: dict) -> dict:
+    """Keep one dict: a step that returns a new one would leave the caller's holding the old tensors."""
+    if result is not sd:
+        sd.clear()
+        sd.update(result)
     return sd
 
 

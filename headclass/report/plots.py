@@ -1,5 +1,8 @@
 """Figures of a head taxonomy: plotly, built from the tidy table, never shown here.
 
+(About 700 lines: one module per figure family would each re-declare the label colours, the
+table checks and the hover text that every figure here shares.)
+
 Every function takes the data first (a :class:`~headclass.taxonomy.HeadTaxonomy`, its
 ``table`` DataFrame, or a model for the attention-pattern figures), refers to columns by name and
 returns a ``plotly.graph_objects.Figure``; call ``.show()`` or ``write_html`` yourself. plotly is

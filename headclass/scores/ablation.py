@@ -1,5 +1,8 @@
 """Head importance by ablation: how much the loss rises when one head is knocked out.
 
+(About 600 lines: the public API, then the two engines, exact and attribution, which share the
+probes, targets, hooks and the logit readout below them.)
+
 For every head ``(layer, head)`` the head's output ``blocks.{layer}.attn.hook_z``
 ``[batch, pos, head, d_head]`` is replaced, on a probe batch, by
 

@@ -313,7 +313,7 @@ class _Batch:
 
     def queries(self, start: int) -> tuple[Tensor, Tensor]:
         """``(b, q)`` of every query position ``q >= start`` of every sequence."""
-        q = torch.arange(max(0, start), self.n_pos).expand(self.n_batch, -1)
+        q = torch.arange(min(max(0, start), self.n_pos), self.n_pos).expand(self.n_batch, -1)  # none past the end
         b = torch.arange(self.n_batch)[:, None].expand_as(q)
         return b.reshape(-1), q.reshape(-1)
 

@@ -32,7 +32,7 @@ import pandas as pd
 
 from headclass.errors import HeadclassError
 from headclass.taxonomy.labelling import label_heads, resolve_thresholds, scores_from_table
-from headclass.taxonomy.rules import LABEL_SCORE, LABELS, UNCLASSIFIED
+from headclass.taxonomy.rules import ATTENTION_ROLES, LABEL_SCORE, LABELS, MIXED, OUTPUT_ROLES, UNCLASSIFIED
 from headclass.taxonomy.schema import CORE_SCORES, label_mask, normalise_table
 
 __all__ = ["HeadTaxonomy"]
@@ -212,6 +212,26 @@ class HeadTaxonomy:
             return out
         out["label"] = out["label"].astype(str)
         return out
+
+    def role_counts(self) -> pd.DataFrame:
+        """Heads per role on each axis: one row per (axis, role) present.
+
+        Columns: ``axis`` (``attention`` or ``output``), ``role``, ``count``, ``fraction`` (of
+        all heads), ``mean_confidence`` (of the attention role; NaN for the output axis and when
+        not computed). Attention roles first, each axis in display order.
+        """
+        t = self._table
+        rows = []
+        for axis, column, order in (("attention", "attention_role", ATTENTION_ROLES + (MIXED, UNCLASSIFIED)),
+                                    ("output", "output_role", OUTPUT_ROLES)):
+            for role in order:
+                mask = t[column] == role
+                if not mask.any():
+                    continue
+                confidence = float(t.loc[mask, "confidence"].mean()) if axis == "attention" else math.nan
+                rows.append({"axis": axis, "role": role, "count": int(mask.sum()),
+                             "fraction": float(mask.mean()), "mean_confidence": confidence})
+        return pd.DataFrame(rows, columns=["axis", "role", "count", "fraction", "mean_confidence"])
 
     def summary(self) -> pd.DataFrame:
         """One row per label (plus ``unclassified``): how many heads, where, and the best one.
