@@ -41,6 +41,12 @@ if _running_as_cli() and threading.current_thread() is threading.main_thread():
             _installed = True
     except (ValueError, OSError):  # pragma: no cover - no signals here
         pass
+    if _installed and os.environ.get("HEADCLASS_TEST_PAUSE") == "imports":
+        # the interrupt tests' hook (as the CLI's phases): say where we are, then wait for Ctrl-C
+        import time
+
+        print("headclass-test: imports", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("HEADCLASS_TEST_PAUSE_S", "20")))
 
 
 def release() -> None:

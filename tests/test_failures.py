@@ -382,17 +382,19 @@ def test_ctrl_c_says_what_is_true(tiny_dir, tmp_path, phase):
 @pytest.mark.parametrize("entry", ["module", "script"])
 def test_ctrl_c_during_the_imports_prints_one_line(tmp_path, entry):
     import signal
-    import time
 
     script = Path(sys.executable).with_name("headclass")
     cmd = [sys.executable, "-m", "headclass"] if entry == "module" else [str(script)]
+    env = {**os.environ, "HEADCLASS_TEST_PAUSE": "imports", "HEADCLASS_TEST_PAUSE_S": "300"}
     proc = subprocess.Popen(
         [*cmd, "classify", "gpt2", "--out", str(tmp_path / "out")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
-    time.sleep(0.6)  # importing torch and transformers takes seconds
+    marker = proc.stderr.readline()  # printed once the guard is in place, before torch is imported
+    assert marker.strip() == "headclass-test: imports", marker
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -144,9 +144,9 @@ def _build_bridge(hub_name, folder, hf_model, tokenizer, device, dtype):
 # peaked at 3.6x its weights while loading, a bfloat16 one at 8x. Here, for the duration of
 # enable_compatibility_mode: the state dict becomes the only owner of the weights (the
 # parameters it copies are swapped for meta placeholders until the processed weights are set),
-# the three whole-dict clones are skipped (each result replaces its entry, so every original
-# is freed as soon as it is replaced), and half-precision weights are upcast one layer at a
-# time for LayerNorm folding. The same TransformerLens functions do the arithmetic, so the
+# the three whole-dict clones are skipped and one dict is kept throughout (each result
+# replaces its entry, so every original is freed as soon as it is replaced), W_U is centred in
+# place, and half-precision weights are upcast one layer at a time for LayerNorm folding. The same TransformerLens functions do the arithmetic, so the
 # processed weights are TransformerLens' own (tests/loading/test_big_models.py compares them).
 
 @contextlib.contextmanager

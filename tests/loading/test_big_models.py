@@ -144,7 +144,7 @@ def test_pattern_pass_ends_at_the_last_layers_pattern(tiny_llama_dir):
         seen: list[int] = []
         model.run_with_patterns(torch.ones(2, 6, dtype=torch.long), lambda layer, p: seen.append(layer))
         assert seen == list(range(model.n_layers)) and fired == []
-        model.forward(torch.ones(1, 6, dtype=torch.long), return_type=None)  # the hooks do work
+        model.forward(torch.ones(1, 6, dtype=torch.long), return_type="logits")  # the hooks do work
         assert "unembed.hook_in" in fired
     finally:
         for point in points.values():

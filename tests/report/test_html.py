@@ -52,8 +52,8 @@ def browser() -> str:
     pytest.skip(message)
 
 
-def render_dom(page: Path, profile: Path) -> str:
-    """The DOM of ``page`` after its scripts ran, as headless Chromium serialises it."""
+def run_chromium(args: list[str], profile: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Headless Chromium with a fresh profile and no network chatter, given ``args``."""
     cmd = [
         browser(),
         "--headless",
@@ -67,13 +67,16 @@ def render_dom(page: Path, profile: Path) -> str:
         "--disable-extensions",
         "--disable-default-apps",
         f"--user-data-dir={profile}",
-        "--virtual-time-budget=5000",
-        "--dump-dom",
-        page.resolve().as_uri(),
+        *args,
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return done
+
+
+def render_dom(page: Path, profile: Path) -> str:
+    """The DOM of ``page`` after its scripts ran, as headless Chromium serialises it."""
+    return run_chromium(["--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()], profile).stdout
 
 
 class _Collector(HTMLParser):

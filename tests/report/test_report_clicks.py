@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
 from fake_scores import random_taxonomy
-from test_html import browser
+from test_html import run_chromium
 
 from headclass.report.html import CARDS_DIV_ID, write_html_report
 from headclass.scores.examples import EVIDENCE_VERSION, head_key
@@ -152,27 +151,6 @@ _CLICK_SCRIPT = """
 })();
 </script>
 """
-
-
-def run_chromium(args: list[str], profile: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    cmd = [
-        browser(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-extensions",
-        "--disable-default-apps",
-        f"--user-data-dir={profile}",
-        *args,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
 
 
 def check_clicks(tax: HeadTaxonomy, cells, rows, tmp_path: Path) -> list:
