@@ -42,8 +42,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -561,20 +559,11 @@ def toy_model(
     folder = root / name
     if (folder / "toy_spec.json").is_file():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".training-", dir=root))
-    try:
-        hyper = {f.name: getattr(spec, f.name) for f in fields(ToySpec) if f.name != "n_layers"}
-        if save_at:
-            hyper["checkpoints"] = sorted(save_at)
-        train_toy_model(n_layers, out_dir=staging / "model", progress=progress, **hyper)
-        try:
-            os.replace(staging / "model", folder)  # atomic on one filesystem
-        except OSError:
-            if not (folder / "toy_spec.json").is_file():  # not a concurrent winner: a real error
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    hyper = {f.name: getattr(spec, f.name) for f in fields(ToySpec) if f.name != "n_layers"}
+    if save_at:
+        hyper["checkpoints"] = sorted(save_at)
+    with atomic_folder(folder) as staging:  # a crash or a concurrent trainer leaves no half model
+        train_toy_model(n_layers, out_dir=staging, progress=progress, **hyper)
     return folder
 
 
