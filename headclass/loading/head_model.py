@@ -128,8 +128,7 @@ def _check_pattern(pattern: Tensor, layer: int, name: str, sinks: bool = False) 
         head = int(per_head.nonzero()[0, 0])
         finite = bool(torch.isfinite(pattern[:, head]).all())
         worst = sums[:, head][bad[:, head]]
-    what = ("is not finite (NaN or inf)" if not finite else
-            f"has rows that do not sum to 1 (e.g. {float(worst[0]):.4g})")
+    what = "is not finite (NaN or inf)" if not finite else f"has rows that do not sum to 1 (e.g. {float(worst[0]):.4g})"
     raise ScoreError(
         f"model {name!r}: the attention pattern of layer {layer} head {head} {what}; the model "
         "produces non-finite or broken activations there (check its weights and dtype: float16 "
@@ -155,7 +154,7 @@ def check_finite_weights(model: "HeadModelLike") -> None:
                     f"{layer} head {head}. Fix or re-download the checkpoint; no table was made."
                 )
         tl_model = getattr(model, "tl_model", None)
-        named = tl_model.named_parameters() if hasattr(tl_model, "named_parameters") else ()
+        named = tl_model.named_parameters() if tl_model is not None and hasattr(tl_model, "named_parameters") else ()
         for pname, param in named:
             if not _all_finite(param):
                 import re
@@ -323,6 +322,13 @@ class HeadModel:
             self._weights[key] = value
         return self._weights[key]
 
+    def _required(self, key: str) -> Tensor:
+        """A weight every TransformerLens model has (only ``W_pos`` may be absent)."""
+        value = self._weight(key)
+        if value is None:  # never for these keys; keeps the return type a Tensor
+            raise ScoreError(f"model {self.name!r} has no {key}.")
+        return value
+
     def _positional_weight(self) -> Optional[Tensor]:
         if self.positional_embedding_type not in ("standard", "shortformer"):
             return None
@@ -334,42 +340,42 @@ class HeadModel:
     @property
     def W_Q(self) -> Tensor:
         """Query weights ``[layer, head, d_model, d_head]`` (LayerNorm folded in)."""
-        return self._weight("W_Q")
+        return self._required("W_Q")
 
     @property
     def W_K(self) -> Tensor:
         """Key weights ``[layer, head, d_model, d_head]``, GQA heads expanded."""
-        return self._weight("W_K")
+        return self._required("W_K")
 
     @property
     def W_V(self) -> Tensor:
         """Value weights ``[layer, head, d_model, d_head]``, GQA heads expanded."""
-        return self._weight("W_V")
+        return self._required("W_V")
 
     @property
     def W_O(self) -> Tensor:
         """Output weights ``[layer, head, d_head, d_model]`` (centred)."""
-        return self._weight("W_O")
+        return self._required("W_O")
 
     @property
     def b_Q(self) -> Tensor:
         """Query biases ``[layer, head, d_head]``."""
-        return self._weight("b_Q")
+        return self._required("b_Q")
 
     @property
     def b_K(self) -> Tensor:
         """Key biases ``[layer, head, d_head]``, GQA heads expanded."""
-        return self._weight("b_K")
+        return self._required("b_K")
 
     @property
     def W_E(self) -> Tensor:
         """Token embedding ``[d_vocab, d_model]``."""
-        return self._weight("W_E")
+        return self._required("W_E")
 
     @property
     def W_U(self) -> Tensor:
         """Unembedding ``[d_model, d_vocab]`` (centred, final LayerNorm folded in)."""
-        return self._weight("W_U")
+        return self._required("W_U")
 
     @property
     def W_pos(self) -> Optional[Tensor]:
@@ -397,7 +403,7 @@ class HeadModel:
         result has the model's dtype and device. Raises :class:`~headclass.errors.ScoreError`
         when the first block has no MLP (attention-only models).
         """
-        blocks = getattr(self.tl_model, "blocks", None)
+        blocks: Any = getattr(self.tl_model, "blocks", None)
         try:
             block = blocks[0]
             norm, mlp = block.ln2, block.mlp
@@ -412,8 +418,8 @@ class HeadModel:
         out = torch.empty_like(W_E)
         with torch.no_grad():
             for start in range(0, W_E.shape[0], chunk_size):
-                rows = W_E[start:start + chunk_size]
-                out[start:start + chunk_size] = rows + mlp(norm(rows[None]))[0].to(rows.dtype)
+                rows = W_E[start : start + chunk_size]
+                out[start : start + chunk_size] = rows + mlp(norm(rows[None]))[0].to(rows.dtype)
         return out
 
     # -- tokens ----------------------------------------------------------------------------
@@ -456,8 +462,7 @@ class HeadModel:
         tok = self.tokenizer
         if tok is None:
             raise ProbeError(
-                f"model {self.name!r} has no tokenizer, so text cannot be tokenised; "
-                "pass token id tensors instead."
+                f"model {self.name!r} has no tokenizer, so text cannot be tokenised; pass token id tensors instead."
             )
         if isinstance(texts, str):
             texts = [texts]
@@ -526,7 +531,7 @@ class HeadModel:
         """Whether attention has learned sink logits (GPT-OSS), so pattern rows sum to <= 1."""
         if "_sinks" not in self.__dict__:
             named = getattr(self.tl_model, "named_parameters", None)
-            self.__dict__["_sinks"] = bool(named) and any(n.endswith("sinks") for n, _ in named())
+            self.__dict__["_sinks"] = callable(named) and any(n.endswith("sinks") for n, _ in named())
         return bool(self.__dict__["_sinks"])
 
     def forward(self, tokens: Tensor, **kwargs: Any) -> Any:

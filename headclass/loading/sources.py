@@ -55,7 +55,10 @@ def known_hub_names() -> dict[str, str]:
     try:
         from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
     except ImportError:  # TransformerLens 2.x keeps them in loading_from_pretrained
-        from transformer_lens.loading_from_pretrained import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+        from transformer_lens.loading_from_pretrained import (  # type: ignore[no-redef]  # TL 2.x's home
+            MODEL_ALIASES,
+            OFFICIAL_MODEL_NAMES,
+        )
     names = {name.lower(): name for name in OFFICIAL_MODEL_NAMES}
     for official, aliases in MODEL_ALIASES.items():
         for alias in aliases:
@@ -145,12 +148,21 @@ def hub_errors(name: str) -> Iterator[None]:
             cause = cause.__cause__ or cause.__context__
         names = {type(e).__name__ for e in chain}
         text = " ".join(str(e) for e in chain)
-        hub_failure = names & {"LocalEntryNotFoundError", "HfHubHTTPError", "ConnectError", "ConnectTimeout",
-                               "ConnectionError", "ReadTimeout", "OfflineModeIsEnabled"}
+        hub_failure = names & {
+            "LocalEntryNotFoundError",
+            "HfHubHTTPError",
+            "ConnectError",
+            "ConnectTimeout",
+            "ConnectionError",
+            "ReadTimeout",
+            "OfflineModeIsEnabled",
+        }
         if not hub_failure and "couldn't connect" not in text:
             raise
-        first = next((str(e).splitlines()[0] for e in chain if type(e).__name__ == "HfHubHTTPError"),
-                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        first = next(
+            (str(e).splitlines()[0] for e in chain if type(e).__name__ == "HfHubHTTPError"),
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
         raise HubUnreachableError(
             f"cannot download {name!r} from the Hugging Face hub at {_hf_endpoint()} ({first}), and it "
             f"is not in the local cache. {OFFLINE_HINT}"
@@ -185,7 +197,7 @@ def check_causal_config(config: Any, where: str) -> None:
         )
     if not archs:
         try:
-            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # type: ignore[attr-defined]  # lazy export
         except ImportError:  # pragma: no cover - very old transformers
             return
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -211,9 +223,7 @@ def read_folder_config(folder: Path) -> Any:
     check_causal_config(config, f"folder {str(folder)!r}")
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
     if not weights:
-        raise ModelFileError(
-            f"folder {str(folder)!r} has a config but no weight files (*.safetensors / *.bin)."
-        )
+        raise ModelFileError(f"folder {str(folder)!r} has a config but no weight files (*.safetensors / *.bin).")
     for weight_file in sorted(weights):
         check_weight_file(weight_file)
     return config
@@ -250,7 +260,8 @@ def check_weight_file(path: Path) -> None:
         if 8 + n + end != size:
             raise ModelFileError(
                 f"weight file {str(path)!r} is truncated or corrupt: its header describes "
-                f"{8 + n + end} bytes, the file has {size}; {redo}.")
+                f"{8 + n + end} bytes, the file has {size}; {redo}."
+            )
         return
     with open(path, "rb") as handle:
         first = handle.read(2)
@@ -259,7 +270,8 @@ def check_weight_file(path: Path) -> None:
     if not zipfile.is_zipfile(path):
         raise ModelFileError(
             f"weight file {str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip "
-            f"archive nor a pickle) or is truncated; {redo}.")
+            f"archive nor a pickle) or is truncated; {redo}."
+        )
 
 
 def rebuild_from_config(hf_model: Any) -> Any:
@@ -325,8 +337,7 @@ def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
         raise ModelFileError(f"GGUF file {str(path)!r} does not exist.")
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError(
-            "reading a .gguf file needs the 'gguf' package: pip install 'headclass[gguf]' "
-            "(or pip install gguf)."
+            "reading a .gguf file needs the 'gguf' package: pip install 'headclass[gguf]' (or pip install gguf)."
         )
     with open(path, "rb") as handle:
         if handle.read(4) != b"GGUF":

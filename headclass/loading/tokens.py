@@ -35,13 +35,10 @@ def check_token_ids(
         raise ProbeError(f"probe {name!r}: tokens must be a torch.Tensor of ids; got {type(tokens).__name__}.")
     if tokens.ndim != 2:
         hint = " (a single sequence? use tokens[None])" if tokens.ndim == 1 else ""
-        raise ProbeError(
-            f"probe {name!r}: tokens must have shape [batch, pos]; got shape {tuple(tokens.shape)}{hint}."
-        )
+        raise ProbeError(f"probe {name!r}: tokens must have shape [batch, pos]; got shape {tuple(tokens.shape)}{hint}.")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ProbeError(
-            f"probe {name!r} is empty (shape {tuple(tokens.shape)}); give at least one sequence "
-            "of at least one token."
+            f"probe {name!r} is empty (shape {tuple(tokens.shape)}); give at least one sequence of at least one token."
         )
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ProbeError(f"probe {name!r}: token ids must be integers; got dtype {tokens.dtype}.")

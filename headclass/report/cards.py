@@ -258,9 +258,7 @@ class HeadCard:
             for c, v in values
         )
         legend = "".join(
-            f'<span><i style="background:{BUDGET_COLORS[c]}"></i>{c} {v:.2f}</span>'
-            for c, v in values
-            if v >= 0.005
+            f'<span><i style="background:{BUDGET_COLORS[c]}"></i>{c} {v:.2f}</span>' for c, v in values if v >= 0.005
         )
         return (
             f'<h4>Attention budget <span class="hc-sub">({probe})</span></h4>'

@@ -433,7 +433,9 @@ def _exact_dloss(model, tokens, targets, method, heads_by_layer, heads_per_pass,
                     del logits
                 else:
 
-                    def run(extra: list, replicated: Tensor = replicated, layer: int = layer, ablate: list = ablate) -> Any:
+                    def run(
+                        extra: list, replicated: Tensor = replicated, layer: int = layer, ablate: list = ablate
+                    ) -> Any:
                         return model.run_from_layer(replicated, layer, fwd_hooks=ablate + extra, return_type="logits")
 
                     final = readout.final_residual(run)

@@ -191,9 +191,7 @@ def sweep(
                 if part.ok:
                     records[job.index] = _write_part(parts, job, part)
                     records[job.index]["status"] = "done"
-                    status.line(
-                        job, f"done in {part.seconds:.1f} s (pid {part.pid}, peak {part.peak_rss_mb:.0f} MiB)"
-                    )
+                    status.line(job, f"done in {part.seconds:.1f} s (pid {part.pid}, peak {part.peak_rss_mb:.0f} MiB)")
                 else:
                     failure = {
                         **job.record(),

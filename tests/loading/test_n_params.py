@@ -18,8 +18,7 @@ def test_tied_embedding_is_counted_once(tmp_path):
 def test_untied_embedding_is_counted_twice(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
-                        tie_word_embeddings=False)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64, tie_word_embeddings=False)
     hf = GPT2LMHeadModel(config)
     hf.save_pretrained(tmp_path / "untied")
     model = headclass.load_model(tmp_path / "untied")

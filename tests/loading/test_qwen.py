@@ -27,12 +27,15 @@ def test_qwen2_gqa_weights_and_biases_are_expanded_per_query_head(tiny_qwen2_dir
             kv = head // group  # heads 0-2 share kv head 0, heads 3-5 kv head 1
             q_rows = slice(head * d, (head + 1) * d)
             kv_rows = slice(kv * d, (kv + 1) * d)
-            torch.testing.assert_close(model.W_Q[layer, head], norm[:, None] * attn.q_proj.weight.detach()[q_rows].T,
-                                       atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(model.W_K[layer, head], norm[:, None] * attn.k_proj.weight.detach()[kv_rows].T,
-                                       atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(model.W_V[layer, head], norm[:, None] * attn.v_proj.weight.detach()[kv_rows].T,
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.W_Q[layer, head], norm[:, None] * attn.q_proj.weight.detach()[q_rows].T, atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(
+                model.W_K[layer, head], norm[:, None] * attn.k_proj.weight.detach()[kv_rows].T, atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(
+                model.W_V[layer, head], norm[:, None] * attn.v_proj.weight.detach()[kv_rows].T, atol=1e-5, rtol=1e-5
+            )
             torch.testing.assert_close(model.b_Q[layer, head], attn.q_proj.bias.detach()[q_rows], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model.b_K[layer, head], attn.k_proj.bias.detach()[kv_rows], atol=1e-5, rtol=1e-5)
 
