@@ -33,7 +33,7 @@ from headclass.taxonomy import (
     label_heads,
     label_margins,
 )
-from headclass.taxonomy.labelling import EVIDENCE
+from headclass.taxonomy.labelling import EVIDENCE, FREE_SHARES
 
 T = load_config().thresholds  # the shipped defaults
 
@@ -317,7 +317,7 @@ def test_every_rule_uses_known_scores_and_thresholds():
     assert tuple(RULES) == LABELS
     for rule in RULES.values():
         for cond in rule.conditions:
-            assert cond.score in SCORE_COLUMNS or cond.score in EVIDENCE, cond.score
+            assert cond.score in SCORE_COLUMNS or cond.score in EVIDENCE or cond.score in FREE_SHARES, cond.score
             assert cond.threshold in known
 
 
@@ -461,7 +461,7 @@ def stand_in_scores(monkeypatch):
     """Replace the score modules by stand-ins returning planted scores; records the calls."""
     calls = {}
 
-    def pattern_measurement(model, *, config=None, probes=None, progress=True):
+    def pattern_measurement(model, *, config=None, probes=None, progress=True, observers=()):
         calls["patterns"] = dict(config=config, probes=probes, progress=progress)
         s = random_scores(model.n_layers, model.n_heads, seed=5)
         out = {k: v for k, v in s.items() if k not in ("copy_eigen", "copy_topk", "copy_suppression_topk")}
@@ -486,6 +486,16 @@ def stand_in_scores(monkeypatch):
             "ablation_text_dloss": torch.zeros(model.n_layers, model.n_heads),
         }
 
+    class ExampleCollector:  # the cards' evidence: recorded, not computed
+        def __init__(self, probes, n_layers, n_heads):
+            calls["evidence"] = dict(probes=probes)
+
+    def head_evidence(model, collector, **options):
+        return None
+
+    examples = types.ModuleType("headclass.scores.examples")
+    examples.ExampleCollector, examples.head_evidence = ExampleCollector, head_evidence
+    monkeypatch.setitem(sys.modules, "headclass.scores.examples", examples)
     for name, fn in (("patterns", pattern_measurement), ("weights", weight_scores), ("ablation", ablation_scores)):
         mod = types.ModuleType(f"headclass.scores.{name}")
         setattr(mod, fn.__name__, fn)
