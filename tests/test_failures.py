@@ -326,7 +326,16 @@ def _start(args: list[str], env_extra: dict[str, str], cwd: Path) -> subprocess.
         text=True,
         env=env,
         cwd=cwd,
+        preexec_fn=_interruptible,
     )
+
+
+def _interruptible() -> None:
+    """In the child: Ctrl-C as from a terminal. A test run started in the background of a
+    non-interactive shell (``cmd &``, as CI may do) has SIGINT ignored, and children inherit that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt_at(proc: subprocess.Popen, marker: str, timeout: float = 120) -> tuple[int, str]:
@@ -392,6 +401,7 @@ def test_ctrl_c_during_the_imports_prints_one_line(tmp_path, entry):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_interruptible,
     )
     marker = proc.stderr.readline()  # printed once the guard is in place, before torch is imported
     assert marker.strip() == "headclass-test: imports", marker
