@@ -59,6 +59,23 @@ def save_tiny_gpt2(
     return folder
 
 
+def _gqa_config(n_layer: int, n_head: int, n_kv: int, hidden: int, vocab_size: int) -> dict:
+    """The config keys a tiny grouped-query-attention model (Llama, Qwen2) is built from."""
+    return dict(
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
 def save_tiny_llama(
     folder: Path,
     *,
@@ -73,19 +90,7 @@ def save_tiny_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        num_hidden_layers=n_layer,
-        num_attention_heads=n_head,
-        num_key_value_heads=n_kv,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**_gqa_config(n_layer, n_head, n_kv, hidden, vocab_size))
     model = LlamaForCausalLM(config)
     # Random init leaves RMSNorm weights at 1 and small projections; scale them up so the
     # attention patterns are far from uniform and backend differences would show.
@@ -111,19 +116,7 @@ def save_tiny_qwen2(
 
     torch.manual_seed(seed)
     hidden = n_head * d_head
-    config = Qwen2Config(
-        num_hidden_layers=n_layer,
-        num_attention_heads=n_head,
-        num_key_value_heads=n_kv,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    config = Qwen2Config(**_gqa_config(n_layer, n_head, n_kv, hidden, vocab_size))
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # sharp patterns, non-zero biases and norms: differences would show
         for name, p in model.named_parameters():
