@@ -84,6 +84,8 @@ class WeightScoreConfig(_Strict):
 
     top_k: int = Field(ge=1)
     copy_sample_size: int = Field(ge=1)
+    copy_sample_min: int = Field(ge=1)
+    copy_stop_z: float = Field(gt=0.0)
     effective_embedding: bool
     writes_nothing_below: float = Field(ge=0.0, lt=1.0)
 

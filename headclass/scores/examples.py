@@ -141,7 +141,7 @@ class ExampleCollector:
             self._examples(layer, pattern, chunk)
             if chunk.name == self.sample_probe and self._start == 0 and layer not in self._sample:
                 n = min(self.pattern_tokens, chunk.n_positions)
-                self._sample[layer] = pattern[0, :, :n, :n].float().cpu().clone()
+                self._sample[layer] = pattern[0, :, :n, :n].float().clone()  # host copy: when read
 
     def _examples(self, layer: int, pattern: Tensor, chunk: Probe) -> None:
         b, h, n_q, n_k = pattern.shape
@@ -158,13 +158,14 @@ class ExampleCollector:
         rows = pattern[seq, heads, query + 1]  # [h, k, keys]
         p = min(self.n_preferred, n_k)
         pref_w, pref_key = rows.topk(p, dim=-1)
+        # Kept on the pattern's device (no host round trip inside the hook); read on the host.
         found = {
-            "weight": weight.float().cpu(),
-            "seq": (seq + self._start).cpu(),
-            "query": (query + 1).cpu(),
-            "key": key.cpu(),
-            "pref_key": pref_key.cpu(),
-            "pref_w": pref_w.float().cpu(),
+            "weight": weight.float(),
+            "seq": seq + self._start,
+            "query": query + 1,
+            "key": key,
+            "pref_key": pref_key,
+            "pref_w": pref_w.float(),
         }
         slot = (chunk.name, int(layer))
         old = self._top.get(slot)
@@ -187,6 +188,7 @@ class ExampleCollector:
             top = self._top.get((name, int(layer)))
             if top is None:
                 continue
+            top = {key: value.cpu() for key, value in top.items()}
             tokens = probe.tokens
             records = []
             order = top["weight"][head].argsort(descending=True, stable=True)
@@ -219,7 +221,7 @@ class ExampleCollector:
             return None, [], {}
         n = next(iter(self._sample.values())).shape[-1]
         ids = [int(t) for t in self.probes[self.sample_probe].tokens[0, :n]]
-        return self.sample_probe, ids, dict(self._sample)
+        return self.sample_probe, ids, {layer: sample.cpu() for layer, sample in self._sample.items()}
 
 
 def _round(value: Any, digits: int = 4) -> float:
@@ -282,28 +284,60 @@ def _source_embedding(model: HeadModelLike, tokens: Tensor) -> tuple[Tensor, str
     return model.W_E[tokens.to(model.W_E.device)].float(), "W_E"
 
 
+# Vocabulary columns per block in ov_token_effects: [head, source, block] float32 logits at a time.
+_VOCAB_BLOCK = 16384
+
+
+def _merge_top(
+    values: Optional[Tensor], index: Optional[Tensor], block: Any, start: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """The running top ``k`` (values, vocabulary ids) merged with a block's (ids from ``start``)."""
+    block_values, block_index = block.values, block.indices + start
+    if values is None or index is None:
+        return block_values, block_index
+    values, index = torch.cat([values, block_values], -1), torch.cat([index, block_index], -1)
+    best = values.topk(k, dim=-1)
+    return best.values, index.gather(-1, best.indices)
+
+
 def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tuple[dict[tuple[int, int], list], str]:
     """Per head, the tokens its OV circuit raises and lowers most for each source token.
 
     Returns ``({(layer, head): [{"source", "raises", "lowers"}, ...]}, embedding)`` with
     ``raises`` / ``lowers`` lists of ``[token id, centred logit]`` (largest effect first) and
-    ``embedding`` ``"effective"`` or ``"W_E"`` (see the module docs). One layer at a time:
-    ``[head, source, vocab]`` logits.
+    ``embedding`` ``"effective"`` or ``"W_E"`` (see the module docs). One layer and one block of
+    vocabulary at a time (``[head, source, block]`` float32 logits, the running top ``n`` kept):
+    a half-precision ``W_U`` is never copied to float32 whole.
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     with torch.no_grad():
         x, embedding = _source_embedding(model, tokens)
         x = x - x.mean(-1, keepdim=True)
         x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # unit RMS, like a norm
-        W_U = model.W_U.float()
-        k = min(n, int(W_U.shape[1]))
+        W_U = model.W_U  # model dtype: float32 blocks of it, never a float32 copy of the whole
+        n_vocab = int(W_U.shape[1])
+        k = min(n, n_vocab)
+        column_mean = torch.zeros(W_U.shape[0], dtype=torch.float32, device=W_U.device)
+        for start in range(0, n_vocab, _VOCAB_BLOCK):
+            column_mean += W_U[:, start : start + _VOCAB_BLOCK].float().sum(1)
+        column_mean /= n_vocab
         out: dict[tuple[int, int], list] = {}
         for layer in range(int(model.n_layers)):
             written = torch.einsum("sd,hde->hse", x, model.W_V[layer].float()) @ model.W_O[layer].float()
-            logits = written @ W_U  # [head, source, vocab]
-            logits = logits - logits.mean(-1, keepdim=True)
-            up_v, up_i = logits.topk(k, dim=-1)
-            down_v, down_i = (-logits).topk(k, dim=-1)
+            mean = written @ column_mean  # [head, source]: each logit row's mean, to centre it
+            up_v: Optional[Tensor] = None
+            up_i: Optional[Tensor] = None
+            down_v: Optional[Tensor] = None
+            down_i: Optional[Tensor] = None
+            for start in range(0, n_vocab, _VOCAB_BLOCK):
+                logits = written @ W_U[:, start : start + _VOCAB_BLOCK].float()  # [head, source, block]
+                block_up = logits.topk(min(k, logits.shape[-1]), dim=-1)
+                block_down = (-logits).topk(min(k, logits.shape[-1]), dim=-1)
+                up_v, up_i = _merge_top(up_v, up_i, block_up, start, k)
+                down_v, down_i = _merge_top(down_v, down_i, block_down, start, k)
+            assert up_v is not None and up_i is not None and down_v is not None and down_i is not None
+            # centred: raises by logit - mean, lowers by how far below the mean (positive)
+            up_v, down_v = up_v - mean[..., None], down_v + mean[..., None]
             up_v, up_i, down_v, down_i = (t.cpu() for t in (up_v, up_i, down_v, down_i))
             for head in range(int(model.n_heads)):
                 out[layer, head] = [

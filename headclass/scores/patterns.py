@@ -1189,6 +1189,7 @@ class _Engine:
         cross = collected["cross"]
         covered = "diffuse_entropy" in active and "max_attention" in active
         first = self.options.diffuse_min_keys - 1
+        nan_flags: dict[int, Tensor] = {}  # per layer, on the device: checked after the pass
 
         def callback(layer: int, pattern: Tensor) -> None:
             if pattern.dtype not in (torch.float32, torch.float64):
@@ -1217,17 +1218,22 @@ class _Engine:
                 sums[name][layer] = value
                 bad = bad | value.isnan().any()
             # NaN anywhere in the pattern reaches the entropy / max sums of rows >= first; the
-            # first rows are checked directly (a full scan only when those scores are skipped)
-            if bool(bad):  # one host sync per layer
-                raise ScoreError(
-                    f"the attention pattern of layer {layer} contains NaN (probe {chunk.name!r}); "
-                    "the model's weights or its dtype (float16 overflow?) are broken for this "
-                    "input. Try dtype=torch.float32."
-                )
+            # first rows are checked directly (a full scan only when those scores are skipped).
+            # Kept on the device and read after the pass: no host round trip in the hook.
+            nan_flags[layer] = bad
             for observer in self.observers:  # e.g. the head cards' top-k examples
                 observer(layer, pattern, chunk)
 
         self.model.run_with_patterns(chunk.tokens, callback)
+        if nan_flags:
+            flagged = sorted(nan_flags)
+            flags = torch.stack([nan_flags[layer].reshape(()) for layer in flagged]).cpu().tolist()
+            if any(flags):
+                raise ScoreError(
+                    f"the attention pattern of layer {flagged[flags.index(True)]} contains NaN (probe "
+                    f"{chunk.name!r}); the model's weights or its dtype (float16 overflow?) are "
+                    "broken for this input. Try dtype=torch.float32."
+                )
         missing = [layer for layer in range(L) if sums[active[0]][layer] is None]
         if missing:
             raise ScoreError(

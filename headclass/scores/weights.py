@@ -21,6 +21,9 @@ key                           range         meaning (function that documents it)
 ``copy_topk_se``              >= 0          its sampling error (:func:`sampling_error`)
 ``copy_suppression_topk``     [0, 1]        ... among the k most negative (:func:`topk_copy_scores`)
 ``copy_suppression_topk_se``  >= 0          its sampling error
+``copy_topk_n``               >= 1          tokens that head ranked: ``weights.copy_sample_min`` and
+                                            more until both fractions are clear of their
+                                            thresholds, at most ``copy_sample_size``
 ``successor``                 [0, 1]        fraction of ordinal items (numbers, weekdays, months,
                                             letters...) whose OV output ranks the next item first
                                             (:func:`successor_scores`); NaN without such tokens
@@ -125,6 +128,7 @@ WEIGHT_SCORES: Mapping[str, ScoreInfo] = {
         _info("copy_topk_se", 0.0, _INF, "sampling error of copy_topk", "se"),
         _info("copy_suppression_topk", 0.0, 1.0, "fraction of sampled tokens whose own logit is in the OV bottom k"),
         _info("copy_suppression_topk_se", 0.0, _INF, "sampling error of copy_suppression_topk", "se"),
+        _info("copy_topk_n", 1.0, _INF, "tokens the head's top-k copy scores ranked (sequential sample)", "count"),
         _info("successor", 0.0, 1.0, "fraction of ordinal items whose OV output ranks the next item first"),
         _info("successor_se", 0.0, _INF, "binomial standard error of successor", "se"),
         _info("ov_identity_distance", 0.0, 1.0, "relative distance of W_OV to the best scaled identity"),
@@ -354,113 +358,322 @@ def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) 
 
 
 def _topk_counts(
-    model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, *, seed: int = 0, progress: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Per head, how many sampled tokens are in the top k (copies) and bottom k (suppressions)."""
-    W_U = model.W_U  # model dtype; the one float32 copy is the shuffled one
-    n_vocab = W_U.shape[1]
-    # Vocabulary columns in a fixed random order, so that every block is a fair sample of the
-    # vocabulary and most tokens are settled by the first block (see _rank_counts).
-    order = torch.randperm(n_vocab, generator=torch.Generator().manual_seed(int(seed))).to(W_U.device)
-    shuffled = _f32(W_U[:, order])
-    column_of = torch.empty_like(order)
-    column_of[order] = torch.arange(n_vocab, device=order.device)
-    sources = _f32(embedding[tokens])  # [sample, d_model]
-    own_unembed = _f32(W_U[:, tokens])  # [d_model, sample]
-    copies = torch.zeros(model.n_layers, model.n_heads, dtype=torch.long)
-    suppressions = torch.zeros_like(copies)
-    for layer in _layers(model, "top-k copy", progress):
-        values = sources @ _f32(model.W_V[layer])  # [head, sample, d_head]
-        W_O = _f32(model.W_O[layer])  # [head, d_head, d_model]
-        own = (values * (W_O @ own_unembed).mT).sum(-1)  # [head, sample]
-        at_least, at_most = _rank_counts(values, W_O, shuffled, own, column_of[tokens], top_k)
-        copies[layer] = (at_least < top_k).sum(-1).cpu()
-        suppressions[layer] = (at_most < top_k).sum(-1).cpu()
-    return copies, suppressions
+    model: HeadModelLike,
+    embedding: Tensor,
+    tokens: Tensor,
+    top_k: int,
+    *,
+    seed: int = 0,
+    stop: Optional[_StopRule] = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per head: sampled tokens in the top k (copies), in the bottom k (suppressions), and how
+    many tokens were ranked, three ``[layer, head]`` long tensors.
 
-
-def _rank_counts(
-    x: Tensor, W_O: Tensor, W_U: Tensor, own: Tensor, own_columns: Tensor, top_k: int
-) -> tuple[Tensor, Tensor]:
-    """How many other tokens' logits are ``>= own`` and ``<= own``, per head and sampled token.
-
-    ``x``: ``[head, sample, d_head]`` (sampled embeddings through ``W_V``), ``W_O``:
-    ``[head, d_head, d_model]``, ``W_U``: ``[d_model, vocab]`` with shuffled columns,
-    ``own``: ``[head, sample]`` own logits, ``own_columns``: ``[sample]`` the own token's column
-    in ``W_U`` (left out of its own counts). Returns two ``[head, sample]`` counts, exact
-    wherever they are below ``top_k``.
-
-    A (head, token) pair with ``top_k`` others on both sides of its own logit can be in neither
-    list and is dropped. The first block of columns settles almost every pair of a head that
-    neither copies nor suppresses, so only the pairs that matter meet the whole vocabulary.
-    Afterwards the columns come in doubling blocks; heads with many unsettled pairs go through
-    ``W_O W_U`` (``d_head``-wide products), the few pairs of the other heads are pooled and go
-    through ``(x W_O) W_U``.
+    Without ``stop`` every head ranks every token. With it, tokens come in rounds (a seeded
+    random order; ``stop.first`` tokens, then doubling) and a head stops after the round where
+    both of its fractions are clear of their thresholds (:meth:`_StopRule.settled`).
     """
-    n_heads, n_rows, d_head = x.shape
-    d_model, n_vocab = W_U.shape
-    device = x.device
-    at_least = torch.zeros(n_heads, n_rows, dtype=torch.int32, device=device)
-    at_most = torch.zeros_like(at_least)
+    W_U = model.W_U  # model dtype: no float32 copy is made
+    n_vocab, n = int(W_U.shape[1]), int(tokens.numel())
+    generator = torch.Generator().manual_seed(int(seed))
+    first = torch.randperm(n_vocab, generator=generator)[: min(n_vocab, 1024)].to(W_U.device)
+    order = torch.randperm(n, generator=generator).to(tokens.device)
+    tokens = tokens[order]
+    screen_dtype = _screen_dtype(W_U.device)
+    error = _screen_error(int(model.d_model), screen_dtype, W_U.dtype)
+    norms = torch.cat([_f32(W_U[:, a : a + 16384]).norm(dim=0) for a in range(0, n_vocab, 16384)])
+    if W_U.dtype == screen_dtype:  # the model's own W_U, no copy
+        screen, order = W_U, torch.arange(n_vocab, device=W_U.device)
+    else:  # a copy in the screen dtype, columns by falling norm: tight margins block by block
+        order = norms.argsort(descending=True)
+        screen = torch.empty(W_U.shape, dtype=screen_dtype, device=W_U.device)
+        for a in range(0, n_vocab, 16384):
+            screen[:, a : a + 16384] = W_U[:, order[a : a + 16384]]
+        norms = norms[order]
+    place = torch.empty_like(order)  # W_U column -> screen column
+    place[order] = torch.arange(n_vocab, device=order.device)
+    bounds = stop.rounds(n) if stop is not None else [n]
+    sources = _f32(embedding[tokens])  # [sample, d_model]
+    own_unembed = _f32(W_U[:, tokens.to(W_U.device)])  # [d_model, sample]
+    shape = (int(model.n_layers), int(model.n_heads))
+    copies = torch.zeros(shape, dtype=torch.long)
+    suppressions = torch.zeros_like(copies)
+    ranked = torch.zeros_like(copies)
+    for layer in _layers(model, "top-k copy", progress):
+        W_V, W_O = _f32(model.W_V[layer]), _f32(model.W_O[layer])
+        heads = torch.arange(shape[1])
+        start = 0
+        for end in bounds:
+            if not heads.numel():
+                break
+            # [head, token, d_model]: the head's output when it attends to each token
+            projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
+            own = (projected * own_unembed[:, start:end].mT).sum(-1)
+            in_top, in_bottom = _top_and_bottom(
+                projected.flatten(0, 1),
+                own.flatten(),
+                place[tokens[start:end]].repeat(heads.numel()),
+                W_U,
+                screen,
+                order,
+                first,
+                error,
+                norms,
+                top_k,
+            )
+            copies[layer, heads] += in_top.view(heads.numel(), -1).sum(-1).cpu()
+            suppressions[layer, heads] += in_bottom.view(heads.numel(), -1).sum(-1).cpu()
+            ranked[layer, heads] = end
+            start = end
+            if stop is not None:
+                heads = heads[~stop.settled(copies[layer, heads], suppressions[layer, heads], end)]
+    return copies, suppressions, ranked
 
-    def tally(block: Tensor, heads: Tensor, rows: Tensor, start: int) -> None:
-        # block [pairs, columns]: logits of (heads[i], rows[i]) over columns start.. of W_U.
-        offset = own_columns[rows] - start
-        mine = ((offset >= 0) & (offset < block.shape[1])).nonzero().squeeze(1)
-        block[mine, offset[mine]] = float("nan")  # never counts itself
-        threshold = own[heads, rows][:, None]
-        at_least[heads, rows] += (block >= threshold).sum(-1, dtype=torch.int32)  # int32: 2.5x faster
-        at_most[heads, rows] += (block <= threshold).sum(-1, dtype=torch.int32)
 
-    def pending_rows(head: int) -> Tensor:
-        return ((at_least[head] < top_k) | (at_most[head] < top_k)).nonzero().squeeze(1)
+class _StopRule:
+    """When a head has ranked enough tokens: both fractions clear of their thresholds.
 
-    # Every pair against a first block of columns, a group of heads per product.
-    stop = min(n_vocab, 1024)
-    group = max(1, _TOPK_BLOCK_BYTES // (4 * n_rows * stop))
-    for h0 in range(0, n_heads, group):
-        h1 = min(n_heads, h0 + group)
-        first = (x[h0:h1] @ (W_O[h0:h1] @ W_U[:, :stop])).flatten(0, 1)
-        tally(
-            first,
-            torch.arange(h0, h1, device=device).repeat_interleave(n_rows),
-            torch.arange(n_rows, device=device).repeat(h1 - h0),
-            0,
-        )
-    del first
-    # Then doubling blocks for the unsettled pairs only. A head with more than `many` of them
-    # goes through W_O W_U (d_head-wide products); the few pairs of the others are pooled and
-    # go through (x W_O) W_U. Heads only ever move from the first group to the second.
-    many = d_head * d_model / max(1, d_model - d_head)
-    heavy: dict[int, Tensor] = {}
-    heads = rows = torch.zeros(0, dtype=torch.long, device=device)
-    projected = x.new_zeros(0, d_model)  # [pooled pairs, d_model]
-    newly = list(range(n_heads))
-    start, size = stop, stop
+    A fraction ``c / n`` is clear of a threshold ``t`` when the Wilson score interval at ``z``
+    (Wilson 1927; it stays honest at 0 and 1, where ``sqrt(p (1 - p) / n)`` is 0) lies wholly
+    on one side of ``t``. Labels read ``score >= t``, so a clear fraction cannot change its side
+    with more tokens except by a ``z``-sigma fluke. Rounds: ``first`` tokens, then doubling.
+    """
+
+    def __init__(self, first: int, z: float, copy: float, suppression: float) -> None:
+        self.first, self.z, self.thresholds = int(first), float(z), (float(copy), float(suppression))
+
+    def rounds(self, n: int) -> list[int]:
+        bounds, size = [], max(1, self.first)
+        while size < n:
+            bounds.append(size)
+            size *= 2
+        return bounds + [n]
+
+    def settled(self, copies: Tensor, suppressions: Tensor, n: int) -> Tensor:
+        clear = torch.ones(copies.shape, dtype=torch.bool)
+        for count, threshold in zip((copies, suppressions), self.thresholds):
+            low, high = wilson_interval(count.double() / n, n, self.z)
+            clear &= (low > threshold) | (high < threshold)
+        return clear
+
+
+def wilson_interval(fraction: Tensor, n: Union[int, Tensor], z: float) -> tuple[Tensor, Tensor]:
+    """Wilson score interval ``(low, high)`` of a binomial fraction measured on ``n`` items.
+
+    ``(p + z^2 / 2n -/+ z sqrt(p (1 - p) / n + z^2 / 4n^2)) / (1 + z^2 / n)`` (Wilson 1927):
+    unlike ``p -/+ z sqrt(p (1 - p) / n)`` it is not empty at ``p = 0`` or ``1``.
+    """
+    p = fraction.double()
+    n = torch.as_tensor(n, dtype=torch.float64)
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * (p * (1 - p) / n + z2 / (4 * n * n)).clamp_min(0).sqrt() / (1 + z2 / n)
+    return centre - half, centre + half
+
+
+def _count_beyond_eager(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    # NaN (a column left out) compares false on both sides
+    return (logits >= high).sum(-1, dtype=torch.int32), (logits <= low).sum(-1, dtype=torch.int32)
+
+
+_COUNTERS: dict[str, Any] = {}
+
+
+def _count_beyond(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``logits`` ``[rows, c]``: how many are ``>= high`` and ``<= low`` (``[rows, 1]``).
+
+    The hot loop of the top-k scores: two comparisons and two row sums over every logit they
+    rank. Eager PyTorch makes four passes over memory with bool temporaries (~2 ns per logit
+    here); ``torch.compile`` fuses them into one (~20x faster on this CPU, a few seconds to
+    compile once per process, cached on disk). Where compiling fails (no C++ compiler...), the
+    eager version is used from then on: the counts are the same integers either way.
+    """
+    counter = _COUNTERS.get("count")
+    if counter is None:
+        try:
+            counter = torch.compile(_count_beyond_eager, dynamic=True)
+        except Exception:  # torch.compile unavailable on this platform
+            counter = _count_beyond_eager
+        _COUNTERS["count"] = counter
+    if counter is not _count_beyond_eager:
+        try:
+            return counter(logits, high, low)
+        except Exception:  # no working compiler: fall back once and for all
+            _COUNTERS["count"] = _count_beyond_eager
+    return _count_beyond_eager(logits, high, low)
+
+
+def _screen_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the vocabulary-wide logit screen: bfloat16 where the CPU multiplies it in
+    hardware with float32 accumulation (Intel AMX: about 7x float32 here), else float32."""
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        if callable(amx) and amx():
+            return torch.bfloat16
+    return torch.float32
+
+
+def _screen_error(d_model: int, screen: torch.dtype, unembed: torch.dtype) -> tuple[float, float]:
+    """``(a, b)``: a screened logit ``l~`` is within ``m = a |p| max_j |w_j|`` of the float32 one
+    before its own rounding, which adds at most ``b |l~|`` (``b (|own| + m)`` near ``own``).
+
+    A bfloat16 product ``round(p) . round(w_j)`` with float32 accumulation differs from the
+    float32 ``p . w_j`` by at most ``(2u + u^2) |p| |w_j|`` (rounding its inputs, by
+    Cauchy-Schwarz; ``u = 2^-8``, and ``u`` alone when ``W_U`` is bfloat16 already) plus
+    ``2 d 2^-24 |p| |w_j|`` (float32 sums, both sides); rounding the output to bfloat16 adds
+    ``u`` relative. 25 % is added to spare. ``(0, 0)`` for a float32 screen: it is the reference.
+    """
+    if screen == torch.float32:
+        return 0.0, 0.0
+    u = 2.0**-8
+    inputs = u if unembed == screen else 2 * u + u * u
+    return 1.25 * (inputs + 2 * d_model * 2.0**-24), 1.25 * u
+
+
+def _round_away(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
+    """``x`` in ``dtype``, rounded strictly up (or down): a bound that stays one."""
+    limit = x.new_tensor(math.inf if up else -math.inf).to(dtype)
+    rounded = x.to(dtype)
+    short = rounded.float() <= x if up else rounded.float() >= x
+    return torch.where(short, torch.nextafter(rounded, limit), rounded)
+
+
+def _top_and_bottom(
+    projected: Tensor,
+    own: Tensor,
+    own_columns: Tensor,
+    W_U: Tensor,
+    screen: Tensor,
+    order: Tensor,
+    first: Tensor,
+    error: tuple[float, float],
+    norms: Tensor,
+    top_k: int,
+) -> tuple[Tensor, Tensor]:
+    """Is each pair's own logit among the ``top_k`` largest (smallest) of the vocabulary?
+
+    ``projected``: ``[pair, d_model]`` float32, a sampled embedding through ``W_V W_O``;
+    ``own``: ``[pair]`` its logit for its own token, whose column ``own_columns`` ``[pair]`` of
+    ``screen`` is left out of the ranking; ``W_U``: ``[d_model, vocab]`` (the reference: float32
+    logits of it decide); ``screen``: its columns ``order`` ``[vocab]``, in the screen dtype (may
+    be ``W_U`` itself); ``first``: ``[m]`` random columns of ``screen`` ranked first;
+    ``error``: :func:`_screen_error` (zeros: the screen is float32, exact); ``norms``:
+    ``[vocab]`` the column norms of ``screen``. Returns two ``[pair]`` bool tensors, what float32
+    logits of every column give (ties never help: ``>=`` counts against).
+
+    Every pair meets the ``first`` columns (a fair sample of the vocabulary), then the rest in
+    blocks, and a pair with ``top_k`` logits surely on each side of its own is dropped as soon
+    as that is so: it can be in neither list. So only pairs really near the top or the bottom
+    meet the whole vocabulary. A bfloat16 screen knows each logit near ``own`` within
+    ``m = a |p| w + b (|own| + a |p| w)`` (``(a, b) = error``, ``w`` the largest column norm of
+    the block at hand): "surely above" is
+    ``>= own + m``, "surely below" ``<= own - m`` (both rounded outwards),
+    and a pair left undecided (fewer than ``top_k`` surely above, ``top_k`` or more possibly
+    above, i.e. not surely below: its own logit is within the margin of the k-th largest) is
+    settled by the float32 logits of the columns within its margin (:func:`_recheck`).
+    """
+    n_pairs = projected.shape[0]
+    n_vocab = screen.shape[1]
+    device = projected.device
+    exact = not error[0]
+    left = projected if exact else projected.to(screen.dtype)
+    size = projected.norm(dim=1)
+
+    def bounds(rows: Tensor, wmax: Tensor) -> tuple[Tensor, Tensor]:
+        if exact:
+            return own[rows, None], own[rows, None]
+        inputs = error[0] * wmax * size[rows]
+        margin = inputs + error[1] * (own[rows].abs() + inputs)
+        # Strictly beyond the margin, in the screen's dtype: the complement of "surely below"
+        # (<= low) is then "possibly above", and likewise the other way.
+        high = _round_away(own[rows] + margin, screen.dtype, up=True)
+        low = _round_away(own[rows] - margin, screen.dtype, up=False)
+        return high[:, None], low[:, None]
+
+    above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # surely >= own
+    below = torch.zeros_like(above)  # surely <= own
+    in_first = torch.full((n_vocab,), -1, dtype=torch.long, device=device)  # column -> slot in first
+    in_first[first] = torch.arange(first.numel(), device=device)
+
+    def tally(
+        rows: Tensor, rows_left: Tensor, block: Tensor, wmax: Tensor, offset: Tensor, ranked_already: Optional[Tensor]
+    ) -> None:
+        # block [d_model, c]; rows_left = left[rows]; offset [rows]: the own column's place in
+        # the block (-1 if absent)
+        high, low = bounds(rows, wmax)
+        logits = rows_left @ (_f32(block) if exact else block)  # [rows, c], screen dtype
+        if ranked_already is not None:
+            logits[:, ranked_already] = math.nan
+        mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
+        logits[mine, offset[mine]] = math.nan  # never counts itself (NaN compares false)
+        more, less = _count_beyond(logits, high, low)
+        above[rows] += more
+        below[rows] += less
+
+    rows, rows_left = torch.arange(n_pairs, device=device), left
+    tally(rows, rows_left, screen[:, first], norms[first].max(), in_first[own_columns], None)
+    start = 0
     while start < n_vocab:
-        for h in newly:  # sort heads into the two routes
-            left = pending_rows(h)
-            if left.numel() > many:
-                heavy[h] = left
-            elif left.numel():
-                heads = torch.cat([heads, torch.full_like(left, h)])
-                rows = torch.cat([rows, left])
-                projected = torch.cat([projected, x[h, left] @ W_O[h]])
-        keep = (at_least[heads, rows] < top_k) | (at_most[heads, rows] < top_k)
-        heads, rows, projected = heads[keep], rows[keep], projected[keep]
-        if not heads.numel() and not heavy:
+        still = (above[rows] < top_k) | (below[rows] < top_k)
+        n_open = int(still.sum())
+        if not n_open:
             break
-        size *= 2
-        largest = max([heads.numel()] + [r.numel() for r in heavy.values()])
-        stop = min(n_vocab, start + max(256, min(size, _TOPK_BLOCK_BYTES // (4 * largest))))
-        if heads.numel():
-            tally(projected @ W_U[:, start:stop], heads, rows, start)
-        for h, r in heavy.items():
-            tally(x[h, r] @ (W_O[h] @ W_U[:, start:stop]), torch.full_like(r, h), r, start)
-        newly = list(heavy)
-        heavy = {}
+        # Settled rows are dropped when a quarter of them is: gathering [rows, d_model] at
+        # every block costs more than ranking a few settled rows on (their counts only grow).
+        if n_open < 0.75 * rows.numel():
+            rows = rows[still]
+            rows_left = left[rows]
+        stop = min(n_vocab, start + max(256, _TOPK_BLOCK_BYTES // (4 * rows.numel())))
+        columns = slice(start, stop)
+        offset = own_columns[rows] - start
+        tally(rows, rows_left, screen[:, columns], norms[columns].max(), offset, in_first[columns] >= 0)
         start = stop
-    return at_least, at_most
+    in_top, in_bottom = above < top_k, below < top_k
+    if not exact:
+        others = n_vocab - 1
+        unsure = (in_top & (others - below >= top_k)) | (in_bottom & (others - above >= top_k))
+        unsure = unsure.nonzero().squeeze(1)
+        if unsure.numel():
+            thresholds = bounds(unsure, norms.max())
+            in_top[unsure], in_bottom[unsure] = _recheck(
+                projected[unsure], own[unsure], own_columns[unsure], W_U, screen, order, thresholds, top_k
+            )
+    return in_top, in_bottom
+
+
+def _recheck(
+    projected: Tensor,
+    own: Tensor,
+    own_columns: Tensor,
+    W_U: Tensor,
+    screen: Tensor,
+    order: Tensor,
+    thresholds: tuple[Tensor, Tensor],
+    top_k: int,
+) -> tuple[Tensor, Tensor]:
+    """Exact decisions for screened pairs (arguments as :func:`_top_and_bottom`'s): screened
+    logits beyond ``thresholds`` (``high``, ``low``: ``[pair, 1]``, the margins with the largest
+    column norm) are sure; the few within are compared in float32, column by column."""
+    high, low = thresholds
+    left = projected.to(screen.dtype)
+    above = torch.zeros(projected.shape[0], dtype=torch.int64, device=projected.device)
+    below = torch.zeros_like(above)
+    step = max(256, _TOPK_BLOCK_BYTES // (4 * max(1, projected.shape[0])))
+    for start in range(0, screen.shape[1], step):
+        logits = left @ screen[:, start : start + step]
+        offset = own_columns - start
+        mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
+        logits[mine, offset[mine]] = math.nan  # never counts itself
+        more, less = _count_beyond(logits, high, low)
+        above += more
+        below += less
+        pair, column = ((logits > low) & (logits < high)).nonzero().unbind(1)
+        if pair.numel():
+            exact = (projected[pair] * _f32(W_U[:, order[start + column]]).mT).sum(-1)
+            above.index_add_(0, pair, (exact >= own[pair]).long())
+            below.index_add_(0, pair, (exact <= own[pair]).long())
+    return above < top_k, below < top_k
 
 
 def topk_copy_scores(
@@ -471,6 +684,9 @@ def topk_copy_scores(
     seed: int = 0,
     effective_embedding: bool = False,
     tokens: Optional[Tensor] = None,
+    stop_at: Optional[tuple[float, float]] = None,
+    first_sample: int = 100,
+    z: float = 3.0,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Top-k copy and copy-suppression scores (IOI paper; ARENA 1.4), ``[layer, head]`` in [0, 1].
@@ -495,7 +711,16 @@ def topk_copy_scores(
     ``top_k`` other logits lie on each side of its own: it can then be in neither list. Only the
     pairs that really are near the top or bottom meet the whole vocabulary, so a head that
     neither copies nor suppresses costs about ``2 d_head (sample + d_model) 1024`` flops.
-    The counts are exact (see ``_rank_counts``).
+    The decisions are exact (see ``_top_and_bottom``): where the CPU has bfloat16 matrix
+    hardware (AMX) the logits are screened in bfloat16 with a proven error margin and the few
+    pairs within it ranked again in float32.
+
+    ``stop_at=(copy_threshold, suppression_threshold)`` samples sequentially: every head ranks
+    ``first_sample`` tokens, then doubling rounds, and stops as soon as the Wilson interval at
+    ``z`` (:func:`wilson_interval`) of both fractions lies on one side of its threshold. Clear
+    heads (most of them) then cost a fraction of the full sample, heads near a threshold get all
+    of it; ``copy_topk_n`` says how many tokens each head ranked, and the errors use it. Without
+    ``stop_at`` every head ranks every sampled token.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ScoreError(f"The 'top_k' parameter must be an int >= 1. Got {top_k!r}.")
@@ -505,46 +730,57 @@ def topk_copy_scores(
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         if tokens.numel() == 0 or int(tokens.min()) < 0 or int(tokens.max()) >= model.d_vocab:
             raise ScoreError(f"tokens must be a non-empty 1-D tensor of ids in [0, {model.d_vocab - 1}].")
+    stop = None
+    if stop_at is not None:
+        if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 1:
+            raise ScoreError(f"The 'first_sample' parameter must be an int >= 1. Got {first_sample!r}.")
+        stop = _StopRule(first_sample, z, *stop_at)
     with torch.no_grad():
-        return _topk_scores(model, _embedding(model, effective_embedding), tokens, top_k, seed, progress)
+        return _topk_scores(model, _embedding(model, effective_embedding), tokens, top_k, seed, stop, progress)
 
 
 def _topk_scores(
-    model: HeadModelLike, embedding: Tensor, tokens: Tensor, top_k: int, seed: int, progress: bool
+    model: HeadModelLike,
+    embedding: Tensor,
+    tokens: Tensor,
+    top_k: int,
+    seed: int,
+    stop: Optional[_StopRule],
+    progress: bool,
 ) -> dict[str, Tensor]:
-    copies, suppressions = _topk_counts(
-        model, embedding, tokens.to(embedding.device), top_k, seed=seed, progress=progress
+    copies, suppressions, ranked = _topk_counts(
+        model, embedding, tokens.to(embedding.device), top_k, seed=seed, stop=stop, progress=progress
     )
-    n = int(tokens.numel())
     population = int(ordinary_token_ids(model).numel())
-    copy, suppress = copies.float() / n, suppressions.float() / n
+    copy, suppress = copies.float() / ranked, suppressions.float() / ranked
     return {
         "copy_topk": copy,
-        "copy_topk_se": sampling_error(copy, n, population),
+        "copy_topk_se": sampling_error(copy, ranked, population),
         "copy_suppression_topk": suppress,
-        "copy_suppression_topk_se": sampling_error(suppress, n, population),
+        "copy_suppression_topk_se": sampling_error(suppress, ranked, population),
+        "copy_topk_n": ranked.float(),
     }
 
 
 # -- 2b. sampling error, successor heads, output gain -----------------------------------------
 
 
-def sampling_error(fraction: Tensor, n: int, population: Optional[int] = None) -> Tensor:
+def sampling_error(fraction: Tensor, n: Union[int, Tensor], population: Optional[int] = None) -> Tensor:
     """Standard error of a fraction measured on ``n`` sampled items: ``sqrt(p (1 - p) / n)``.
 
-    With ``population`` (the number of items the sample is drawn from, without replacement)
-    the finite-population correction ``sqrt((N - n) / (N - 1))`` applies, so a "sample" of the
+    ``n``: one count, or one per fraction (a tensor shaped like ``fraction``). With
+    ``population`` (the number of items the sample is drawn from, without replacement) the
+    finite-population correction ``sqrt((N - n) / (N - 1))`` applies, so a "sample" of the
     whole population has error 0. NaN where ``fraction`` is NaN or ``n`` is 0.
     """
     p = fraction.double()
-    if n <= 0:
-        return torch.full_like(p, math.nan).float()
-    se = (p * (1.0 - p) / n).clamp_min(0.0).sqrt()
+    count = torch.as_tensor(n, dtype=torch.float64).expand_as(p)
+    se = (p * (1.0 - p) / count.clamp_min(1.0)).clamp_min(0.0).sqrt()
     if population is not None and population > 1:
-        se = se * math.sqrt(max(0.0, (population - n) / (population - 1)))
+        se = se * ((population - count) / (population - 1)).clamp_min(0.0).sqrt()
     elif population is not None:
         se = torch.zeros_like(se)
-    return se.float()
+    return torch.where(count > 0, se, torch.full_like(se, math.nan)).float()
 
 
 def successor_sequences(model: HeadModelLike, *, min_length: int = _MIN_RUN) -> list[Tensor]:
@@ -915,7 +1151,13 @@ def weight_scores(
         scores["copy_eigen"] = copy_eigen_score(_ov_eigenvalues(model, embedding, progress))
         if tokens is None:
             tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
-        scores.update(_topk_scores(model, embedding, tokens, options.top_k, cfg.probes.seed, progress))
+        stop = _StopRule(
+            options.copy_sample_min,
+            options.copy_stop_z,
+            cfg.thresholds.copy_topk,
+            cfg.thresholds.copy_suppression_topk,
+        )
+        scores.update(_topk_scores(model, embedding, tokens, options.top_k, cfg.probes.seed, stop, progress))
         scores.update(
             successor_scores(model, embedding=embedding if options.effective_embedding else None, progress=progress)
         )

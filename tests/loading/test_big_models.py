@@ -218,6 +218,78 @@ def test_bfloat16_agrees_with_float32_on_smollm2(smollm2):
     assert same >= 0.95, same
 
 
+_HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def _no_host_syncs_in_hooks(model):
+    """Every pattern callback runs with the tensor methods that make a GPU wait for the host
+    (``.item()``, ``bool(t)``, ``.cpu()``, ``.nonzero()``...) raising: the CPU stand-in for
+    ``torch.cuda.set_sync_debug_mode("error")``, checked on every machine."""
+    inside = []
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_SYNCS}
+
+    def guarded(name):
+        def method(self, *args, **kwargs):
+            if inside:
+                raise AssertionError(f"Tensor.{name} inside a pattern hook: a host round trip")
+            return originals[name](self, *args, **kwargs)
+
+        return method
+
+    run = model.run_with_patterns
+
+    def run_with_patterns(tokens, callback, **kwargs):
+        def hooked(layer, pattern):
+            inside.append(True)
+            try:
+                callback(layer, pattern)
+            finally:
+                inside.pop()
+
+        return run(tokens, hooked, **kwargs)
+
+    try:
+        for name in _HOST_SYNCS:
+            setattr(torch.Tensor, name, guarded(name))
+        model.run_with_patterns = run_with_patterns
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+        del model.run_with_patterns
+
+
+def test_pattern_hooks_never_wait_for_the_host(tiny_qwen2_dir):
+    """The whole pattern pass (every score, the head cards' examples) reduces on the device and
+    reads results after the pass; NaN checks too. A broken pattern is still refused."""
+    from headclass.config import load_config
+    from headclass.probes import build_probe_set
+    from headclass.scores.examples import ExampleCollector
+    from headclass.scores.patterns import pattern_measurement
+
+    model = headclass.load_model(tiny_qwen2_dir)
+    small = {"repeated": {"n_sequences": 4, "segment_length": 12}, "text": {"n_sequences": 4, "max_tokens": 32}}
+    cfg = load_config({"probes": small})
+    probes = build_probe_set(model, cfg).pattern_probes
+    collector = ExampleCollector(probes, model.n_layers, model.n_heads)
+    with _no_host_syncs_in_hooks(model):
+        guarded = pattern_measurement(model, config=cfg, probes=probes, observers=(collector,), progress=False)
+    plain = pattern_measurement(model, config=cfg, probes=probes, progress=False)
+    for name, value in plain.scores.items():
+        torch.testing.assert_close(guarded.scores[name], value, equal_nan=True)
+    assert collector.examples(0, 0)  # the examples were kept, on the device, and read here
+    # the deferred check still names the layer of a NaN pattern (a hook spoils layer 1's)
+    from headclass.loading.head_model import hook_name
+
+    model.tl_model.add_hook(hook_name(1, "hook_pattern"), lambda pattern, hook: pattern * float("nan"))
+    try:
+        with pytest.raises(headclass.ScoreError, match="layer 1 head 0 is not finite"):
+            pattern_measurement(model, config=cfg, probes=probes, progress=False)
+    finally:
+        model.tl_model.reset_hooks()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
 def test_cuda_classifies_on_the_gpu_like_the_cpu(tiny_qwen2_dir):
     from headclass.scores.patterns import SCORE_NAMES
@@ -227,7 +299,22 @@ def test_cuda_classifies_on_the_gpu_like_the_cpu(tiny_qwen2_dir):
     seen = []
     gpu.run_with_patterns(torch.ones(1, 5, dtype=torch.long), lambda layer, p: seen.append(p.device.type))
     assert set(seen) == {"cuda"}
+    # no host round trip inside the hooks: CUDA itself errors on any synchronisation there
+    run = gpu.run_with_patterns
+
+    def strict(tokens, callback, **kwargs):
+        def hooked(layer, pattern):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                callback(layer, pattern)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return run(tokens, hooked, **kwargs)
+
+    gpu.run_with_patterns = strict
     on_gpu = headclass.classify(gpu, progress=False).table
+    del gpu.run_with_patterns
     on_cpu = headclass.classify(headclass.load_model(tiny_qwen2_dir), progress=False).table
     for name in SCORE_NAMES:
         torch.testing.assert_close(

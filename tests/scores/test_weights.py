@@ -10,6 +10,7 @@ import torch
 
 import headclass
 from headclass.errors import ScoreError
+from headclass.scores import weights
 from headclass.scores.weights import (
     WEIGHT_SCORE_KEYS,
     WEIGHT_SCORES,
@@ -112,7 +113,8 @@ def planted():
 
 @pytest.fixture(scope="module")
 def planted_scores(planted):
-    return weight_scores(planted, config={"weights": {"copy_sample_size": VOCAB}})
+    # copy_sample_min = the whole sample: every head ranks every token (no sequential stop)
+    return weight_scores(planted, config={"weights": {"copy_sample_size": VOCAB, "copy_sample_min": VOCAB}})
 
 
 def test_planted_weights_survive_loading(planted):
@@ -271,6 +273,102 @@ def test_topk_with_a_vocabulary_larger_than_one_block():
     # Both paths are exercised: rows kept to the end (copiers) and rows dropped early.
     assert scores["copy_topk"][0, 0] > 0.2 and scores["copy_suppression_topk"][0, 1] > 0.2
     assert scores["copy_topk"][0, 2] < 0.05 and scores["copy_suppression_topk"][0, 0] < 0.05
+
+
+def _explicit_topk(W_E, W_V, W_O, W_U, tokens, k):
+    """Float32 logits of the whole vocabulary: (in top k, in bottom k) per token."""
+    logits = W_E[tokens] @ W_V @ W_O @ W_U
+    own = logits.gather(1, tokens[:, None])
+    others = logits.scatter(1, tokens[:, None], float("nan"))
+    return (others >= own).sum(1) < k, (others <= own).sum(1) < k
+
+
+@pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
+def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen):
+    """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin."""
+    monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
+    d, vocab, k = 48, 3000, 5
+    g = torch.Generator().manual_seed(11)
+    W_E = torch.randn(vocab, d, generator=g)
+    W_U = W_E.T.contiguous()
+    # Rivals: k columns equal to a token's own column up to 2e-4 relative, far inside
+    # bfloat16's 2^-8: for 20 tokens 2 rivals lie above and 3 below (own logit 3rd: in the top
+    # 5), for 20 more all 5 above (6th: not in it).
+    tokens = torch.randperm(vocab, generator=g)[:200]
+    rivals = torch.randperm(vocab, generator=g)
+    rivals = rivals[~torch.isin(rivals, tokens)][: 40 * k].view(40, k)
+    for i, (t, group) in enumerate(zip(tokens[:40].tolist(), rivals)):
+        for j, col in enumerate(group.tolist()):
+            up = j < 2 or i >= 20
+            W_U[:, col] = W_U[:, t] * (1 + (2e-4 if up else -2e-4) * (1 + j))
+    eye = torch.eye(d)
+    W_V = torch.stack([eye, -eye, torch.randn(d, d, generator=g) / d**0.5])[None]  # copy, suppress, random
+    W_O = torch.stack([eye, eye, torch.randn(d, d, generator=g) / d**0.5])[None]
+    fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_U)
+    scores = topk_copy_scores(fake, top_k=k, tokens=tokens)
+    for head in range(3):
+        top, bottom = _explicit_topk(W_E, W_V[0, head], W_O[0, head], W_U, tokens, k)
+        assert int(round(float(scores["copy_topk"][0, head]) * len(tokens))) == int(top.sum()), head
+        assert int(round(float(scores["copy_suppression_topk"][0, head]) * len(tokens))) == int(bottom.sum()), head
+    # the perfect copier loses exactly the 20 tokens with 5 rivals above (the suppressor too)
+    assert round(float(scores["copy_topk"][0, 0]) * 200) == 180
+    assert round(float(scores["copy_suppression_topk"][0, 1]) * 200) == 180
+
+
+def test_topk_screen_margin_covers_the_rounding(monkeypatch):
+    """Every bfloat16-screened logit lies within the margin _top_and_bottom assumes."""
+    g = torch.Generator().manual_seed(5)
+    for d in (64, 896):
+        p = torch.randn(50, d, generator=g) * torch.rand(50, 1, generator=g) * 10
+        W = torch.randn(d, 4000, generator=g)
+        W[:, :100] *= 1e-3  # small columns: the margin uses the largest column norm
+        W[:, 100:150] = p.T * 0.1  # columns along p: the output's rounding is largest there
+        exact = p.double() @ W.double()
+        screened = (p.bfloat16() @ W.bfloat16()).double()
+        a, b = weights._screen_error(d, torch.bfloat16, torch.float32)
+        bound = (a * p.norm(dim=1, keepdim=True) * W.norm(dim=0).max()).double() + b * screened.abs()
+        assert ((screened - exact).abs() <= bound).all()
+        assert (screened - exact).abs().amax() > 0.02 * bound.amax()  # not vacuous
+
+
+def test_sequential_sample_stops_clear_heads_early(planted, planted_scores):
+    """With the default stop rule, clear heads rank ``copy_sample_min`` tokens and keep their side
+    of the thresholds; the full-sample fixture's fractions lie in their Wilson intervals."""
+    cfg = {"weights": {"copy_sample_size": VOCAB, "copy_sample_min": 16, "copy_stop_z": 3.0}}
+    seq = weight_scores(planted, config=cfg)
+    n = seq["copy_topk_n"]
+    full = planted_scores
+    assert (full["copy_topk_n"] == full["copy_topk_n"].max()).all()
+    assert n[1, 0] < full["copy_topk_n"][1, 0] and n[1, 1] < full["copy_topk_n"][1, 1]  # the copier, the suppressor
+    assert ((n >= 16) & (n <= full["copy_topk_n"])).all()
+    for key, threshold in (("copy_topk", 0.5), ("copy_suppression_topk", 0.5)):
+        assert torch.equal(seq[key] >= threshold, full[key] >= threshold), key
+        low, high = weights.wilson_interval(seq[key], n, 3.0)
+        inside = (low <= full[key] + 1e-6) & (full[key] <= high + 1e-6)
+        assert inside.all(), key
+        # the errors use each head's own count
+        torch.testing.assert_close(
+            seq[f"{key}_se"], sampling_error(seq[key], n, planted.d_vocab - len(planted.special_token_ids()))
+        )
+
+
+def test_sequential_sample_goes_on_near_a_threshold():
+    """A head whose copy fraction sits at the threshold ranks the whole sample."""
+    d, r, vocab = 32, 8, 2000
+    g = torch.Generator().manual_seed(3)
+    W_E = torch.randn(vocab, d, generator=g)
+    basis = torch.linalg.qr(torch.randn(d, r, generator=g)).Q
+    W_V = torch.stack([basis, torch.randn(d, r, generator=g)])[None]
+    W_O = torch.stack([basis.T, torch.randn(r, d, generator=g)])[None]
+    fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_E.T.contiguous())
+    tokens = torch.randperm(vocab, generator=g)[:800]
+    full = topk_copy_scores(fake, top_k=5, tokens=tokens)
+    threshold = float(full["copy_topk"][0, 0])  # exactly at the head's fraction
+    seq = topk_copy_scores(fake, top_k=5, tokens=tokens, stop_at=(threshold, 0.5), first_sample=50)
+    assert int(seq["copy_topk_n"][0, 0]) == 800 and float(seq["copy_topk"][0, 0]) == threshold
+    assert int(seq["copy_topk_n"][0, 1]) == 50  # the random head is clear at once
+    with pytest.raises(ScoreError, match="first_sample"):
+        topk_copy_scores(fake, tokens=tokens, stop_at=(0.5, 0.5), first_sample=0)
 
 
 def test_token_sample_is_seeded_and_skips_special_tokens(tiny_gpt2):
