@@ -75,7 +75,7 @@ torch.Size([30, 9])
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -394,6 +394,8 @@ def _topk_counts(
     place = torch.empty_like(order)  # W_U column -> screen column
     place[order] = torch.arange(n_vocab, device=order.device)
     bounds = stop.rounds(n) if stop is not None else [n]
+    work = int(model.n_layers) * int(model.n_heads) * n_vocab
+    count = _fused_counter() if work >= _FUSE_MIN_WORK else _count_beyond_eager
     sources = _f32(embedding[tokens])  # [sample, d_model]
     own_unembed = _f32(W_U[:, tokens.to(W_U.device)])  # [d_model, sample]
     shape = (int(model.n_layers), int(model.n_heads))
@@ -421,6 +423,7 @@ def _topk_counts(
                 error,
                 norms,
                 top_k,
+                count,
             )
             copies[layer, heads] += in_top.view(heads.numel(), -1).sum(-1).cpu()
             suppressions[layer, heads] += in_bottom.view(heads.numel(), -1).sum(-1).cpu()
@@ -473,35 +476,44 @@ def wilson_interval(fraction: Tensor, n: Union[int, Tensor], z: float) -> tuple[
 
 
 def _count_beyond_eager(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
-    # NaN (a column left out) compares false on both sides
+    """Per row of ``logits`` ``[rows, c]``: how many are ``>= high`` and ``<= low`` (``[rows, 1]``).
+    NaN (a column left out) compares false on both sides."""
     return (logits >= high).sum(-1, dtype=torch.int32), (logits <= low).sum(-1, dtype=torch.int32)
 
 
-_COUNTERS: dict[str, Any] = {}
+Counter = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+_FUSED: dict[str, Counter] = {}
+
+# L * H * vocab from which the fused counter pays for its compilation (a few seconds once per
+# process): Qwen2.5-0.5B (51 M) saves ~14 s with it, SmolLM2 (13 M) would lose ~2 s.
+_FUSE_MIN_WORK = 30_000_000
 
 
-def _count_beyond(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row of ``logits`` ``[rows, c]``: how many are ``>= high`` and ``<= low`` (``[rows, 1]``).
+def _fused_counter() -> Counter:
+    """:func:`_count_beyond_eager` fused by ``torch.compile`` into one pass over the logits.
 
-    The hot loop of the top-k scores: two comparisons and two row sums over every logit they
-    rank. Eager PyTorch makes four passes over memory with bool temporaries (~2 ns per logit
-    here); ``torch.compile`` fuses them into one (~20x faster on this CPU, a few seconds to
-    compile once per process, cached on disk). Where compiling fails (no C++ compiler...), the
-    eager version is used from then on: the counts are the same integers either way.
+    The hot loop of the top-k scores is two comparisons and two row sums over every logit
+    ranked: four passes over memory with bool temporaries in eager PyTorch (~2 ns a logit
+    here), one when fused (~20x faster on this CPU). Compiling takes a few seconds once per
+    process (cached on disk). Where it fails (no C++ compiler...), the eager version is used
+    from then on: the counts are the same integers either way (tested).
     """
-    counter = _COUNTERS.get("count")
-    if counter is None:
+    if "count" not in _FUSED:
         try:
-            counter = torch.compile(_count_beyond_eager, dynamic=True)
+            compiled: Counter = torch.compile(_count_beyond_eager, dynamic=True)
         except Exception:  # torch.compile unavailable on this platform
-            counter = _count_beyond_eager
-        _COUNTERS["count"] = counter
-    if counter is not _count_beyond_eager:
-        try:
-            return counter(logits, high, low)
-        except Exception:  # no working compiler: fall back once and for all
-            _COUNTERS["count"] = _count_beyond_eager
-    return _count_beyond_eager(logits, high, low)
+            compiled = _count_beyond_eager
+
+        def count(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+            if _FUSED["count"] is count:
+                try:
+                    return compiled(logits, high, low)
+                except Exception:  # no working compiler: fall back once and for all
+                    _FUSED["count"] = _count_beyond_eager
+            return _count_beyond_eager(logits, high, low)
+
+        _FUSED["count"] = count
+    return _FUSED["count"]
 
 
 def _screen_dtype(device: torch.device) -> torch.dtype:
@@ -550,6 +562,7 @@ def _top_and_bottom(
     error: tuple[float, float],
     norms: Tensor,
     top_k: int,
+    count: Counter = _count_beyond_eager,
 ) -> tuple[Tensor, Tensor]:
     """Is each pair's own logit among the ``top_k`` largest (smallest) of the vocabulary?
 
@@ -559,8 +572,9 @@ def _top_and_bottom(
     logits of it decide); ``screen``: its columns ``order`` ``[vocab]``, in the screen dtype (may
     be ``W_U`` itself); ``first``: ``[m]`` random columns of ``screen`` ranked first;
     ``error``: :func:`_screen_error` (zeros: the screen is float32, exact); ``norms``:
-    ``[vocab]`` the column norms of ``screen``. Returns two ``[pair]`` bool tensors, what float32
-    logits of every column give (ties never help: ``>=`` counts against).
+    ``[vocab]`` the column norms of ``screen``; ``count``: :func:`_count_beyond_eager` or
+    :func:`_fused_counter`. Returns two ``[pair]`` bool tensors, what float32 logits of every
+    column give (ties never help: ``>=`` counts against).
 
     Every pair meets the ``first`` columns (a fair sample of the vocabulary), then the rest in
     blocks, and a pair with ``top_k`` logits surely on each side of its own is dropped as soon
@@ -607,7 +621,7 @@ def _top_and_bottom(
             logits[:, ranked_already] = math.nan
         mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
         logits[mine, offset[mine]] = math.nan  # never counts itself (NaN compares false)
-        more, less = _count_beyond(logits, high, low)
+        more, less = count(logits, high, low)
         above[rows] += more
         below[rows] += less
 
@@ -637,7 +651,7 @@ def _top_and_bottom(
         if unsure.numel():
             thresholds = bounds(unsure, norms.max())
             in_top[unsure], in_bottom[unsure] = _recheck(
-                projected[unsure], own[unsure], own_columns[unsure], W_U, screen, order, thresholds, top_k
+                projected[unsure], own[unsure], own_columns[unsure], W_U, screen, order, thresholds, top_k, count
             )
     return in_top, in_bottom
 
@@ -651,6 +665,7 @@ def _recheck(
     order: Tensor,
     thresholds: tuple[Tensor, Tensor],
     top_k: int,
+    count: Counter = _count_beyond_eager,
 ) -> tuple[Tensor, Tensor]:
     """Exact decisions for screened pairs (arguments as :func:`_top_and_bottom`'s): screened
     logits beyond ``thresholds`` (``high``, ``low``: ``[pair, 1]``, the margins with the largest
@@ -665,7 +680,7 @@ def _recheck(
         offset = own_columns - start
         mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
         logits[mine, offset[mine]] = math.nan  # never counts itself
-        more, less = _count_beyond(logits, high, low)
+        more, less = count(logits, high, low)
         above += more
         below += less
         pair, column = ((logits > low) & (logits < high)).nonzero().unbind(1)

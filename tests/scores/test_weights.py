@@ -285,8 +285,10 @@ def _explicit_topk(W_E, W_V, W_O, W_U, tokens, k):
 
 @pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
 def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen):
-    """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin."""
+    """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin
+    (with the fused counter, as big vocabularies use it)."""
     monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
+    monkeypatch.setattr(weights, "_FUSE_MIN_WORK", 0 if screen == torch.bfloat16 else 10**12)
     d, vocab, k = 48, 3000, 5
     g = torch.Generator().manual_seed(11)
     W_E = torch.randn(vocab, d, generator=g)
@@ -329,6 +331,35 @@ def test_topk_screen_margin_covers_the_rounding(monkeypatch):
         bound = (a * p.norm(dim=1, keepdim=True) * W.norm(dim=0).max()).double() + b * screened.abs()
         assert ((screened - exact).abs() <= bound).all()
         assert (screened - exact).abs().amax() > 0.02 * bound.amax()  # not vacuous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_counts_equal_the_eager_ones(monkeypatch, dtype):
+    """torch.compile'd counting gives the eager integers (NaN never counts, ties count); a
+    compiler that fails falls back to eager for good."""
+    monkeypatch.setattr(weights, "_FUSED", {})
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(37, 3001, generator=g).round(decimals=1).to(dtype)  # many exact ties
+    logits[:, ::97] = float("nan")
+    high = logits[:, 5:6].clone()
+    low = high - 0.5
+    expected = weights._count_beyond_eager(logits, high, low)
+    fused = weights._fused_counter()
+    for got, want in zip(fused(logits, high, low), expected):
+        assert torch.equal(got.long(), want.long())
+
+    def broken(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(weights, "_FUSED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    counter = weights._fused_counter()
+    for got, want in zip(counter(logits, high, low), expected):
+        assert torch.equal(got.long(), want.long())
+    assert weights._FUSED["count"] is weights._count_beyond_eager
 
 
 def test_sequential_sample_stops_clear_heads_early(planted, planted_scores):
