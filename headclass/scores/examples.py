@@ -360,12 +360,23 @@ def composition_cost(model: HeadModelLike) -> float:
     return 1.5 * heads * heads * float(model.d_model) ** 2
 
 
+def _weight_bytes(model: HeadModelLike) -> int:
+    """Bytes of the model's parameters (0 for a fake without ``parameters()``)."""
+    parameters = getattr(getattr(model, "tl_model", None), "parameters", None)
+    if not callable(parameters):
+        return 0
+    return sum(p.numel() * p.element_size() for p in parameters())
+
+
 def composition_partners(model: HeadModelLike, *, n: int = 5) -> dict[tuple[int, int], dict[str, list]]:
     """Each head's ``n`` strongest Q-, K- and V-composition partners among earlier heads:
     ``{(layer, head): {"q": [[layer_a, head_a, score], ...], "k": ..., "v": ...}}``."""
     from headclass.scores.composition import composition_scores
 
-    scores = composition_scores(model)
+    # The cards are a side dish: their Gram matrices may take a quarter of the weights' memory
+    # (more passes, the same scores), not the 2 GiB composition_scores allows by default.
+    budget = max(1 << 26, _weight_bytes(model) // 4)
+    scores = composition_scores(model, memory_bytes=budget)
     L, H = int(model.n_layers), int(model.n_heads)
     out: dict[tuple[int, int], dict[str, list]] = {(lb, hb): {} for lb in range(L) for hb in range(H)}
     for kind, grid in scores.items():

@@ -1135,8 +1135,10 @@ def weight_scores(
     ``positional_prev_token`` is present only when the model has learned absolute position
     embeddings (never NaN); ``successor`` / ``successor_se`` are NaN when the tokenizer holds no
     ordinal sequence. ``writes_nothing`` is a bool tensor, the rest float32. Options come from
-    ``config.weights`` (``top_k``, ``copy_sample_size``, ``effective_embedding``,
-    ``writes_nothing_below``) and the token sample of the top-k scores from ``config.probes.seed``.
+    ``config.weights`` (``top_k``, ``copy_sample_size``, ``copy_sample_min``, ``copy_stop_z``,
+    ``effective_embedding``, ``writes_nothing_below``), the token sample of the top-k scores from
+    ``config.probes.seed``, and their sequential stop from ``config.thresholds.copy_topk`` and
+    ``copy_suppression_topk`` (:func:`topk_copy_scores` with ``stop_at``).
 
     Parameters
     ----------
