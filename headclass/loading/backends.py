@@ -323,7 +323,13 @@ def _center_unembed_in_place(sd: dict, cfg: Any, param_key: Any, adapter: Any) -
     axis = 0 if W_U.shape[0] == d_vocab else 1 if W_U.shape[1] == d_vocab else None
     if axis is None:
         return False
-    W_U.sub_(W_U.mean(axis, keepdim=True))
+    if W_U.dtype in (torch.float32, torch.float64):
+        W_U.sub_(W_U.mean(axis, keepdim=True))  # as TransformerLens computes it, bit for bit
+    else:  # in float32 over vocabulary blocks: the mean of a bfloat16 W_U converts it whole
+        total = torch.zeros_like(W_U.narrow(axis, 0, 1), dtype=torch.float32)
+        for block in W_U.split(16384, dim=axis):
+            total += block.sum(axis, keepdim=True, dtype=torch.float32)
+        W_U.sub_((total / W_U.shape[axis]).to(W_U.dtype))
     if isinstance(sd.get(b_key), torch.Tensor):
         sd[b_key].sub_(sd[b_key].mean())
     return True
@@ -407,14 +413,38 @@ def load_folder_model(folder: str, dtype: torch.dtype) -> Any:
         for path in files:
             with safe_open(str(path), framework="pt", backend="pread") as handle:
                 for key in handle.keys():
-                    tensor = handle.get_tensor(key)
-                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    state[key] = _read_tensor(handle, key, dtype)
     except TypeError:  # safetensors without the pread backend
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]  # the class for this config
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     model.config._name_or_path = str(folder)
     return model.eval()
+
+
+# A tensor bigger than this that changes dtype is read and converted in row blocks of this size,
+# so the file's dtype (float32) never holds all of it beside the converted copy.
+_READ_BLOCK_BYTES = 1 << 26
+
+
+def _read_tensor(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of a safetensors file in ``dtype`` (floating point only; others as stored)."""
+    piece = handle.get_slice(key)
+    shape = list(piece.get_shape())
+    stored = piece.get_dtype()
+    size = 1
+    for dim in shape:
+        size *= dim
+    floating = stored in ("F64", "F32", "F16", "BF16")
+    if not floating or not shape or size * 4 <= _READ_BLOCK_BYTES:
+        tensor = handle.get_tensor(key)
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+    out = torch.empty(shape, dtype=dtype)
+    rows = max(1, _READ_BLOCK_BYTES // max(1, 4 * (size // shape[0])))
+    for start in range(0, shape[0], rows):
+        stop = min(shape[0], start + rows)  # slices of safetensors do not clip
+        out[start:stop] = piece[start:stop].to(dtype)
+    return out
 
 
 def _folder_config(folder: str) -> Any:

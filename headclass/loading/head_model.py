@@ -198,11 +198,15 @@ def check_finite_weights(model: "HeadModelLike") -> None:
 
 def _all_finite(tensor: Tensor) -> bool:
     """Every element finite, without tensor-sized temporaries (``isfinite`` of a float32
-    ``W_U`` held ~1.7x its size): any NaN / inf makes the float32 sum non-finite; a non-finite
-    sum (or an overflow) is then checked exactly, in chunks."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+    ``W_U`` held ~1.7x its size, and a float32 sum of a bfloat16 one converts it whole): any
+    NaN / inf makes the chunked float32 sum non-finite; a non-finite sum (or an overflow) is
+    then checked exactly, in chunks."""
+    if not tensor.is_floating_point():
         return True
-    return all(bool(torch.isfinite(chunk).all()) for chunk in tensor.detach().reshape(-1).split(1 << 22))
+    chunks = tensor.detach().reshape(-1).split(1 << 22)  # sum(dtype=float32) of a bf16 tensor copies it whole
+    if bool(torch.isfinite(sum(chunk.sum(dtype=torch.float32) for chunk in chunks))):
+        return True
+    return all(bool(torch.isfinite(chunk).all()) for chunk in chunks)
 
 
 def _published_parameter_count(config: Any) -> Optional[int]:

@@ -140,6 +140,32 @@ def test_lean_processing_gives_transformer_lens_own_weights(tmp_path, monkeypatc
 # -- the pattern pass stops at the last pattern ------------------------------------------------
 
 
+def test_large_tensors_are_read_and_converted_in_row_blocks(tiny_qwen2_dir, monkeypatch):
+    """A float32 folder read as bfloat16 a few rows at a time: the very values of a whole read,
+    never the float32 tensor beside its copy; the bfloat16 sums of the finite check and the
+    unembedding's centring go block by block too (a NaN is still found)."""
+    from safetensors.torch import load_file
+
+    from headclass.loading import backends, head_model
+
+    monkeypatch.setattr(backends, "_READ_BLOCK_BYTES", 4096)  # every matrix in many blocks
+    model = backends.load_folder_model(str(tiny_qwen2_dir), torch.bfloat16)
+    state = model.state_dict()
+    stored = load_file(str(next(Path(tiny_qwen2_dir).glob("*.safetensors"))))
+    assert stored and all(torch.equal(state[k], v.to(torch.bfloat16)) for k, v in stored.items() if k in state)
+    big = torch.randn(3000, 7).bfloat16()
+    assert head_model._all_finite(big)
+    big[2999, 6] = float("nan")
+    assert not head_model._all_finite(big)
+    # bfloat16 centring: the float32 mean over blocks, as TransformerLens' mean rounds it
+    W_U = torch.randn(16, 40000).bfloat16()
+    expected = W_U - W_U.float().mean(1, keepdim=True).bfloat16()
+    cfg = dataclasses.make_dataclass("Cfg", [("d_vocab", int)])(40000)
+    sd = {"unembed.W_U": W_U.clone()}
+    assert backends._center_unembed_in_place(sd, cfg, lambda key, adapter: key, None)
+    assert torch.equal(sd["unembed.W_U"], expected)
+
+
 def test_pattern_pass_ends_at_the_last_layers_pattern(tiny_llama_dir):
     model = headclass.load_model(tiny_llama_dir)
     last = model.n_layers - 1
