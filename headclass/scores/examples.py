@@ -60,6 +60,7 @@ from torch import Tensor
 from headclass.errors import ScoreError
 from headclass.loading.head_model import HeadModelLike
 from headclass.probes import Probe, token_sample
+from headclass.scores.weights import _f32, _screen_dtype
 
 __all__ = [
     "EVIDENCE_VERSION",
@@ -300,42 +301,60 @@ def _merge_top(
     return best.values, index.gather(-1, best.indices)
 
 
+def _exact_top(written: Tensor, W_U: Tensor, candidates: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
+    """The top ``k`` (or bottom, as negated values) of float32 logits among ``candidates``:
+    ``written`` ``[head, source, d_model]``, ``candidates`` ``[head, source, m]`` vocabulary ids."""
+    columns = _f32(W_U[:, candidates.flatten()]).T.reshape(*candidates.shape, -1)  # [h, s, m, d]
+    logits = (columns * written[..., None, :]).sum(-1)
+    best = (logits if largest else -logits).topk(k, dim=-1)
+    return best.values, candidates.gather(-1, best.indices)
+
+
 def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tuple[dict[tuple[int, int], list], str]:
     """Per head, the tokens its OV circuit raises and lowers most for each source token.
 
     Returns ``({(layer, head): [{"source", "raises", "lowers"}, ...]}, embedding)`` with
     ``raises`` / ``lowers`` lists of ``[token id, centred logit]`` (largest effect first) and
     ``embedding`` ``"effective"`` or ``"W_E"`` (see the module docs). One layer and one block of
-    vocabulary at a time (``[head, source, block]`` float32 logits, the running top ``n`` kept):
-    a half-precision ``W_U`` is never copied to float32 whole.
+    vocabulary at a time (``[head, source, block]`` logits, the running top ``4 n`` kept), in
+    bfloat16 where the CPU multiplies it in hardware; those candidates are ranked again with
+    float32 logits, which give the values. A half-precision ``W_U`` is never copied to float32.
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     with torch.no_grad():
         x, embedding = _source_embedding(model, tokens)
         x = x - x.mean(-1, keepdim=True)
         x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # unit RMS, like a norm
-        W_U = model.W_U  # model dtype: float32 blocks of it, never a float32 copy of the whole
+        W_U = model.W_U  # model dtype: never a float32 copy of the whole
         n_vocab = int(W_U.shape[1])
         k = min(n, n_vocab)
+        pool = min(n_vocab, 4 * k)  # candidates per row from the screen, ranked again exactly
         column_mean = torch.zeros(W_U.shape[0], dtype=torch.float32, device=W_U.device)
         for start in range(0, n_vocab, _VOCAB_BLOCK):
             column_mean += W_U[:, start : start + _VOCAB_BLOCK].float().sum(1)
         column_mean /= n_vocab
+        # The vocabulary-wide products in the screen's dtype (bfloat16 on AMX CPUs, where they
+        # are several times faster); the few candidates of each row are then recomputed in float32.
+        screen_dtype = _screen_dtype(W_U.device)
+        screen = W_U if W_U.dtype == screen_dtype else W_U.to(screen_dtype)
         out: dict[tuple[int, int], list] = {}
         for layer in range(int(model.n_layers)):
             written = torch.einsum("sd,hde->hse", x, model.W_V[layer].float()) @ model.W_O[layer].float()
             mean = written @ column_mean  # [head, source]: each logit row's mean, to centre it
+            left = written.to(screen_dtype)
             up_v: Optional[Tensor] = None
             up_i: Optional[Tensor] = None
             down_v: Optional[Tensor] = None
             down_i: Optional[Tensor] = None
             for start in range(0, n_vocab, _VOCAB_BLOCK):
-                logits = written @ W_U[:, start : start + _VOCAB_BLOCK].float()  # [head, source, block]
-                block_up = logits.topk(min(k, logits.shape[-1]), dim=-1)
-                block_down = (-logits).topk(min(k, logits.shape[-1]), dim=-1)
-                up_v, up_i = _merge_top(up_v, up_i, block_up, start, k)
-                down_v, down_i = _merge_top(down_v, down_i, block_down, start, k)
-            assert up_v is not None and up_i is not None and down_v is not None and down_i is not None
+                logits = left @ screen[:, start : start + _VOCAB_BLOCK]  # [head, source, block]
+                block_up = logits.topk(min(pool, logits.shape[-1]), dim=-1)
+                block_down = (-logits).topk(min(pool, logits.shape[-1]), dim=-1)
+                up_v, up_i = _merge_top(up_v, up_i, block_up, start, pool)
+                down_v, down_i = _merge_top(down_v, down_i, block_down, start, pool)
+            assert up_i is not None and down_i is not None
+            up_v, up_i = _exact_top(written, W_U, up_i, k, largest=True)
+            down_v, down_i = _exact_top(written, W_U, down_i, k, largest=False)  # values: -logit
             # centred: raises by logit - mean, lowers by how far below the mean (positive)
             up_v, down_v = up_v - mean[..., None], down_v + mean[..., None]
             up_v, up_i, down_v, down_i = (t.cpu() for t in (up_v, up_i, down_v, down_i))
@@ -361,11 +380,11 @@ def composition_cost(model: HeadModelLike) -> float:
 
 
 def _weight_bytes(model: HeadModelLike) -> int:
-    """Bytes of the model's parameters (0 for a fake without ``parameters()``)."""
+    """Bytes of the model's parameters in float32 (0 for a fake without ``parameters()``)."""
     parameters = getattr(getattr(model, "tl_model", None), "parameters", None)
     if not callable(parameters):
         return 0
-    return sum(p.numel() * p.element_size() for p in parameters())
+    return sum(4 * p.numel() for p in parameters())
 
 
 def composition_partners(model: HeadModelLike, *, n: int = 5) -> dict[tuple[int, int], dict[str, list]]:
@@ -373,8 +392,9 @@ def composition_partners(model: HeadModelLike, *, n: int = 5) -> dict[tuple[int,
     ``{(layer, head): {"q": [[layer_a, head_a, score], ...], "k": ..., "v": ...}}``."""
     from headclass.scores.composition import composition_scores
 
-    # The cards are a side dish: their Gram matrices may take a quarter of the weights' memory
-    # (more passes, the same scores), not the 2 GiB composition_scores allows by default.
+    # The cards are a side dish: their Gram matrices (float32) may take a quarter of the
+    # weights' float32 size (more passes, the same scores; SmolLM2: as fast as with 2 GiB), not
+    # the 2 GiB composition_scores allows by default.
     budget = max(1 << 26, _weight_bytes(model) // 4)
     scores = composition_scores(model, memory_bytes=budget)
     L, H = int(model.n_layers), int(model.n_heads)
