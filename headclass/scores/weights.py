@@ -253,6 +253,25 @@ def r_factor(weight: Tensor) -> Tensor:
     return torch.linalg.qr(_f32(weight), mode="r")[1]
 
 
+def _shared_r_factor(weight: Tensor, n_kv: int) -> Tensor:
+    """:func:`r_factor` of ``[head, m, n]`` weights whose heads come in ``n_kv`` groups of equal
+    copies (grouped-query keys / values, expanded as :class:`HeadModel` does with
+    ``repeat_interleave``): one QR per group, the same factors. Other counts: per head."""
+    n_heads = weight.shape[0]
+    if n_kv <= 0 or n_kv >= n_heads or n_heads % n_kv:
+        return r_factor(weight)
+    group = n_heads // n_kv
+    firsts = weight[::group]
+    if not torch.equal(weight, firsts.repeat_interleave(group, dim=0)):  # not an expansion after all
+        return r_factor(weight)
+    return r_factor(firsts).repeat_interleave(group, dim=0)
+
+
+def _n_kv(model: HeadModelLike) -> int:
+    value = getattr(model, "n_key_value_heads", None)
+    return int(value) if isinstance(value, int) else 0
+
+
 def _check_fraction(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
         raise ScoreError(f"The {name!r} parameter must be a float in [0, 1). Got {value!r}.")
@@ -378,8 +397,7 @@ def _topk_counts(
     n_vocab, n = int(W_U.shape[1]), int(tokens.numel())
     generator = torch.Generator().manual_seed(int(seed))
     first = torch.randperm(n_vocab, generator=generator)[: min(n_vocab, 1024)].to(W_U.device)
-    order = torch.randperm(n, generator=generator).to(tokens.device)
-    tokens = tokens[order]
+    tokens = tokens[torch.randperm(n, generator=generator).to(tokens.device)]  # rounds: prefixes
     screen_dtype = _screen_dtype(W_U.device)
     error = _screen_error(int(model.d_model), screen_dtype, W_U.dtype)
     norms = torch.cat([_f32(W_U[:, a : a + 16384]).norm(dim=0) for a in range(0, n_vocab, 16384)])
@@ -923,9 +941,12 @@ def ov_gain_scores(
 # -- 3. singular values, identity-likeness -----------------------------------------------------
 
 
-def _svdvals(left: Tensor, right: Tensor) -> Tensor:
-    """Singular values of ``left @ right^T`` for ``left, right: [head, d_model, d_head]``."""
-    return torch.linalg.svdvals(r_factor(left) @ r_factor(right).mT)
+def _svdvals(left: Tensor, right: Tensor, n_kv: int = 0, shared: str = "") -> Tensor:
+    """Singular values of ``left @ right^T`` for ``left, right: [head, d_model, d_head]``;
+    ``shared`` names the side (``"left"``/``"right"``) holding grouped-query copies."""
+    r_left = _shared_r_factor(left, n_kv) if shared == "left" else r_factor(left)
+    r_right = _shared_r_factor(right, n_kv) if shared == "right" else r_factor(right)
+    return torch.linalg.svdvals(r_left @ r_right.mT)
 
 
 def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tensor:
@@ -934,8 +955,12 @@ def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     With ``W_V = Q_V R_V`` and ``W_O^T = Q_O R_O`` (thin QR, :func:`r_factor`),
     ``W_OV = Q_V (R_V R_O^T) Q_O^T``, so its singular values are those of the ``d_head x d_head`` matrix ``R_V R_O^T``.
     """
+    n_kv = _n_kv(model)
     return torch.stack(
-        [_svdvals(model.W_V[layer], model.W_O[layer].mT) for layer in _layers(model, "OV spectra", progress)]
+        [
+            _svdvals(model.W_V[layer], model.W_O[layer].mT, n_kv, "left")
+            for layer in _layers(model, "OV spectra", progress)
+        ]
     )
 
 
@@ -944,8 +969,12 @@ def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
 
     Via ``R_Q R_K^T`` as in :func:`ov_singular_values`. Grouped-query key heads are expanded.
     """
+    n_kv = _n_kv(model)
     return torch.stack(
-        [_svdvals(model.W_Q[layer], model.W_K[layer]) for layer in _layers(model, "QK spectra", progress)]
+        [
+            _svdvals(model.W_Q[layer], model.W_K[layer], n_kv, "right")
+            for layer in _layers(model, "QK spectra", progress)
+        ]
     )
 
 
@@ -1042,7 +1071,7 @@ def ov_svd_scores(
     )
     frobenius_sq = torch.stack(
         [
-            (r_factor(model.W_V[layer].double()) @ model.W_O[layer].double()).pow(2).sum((-2, -1))
+            (_shared_r_factor(model.W_V[layer].double(), _n_kv(model)) @ model.W_O[layer].double()).pow(2).sum((-2, -1))
             for layer in range(model.n_layers)
         ]
     )

@@ -402,6 +402,19 @@ def test_sequential_sample_goes_on_near_a_threshold():
         topk_copy_scores(fake, tokens=tokens, stop_at=(0.5, 0.5), first_sample=0)
 
 
+def test_grouped_query_heads_share_their_qr_factors(tiny_qwen2_dir):
+    """One QR per key/value group gives exactly the per-head factors, hence the same spectra."""
+    model = headclass.load_model(tiny_qwen2_dir)
+    assert model.n_key_value_heads < model.n_heads
+    for layer in range(model.n_layers):
+        for weight in (model.W_K[layer], model.W_V[layer]):
+            assert torch.equal(weights._shared_r_factor(weight, model.n_key_value_heads), weights.r_factor(weight))
+        expected = torch.linalg.svdvals(weights.r_factor(model.W_Q[layer]) @ weights.r_factor(model.W_K[layer]).mT)
+        assert torch.equal(qk_singular_values(model)[layer], expected)
+    distinct = torch.randn(6, 10, 4)  # not copies: every head its own QR
+    assert torch.equal(weights._shared_r_factor(distinct, 2), weights.r_factor(distinct))
+
+
 def test_token_sample_is_seeded_and_skips_special_tokens(tiny_gpt2):
     a = copy_token_sample(tiny_gpt2, 40, seed=3)
     assert torch.equal(a, copy_token_sample(tiny_gpt2, 40, seed=3))
