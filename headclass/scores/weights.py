@@ -674,6 +674,14 @@ def _top_and_bottom(
     return in_top, in_bottom
 
 
+def _unembed_rows(W_U: Tensor, columns: Tensor) -> Tensor:
+    """Columns of ``W_U`` ``[d_model, vocab]`` as float32 rows ``[n, d_model]``, gathered along
+    memory: the bridge's ``W_U`` is a transposed view of the ``[vocab, d_model]`` unembedding."""
+    if W_U.stride(0) == 1:
+        return _f32(W_U.mT.index_select(0, columns))
+    return _f32(W_U.index_select(1, columns)).mT
+
+
 def _recheck(
     projected: Tensor,
     own: Tensor,
@@ -703,7 +711,7 @@ def _recheck(
         below += less
         pair, column = ((logits > low) & (logits < high)).nonzero().unbind(1)
         if pair.numel():
-            exact = (projected[pair] * _f32(W_U[:, order[start + column]]).mT).sum(-1)
+            exact = (projected[pair] * _unembed_rows(W_U, order[start + column])).sum(-1)
             above.index_add_(0, pair, (exact >= own[pair]).long())
             below.index_add_(0, pair, (exact <= own[pair]).long())
     return above < top_k, below < top_k
