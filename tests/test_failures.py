@@ -174,7 +174,10 @@ def test_broken_patterns_fail_the_pass_that_saw_them(tiny_dir, hook_point, how):
 
 def test_pattern_check_rules():
     from headclass.errors import ScoreError
-    from headclass.loading.head_model import _check_pattern
+    from headclass.loading.head_model import _check_patterns, _pattern_check
+
+    def _check_pattern(pattern, layer, name, sinks=False):  # one layer, as a pattern hook checks it
+        _check_patterns({layer: _pattern_check(pattern, sinks)}, name)
 
     good = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)
     _check_pattern(good, 0, "m")

@@ -111,57 +111,42 @@ def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
     return weight.repeat_interleave(n_heads // n_kv, dim=1)
 
 
-def _row_sums(pattern: Tensor) -> Tensor:
-    """``[batch, head, query]`` float32 sums of a pattern's rows (NaN / inf propagate). A
-    device op: no host sync, so it may run inside a hook."""
-    return pattern.detach().sum(dim=-1, dtype=torch.float32)
-
-
-def _bad_rows(sums: Tensor, dtype: torch.dtype, sinks: bool) -> Tensor:
-    """Rows that are not finite or do not sum to 1 within a tolerance for ``dtype`` (with
-    attention sinks, GPT-OSS: to a share in (0, 1]); ``sums`` as :func:`_row_sums` gives."""
-    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 2e-2
+def _pattern_check(pattern: Tensor, sinks: bool = False) -> tuple[Tensor, Tensor]:
+    """``(sums, bad)``, both ``[batch, head, query]``: a pattern's row sums in float32 (NaN / inf
+    propagate) and the rows that are not finite or do not sum to 1 within a tolerance for its
+    dtype (with attention sinks, GPT-OSS: to a share in (0, 1]). Device ops only, no host sync:
+    it runs inside the pattern hooks; :func:`_check_patterns` reads the results afterwards."""
+    sums = pattern.detach().sum(dim=-1, dtype=torch.float32)
+    tol = 1e-3 if pattern.dtype in (torch.float32, torch.float64) else 2e-2
     if sinks:  # a learned sink logit takes part of each row's mass
-        return ~((sums > 0) & (sums <= 1 + tol))  # also True for NaN sums
-    return ~((sums - 1).abs() <= tol)
+        return sums, ~((sums > 0) & (sums <= 1 + tol))  # also True for NaN sums
+    return sums, ~((sums - 1).abs() <= tol)
 
 
-def _raise_bad_rows(sums: Tensor, bad: Tensor, layer: int, name: str) -> None:
-    per_head = bad.any(dim=0).any(dim=-1)  # [head]
-    head = int(per_head.nonzero()[0, 0])
-    worst = sums[:, head][bad[:, head]]
-    finite = bool(torch.isfinite(worst).all())
-    what = "is not finite (NaN or inf)" if not finite else f"has rows that do not sum to 1 (e.g. {float(worst[0]):.4g})"
-    raise ScoreError(
-        f"model {name!r}: the attention pattern of layer {layer} head {head} {what}; the model "
-        "produces non-finite or broken activations there (check its weights and dtype: float16 "
-        "can overflow, use --dtype float32). No table was made."
-    )
-
-
-def _check_pattern(pattern: Tensor, layer: int, name: str, sinks: bool = False) -> None:
-    """Raise ScoreError unless ``pattern`` ``[batch, head, query, key]`` is finite and its rows
-    sum to 1 within a dtype tolerance (with attention sinks, GPT-OSS: to a share in (0, 1]).
-    One host sync (``.item()``) when all is well."""
-    with torch.no_grad():
-        sums = _row_sums(pattern)
-        bad = _bad_rows(sums, pattern.dtype, sinks)
-        if bool(bad.any().item()):
-            _raise_bad_rows(sums, bad, layer, name)
-
-
-def _check_patterns(sums: dict[int, Tensor], dtype: torch.dtype, name: str, sinks: bool) -> None:
-    """:func:`_check_pattern` for every layer's row sums at once, after the pass: one host sync
-    in all (a GPU run keeps its hooks free of host round trips)."""
-    if not sums:
+def _check_patterns(checks: dict[int, tuple[Tensor, Tensor]], name: str) -> None:
+    """Raise ScoreError naming the first layer (and head) whose :func:`_pattern_check` found a
+    broken row; one host sync for all layers, after the pass."""
+    if not checks:
         return
     with torch.no_grad():
-        layers = sorted(sums)
-        bad = {layer: _bad_rows(sums[layer], dtype, sinks) for layer in layers}
-        flags = torch.stack([bad[layer].any() for layer in layers]).cpu()
+        layers = sorted(checks)
+        flags = torch.stack([checks[layer][1].any() for layer in layers]).cpu()
         for layer, flag in zip(layers, flags.tolist()):
-            if flag:
-                _raise_bad_rows(sums[layer], bad[layer], layer, name)
+            if not flag:
+                continue
+            sums, bad = checks[layer]
+            head = int(bad.any(dim=0).any(dim=-1).nonzero()[0, 0])
+            worst = sums[:, head][bad[:, head]]
+            what = (
+                f"has rows that do not sum to 1 (e.g. {float(worst[0]):.4g})"
+                if bool(torch.isfinite(worst).all())
+                else "is not finite (NaN or inf)"
+            )
+            raise ScoreError(
+                f"model {name!r}: the attention pattern of layer {layer} head {head} {what}; the model "
+                "produces non-finite or broken activations there (check its weights and dtype: float16 "
+                "can overflow, use --dtype float32). No table was made."
+            )
 
 
 def check_finite_weights(model: "HeadModelLike") -> None:
@@ -542,13 +527,11 @@ class HeadModel:
             return
 
         sinks = self._has_attention_sinks()
-        row_sums: dict[int, Tensor] = {}
-        dtypes: list[torch.dtype] = []
+        checks: dict[int, tuple[Tensor, Tensor]] = {}
 
         def make_hook(layer: int) -> Callable[[Tensor, Any], None]:
             def hook(pattern: Tensor, hook: Any) -> None:
-                row_sums[layer] = _row_sums(pattern)
-                dtypes[:1] = [pattern.dtype]
+                checks[layer] = _pattern_check(pattern, sinks)
                 callback(layer, pattern.detach())
                 if layer == wanted[-1]:
                     raise _PatternsDone  # nothing after this pattern is needed
@@ -565,11 +548,9 @@ class HeadModel:
             except _PatternsDone:
                 pass
             except Exception:  # a callback failed: a broken pattern is the better message
-                if dtypes:
-                    _check_patterns(row_sums, dtypes[0], self.name, sinks)
+                _check_patterns(checks, self.name)
                 raise
-            if dtypes:
-                _check_patterns(row_sums, dtypes[0], self.name, sinks)
+            _check_patterns(checks, self.name)
 
     def _has_attention_sinks(self) -> bool:
         """Whether attention has learned sink logits (GPT-OSS), so pattern rows sum to <= 1."""
