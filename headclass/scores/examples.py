@@ -60,7 +60,7 @@ from torch import Tensor
 from headclass.errors import ScoreError
 from headclass.loading.head_model import HeadModelLike
 from headclass.probes import Probe, token_sample
-from headclass.scores.weights import _f32, _screen_dtype
+from headclass.scores.weights import _VOCAB_BLOCK, _f32, _screen_dtype
 
 __all__ = [
     "EVIDENCE_VERSION",
@@ -283,10 +283,6 @@ def _source_embedding(model: HeadModelLike, tokens: Tensor) -> tuple[Tensor, str
         except (ScoreError, TypeError, AttributeError):
             pass
     return model.W_E[tokens.to(model.W_E.device)].float(), "W_E"
-
-
-# Vocabulary columns per block in ov_token_effects: [head, source, block] float32 logits at a time.
-_VOCAB_BLOCK = 16384
 
 
 def _merge_top(

@@ -75,7 +75,7 @@ torch.Size([30, 9])
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -223,6 +223,9 @@ _RANK_RTOL = 1e-4
 # Bytes of one block of logits in the top-k copy scores (bounds memory, keeps blocks in cache).
 _TOPK_BLOCK_BYTES = 1 << 25
 
+# Vocabulary columns per block wherever a whole-vocabulary product is reduced on the fly.
+_VOCAB_BLOCK = 16384
+
 
 # -- shared helpers ----------------------------------------------------------------------------
 
@@ -310,7 +313,7 @@ def _embedding(model: HeadModelLike, effective: bool) -> Tensor:
     return effective_embedding(model) if effective else model.W_E
 
 
-def _unembed_embed(W_U: Tensor, embedding: Tensor, block: int = 16384) -> Tensor:
+def _unembed_embed(W_U: Tensor, embedding: Tensor, block: int = _VOCAB_BLOCK) -> Tensor:
     """``W_U @ embedding`` ``[d_model, d_model]`` in float32, ``block`` vocabulary rows at a time."""
     out = torch.zeros(W_U.shape[0], embedding.shape[1], dtype=torch.float32, device=W_U.device)
     for start in range(0, W_U.shape[1], block):
@@ -394,26 +397,11 @@ def _topk_counts(
     both of its fractions are clear of their thresholds (:meth:`_StopRule.settled`).
     """
     W_U = model.W_U  # model dtype: no float32 copy is made
-    n_vocab, n = int(W_U.shape[1]), int(tokens.numel())
+    n = int(tokens.numel())
     generator = torch.Generator().manual_seed(int(seed))
-    first = torch.randperm(n_vocab, generator=generator)[: min(n_vocab, 1024)].to(W_U.device)
+    screen = _Screen.build(model, generator)
     tokens = tokens[torch.randperm(n, generator=generator).to(tokens.device)]  # rounds: prefixes
-    screen_dtype = _screen_dtype(W_U.device)
-    error = _screen_error(int(model.d_model), screen_dtype, W_U.dtype)
-    norms = torch.cat([_f32(W_U[:, a : a + 16384]).norm(dim=0) for a in range(0, n_vocab, 16384)])
-    if W_U.dtype == screen_dtype:  # the model's own W_U, no copy
-        screen, order = W_U, torch.arange(n_vocab, device=W_U.device)
-    else:  # a copy in the screen dtype, columns by falling norm: tight margins block by block
-        order = norms.argsort(descending=True)
-        screen = torch.empty(W_U.shape, dtype=screen_dtype, device=W_U.device)
-        for a in range(0, n_vocab, 16384):
-            screen[:, a : a + 16384] = W_U[:, order[a : a + 16384]]
-        norms = norms[order]
-    place = torch.empty_like(order)  # W_U column -> screen column
-    place[order] = torch.arange(n_vocab, device=order.device)
     bounds = stop.rounds(n) if stop is not None else [n]
-    work = int(model.n_layers) * int(model.n_heads) * n_vocab
-    count = _fused_counter() if work >= _FUSE_MIN_WORK else _count_beyond_eager
     sources = _f32(embedding[tokens])  # [sample, d_model]
     own_unembed = _f32(W_U[:, tokens.to(W_U.device)])  # [d_model, sample]
     shape = (int(model.n_layers), int(model.n_heads))
@@ -433,15 +421,9 @@ def _topk_counts(
             in_top, in_bottom = _top_and_bottom(
                 projected.flatten(0, 1),
                 own.flatten(),
-                place[tokens[start:end]].repeat(heads.numel()),
-                W_U,
+                screen.place[tokens[start:end]].repeat(heads.numel()),
                 screen,
-                order,
-                first,
-                error,
-                norms,
                 top_k,
-                count,
             )
             copies[layer, heads] += in_top.view(heads.numel(), -1).sum(-1).cpu()
             suppressions[layer, heads] += in_bottom.view(heads.numel(), -1).sum(-1).cpu()
@@ -569,36 +551,77 @@ def _round_away(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
     return torch.where(short, torch.nextafter(rounded, limit), rounded)
 
 
+class _Screen(NamedTuple):
+    """The unembedding as the top-k ranking reads it, built once per :func:`_topk_counts` call.
+
+    ``W_U`` ``[d_model, vocab]``: the reference (float32 logits of it decide); ``columns``: the
+    same in the screen dtype (:func:`_screen_dtype`), column ``j`` being ``W_U``'s ``order[j]``;
+    ``place``: the inverse (``W_U`` column -> screen column); ``norms`` ``[vocab]``: the column
+    norms of ``columns``; ``first`` ``[m]``: random screen columns ranked first, ``first_block``
+    their columns, ``in_first`` ``[vocab]`` each column's slot in them (-1: not among them);
+    ``error``: :func:`_screen_error` (zeros: the screen is float32, exact); ``counter``:
+    :func:`_count_beyond_eager` or :func:`_fused_counter`.
+    """
+
+    W_U: Tensor
+    columns: Tensor
+    order: Tensor
+    place: Tensor
+    norms: Tensor
+    first: Tensor
+    first_block: Tensor
+    in_first: Tensor
+    error: tuple[float, float]
+    counter: Counter
+
+    @classmethod
+    def build(cls, model: HeadModelLike, generator: torch.Generator) -> "_Screen":
+        """The screen of ``model.W_U``; ``first`` is the generator's next permutation of the
+        vocabulary (1024 columns)."""
+        W_U = model.W_U
+        n_vocab = int(W_U.shape[1])
+        first = torch.randperm(n_vocab, generator=generator)[: min(n_vocab, 1024)].to(W_U.device)
+        dtype = _screen_dtype(W_U.device)
+        blocks = range(0, n_vocab, _VOCAB_BLOCK)
+        norms = torch.cat([_f32(W_U[:, a : a + _VOCAB_BLOCK]).norm(dim=0) for a in blocks])
+        if W_U.dtype == dtype or dtype == torch.float32:  # the model's own W_U (blocks upcast), no copy
+            columns, order = W_U, torch.arange(n_vocab, device=W_U.device)
+        else:  # a copy in the screen dtype, columns by falling norm: tight margins block by block
+            order = norms.argsort(descending=True)
+            columns = torch.empty(W_U.shape, dtype=dtype, device=W_U.device)
+            for a in blocks:
+                columns[:, a : a + _VOCAB_BLOCK] = W_U[:, order[a : a + _VOCAB_BLOCK]]
+            norms = norms[order]
+        place = torch.empty_like(order)
+        place[order] = torch.arange(n_vocab, device=order.device)
+        in_first = torch.full((n_vocab,), -1, dtype=torch.long, device=W_U.device)
+        in_first[first] = torch.arange(first.numel(), device=W_U.device)
+        work = int(model.n_layers) * int(model.n_heads) * n_vocab
+        counter = _fused_counter() if work >= _FUSE_MIN_WORK else _count_beyond_eager
+        error = _screen_error(int(model.d_model), dtype, W_U.dtype)
+        return cls(W_U, columns, order, place, norms, first, columns[:, first], in_first, error, counter)
+
+
 def _top_and_bottom(
     projected: Tensor,
     own: Tensor,
     own_columns: Tensor,
-    W_U: Tensor,
-    screen: Tensor,
-    order: Tensor,
-    first: Tensor,
-    error: tuple[float, float],
-    norms: Tensor,
+    screen: _Screen,
     top_k: int,
-    count: Counter = _count_beyond_eager,
 ) -> tuple[Tensor, Tensor]:
     """Is each pair's own logit among the ``top_k`` largest (smallest) of the vocabulary?
 
     ``projected``: ``[pair, d_model]`` float32, a sampled embedding through ``W_V W_O``;
-    ``own``: ``[pair]`` its logit for its own token, whose column ``own_columns`` ``[pair]`` of
-    ``screen`` is left out of the ranking; ``W_U``: ``[d_model, vocab]`` (the reference: float32
-    logits of it decide); ``screen``: its columns ``order`` ``[vocab]``, in the screen dtype (may
-    be ``W_U`` itself); ``first``: ``[m]`` random columns of ``screen`` ranked first;
-    ``error``: :func:`_screen_error` (zeros: the screen is float32, exact); ``norms``:
-    ``[vocab]`` the column norms of ``screen``; ``count``: :func:`_count_beyond_eager` or
-    :func:`_fused_counter`. Returns two ``[pair]`` bool tensors, what float32 logits of every
-    column give (ties never help: ``>=`` counts against).
+    ``own``: ``[pair]`` its logit for its own token, whose screen column ``own_columns``
+    ``[pair]`` is left out of the ranking; ``screen``: :class:`_Screen`. Returns two ``[pair]``
+    bool tensors, what float32 logits of every column give (ties never help: ``>=`` counts
+    against).
 
     Every pair meets the ``first`` columns (a fair sample of the vocabulary), then the rest in
     blocks, and a pair with ``top_k`` logits surely on each side of its own is dropped as soon
     as that is so: it can be in neither list. So only pairs really near the top or the bottom
     meet the whole vocabulary. A bfloat16 screen knows each logit near ``own`` within
-    ``m = a |p| w + b (|own| + a |p| w)`` (``(a, b) = error``, ``w`` the largest column norm of
+    ``m = a |p| w + b (|own| + a |p| w)`` (``(a, b) = screen.error``, ``w`` the largest column norm of
     the block at hand): "surely above" is
     ``>= own + m``, "surely below" ``<= own - m`` (both rounded outwards),
     and a pair left undecided (fewer than ``top_k`` surely above, ``top_k`` or more possibly
@@ -606,10 +629,11 @@ def _top_and_bottom(
     settled by the float32 logits of the columns within its margin (:func:`_recheck`).
     """
     n_pairs = projected.shape[0]
-    n_vocab = screen.shape[1]
+    n_vocab = screen.columns.shape[1]
     device = projected.device
+    error, norms = screen.error, screen.norms
     exact = not error[0]
-    left = projected if exact else projected.to(screen.dtype)
+    left = projected if exact else projected.to(screen.columns.dtype)
     size = projected.norm(dim=1)
 
     def bounds(rows: Tensor, wmax: Tensor) -> tuple[Tensor, Tensor]:
@@ -619,14 +643,12 @@ def _top_and_bottom(
         margin = inputs + error[1] * (own[rows].abs() + inputs)
         # Strictly beyond the margin, in the screen's dtype: the complement of "surely below"
         # (<= low) is then "possibly above", and likewise the other way.
-        high = _round_away(own[rows] + margin, screen.dtype, up=True)
-        low = _round_away(own[rows] - margin, screen.dtype, up=False)
+        high = _round_away(own[rows] + margin, screen.columns.dtype, up=True)
+        low = _round_away(own[rows] - margin, screen.columns.dtype, up=False)
         return high[:, None], low[:, None]
 
     above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # surely >= own
     below = torch.zeros_like(above)  # surely <= own
-    in_first = torch.full((n_vocab,), -1, dtype=torch.long, device=device)  # column -> slot in first
-    in_first[first] = torch.arange(first.numel(), device=device)
 
     def tally(
         rows: Tensor, rows_left: Tensor, block: Tensor, wmax: Tensor, offset: Tensor, ranked_already: Optional[Tensor]
@@ -639,12 +661,13 @@ def _top_and_bottom(
             logits[:, ranked_already] = math.nan
         mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
         logits[mine, offset[mine]] = math.nan  # never counts itself (NaN compares false)
-        more, less = count(logits, high, low)
+        more, less = screen.counter(logits, high, low)
         above[rows] += more
         below[rows] += less
 
     rows, rows_left = torch.arange(n_pairs, device=device), left
-    tally(rows, rows_left, screen[:, first], norms[first].max(), in_first[own_columns], None)
+    first_max = norms[screen.first].max()
+    tally(rows, rows_left, screen.first_block, first_max, screen.in_first[own_columns], None)
     start = 0
     while start < n_vocab:
         still = (above[rows] < top_k) | (below[rows] < top_k)
@@ -659,7 +682,7 @@ def _top_and_bottom(
         stop = min(n_vocab, start + max(256, _TOPK_BLOCK_BYTES // (4 * rows.numel())))
         columns = slice(start, stop)
         offset = own_columns[rows] - start
-        tally(rows, rows_left, screen[:, columns], norms[columns].max(), offset, in_first[columns] >= 0)
+        tally(rows, rows_left, screen.columns[:, columns], norms[columns].max(), offset, screen.in_first[columns] >= 0)
         start = stop
     in_top, in_bottom = above < top_k, below < top_k
     if not exact:
@@ -669,7 +692,7 @@ def _top_and_bottom(
         if unsure.numel():
             thresholds = bounds(unsure, norms.max())
             in_top[unsure], in_bottom[unsure] = _recheck(
-                projected[unsure], own[unsure], own_columns[unsure], W_U, screen, order, thresholds, top_k, count
+                projected[unsure], own[unsure], own_columns[unsure], screen, thresholds, top_k
             )
     return in_top, in_bottom
 
@@ -683,35 +706,27 @@ def _unembed_rows(W_U: Tensor, columns: Tensor) -> Tensor:
 
 
 def _recheck(
-    projected: Tensor,
-    own: Tensor,
-    own_columns: Tensor,
-    W_U: Tensor,
-    screen: Tensor,
-    order: Tensor,
-    thresholds: tuple[Tensor, Tensor],
-    top_k: int,
-    count: Counter = _count_beyond_eager,
+    projected: Tensor, own: Tensor, own_columns: Tensor, screen: _Screen, thresholds: tuple[Tensor, Tensor], top_k: int
 ) -> tuple[Tensor, Tensor]:
     """Exact decisions for screened pairs (arguments as :func:`_top_and_bottom`'s): screened
     logits beyond ``thresholds`` (``high``, ``low``: ``[pair, 1]``, the margins with the largest
     column norm) are sure; the few within are compared in float32, column by column."""
     high, low = thresholds
-    left = projected.to(screen.dtype)
+    left = projected.to(screen.columns.dtype)
     above = torch.zeros(projected.shape[0], dtype=torch.int64, device=projected.device)
     below = torch.zeros_like(above)
     step = max(256, _TOPK_BLOCK_BYTES // (4 * max(1, projected.shape[0])))
-    for start in range(0, screen.shape[1], step):
-        logits = left @ screen[:, start : start + step]
+    for start in range(0, screen.columns.shape[1], step):
+        logits = left @ screen.columns[:, start : start + step]
         offset = own_columns - start
         mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
         logits[mine, offset[mine]] = math.nan  # never counts itself
-        more, less = count(logits, high, low)
+        more, less = screen.counter(logits, high, low)
         above += more
         below += less
         pair, column = ((logits > low) & (logits < high)).nonzero().unbind(1)
         if pair.numel():
-            exact = (projected[pair] * _unembed_rows(W_U, order[start + column])).sum(-1)
+            exact = (projected[pair] * _unembed_rows(screen.W_U, screen.order[start + column])).sum(-1)
             above.index_add_(0, pair, (exact >= own[pair]).long())
             below.index_add_(0, pair, (exact <= own[pair]).long())
     return above < top_k, below < top_k
@@ -949,11 +964,9 @@ def ov_gain_scores(
 # -- 3. singular values, identity-likeness -----------------------------------------------------
 
 
-def _svdvals(left: Tensor, right: Tensor, n_kv: int = 0, shared: str = "") -> Tensor:
-    """Singular values of ``left @ right^T`` for ``left, right: [head, d_model, d_head]``;
-    ``shared`` names the side (``"left"``/``"right"``) holding grouped-query copies."""
-    r_left = _shared_r_factor(left, n_kv) if shared == "left" else r_factor(left)
-    r_right = _shared_r_factor(right, n_kv) if shared == "right" else r_factor(right)
+def _svdvals(r_left: Tensor, r_right: Tensor) -> Tensor:
+    """Singular values of ``left @ right^T`` (``[head, d_model, d_head]`` each) from their
+    :func:`r_factor` ``R``s: those of ``R_left R_right^T``."""
     return torch.linalg.svdvals(r_left @ r_right.mT)
 
 
@@ -966,7 +979,7 @@ def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     n_kv = _n_kv(model)
     return torch.stack(
         [
-            _svdvals(model.W_V[layer], model.W_O[layer].mT, n_kv, "left")
+            _svdvals(_shared_r_factor(model.W_V[layer], n_kv), r_factor(model.W_O[layer].mT))
             for layer in _layers(model, "OV spectra", progress)
         ]
     )
@@ -980,7 +993,7 @@ def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     n_kv = _n_kv(model)
     return torch.stack(
         [
-            _svdvals(model.W_Q[layer], model.W_K[layer], n_kv, "right")
+            _svdvals(r_factor(model.W_Q[layer]), _shared_r_factor(model.W_K[layer], n_kv))
             for layer in _layers(model, "QK spectra", progress)
         ]
     )
