@@ -180,16 +180,22 @@ class ExampleCollector:
         self._top[slot] = found
 
     # -- results ---------------------------------------------------------------------------
+    def _host_top(self, slot: tuple[str, int]) -> Optional[dict[str, Tensor]]:
+        """A slot's kept examples on the host, moved there once (the pass kept them on its device)."""
+        found = self._top.get(slot)
+        if found is not None and found["weight"].device.type != "cpu":
+            found = self._top[slot] = {key: value.cpu() for key, value in found.items()}
+        return found
+
     def examples(
         self, layer: int, head: int, *, context: int = 8, local_window: int = 4
     ) -> dict[str, list[dict[str, Any]]]:
         """The head's examples per probe (strongest first), as the evidence document holds them."""
         out: dict[str, list[dict[str, Any]]] = {}
         for name, probe in self.probes.items():
-            top = self._top.get((name, int(layer)))
+            top = self._host_top((name, int(layer)))
             if top is None:
                 continue
-            top = {key: value.cpu() for key, value in top.items()}
             tokens = probe.tokens
             records = []
             order = top["weight"][head].argsort(descending=True, stable=True)
@@ -375,23 +381,15 @@ def composition_cost(model: HeadModelLike) -> float:
     return 1.5 * heads * heads * float(model.d_model) ** 2
 
 
-def _weight_bytes(model: HeadModelLike) -> int:
-    """Bytes of the model's parameters in float32 (0 for a fake without ``parameters()``)."""
-    parameters = getattr(getattr(model, "tl_model", None), "parameters", None)
-    if not callable(parameters):
-        return 0
-    return sum(4 * p.numel() for p in parameters())
-
-
 def composition_partners(model: HeadModelLike, *, n: int = 5) -> dict[tuple[int, int], dict[str, list]]:
     """Each head's ``n`` strongest Q-, K- and V-composition partners among earlier heads:
     ``{(layer, head): {"q": [[layer_a, head_a, score], ...], "k": ..., "v": ...}}``."""
     from headclass.scores.composition import composition_scores
 
-    # The cards are a side dish: their Gram matrices (float32) may take a quarter of the
-    # weights' float32 size (more passes, the same scores; SmolLM2: as fast as with 2 GiB), not
-    # the 2 GiB composition_scores allows by default.
-    budget = max(1 << 26, _weight_bytes(model) // 4)
+    # The cards are a side dish: their Gram matrices (float32) may take as many bytes as the
+    # model has parameters, a quarter of its float32 size (more passes, the same scores; SmolLM2:
+    # as fast as with 2 GiB), not the 2 GiB composition_scores allows by default.
+    budget = max(1 << 26, int(getattr(model, "n_params", 0) or 0))
     scores = composition_scores(model, memory_bytes=budget)
     L, H = int(model.n_layers), int(model.n_heads)
     out: dict[tuple[int, int], dict[str, list]] = {(lb, hb): {} for lb in range(L) for hb in range(H)}
