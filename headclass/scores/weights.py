@@ -75,7 +75,7 @@ torch.Size([30, 9])
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -222,6 +222,9 @@ _RANK_RTOL = 1e-4
 
 # Bytes of one block of logits in the top-k copy scores (bounds memory, keeps blocks in cache).
 _TOPK_BLOCK_BYTES = 1 << 25
+# Bytes of (head, token) pairs ranked at once (float32 rows of d_model): the unembedding is
+# read once per batch of them.
+_TOPK_PAIR_BYTES = 1 << 27
 
 # Vocabulary columns per block wherever a whole-vocabulary product is reduced on the fly.
 _VOCAB_BLOCK = 16384
@@ -236,12 +239,15 @@ def _f32(x: Tensor) -> Tensor:
 
 
 def _layers(model: HeadModelLike, desc: str, progress: bool) -> Iterable[int]:
-    layers = range(int(model.n_layers))
+    return _progress(range(int(model.n_layers)), desc, progress)
+
+
+def _progress(items: Sequence[int], desc: str, progress: bool) -> Iterable[int]:
     if not progress:
-        return layers
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(layers, desc=desc, leave=False)
+    return tqdm(items, desc=desc, leave=False)
 
 
 def r_factor(weight: Tensor) -> Tensor:
@@ -394,7 +400,10 @@ def _topk_counts(
 
     Without ``stop`` every head ranks every token. With it, tokens come in rounds (a seeded
     random order; ``stop.first`` tokens, then doubling) and a head stops after the round where
-    both of its fractions are clear of their thresholds (:meth:`_StopRule.settled`).
+    both of its fractions are clear of their thresholds (:meth:`_StopRule.settled`). The pairs
+    of a round are ranked together across layers, up to ``_TOPK_PAIR_BYTES`` of them at a
+    time: each ranking reads the whole unembedding, so few rows per read would leave the
+    matrix products waiting on memory.
     """
     W_U = model.W_U  # model dtype: no float32 copy is made
     n = int(tokens.numel())
@@ -408,30 +417,56 @@ def _topk_counts(
     copies = torch.zeros(shape, dtype=torch.long)
     suppressions = torch.zeros_like(copies)
     ranked = torch.zeros_like(copies)
-    for layer in _layers(model, "top-k copy", progress):
-        W_V, W_O = _f32(model.W_V[layer]), _f32(model.W_O[layer])
-        heads = torch.arange(shape[1])
-        start = 0
-        for end in bounds:
+    open_heads = torch.ones(shape, dtype=torch.bool)
+    budget = max(1, _TOPK_PAIR_BYTES // (4 * int(model.d_model)))
+    start = 0
+    for end in _progress(bounds, "top-k copy", progress):
+        own_columns = screen.place[tokens[start:end]]  # the round's tokens, screen columns
+        batch: list[tuple[int, Tensor, Tensor, Tensor]] = []  # layer, heads, projected, own
+        for layer in range(shape[0]):
+            heads = open_heads[layer].nonzero().squeeze(1)
             if not heads.numel():
-                break
+                continue
+            W_V, W_O = _f32(model.W_V[layer]), _f32(model.W_O[layer])
             # [head, token, d_model]: the head's output when it attends to each token
             projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
             own = (projected * own_unembed[:, start:end].mT).sum(-1)
-            in_top, in_bottom = _top_and_bottom(
-                projected.flatten(0, 1),
-                own.flatten(),
-                screen.place[tokens[start:end]].repeat(heads.numel()),
-                screen,
-                top_k,
-            )
-            copies[layer, heads] += in_top.view(heads.numel(), -1).sum(-1).cpu()
-            suppressions[layer, heads] += in_bottom.view(heads.numel(), -1).sum(-1).cpu()
-            ranked[layer, heads] = end
-            start = end
-            if stop is not None:
-                heads = heads[~stop.settled(copies[layer, heads], suppressions[layer, heads], end)]
+            batch.append((layer, heads, projected, own))
+            if sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) >= budget:
+                _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
+                batch = []
+        if batch:
+            _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
+        ranked[open_heads] = end
+        if stop is not None:
+            open_heads[open_heads.clone()] = ~stop.settled(copies[open_heads], suppressions[open_heads], end)
+        start = end
+        if not open_heads.any():
+            break
     return copies, suppressions, ranked
+
+
+def _rank_batch(
+    batch: list[tuple[int, Tensor, Tensor, Tensor]],
+    own_columns: Tensor,
+    screen: "_Screen",
+    top_k: int,
+    copies: Tensor,
+    suppressions: Tensor,
+) -> None:
+    """Ranks a batch of ``(layer, heads, projected [head, token, d_model], own [head, token])``
+    (one round's tokens, whose screen columns are ``own_columns`` ``[token]``) and adds each
+    head's copies and suppressions to the ``[layer, head]`` counts."""
+    projected = torch.cat([p.flatten(0, 1) for _, _, p, _ in batch])
+    own = torch.cat([o.flatten() for _, _, _, o in batch])
+    n_tokens = own_columns.numel()
+    in_top, in_bottom = _top_and_bottom(projected, own, own_columns.repeat(own.numel() // n_tokens), screen, top_k)
+    counts = torch.stack([in_top, in_bottom]).view(2, -1, n_tokens).sum(-1).cpu()
+    at = 0
+    for layer, heads, _, _ in batch:
+        copies[layer, heads] += counts[0, at : at + heads.numel()]
+        suppressions[layer, heads] += counts[1, at : at + heads.numel()]
+        at += heads.numel()
 
 
 class _StopRule:
@@ -475,13 +510,22 @@ def wilson_interval(fraction: Tensor, n: Union[int, Tensor], z: float) -> tuple[
     return centre - half, centre + half
 
 
-def _count_beyond_eager(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row of ``logits`` ``[rows, c]``: how many are ``>= high`` and ``<= low`` (``[rows, 1]``).
-    NaN (a column left out) compares false on both sides."""
-    return (logits >= high).sum(-1, dtype=torch.int32), (logits <= low).sum(-1, dtype=torch.int32)
+# Columns per band chunk: the counter counts band logits per chunk (a small output) and only
+# chunks with some are searched for them.
+_BAND_CHUNK = 256
 
 
-Counter = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+def _count_beyond_eager(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``logits`` ``[rows, chunks, chunk]``: how many are ``>= high`` and ``<= low``
+    (``[rows, 1, 1]``), two ``[rows]`` int32 tensors, and per chunk how many lie in the band
+    between them (``low < logit < high``), ``[rows, chunks]`` int32. NaN (a column left out)
+    compares false everywhere."""
+    more = (logits >= high).sum((-2, -1), dtype=torch.int32)
+    less = (logits <= low).sum((-2, -1), dtype=torch.int32)
+    return more, less, ((logits > low) & (logits < high)).sum(-1, dtype=torch.int32)
+
+
+Counter = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 _FUSED: dict[str, Counter] = {}
 
 # L * H * vocab from which the fused counter pays for its compilation (a few seconds once per
@@ -492,9 +536,10 @@ _FUSE_MIN_WORK = 30_000_000
 def _fused_counter() -> Counter:
     """:func:`_count_beyond_eager` fused by ``torch.compile`` into one pass over the logits.
 
-    The hot loop of the top-k scores is two comparisons and two row sums over every logit
-    ranked: four passes over memory with bool temporaries in eager PyTorch (~2 ns a logit
-    here), one when fused (~20x faster on this CPU). Compiling takes a few seconds once per
+    The hot loop of the top-k scores is four comparisons and three sums over every logit
+    ranked: eight passes over memory with bool temporaries in eager PyTorch (~3 ns a logit
+    here), one when fused (~20x faster on this CPU; it must output no more than counts: a
+    compiled elementwise output such as a band mask costs ~1 ns a logit here). Compiling takes a few seconds once per
     process (cached on disk). Where it fails (no C++ compiler...), the eager version is used
     from then on: the counts are the same integers either way (tested).
     """
@@ -504,7 +549,7 @@ def _fused_counter() -> Counter:
         except Exception:  # torch.compile unavailable on this platform
             compiled = _count_beyond_eager
 
-        def count(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+        def count(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             if _FUSED["count"] is count:
                 try:
                     return compiled(logits, high, low)
@@ -618,15 +663,15 @@ def _top_and_bottom(
     against).
 
     Every pair meets the ``first`` columns (a fair sample of the vocabulary), then the rest in
-    blocks, and a pair with ``top_k`` logits surely on each side of its own is dropped as soon
-    as that is so: it can be in neither list. So only pairs really near the top or the bottom
-    meet the whole vocabulary. A bfloat16 screen knows each logit near ``own`` within
-    ``m = a |p| w + b (|own| + a |p| w)`` (``(a, b) = screen.error``, ``w`` the largest column norm of
-    the block at hand): "surely above" is
-    ``>= own + m``, "surely below" ``<= own - m`` (both rounded outwards),
-    and a pair left undecided (fewer than ``top_k`` surely above, ``top_k`` or more possibly
-    above, i.e. not surely below: its own logit is within the margin of the k-th largest) is
-    settled by the float32 logits of the columns within its margin (:func:`_recheck`).
+    blocks, and a pair with ``top_k`` logits on each side of its own is dropped as soon as that
+    is so: it can be in neither list. So only pairs really near the top or the bottom meet the
+    whole vocabulary. A bfloat16 screen knows each logit near ``own`` within
+    ``m = a |p| w + b (|own| + a |p| w)`` (``(a, b) = screen.error``, ``w`` the largest column
+    norm of the block at hand): a logit ``>= own + m`` is surely above, ``<= own - m`` surely
+    below (both rounded outwards), and the few columns in between, the band, are compared in
+    float32 in the same pass (the counter finds them with its counts), for the pairs still
+    open. The first block settles most pairs on sure counts alone (its band is wide where
+    ``own`` is mid-vocabulary); the pairs it leaves open rank it again, with its band.
     """
     n_pairs = projected.shape[0]
     n_vocab = screen.columns.shape[1]
@@ -635,39 +680,74 @@ def _top_and_bottom(
     exact = not error[0]
     left = projected if exact else projected.to(screen.columns.dtype)
     size = projected.norm(dim=1)
-
-    def bounds(rows: Tensor, wmax: Tensor) -> tuple[Tensor, Tensor]:
-        if exact:
-            return own[rows, None], own[rows, None]
-        inputs = error[0] * wmax * size[rows]
-        margin = inputs + error[1] * (own[rows].abs() + inputs)
-        # Strictly beyond the margin, in the screen's dtype: the complement of "surely below"
-        # (<= low) is then "possibly above", and likewise the other way.
-        high = _round_away(own[rows] + margin, screen.columns.dtype, up=True)
-        low = _round_away(own[rows] - margin, screen.columns.dtype, up=False)
-        return high[:, None], low[:, None]
-
-    above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # surely >= own
-    below = torch.zeros_like(above)  # surely <= own
+    above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # float32 logit >= own
+    below = torch.zeros_like(above)  # float32 logit <= own
 
     def tally(
-        rows: Tensor, rows_left: Tensor, block: Tensor, wmax: Tensor, offset: Tensor, ranked_already: Optional[Tensor]
+        rows: Tensor,
+        rows_left: Tensor,
+        block: Tensor,
+        wmax: Tensor,
+        offset: Tensor,
+        skip: Optional[Tensor],
+        screen_columns: Optional[Tensor],
     ) -> None:
         # block [d_model, c]; rows_left = left[rows]; offset [rows]: the own column's place in
-        # the block (-1 if absent)
-        high, low = bounds(rows, wmax)
+        # the block (-1 if absent); skip: block columns ranked already; screen_columns [c]: each
+        # block column's screen column, to compare the band in float32 (None: sure counts only)
         logits = rows_left @ (_f32(block) if exact else block)  # [rows, c], screen dtype
-        if ranked_already is not None:
-            logits[:, ranked_already] = math.nan
+        if skip is not None:
+            logits.index_fill_(1, skip, math.nan)
         mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
         logits[mine, offset[mine]] = math.nan  # never counts itself (NaN compares false)
-        more, less = screen.counter(logits, high, low)
-        above[rows] += more
-        below[rows] += less
+        if exact:
+            high = low = own[rows, None, None]
+        else:
+            inputs = error[0] * wmax * size[rows]
+            margin = inputs + error[1] * (own[rows].abs() + inputs)
+            # Strictly beyond the margin, in the screen's dtype: the complement of "surely
+            # below" (<= low) is then "possibly above", and likewise the other way.
+            high = _round_away(own[rows] + margin, screen.columns.dtype, up=True)[:, None, None]
+            low = _round_away(own[rows] - margin, screen.columns.dtype, up=False)[:, None, None]
+        n_rows, width = logits.shape
+        main = width - width % _BAND_CHUNK
+        chunks = [(logits[:, :main].view(n_rows, -1, _BAND_CHUNK), screen.counter)] if main else []
+        if main < width:  # the ragged end, a few columns: eager
+            chunks.append((logits[:, main:].view(n_rows, 1, -1), _count_beyond_eager))
+        bands = []
+        for chunked, counter in chunks:
+            more, less, band = counter(chunked, high, low)
+            above[rows] += more
+            below[rows] += less
+            bands.append((chunked, band))
+        if screen_columns is None or exact:
+            return
+        # the band's columns in float32, for the rows still open (a settled row's counts
+        # only grow): chunks holding some first, then the logits in them
+        still = (above[rows] < top_k) | (below[rows] < top_k)
+        at = 0
+        for chunked, band in bands:
+            row, chunk = ((band > 0) & still[:, None]).nonzero().unbind(1)
+            if row.numel():
+                part = chunked[row, chunk]  # [n, chunk]
+                i, j = ((part > low[row, 0]) & (part < high[row, 0])).nonzero().unbind(1)
+                pair = rows[row[i]]
+                column = screen_columns[at + chunk[i] * chunked.shape[2] + j]
+                logit = (projected[pair] * _unembed_rows(screen.W_U, screen.order[column])).sum(-1)
+                above.index_add_(0, pair, (logit >= own[pair]).int())
+                below.index_add_(0, pair, (logit <= own[pair]).int())
+            at += chunked.shape[1] * chunked.shape[2]
 
-    rows, rows_left = torch.arange(n_pairs, device=device), left
+    rows = torch.arange(n_pairs, device=device)
     first_max = norms[screen.first].max()
-    tally(rows, rows_left, screen.first_block, first_max, screen.in_first[own_columns], None)
+    first_offset = screen.in_first[own_columns]
+    tally(rows, left, screen.first_block, first_max, first_offset, None, None)
+    rows = ((above < top_k) | (below < top_k)).nonzero().squeeze(1)
+    rows_left = left[rows]
+    if not exact and rows.numel():  # the first block again with its band, for the pairs left open
+        above[rows] = 0
+        below[rows] = 0
+        tally(rows, rows_left, screen.first_block, first_max, first_offset[rows], None, screen.first)
     start = 0
     while start < n_vocab:
         still = (above[rows] < top_k) | (below[rows] < top_k)
@@ -679,22 +759,14 @@ def _top_and_bottom(
         if n_open < 0.75 * rows.numel():
             rows = rows[still]
             rows_left = left[rows]
-        stop = min(n_vocab, start + max(256, _TOPK_BLOCK_BYTES // (4 * rows.numel())))
+        width = _TOPK_BLOCK_BYTES // (4 * rows.numel()) // _BAND_CHUNK * _BAND_CHUNK
+        stop = min(n_vocab, start + max(_BAND_CHUNK, width))
         columns = slice(start, stop)
-        offset = own_columns[rows] - start
-        tally(rows, rows_left, screen.columns[:, columns], norms[columns].max(), offset, screen.in_first[columns] >= 0)
+        skip = (screen.in_first[columns] >= 0).nonzero().squeeze(1)
+        block, wmax, offset = screen.columns[:, columns], norms[columns].max(), own_columns[rows] - start
+        tally(rows, rows_left, block, wmax, offset, skip, torch.arange(start, stop, device=device))
         start = stop
-    in_top, in_bottom = above < top_k, below < top_k
-    if not exact:
-        others = n_vocab - 1
-        unsure = (in_top & (others - below >= top_k)) | (in_bottom & (others - above >= top_k))
-        unsure = unsure.nonzero().squeeze(1)
-        if unsure.numel():
-            thresholds = bounds(unsure, norms.max())
-            in_top[unsure], in_bottom[unsure] = _recheck(
-                projected[unsure], own[unsure], own_columns[unsure], screen, thresholds, top_k
-            )
-    return in_top, in_bottom
+    return above < top_k, below < top_k
 
 
 def _unembed_rows(W_U: Tensor, columns: Tensor) -> Tensor:
@@ -703,33 +775,6 @@ def _unembed_rows(W_U: Tensor, columns: Tensor) -> Tensor:
     if W_U.stride(0) == 1:
         return _f32(W_U.mT.index_select(0, columns))
     return _f32(W_U.index_select(1, columns)).mT
-
-
-def _recheck(
-    projected: Tensor, own: Tensor, own_columns: Tensor, screen: _Screen, thresholds: tuple[Tensor, Tensor], top_k: int
-) -> tuple[Tensor, Tensor]:
-    """Exact decisions for screened pairs (arguments as :func:`_top_and_bottom`'s): screened
-    logits beyond ``thresholds`` (``high``, ``low``: ``[pair, 1]``, the margins with the largest
-    column norm) are sure; the few within are compared in float32, column by column."""
-    high, low = thresholds
-    left = projected.to(screen.columns.dtype)
-    above = torch.zeros(projected.shape[0], dtype=torch.int64, device=projected.device)
-    below = torch.zeros_like(above)
-    step = max(256, _TOPK_BLOCK_BYTES // (4 * max(1, projected.shape[0])))
-    for start in range(0, screen.columns.shape[1], step):
-        logits = left @ screen.columns[:, start : start + step]
-        offset = own_columns - start
-        mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
-        logits[mine, offset[mine]] = math.nan  # never counts itself
-        more, less = screen.counter(logits, high, low)
-        above += more
-        below += less
-        pair, column = ((logits > low) & (logits < high)).nonzero().unbind(1)
-        if pair.numel():
-            exact = (projected[pair] * _unembed_rows(screen.W_U, screen.order[start + column])).sum(-1)
-            above.index_add_(0, pair, (exact >= own[pair]).long())
-            below.index_add_(0, pair, (exact <= own[pair]).long())
-    return above < top_k, below < top_k
 
 
 def topk_copy_scores(

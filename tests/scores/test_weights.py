@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -286,9 +287,11 @@ def _explicit_topk(W_E, W_V, W_O, W_U, tokens, k):
 @pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
 def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen):
     """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin
-    (with the fused counter, as big vocabularies use it)."""
+    (with the fused counter, as big vocabularies use it; two layers ranked in batches of pairs
+    that straddle them)."""
     monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
     monkeypatch.setattr(weights, "_FUSE_MIN_WORK", 0 if screen == torch.bfloat16 else 10**12)
+    monkeypatch.setattr(weights, "_TOPK_PAIR_BYTES", 4 * 48 * 700)  # 700 pairs: both layers in one batch
     d, vocab, k = 48, 3000, 5
     g = torch.Generator().manual_seed(11)
     W_E = torch.randn(vocab, d, generator=g)
@@ -304,14 +307,17 @@ def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen):
             up = j < 2 or i >= 20
             W_U[:, col] = W_U[:, t] * (1 + (2e-4 if up else -2e-4) * (1 + j))
     eye = torch.eye(d)
-    W_V = torch.stack([eye, -eye, torch.randn(d, d, generator=g) / d**0.5])[None]  # copy, suppress, random
-    W_O = torch.stack([eye, eye, torch.randn(d, d, generator=g) / d**0.5])[None]
+    W_V = torch.stack([eye, -eye, torch.randn(d, d, generator=g) / d**0.5])  # copy, suppress, random
+    W_O = torch.stack([eye, eye, torch.randn(d, d, generator=g) / d**0.5])
+    W_V, W_O = torch.stack([W_V, W_V.flip(0)]), torch.stack([W_O, W_O.flip(0)])  # layer 1: reversed
     fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_U)
     scores = topk_copy_scores(fake, top_k=k, tokens=tokens)
-    for head in range(3):
-        top, bottom = _explicit_topk(W_E, W_V[0, head], W_O[0, head], W_U, tokens, k)
-        assert int(round(float(scores["copy_topk"][0, head]) * len(tokens))) == int(top.sum()), head
-        assert int(round(float(scores["copy_suppression_topk"][0, head]) * len(tokens))) == int(bottom.sum()), head
+    for layer, head in itertools.product(range(2), range(3)):
+        top, bottom = _explicit_topk(W_E, W_V[layer, head], W_O[layer, head], W_U, tokens, k)
+        assert round(float(scores["copy_topk"][layer, head]) * len(tokens)) == int(top.sum()), (layer, head)
+        got = round(float(scores["copy_suppression_topk"][layer, head]) * len(tokens))
+        assert got == int(bottom.sum()), (layer, head)
+    assert torch.equal(scores["copy_topk"][1], scores["copy_topk"][0].flip(0))
     # the perfect copier loses exactly the 20 tokens with 5 rivals above (the suppressor too)
     assert round(float(scores["copy_topk"][0, 0]) * 200) == 180
     assert round(float(scores["copy_suppression_topk"][0, 1]) * 200) == 180
@@ -339,11 +345,16 @@ def test_fused_counts_equal_the_eager_ones(monkeypatch, dtype):
     compiler that fails falls back to eager for good."""
     monkeypatch.setattr(weights, "_FUSED", {})
     g = torch.Generator().manual_seed(2)
-    logits = torch.randn(37, 3001, generator=g).round(decimals=1).to(dtype)  # many exact ties
+    logits = torch.randn(37, 3072, generator=g).round(decimals=1).to(dtype)  # many exact ties
     logits[:, ::97] = float("nan")
-    high = logits[:, 5:6].clone()
+    high = logits[:, 5:6, None].clone()
     low = high - 0.5
+    logits = logits[:, :3000].view(37, -1, 250)  # [rows, chunks, chunk] of a wider block, as ranked
     expected = weights._count_beyond_eager(logits, high, low)
+    flat = logits.flatten(1)
+    assert torch.equal(expected[0], (flat >= high[:, 0]).sum(-1, dtype=torch.int32))
+    assert torch.equal(expected[2].sum(-1), ((flat > low[:, 0]) & (flat < high[:, 0])).sum(-1, dtype=torch.int32))
+    assert int(expected[2].sum()) > 0 and int(expected[1].sum()) > 0
     fused = weights._fused_counter()
     for got, want in zip(fused(logits, high, low), expected):
         assert torch.equal(got.long(), want.long())
