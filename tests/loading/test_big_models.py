@@ -189,6 +189,44 @@ def test_pattern_pass_ends_at_the_last_layers_pattern(tiny_llama_dir):
             point.remove_hooks()
 
 
+@pytest.mark.skipif(not BRIDGE, reason="TransformerLens 4's normalisation bridge only")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unwatched_norms_give_the_bridges_own_output(tiny_qwen2_dir, dtype):
+    """Norms with no hook on their statistics skip computing them, bit for bit the same
+    patterns and logits; a hooked norm still fires its hooks with TransformerLens' values."""
+    model = headclass.load_model(tiny_qwen2_dir, dtype=dtype)
+    norms = [m for m in model.tl_model.modules() if "_hf_autograd_forward_with_hooks" in vars(m)]
+    assert len(norms) == 2 * model.n_layers + 1  # two per block and the final one
+    tokens = torch.randint(0, model.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def run() -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        patterns: dict[int, torch.Tensor] = {}
+        model.run_with_patterns(tokens, lambda layer, p: patterns.__setitem__(layer, p.clone()))
+        with torch.no_grad():
+            return patterns, model.forward(tokens, return_type="logits")
+
+    scales: list[torch.Tensor] = []
+    point = model.tl_model.hook_dict["blocks.0.ln1.hook_scale"]
+    point.add_hook(lambda x, hook: scales.append(x.clone()))
+    try:
+        run()
+    finally:
+        point.remove_hooks()
+    lean_patterns, lean_logits = run()
+    for module in norms:
+        del vars(module)["_hf_autograd_forward_with_hooks"]  # TransformerLens' own path again
+    own_patterns, own_logits = run()
+    assert all(torch.equal(lean_patterns[layer], own_patterns[layer]) for layer in own_patterns)
+    assert torch.equal(lean_logits, own_logits)
+    watched: list[torch.Tensor] = []
+    point.add_hook(lambda x, hook: watched.append(x.clone()))
+    try:
+        run()
+    finally:
+        point.remove_hooks()
+    assert len(scales) == len(watched) == 2 and all(torch.equal(a, b) for a, b in zip(scales, watched))
+
+
 # -- dtypes and devices ------------------------------------------------------------------------
 
 
