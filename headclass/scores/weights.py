@@ -712,7 +712,10 @@ def _top_and_bottom(
             low = _round_away(own[rows] - margin, screen.columns.dtype, up=False)[:, None, None]
         n_rows, width = logits.shape
         main = width - width % _BAND_CHUNK
-        chunks = [(logits[:, :main].view(n_rows, -1, _BAND_CHUNK), screen.counter)] if main else []
+        chunks = []
+        if main:  # contiguous, as the compiled counter was traced (a strided view recompiles it)
+            body = logits if main == width else logits[:, :main].contiguous()
+            chunks.append((body.view(n_rows, -1, _BAND_CHUNK), screen.counter))
         if main < width:  # the ragged end, a few columns: eager
             chunks.append((logits[:, main:].view(n_rows, 1, -1), _count_beyond_eager))
         bands = []
