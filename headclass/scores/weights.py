@@ -539,9 +539,9 @@ def _fused_counter() -> Counter:
 
     The hot loop of the top-k scores is four comparisons and three sums over every logit
     ranked: eight passes over memory with bool temporaries in eager PyTorch (~3 ns a logit
-    here), one when fused (~20x faster on this CPU; it must output no more than counts: a
-    compiled elementwise output such as a band mask costs ~1 ns a logit here). Compiling takes a few seconds once per
-    process (cached on disk). Where it fails (no C++ compiler...), the eager version is used
+    here), one when fused (~20x faster on this CPU). Its outputs are counts only: a compiled
+    elementwise output such as a band mask costs ~1 ns a logit here. Compiling takes a second
+    or two once per process (cached on disk). Where it fails (no C++ compiler...), the eager version is used
     from then on: the counts are the same integers either way (tested).
     """
     if "count" not in _FUSED:
@@ -817,8 +817,8 @@ def topk_copy_scores(
     pairs that really are near the top or bottom meet the whole vocabulary, so a head that
     neither copies nor suppresses costs about ``2 d_head (sample + d_model) 1024`` flops.
     The decisions are exact (see ``_top_and_bottom``): where the CPU has bfloat16 matrix
-    hardware (AMX) the logits are screened in bfloat16 with a proven error margin and the few
-    pairs within it ranked again in float32.
+    hardware (AMX) the logits are screened in bfloat16 with a proven error margin, and the few
+    logits within the margin of a pair's own are computed again in float32, in the same pass.
 
     ``stop_at=(copy_threshold, suppression_threshold)`` samples sequentially: every head ranks
     ``first_sample`` tokens, then doubling rounds, and stops as soon as the Wilson interval at
