@@ -573,20 +573,35 @@ def _screen_dtype(device: torch.device) -> torch.dtype:
 
 
 def _screen_error(d_model: int, screen: torch.dtype, unembed: torch.dtype) -> tuple[float, float]:
-    """``(a, b)``: a screened logit ``l~`` is within ``m = a |p| max_j |w_j|`` of the float32 one
-    before its own rounding, which adds at most ``b |l~|`` (``b (|own| + m)`` near ``own``).
-
-    A bfloat16 product ``round(p) . round(w_j)`` with float32 accumulation differs from the
-    float32 ``p . w_j`` by at most ``(2u + u^2) |p| |w_j|`` (rounding its inputs, by
-    Cauchy-Schwarz; ``u = 2^-8``, and ``u`` alone when ``W_U`` is bfloat16 already) plus
-    ``2 d 2^-24 |p| |w_j|`` (float32 sums, both sides); rounding the output to bfloat16 adds
-    ``u`` relative. 25 % is added to spare. ``(0, 0)`` for a float32 screen: it is the reference.
-    """
+    """``(a, b)`` of :func:`_screen_margin`: ``a`` the float32 summation error of a logit,
+    relative to ``|p| |w|`` (both sides: the screen's sum of exact bfloat16 products and the
+    float32 reference, ``(2 d + 2) 2^-24 (1 + u)^2``), ``b`` the relative rounding of a logit
+    to bfloat16 (``u = 2^-8``), each with 25 % to spare. ``(0, 0)`` for a float32 screen: it
+    is the reference."""
     if screen == torch.float32:
         return 0.0, 0.0
     u = 2.0**-8
-    inputs = u if unembed == screen else 2 * u + u * u
-    return 1.25 * (inputs + 2 * d_model * 2.0**-24), 1.25 * u
+    return (2 * d_model + 2) * 2.0**-24 * (1 + u) ** 2 * 1.25, 1.25 * u
+
+
+def _screen_margin(
+    rounding: Tensor, size: Tensor, wmax: Tensor, emax: Tensor, own_abs: Tensor, error: tuple[float, float]
+) -> Tensor:
+    """How far a screened logit near ``own`` can lie from its float32 value, per row.
+
+    A bfloat16 screen computes ``round(p~ . w~)`` from ``p~ = round(p)`` and ``w~ = round(w)``
+    (``w~ = w`` when ``W_U`` is bfloat16 already); the products are exact in float32, and
+    ``p~ . w~ - p . w = (p~ - p) . w~ + p . (w~ - w)``, so by Cauchy-Schwarz the difference is
+    at most ``|p~ - p| (1 + u) |w| + |p| |w~ - w|``, plus the two float32 sums (``a |p| |w|``).
+    The rounding errors are measured, not assumed (``rounding`` = ``|p~ - p|`` per row,
+    ``emax`` = the largest ``|w~_j - w_j|`` of the block, ``wmax`` its largest ``|w_j|``):
+    about half the worst case ``u |p|``, so the band the float32 comparisons must settle is
+    half as wide. 25 % is added to spare; rounding the logit itself adds ``b (|own| + m)``.
+    """
+    a, b = error
+    u = 2.0**-8
+    inputs = 1.25 * ((1 + u) * rounding * wmax + size * emax) + a * size * wmax
+    return inputs + b * (own_abs + inputs)
 
 
 def _round_away(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
@@ -603,7 +618,9 @@ class _Screen(NamedTuple):
     ``W_U`` ``[d_model, vocab]``: the reference (float32 logits of it decide); ``columns``: the
     same in the screen dtype (:func:`_screen_dtype`), column ``j`` being ``W_U``'s ``order[j]``;
     ``place``: the inverse (``W_U`` column -> screen column); ``norms`` ``[vocab]``: the column
-    norms of ``columns``; ``first`` ``[m]``: random screen columns ranked first, ``first_block``
+    norms of ``columns`` (of ``W_U``'s, in their order), ``errors`` ``[vocab]``: the norm of each
+    column's rounding to the screen dtype (zeros where ``columns`` is ``W_U`` itself);
+    ``first`` ``[m]``: random screen columns ranked first, ``first_block``
     their columns, ``in_first`` ``[vocab]`` each column's slot in them (-1: not among them);
     ``error``: :func:`_screen_error` (zeros: the screen is float32, exact); ``counter``:
     :func:`_count_beyond_eager` or :func:`_fused_counter`.
@@ -614,6 +631,7 @@ class _Screen(NamedTuple):
     order: Tensor
     place: Tensor
     norms: Tensor
+    errors: Tensor
     first: Tensor
     first_block: Tensor
     in_first: Tensor
@@ -630,13 +648,16 @@ class _Screen(NamedTuple):
         dtype = _screen_dtype(W_U.device)
         blocks = range(0, n_vocab, _VOCAB_BLOCK)
         norms = torch.cat([_f32(W_U[:, a : a + _VOCAB_BLOCK]).norm(dim=0) for a in blocks])
+        errors = torch.zeros_like(norms)
         if W_U.dtype == dtype or dtype == torch.float32:  # the model's own W_U (blocks upcast), no copy
             columns, order = W_U, torch.arange(n_vocab, device=W_U.device)
         else:  # a copy in the screen dtype, columns by falling norm: tight margins block by block
             order = norms.argsort(descending=True)
             columns = torch.empty(W_U.shape, dtype=dtype, device=W_U.device)
             for a in blocks:
-                columns[:, a : a + _VOCAB_BLOCK] = W_U[:, order[a : a + _VOCAB_BLOCK]]
+                block = W_U[:, order[a : a + _VOCAB_BLOCK]]
+                columns[:, a : a + _VOCAB_BLOCK] = block
+                errors[a : a + _VOCAB_BLOCK] = (block - columns[:, a : a + _VOCAB_BLOCK].float()).norm(dim=0)
             norms = norms[order]
         place = torch.empty_like(order)
         place[order] = torch.arange(n_vocab, device=order.device)
@@ -645,7 +666,7 @@ class _Screen(NamedTuple):
         work = int(model.n_layers) * int(model.n_heads) * n_vocab
         counter = _fused_counter() if work >= _FUSE_MIN_WORK else _count_beyond_eager
         error = _screen_error(int(model.d_model), dtype, W_U.dtype)
-        return cls(W_U, columns, order, place, norms, first, columns[:, first], in_first, error, counter)
+        return cls(W_U, columns, order, place, norms, errors, first, columns[:, first], in_first, error, counter)
 
 
 def _top_and_bottom(
@@ -667,9 +688,9 @@ def _top_and_bottom(
     blocks, and a pair with ``top_k`` logits on each side of its own is dropped as soon as that
     is so: it can be in neither list. So only pairs really near the top or the bottom meet the
     whole vocabulary. A bfloat16 screen knows each logit near ``own`` within
-    ``m = a |p| w + b (|own| + a |p| w)`` (``(a, b) = screen.error``, ``w`` the largest column
-    norm of the block at hand): a logit ``>= own + m`` is surely above, ``<= own - m`` surely
-    below (both rounded outwards), and the few columns in between, the band, are compared in
+    ``m`` (:func:`_screen_margin`, from the rounding errors of the pair's row and of the block's
+    columns): a logit ``>= own + m`` is surely above, ``<= own - m`` surely below (both
+    rounded outwards), and the few columns in between, the band, are compared in
     float32 in the same pass (the counter finds them with its counts), for the pairs still
     open. The first block settles most pairs on sure counts alone (its band is wide where
     ``own`` is mid-vocabulary); the pairs it leaves open rank it again, with its band.
@@ -681,6 +702,7 @@ def _top_and_bottom(
     exact = not error[0]
     left = projected if exact else projected.to(screen.columns.dtype)
     size = projected.norm(dim=1)
+    rounding = size if exact else (projected - left.float()).norm(dim=1)  # |p~ - p|
     above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # float32 logit >= own
     below = torch.zeros_like(above)  # float32 logit <= own
 
@@ -689,13 +711,15 @@ def _top_and_bottom(
         rows_left: Tensor,
         block: Tensor,
         wmax: Tensor,
+        emax: Tensor,
         offset: Tensor,
         skip: Optional[Tensor],
         screen_columns: Optional[Tensor],
     ) -> None:
-        # block [d_model, c]; rows_left = left[rows]; offset [rows]: the own column's place in
-        # the block (-1 if absent); skip: block columns ranked already; screen_columns [c]: each
-        # block column's screen column, to compare the band in float32 (None: sure counts only)
+        # block [d_model, c]; rows_left = left[rows]; wmax, emax: the block's largest column
+        # norm and rounding error; offset [rows]: the own column's place in the block (-1 if
+        # absent); skip: block columns ranked already; screen_columns [c]: each block column's
+        # screen column, to compare the band in float32 (None: sure counts only)
         logits = rows_left @ (_f32(block) if exact else block)  # [rows, c], screen dtype
         if skip is not None:
             logits.index_fill_(1, skip, math.nan)
@@ -704,8 +728,7 @@ def _top_and_bottom(
         if exact:
             high = low = own[rows, None, None]
         else:
-            inputs = error[0] * wmax * size[rows]
-            margin = inputs + error[1] * (own[rows].abs() + inputs)
+            margin = _screen_margin(rounding[rows], size[rows], wmax, emax, own[rows].abs(), error)
             # Strictly beyond the margin, in the screen's dtype: the complement of "surely
             # below" (<= low) is then "possibly above", and likewise the other way.
             high = _round_away(own[rows] + margin, screen.columns.dtype, up=True)[:, None, None]
@@ -743,15 +766,15 @@ def _top_and_bottom(
             at += chunked.shape[1] * chunked.shape[2]
 
     rows = torch.arange(n_pairs, device=device)
-    first_max = norms[screen.first].max()
+    first_max, first_error = norms[screen.first].max(), screen.errors[screen.first].max()
     first_offset = screen.in_first[own_columns]
-    tally(rows, left, screen.first_block, first_max, first_offset, None, None)
+    tally(rows, left, screen.first_block, first_max, first_error, first_offset, None, None)
     rows = ((above < top_k) | (below < top_k)).nonzero().squeeze(1)
     rows_left = left[rows]
     if not exact and rows.numel():  # the first block again with its band, for the pairs left open
         above[rows] = 0
         below[rows] = 0
-        tally(rows, rows_left, screen.first_block, first_max, first_offset[rows], None, screen.first)
+        tally(rows, rows_left, screen.first_block, first_max, first_error, first_offset[rows], None, screen.first)
     start = 0
     while start < n_vocab:
         still = (above[rows] < top_k) | (below[rows] < top_k)
@@ -767,8 +790,9 @@ def _top_and_bottom(
         stop = min(n_vocab, start + max(_BAND_CHUNK, width))
         columns = slice(start, stop)
         skip = (screen.in_first[columns] >= 0).nonzero().squeeze(1)
-        block, wmax, offset = screen.columns[:, columns], norms[columns].max(), own_columns[rows] - start
-        tally(rows, rows_left, block, wmax, offset, skip, torch.arange(start, stop, device=device))
+        block, offset = screen.columns[:, columns], own_columns[rows] - start
+        wmax, emax = norms[columns].max(), screen.errors[columns].max()
+        tally(rows, rows_left, block, wmax, emax, offset, skip, torch.arange(start, stop, device=device))
         start = stop
     return above < top_k, below < top_k
 
