@@ -222,7 +222,7 @@ _RANK_RTOL = 1e-4
 
 # Bytes of one block of logits in the top-k copy scores (bounds memory, keeps blocks in cache).
 _TOPK_BLOCK_BYTES = 1 << 25
-# Bytes of (head, token) pairs ranked at once (float32 rows of d_model), at least one layer's:
+# Bytes of (head, token) pairs ranked at once (float32 rows of d_model), at least one head's:
 # the unembedding is read once per batch. Qwen-0.5B's top-k time by budget: 2^21 8.6 s,
 # 2^23 7.5 s, 2^27 6.1 s; its peak above the weights: +0.64, +0.69, +1.30 GB.
 _TOPK_PAIR_BYTES = 1 << 23
@@ -425,17 +425,18 @@ def _topk_counts(
         own_columns = screen.place[tokens[start:end]]  # the round's tokens, screen columns
         batch: list[tuple[int, Tensor, Tensor, Tensor]] = []  # layer, heads, projected, own
         for layer in range(shape[0]):
-            heads = open_heads[layer].nonzero().squeeze(1)
-            if not heads.numel():
+            open_here = open_heads[layer].nonzero().squeeze(1)
+            if not open_here.numel():
                 continue
             W_V, W_O = _f32(model.W_V[layer]), _f32(model.W_O[layer])
-            # [head, token, d_model]: the head's output when it attends to each token
-            projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
-            own = (projected * own_unembed[:, start:end].mT).sum(-1)
-            batch.append((layer, heads, projected, own))
-            if sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) >= budget:
-                _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
-                batch = []
+            for heads in open_here.split(max(1, budget // (end - start))):
+                # [head, token, d_model]: the head's output when it attends to each token
+                projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
+                own = (projected * own_unembed[:, start:end].mT).sum(-1)
+                batch.append((layer, heads, projected, own))
+                if sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) >= budget:
+                    _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
+                    batch = []
         if batch:
             _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
         ranked[open_heads] = end
@@ -654,10 +655,11 @@ class _Screen(NamedTuple):
         else:  # a copy in the screen dtype, columns by falling norm: tight margins block by block
             order = norms.argsort(descending=True)
             columns = torch.empty(W_U.shape, dtype=dtype, device=W_U.device)
-            for a in blocks:
-                block = W_U[:, order[a : a + _VOCAB_BLOCK]]
-                columns[:, a : a + _VOCAB_BLOCK] = block
-                errors[a : a + _VOCAB_BLOCK] = (block - columns[:, a : a + _VOCAB_BLOCK].float()).norm(dim=0)
+            step = max(1, _TOPK_BLOCK_BYTES // (8 * int(W_U.shape[0])))  # float32 temporaries: two
+            for a in range(0, n_vocab, step):
+                block = W_U[:, order[a : a + step]]
+                columns[:, a : a + step] = block
+                errors[a : a + step] = (block - columns[:, a : a + step].float()).norm(dim=0)
             norms = norms[order]
         place = torch.empty_like(order)
         place[order] = torch.arange(n_vocab, device=order.device)
@@ -759,10 +761,13 @@ def _top_and_bottom(
                 part = chunked[row, chunk]  # [n, chunk]
                 i, j = ((part > low[row, 0]) & (part < high[row, 0])).nonzero().unbind(1)
                 pair = rows[row[i]]
-                column = screen_columns[at + chunk[i] * chunked.shape[2] + j]
-                logit = (projected[pair] * _unembed_rows(screen.W_U, screen.order[column])).sum(-1)
-                above.index_add_(0, pair, (logit >= own[pair]).int())
-                below.index_add_(0, pair, (logit <= own[pair]).int())
+                column = screen.order[screen_columns[at + chunk[i] * chunked.shape[2] + j]]
+                step = max(1, _TOPK_BLOCK_BYTES // (8 * projected.shape[1]))  # two [step, d_model] gathers
+                for a in range(0, pair.numel(), step):
+                    p = pair[a : a + step]
+                    logit = (projected[p] * _unembed_rows(screen.W_U, column[a : a + step])).sum(-1)
+                    above.index_add_(0, p, (logit >= own[p]).int())
+                    below.index_add_(0, p, (logit <= own[p]).int())
             at += chunked.shape[1] * chunked.shape[2]
 
     rows = torch.arange(n_pairs, device=device)

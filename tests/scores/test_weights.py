@@ -284,14 +284,19 @@ def _explicit_topk(W_E, W_V, W_O, W_U, tokens, k):
     return (others >= own).sum(1) < k, (others <= own).sum(1) < k
 
 
+@pytest.mark.parametrize("pairs", [300, 700])
 @pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
-def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen):
+def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen, pairs):
     """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin
-    (with the fused counter, as big vocabularies use it; two layers ranked in batches of pairs
-    that straddle them)."""
+    (with the fused counter, as big vocabularies use it; two layers of 3 heads x 200 tokens,
+    ranked in batches of pairs that straddle them: 700 pairs takes both layers at once, 300
+    one head at a time, two per batch)."""
     monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
     monkeypatch.setattr(weights, "_FUSE_MIN_WORK", 0 if screen == torch.bfloat16 else 10**12)
-    monkeypatch.setattr(weights, "_TOPK_PAIR_BYTES", 4 * 48 * 700)  # 700 pairs: both layers in one batch
+    monkeypatch.setattr(weights, "_TOPK_PAIR_BYTES", 4 * 48 * pairs)
+    batches: list[int] = []
+    rank_batch = weights._rank_batch
+    monkeypatch.setattr(weights, "_rank_batch", lambda batch, *a: batches.append(len(batch)) or rank_batch(batch, *a))
     d, vocab, k = 48, 3000, 5
     g = torch.Generator().manual_seed(11)
     W_E = torch.randn(vocab, d, generator=g)
@@ -318,6 +323,7 @@ def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen):
         got = round(float(scores["copy_suppression_topk"][layer, head]) * len(tokens))
         assert got == int(bottom.sum()), (layer, head)
     assert torch.equal(scores["copy_topk"][1], scores["copy_topk"][0].flip(0))
+    assert batches == ([2, 2, 2] if pairs == 300 else [2])  # (layer, heads) groups per batch
     # the perfect copier loses exactly the 20 tokens with 5 rivals above (the suppressor too)
     assert round(float(scores["copy_topk"][0, 0]) * 200) == 180
     assert round(float(scores["copy_suppression_topk"][0, 1]) * 200) == 180
