@@ -151,7 +151,7 @@ def _norms_without_unwatched_statistics(bridge: Any) -> None:
     twice per call: once in float32 for ``hook_scale`` / ``hook_normalized``, then again by the
     Hugging Face module, whose output it returns when no hook edited those values. When neither
     hook point has a hook of any kind, that output is all that is used, so only it is computed:
-    the same tensor bit for bit (tests/loading), and ~10 % of a bfloat16 pattern pass saved.
+    the same tensor bit for bit (tests/loading), and ~8 % of a pattern pass saved (measured).
     A hooked norm takes TransformerLens' own path.
     """
     try:

@@ -542,8 +542,8 @@ def _fused_counter() -> Counter:
     ranked: eight passes over memory with bool temporaries in eager PyTorch (~3 ns a logit
     here), one when fused (~20x faster on this CPU). Its outputs are counts only: a compiled
     elementwise output such as a band mask costs ~1 ns a logit here. Compiling takes a second
-    or two once per process (cached on disk). Where it fails (no C++ compiler...), the eager version is used
-    from then on: the counts are the same integers either way (tested).
+    or two once per process (cached on disk). Where it fails (no C++ compiler...), the eager
+    version is used from then on: the counts are the same integers either way (tested).
     """
     if "count" not in _FUSED:
         try:
@@ -704,7 +704,7 @@ def _top_and_bottom(
     exact = not error[0]
     left = projected if exact else projected.to(screen.columns.dtype)
     size = projected.norm(dim=1)
-    rounding = size if exact else (projected - left.float()).norm(dim=1)  # |p~ - p|
+    rounding = (projected - left.float()).norm(dim=1)  # |p~ - p|: zeros for an exact screen
     above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # float32 logit >= own
     below = torch.zeros_like(above)  # float32 logit <= own
 
