@@ -335,10 +335,13 @@ def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tup
         for start in range(0, n_vocab, _VOCAB_BLOCK):
             column_mean += W_U[:, start : start + _VOCAB_BLOCK].float().sum(1)
         column_mean /= n_vocab
-        # The vocabulary-wide products in the screen's dtype (bfloat16 on AMX CPUs, where they
-        # are several times faster); the few candidates of each row are then recomputed in float32.
+        # The vocabulary-wide products in the screen's dtype (bfloat16 on CPUs that multiply it
+        # in hardware, several times faster); the few candidates of each row are then recomputed
+        # in float32. A float32 W_U gets one bfloat16 copy; a half-precision one is read as it is
+        # (upcast block by block when the screen is float32).
         screen_dtype = _screen_dtype(W_U.device)
-        screen = W_U if W_U.dtype == screen_dtype else W_U.to(screen_dtype)
+        wider = W_U.dtype == torch.float32 and screen_dtype != torch.float32
+        screen = W_U.to(screen_dtype) if wider else W_U
         out: dict[tuple[int, int], list] = {}
         for layer in range(int(model.n_layers)):
             written = torch.einsum("sd,hde->hse", x, model.W_V[layer].float()) @ model.W_O[layer].float()
@@ -349,7 +352,8 @@ def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tup
             down_v: Optional[Tensor] = None
             down_i: Optional[Tensor] = None
             for start in range(0, n_vocab, _VOCAB_BLOCK):
-                logits = left @ screen[:, start : start + _VOCAB_BLOCK]  # [head, source, block]
+                block = screen[:, start : start + _VOCAB_BLOCK].to(screen_dtype)
+                logits = left @ block  # [head, source, block]
                 block_up = logits.topk(min(pool, logits.shape[-1]), dim=-1)
                 block_down = (-logits).topk(min(pool, logits.shape[-1]), dim=-1)
                 up_v, up_i = _merge_top(up_v, up_i, block_up, start, pool)

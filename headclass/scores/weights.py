@@ -215,6 +215,8 @@ _MIN_RUN = 3
 # A successor logit must beat the others by more than this fraction of the row's largest
 # |logit|: logits that are equal up to float rounding are a tie, and a tie never succeeds.
 _TIE_RTOL = 1e-5
+# The same rule in the top-k ranks: another logit within _TIE_RTOL |p| max_j |w_j| of the own
+# logit (what float rounding can move it, on any CPU) ties with it, and ties count against.
 
 # Singular values below this fraction of a head's largest count as zero when the rank of its
 # row space is taken (ov_projection_distance). fp32 factors carry ~1e-6 relative noise.
@@ -565,11 +567,14 @@ def _fused_counter() -> Counter:
 
 def _screen_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the vocabulary-wide logit screen: bfloat16 where the CPU multiplies it in
-    hardware with float32 accumulation (Intel AMX: about 7x float32 here), else float32."""
+    hardware with float32 accumulation (Intel AMX: about 7x float32 on the machine this was
+    tuned on; AVX512-BF16 dot products, as on AMD EPYC: about 3x), else float32. The float32
+    comparisons of the band keep every decision exact either way."""
     if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        if callable(amx) and amx():
-            return torch.bfloat16
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+            supported = getattr(torch.cpu, probe, None)
+            if callable(supported) and supported():
+                return torch.bfloat16
     return torch.float32
 
 
@@ -683,8 +688,9 @@ def _top_and_bottom(
     ``projected``: ``[pair, d_model]`` float32, a sampled embedding through ``W_V W_O``;
     ``own``: ``[pair]`` its logit for its own token, whose screen column ``own_columns``
     ``[pair]`` is left out of the ranking; ``screen``: :class:`_Screen`. Returns two ``[pair]``
-    bool tensors, what float32 logits of every column give (ties never help: ``>=`` counts
-    against).
+    bool tensors, what float32 logits of every column give. Ties never help: a logit within
+    ``_TIE_RTOL |p| max_j |w_j|`` of the own one (``tie``, a float rounding's reach) counts
+    as above it and as below it.
 
     Every pair meets the ``first`` columns (a fair sample of the vocabulary), then the rest in
     blocks, and a pair with ``top_k`` logits on each side of its own is dropped as soon as that
@@ -705,6 +711,7 @@ def _top_and_bottom(
     left = projected if exact else projected.to(screen.columns.dtype)
     size = projected.norm(dim=1)
     rounding = (projected - left.float()).norm(dim=1)  # |p~ - p|: zeros for an exact screen
+    tie = _TIE_RTOL * size * norms.max()  # [pair]
     above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # float32 logit >= own
     below = torch.zeros_like(above)  # float32 logit <= own
 
@@ -727,14 +734,18 @@ def _top_and_bottom(
             logits.index_fill_(1, skip, math.nan)
         mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
         logits[mine, offset[mine]] = math.nan  # never counts itself (NaN compares false)
-        if exact:
-            high = low = own[rows, None, None]
+        if exact:  # above: >= own - tie, below: <= own + tie (both for a tie; no band)
+            high = (own[rows] - tie[rows])[:, None, None]
+            low = (own[rows] + tie[rows])[:, None, None]
         else:
-            margin = _screen_margin(rounding[rows], size[rows], wmax, emax, own[rows].abs(), error)
-            # Strictly beyond the margin, in the screen's dtype: the complement of "surely
-            # below" (<= low) is then "possibly above", and likewise the other way.
-            high = _round_away(own[rows] + margin, screen.columns.dtype, up=True)[:, None, None]
-            low = _round_away(own[rows] - margin, screen.columns.dtype, up=False)[:, None, None]
+            own_abs = own[rows].abs() + tie[rows]  # the logits compared lie this far out, at most
+            margin = _screen_margin(rounding[rows], size[rows], wmax, emax, own_abs, error)
+            # Strictly beyond the tie and the margin, in the screen's dtype: surely above
+            # (>= high) is surely not below, and the other way; the band between is compared
+            # in float32.
+            reach = tie[rows] + margin
+            high = _round_away(own[rows] + reach, screen.columns.dtype, up=True)[:, None, None]
+            low = _round_away(own[rows] - reach, screen.columns.dtype, up=False)[:, None, None]
         n_rows, width = logits.shape
         main = width - width % _BAND_CHUNK
         chunks = []
@@ -766,8 +777,8 @@ def _top_and_bottom(
                 for a in range(0, pair.numel(), step):
                     p = pair[a : a + step]
                     logit = (projected[p] * _unembed_rows(screen.W_U, column[a : a + step])).sum(-1)
-                    above.index_add_(0, p, (logit >= own[p]).int())
-                    below.index_add_(0, p, (logit <= own[p]).int())
+                    above.index_add_(0, p, (logit >= own[p] - tie[p]).int())
+                    below.index_add_(0, p, (logit <= own[p] + tie[p]).int())
             at += chunked.shape[1] * chunked.shape[2]
 
     rows = torch.arange(n_pairs, device=device)
@@ -835,8 +846,11 @@ def topk_copy_scores(
       i.e. the top-k of the negated logits (McDougall et al. 2023).
 
     Ranks are taken over the whole vocabulary and count the other tokens whose logit is ``>=``
-    the own logit (``<=`` for suppression), so ties never help: a head whose logits are all
-    equal (e.g. one that writes nothing) scores 0 on both. The sample is
+    the own logit (``<=`` for suppression), so ties never help; logits within ``1e-5 |p|
+    max_j |w_j|`` of the own one (``p`` the head's output row, ``w_j`` the unembedding's columns)
+    tie with it, as float rounding can reorder them on another CPU. A head whose logits are
+    all equal, or only rounding noise (one that writes nothing, or orthogonally to the
+    unembedding), scores 0 on both. The sample is
     :func:`copy_token_sample` (special tokens excluded, seeded) unless ``tokens`` (1-D ids) is
     given.
 
@@ -967,8 +981,10 @@ def successor_scores(
     number words, weekdays, months, letters...) that has a next item, the head's OV output when
     it attends to the item, ``x_i W_V W_O W_U``, is read at that sequence's items only; the item
     counts as a success when the NEXT item's logit is strictly above every other item's of the
-    sequence by more than ``1e-5`` of the row's largest ``|logit|`` (ties, also ties up to float
-    rounding, never succeed: a head that writes nothing scores 0). ``successor`` is the
+    sequence by more than ``1e-5`` of the row's largest ``|logit|``, or of the largest logit the
+    head's output could give (``|x_i W_V W_O| max_j |w_j|``) where that is larger: ties, also
+    ties up to float rounding, never succeed, so a head that writes nothing, or writes only
+    orthogonally to the items, scores 0. ``successor`` is the
     fraction of successes over all items of all sequences, ``successor_se`` its binomial error
     ``sqrt(p (1 - p) / n)``. ``x`` is the effective embedding (:func:`effective_embedding`, rows
     of the sequences' ids only) when the model has a first MLP, else ``W_E`` (as the paper reads
@@ -996,7 +1012,12 @@ def successor_scores(
         hits = torch.zeros(shape, dtype=torch.float64)
         n_items = sum(int(r.numel()) - 1 for r in runs)
         for layer in _layers(model, "successor", progress):
-            logits = (rows @ _f32(model.W_V[layer])) @ (_f32(model.W_O[layer]) @ W_U)  # [head, item, item]
+            W_O = _f32(model.W_O[layer])
+            values = rows @ _f32(model.W_V[layer])  # [head, item, d_head]
+            logits = values @ (W_O @ W_U)  # [head, item, item]
+            # the largest logit the head's output could give an item (Cauchy-Schwarz): a row that
+            # is only float rounding of a write orthogonal to the items stays a tie
+            reach = (values @ W_O).norm(dim=-1) * W_U.norm(dim=0).max()  # [head, item]
             for run in runs:
                 index = torch.tensor([position[int(t)] for t in run.tolist()], device=logits.device)
                 block = logits[:, index[:-1]][:, :, index]  # [head, i, run]
@@ -1004,7 +1025,7 @@ def successor_scores(
                 target = block.gather(2, nxt[None, :, None].expand(block.shape[0], -1, 1))[..., 0]
                 others = block.scatter(2, nxt[None, :, None].expand(block.shape[0], -1, 1), -math.inf)
                 # strictly above, beyond float rounding of equal logits (a tie never succeeds)
-                margin = _TIE_RTOL * block.abs().amax(-1)
+                margin = _TIE_RTOL * torch.maximum(block.abs().amax(-1), reach[:, index[:-1]])
                 hits[layer] += (target > others.amax(-1) + margin).sum(-1).double().cpu()
     fraction = (hits / n_items).float()
     return {"successor": fraction, "successor_se": sampling_error(fraction, n_items)}

@@ -144,3 +144,38 @@ def test_composition_is_skipped_honestly_when_too_costly(planted, repeated_probe
     row = {"layer": layer, "head": head, "attention_role": "induction", "output_role": "no-op"}
     card = HeadCard(row, doc["heads"][head_key(layer, head)], document=doc)
     assert "not computed" in card.to_html()
+
+
+@pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
+def test_ov_effects_of_a_bfloat16_model_are_float32_ranks_whatever_the_screen(monkeypatch, screen):
+    """A bfloat16 ``W_U`` is read block by block (upcast for a float32 screen, as on CPUs
+    without bfloat16 hardware); either way the candidates are ranked again in float32, so
+    both screens name the same tokens and values."""
+    from types import SimpleNamespace
+
+    from headclass.scores import examples
+
+    g = torch.Generator().manual_seed(3)
+    d, vocab, heads = 32, 40000, 2  # more than one vocabulary block
+    W_E = torch.randn(vocab, d, generator=g).bfloat16()
+    model = SimpleNamespace(
+        n_layers=1,
+        n_heads=heads,
+        W_E=W_E,
+        W_U=W_E.T,  # a transposed view, as the bridge's tied unembedding
+        W_V=(torch.randn(1, heads, d, 8, generator=g) / d**0.5).bfloat16(),
+        W_O=torch.randn(1, heads, 8, d, generator=g).bfloat16(),
+    )
+    tokens = torch.tensor([5, 17, 39999])
+    monkeypatch.setattr(examples, "_screen_dtype", lambda device: screen)
+    effects, embedding = ov_token_effects(model, tokens, n=3)
+    monkeypatch.setattr(examples, "_screen_dtype", lambda device: torch.float32)
+    reference, _ = ov_token_effects(model, tokens, n=3)
+    assert embedding == "W_E" and effects == reference
+    # and the float32 ranks of the whole vocabulary, computed here directly
+    x = W_E[tokens].float()
+    x = x - x.mean(-1, keepdim=True)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    logits = (x @ model.W_V[0, 1].float() @ model.W_O[0, 1].float()) @ model.W_U.float()
+    assert [e["raises"][0][0] for e in effects[0, 1]] == logits.argmax(1).tolist()
+    assert [e["lowers"][0][0] for e in effects[0, 1]] == logits.argmin(1).tolist()

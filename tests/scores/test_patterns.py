@@ -537,6 +537,22 @@ def test_delimiter_mask_reads_the_decoded_strings():
     assert not delimiter_token_mask(model).any()
 
 
+def test_delimiter_mask_of_some_ids_decodes_only_those():
+    model, _ = budget_model()
+    decoded = []
+    decode = model.tokenizer.batch_decode
+    model.tokenizer.batch_decode = lambda ids: decoded.extend(i for (i,) in ids) or decode(ids)
+    some = torch.tensor([[2, 3, 3], [8, 9, 40]])
+    mask = delimiter_token_mask(model, ids=some)
+    assert sorted(decoded) == [2, 3, 8, 9, 40]
+    assert set(mask.nonzero().flatten().tolist()) == {2, 8}  # only the ids asked for
+    decoded.clear()
+    mask = delimiter_token_mask(model, ids=torch.tensor([2, 4, 5]))
+    assert decoded == [4, 5]  # 2 was decoded already: kept per tokenizer
+    assert set(mask.nonzero().flatten().tolist()) == {2, 4, 5}
+    assert set(delimiter_token_mask(model).nonzero().flatten().tolist()) == FAKE_DELIMITERS
+
+
 @pytest.mark.parametrize("window", [2, 4])
 @pytest.mark.parametrize("text", [True, False])
 def test_budget_matches_naive_loops(window, text):

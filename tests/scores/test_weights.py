@@ -276,12 +276,50 @@ def test_topk_with_a_vocabulary_larger_than_one_block():
     assert scores["copy_topk"][0, 2] < 0.05 and scores["copy_suppression_topk"][0, 0] < 0.05
 
 
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected",
+    [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)],
+)
+def test_the_screen_is_bfloat16_where_the_cpu_multiplies_it(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert weights._screen_dtype(torch.device("cpu")) == expected
+    assert weights._screen_dtype(torch.device("meta")) == torch.float32  # not a CPU: float32
+
+
 def _explicit_topk(W_E, W_V, W_O, W_U, tokens, k):
     """Float32 logits of the whole vocabulary: (in top k, in bottom k) per token."""
-    logits = W_E[tokens] @ W_V @ W_O @ W_U
+    projected = W_E[tokens] @ W_V @ W_O
+    logits = projected @ W_U
     own = logits.gather(1, tokens[:, None])
     others = logits.scatter(1, tokens[:, None], float("nan"))
-    return (others >= own).sum(1) < k, (others <= own).sum(1) < k
+    tie = 1e-5 * projected.norm(dim=1, keepdim=True) * W_U.norm(dim=0).max()  # rounding ties
+    return (others >= own - tie).sum(1) < k, (others <= own + tie).sum(1) < k
+
+
+@pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
+def test_topk_of_rounding_noise_is_a_tie_on_every_screen(monkeypatch, screen):
+    """A head that writes orthogonally to the unembedding gets logits that are float rounding
+    only (their order differs between CPUs and summation orders): they tie with the own logit,
+    so the head neither copies nor suppresses, whichever screen ranks them."""
+    monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
+    d, vocab = 48, 100  # few columns: noise ranks would land in a top 5 often
+    g = torch.Generator().manual_seed(5)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    W_U = basis[:, :40] @ torch.randn(40, vocab, generator=g)  # columns span 40 of 48 dims
+    W_E = torch.randn(vocab, d, generator=g)
+    hidden = basis[:, 40:]  # [d, 8], orthogonal to every column, up to rounding
+    W_V = torch.stack([torch.randn(d, 8, generator=g), torch.eye(d)[:, :8]])[None]
+    W_O = torch.stack([5 * hidden.T, torch.eye(d)[:8]])[None]
+    fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_U)
+    projected = W_E[:50] @ W_V[0, 0] @ W_O[0, 0]
+    noise = (projected @ W_U).abs().amax(1) / (projected.norm(dim=1) * W_U.norm(dim=0).max())
+    assert 0 < float(noise.max()) < 1e-6  # rounding, not signal
+    scores = topk_copy_scores(fake, top_k=5, tokens=torch.arange(vocab))
+    assert float(scores["copy_topk"][0, 0]) == 0.0 and float(scores["copy_suppression_topk"][0, 0]) == 0.0
+    top, bottom = _explicit_topk(W_E, W_V[0, 1], W_O[0, 1], W_U, torch.arange(vocab), 5)  # a real head too
+    assert round(float(scores["copy_topk"][0, 1]) * vocab) == int(top.sum())
+    assert round(float(scores["copy_suppression_topk"][0, 1]) * vocab) == int(bottom.sum())
 
 
 @pytest.mark.parametrize("pairs", [300, 700])
