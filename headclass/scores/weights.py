@@ -860,8 +860,9 @@ def topk_copy_scores(
     pairs that really are near the top or bottom meet the whole vocabulary, so a head that
     neither copies nor suppresses costs about ``2 d_head (sample + d_model) 1024`` flops.
     The decisions are exact (see ``_top_and_bottom``): where the CPU has bfloat16 matrix
-    hardware (AMX) the logits are screened in bfloat16 with a proven error margin, and the few
-    logits within the margin of a pair's own are computed again in float32, in the same pass.
+    hardware (AMX, AVX512-BF16) the logits are screened in bfloat16 with a proven error
+    margin, and the few logits within the margin of a pair's own are computed again in
+    float32, in the same pass.
 
     ``stop_at=(copy_threshold, suppression_threshold)`` samples sequentially: every head ranks
     ``first_sample`` tokens, then doubling rounds, and stops as soon as the Wilson interval at
