@@ -212,11 +212,10 @@ ORDINAL_SEQUENCES: Mapping[str, tuple[str, ...]] = {
 }
 
 _MIN_RUN = 3
-# A successor logit must beat the others by more than this fraction of the row's largest
-# |logit|: logits that are equal up to float rounding are a tie, and a tie never succeeds.
+# Logits this close, relative to the largest a head's output could give (|p| max_j |w_j|), are
+# a tie, as float rounding can reorder them on another CPU: a successor logit must beat the
+# others by more, and in the top-k ranks a tie with the own logit counts against it.
 _TIE_RTOL = 1e-5
-# The same rule in the top-k ranks: another logit within _TIE_RTOL |p| max_j |w_j| of the own
-# logit (what float rounding can move it, on any CPU) ties with it, and ties count against.
 
 # Singular values below this fraction of a head's largest count as zero when the rank of its
 # row space is taken (ov_projection_distance). fp32 factors carry ~1e-6 relative noise.
@@ -712,8 +711,8 @@ def _top_and_bottom(
     size = projected.norm(dim=1)
     rounding = (projected - left.float()).norm(dim=1)  # |p~ - p|: zeros for an exact screen
     tie = _TIE_RTOL * size * norms.max()  # [pair]
-    above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # float32 logit >= own
-    below = torch.zeros_like(above)  # float32 logit <= own
+    above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # float32 logit >= own - tie
+    below = torch.zeros_like(above)  # float32 logit <= own + tie
 
     def tally(
         rows: Tensor,
