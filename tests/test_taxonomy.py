@@ -6,6 +6,7 @@ import gc
 import math
 import sys
 import types
+import warnings
 import weakref
 
 import numpy as np
@@ -34,6 +35,7 @@ from headclass.taxonomy import (
     label_margins,
 )
 from headclass.taxonomy.labelling import EVIDENCE, FREE_SHARES
+from headclass.taxonomy.rules import BUDGET_ROLE
 
 T = load_config().thresholds  # the shipped defaults
 
@@ -204,6 +206,19 @@ def test_a_bos_sink_with_copying_ov_keeps_both_labels():
     r = single_head(bos=0.9, copy_eigen=0.99, copy_topk=0.99)
     assert r["is_bos"] and r["is_copy"]
     assert r["primary_label"] == "copy"  # margin 0.98 > bos 0.75
+
+
+def test_a_head_parking_everything_has_no_free_shares():
+    # free_attention = 1 - 1.0 = 0 in float32: rounding noise in two classes became infinite
+    # shares of the rest (an overflow warning on SmolLM2, and a budget mix of two "big" classes)
+    scores = neutral_scores(1, 1, max_offset=4)
+    for cls in BUDGET_ROLE:
+        scores[f"budget_{cls}"] = torch.full((1, 1), 1.0 if cls == "first" else 0.0)
+    scores["budget_previous"][0, 0] = scores["budget_other"][0, 0] = 3e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = label_heads(scores).iloc[0]
+    assert r["attention_role"] == UNCLASSIFIED, r["attention_roles"]  # bos 0 here: no rule, no budget mix
 
 
 def test_ties_follow_priority():

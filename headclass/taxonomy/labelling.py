@@ -148,7 +148,7 @@ def label_heads(
     """
     t = resolve_thresholds(thresholds)
     precision = _precisions(scores)
-    grids = _score_grids(scores)
+    grids = _without_parked_shares(_score_grids(scores), t)
     flags, margins = _decide(grids, t, precision)
     n_layers, n_heads = grids["copy_eigen"].shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
@@ -234,9 +234,6 @@ def _decide(
     """
     shape = grids["copy_eigen"].shape
     silent = np.nan_to_num(grids.get("writes_nothing", np.zeros(shape)), nan=0.0) != 0
-    with np.errstate(invalid="ignore"):
-        parked = grids["free_attention"] < t["min_free_attention"]  # NaN free attention: not parked
-    grids = {**grids, **{name: np.where(parked, np.nan, grids[name]) for name in FREE_SHARES}}
     flags: dict[str, np.ndarray] = {}
     margins: dict[str, np.ndarray] = {}
     for label, rule in RULES.items():
@@ -542,6 +539,18 @@ def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
             for suffix in ("", "_se"):
                 grids[name + suffix] = grids[f"share_{cls}{suffix}"] / grids["free_attention"]
     return grids
+
+
+def _without_parked_shares(grids: dict[str, np.ndarray], t: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """``grids`` with NaN free shares (:data:`FREE_SHARES`) where a head parks nearly all its attention.
+
+    Once for the rules, the budget-mix step and the table alike: a head that parks everything
+    (``free_attention`` 0 in float32) would otherwise divide rounding noise by zero.
+    """
+    with np.errstate(invalid="ignore"):
+        parked = grids["free_attention"] < t["min_free_attention"]  # NaN free attention: not parked
+    names = [name + suffix for name in FREE_SHARES for suffix in ("", "_se")]
+    return {**grids, **{name: np.where(parked, np.nan, grids[name]) for name in names}}
 
 
 def _extra_column(name: str, value: Any, shape: tuple[int, int]) -> Optional[np.ndarray]:
