@@ -217,8 +217,10 @@ def test_a_head_parking_everything_has_no_free_shares():
     scores["budget_previous"][0, 0] = scores["budget_other"][0, 0] = 3e-8
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        r = label_heads(scores).iloc[0]
+        r = label_heads(scores, replicates={"budget_other": torch.full((3, 1, 1), 3e-8)}).iloc[0]
+        label_margins(scores)
     assert r["attention_role"] == UNCLASSIFIED, r["attention_roles"]  # bos 0 here: no rule, no budget mix
+    assert r["confidence"] == 1.0  # the bootstrap's replicates park everything too
 
 
 def test_ties_follow_priority():

@@ -103,8 +103,8 @@ def label_margins(scores: Mapping[str, Any], thresholds: ThresholdSource = None)
     ``margin >= 0`` exactly where the label holds; NaN where a score it needs is NaN.
     ``scores`` as for :func:`label_heads`.
     """
-    grids = _score_grids(scores)
-    return _decide(grids, resolve_thresholds(thresholds), _precisions(scores))[1]
+    t = resolve_thresholds(thresholds)
+    return _decide(_score_grids(scores, t), t, _precisions(scores))[1]
 
 
 def label_heads(
@@ -148,7 +148,7 @@ def label_heads(
     """
     t = resolve_thresholds(thresholds)
     precision = _precisions(scores)
-    grids = _without_parked_shares(_score_grids(scores), t)
+    grids = _score_grids(scores, t)
     flags, margins = _decide(grids, t, precision)
     n_layers, n_heads = grids["copy_eigen"].shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
@@ -389,7 +389,7 @@ def _confidence(
         return np.full(role.shape, np.nan)
     kept = np.zeros(role.shape)
     for b in range(n):
-        grids = _score_grids({**scores, **{name: a[b] for name, a in arrays.items()}})
+        grids = _score_grids({**scores, **{name: a[b] for name, a in arrays.items()}}, t)
         flags, margins = _decide(grids, t, precision)
         kept += _attention_roles(flags, margins, grids, t)[0] == role
     return kept / n
@@ -501,7 +501,7 @@ def _precisions(scores: Mapping[str, Any]) -> dict[str, torch.dtype]:
     return {name: _precision(value) for name, value in scores.items()} if isinstance(scores, Mapping) else {}
 
 
-def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _score_grids(scores: Mapping[str, Any], t: Mapping[str, float]) -> dict[str, np.ndarray]:
     """Check and convert the score dict to ``{name: float64 [layer, head]}``: the fixed score
     columns, ``fixed_offset_k``, every further ``[layer, head]`` score, and the
     :data:`EVIDENCE` the attention rules read."""
@@ -538,13 +538,13 @@ def _score_grids(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
         for name, cls in FREE_SHARES.items():
             for suffix in ("", "_se"):
                 grids[name + suffix] = grids[f"share_{cls}{suffix}"] / grids["free_attention"]
-    return grids
+    return _without_parked_shares(grids, t)
 
 
 def _without_parked_shares(grids: dict[str, np.ndarray], t: Mapping[str, float]) -> dict[str, np.ndarray]:
     """``grids`` with NaN free shares (:data:`FREE_SHARES`) where a head parks nearly all its attention.
 
-    Once for the rules, the budget-mix step and the table alike: a head that parks everything
+    For the rules, the budget-mix step and the bootstrap alike: a head that parks everything
     (``free_attention`` 0 in float32) would otherwise divide rounding noise by zero.
     """
     with np.errstate(invalid="ignore"):
