@@ -18,15 +18,16 @@ subprocesses run one after the other, never at once:
     attention kernel, ``torch.no_grad()``) over the very probe batches (a) used.
 
 Peak memory is the kernel's ``VmHWM`` (peak RSS). ``peak/weights`` divides the peak above the
-interpreter's RSS after imports (torch, transformers, TransformerLens: ~0.5-0.8 GB, the same for
-any model) by the bytes of the model's weights in the dtype used (the tensors of the cached
+interpreter's RSS after imports (torch, transformers with the model's modeling module,
+TransformerLens, scipy, torch's compiler: ~0.57 GB, the same for any model of that
+architecture) by the bytes of the model's weights in the dtype used (the tensors of the cached
 ``model.safetensors``, converted to that dtype); the total peak is printed beside it. Goals:
 ``peak/weights <= 1.5``; ``classify/forward <= 1.3`` (classify time, load excluded, over the
 bare forward's time); load time is shown beside transformers' ``from_pretrained``.
 
 ``--breakdown`` also reports, in (a), the peak above the RSS before each stage: load, the
-per-head weight cache (``W_Q, W_K, W_V, W_O, W_E, W_U``, GQA expanded), pattern scores, weight
-scores. A JSON line per run follows the table.
+embedding and unembedding (``W_E, W_U``), pattern scores, weight scores (which read the
+per-head weights a layer at a time: no stacked copy). A JSON line per run follows the table.
 """
 
 from __future__ import annotations
@@ -78,11 +79,23 @@ def weight_bytes(folder: Path, dtype_name: str) -> int:
     return total
 
 
-def _import_stack() -> None:
-    """Import what every model needs, so the baseline RSS holds the fixed cost of the libraries."""
+def _import_stack(folder: str) -> None:
+    """Import the code classify runs, so the baseline RSS holds the fixed cost of the libraries.
+
+    That is torch, transformers with the model's own modeling module (Qwen2's alone is ~0.12 GB
+    of RSS, imported when the first model of that architecture loads), TransformerLens, and
+    what the scores import: scipy.stats and torch's compiler (the fused top-k counter). Code,
+    not data: the same for any model of that architecture, whatever its size.
+    """
+    import scipy.stats  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
     import transformer_lens  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import headclass.report.cards  # noqa: F401
+    import headclass.scores.weights  # noqa: F401
+
+    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(folder))]  # imports its module
 
 
 # -- children ----------------------------------------------------------------------------------
@@ -105,14 +118,14 @@ def child_prepare(alias: str) -> dict:
     }
 
 
-def child_headclass(alias: str, dtype: str, tokens_out: str, breakdown: bool) -> dict:
+def child_headclass(alias: str, folder: str, dtype: str, tokens_out: str, breakdown: bool) -> dict:
     import torch
 
     import headclass
     from headclass.config import load_config
     from headclass.probes import default_probes
 
-    _import_stack()
+    _import_stack(folder)
     base = vm_rss()
     reset_hwm()
     start = time.perf_counter()
@@ -131,7 +144,7 @@ def child_headclass(alias: str, dtype: str, tokens_out: str, breakdown: bool) ->
         from headclass.scores.weights import weight_scores
 
         for stage, run in (
-            ("weights", lambda: [getattr(model, k) for k in ("W_Q", "W_K", "W_V", "W_O", "W_E", "W_U")]),
+            ("weights", lambda: [getattr(model, k) for k in ("W_E", "W_U")]),
             ("patterns", lambda: pattern_scores(model, probes, config=cfg, progress=False)),
             ("weight_scores", lambda: weight_scores(model, config=cfg)),
         ):
@@ -156,7 +169,7 @@ def child_transformers(folder: str, dtype: str, tokens_in: str, batch_size: int)
     import torch
     from transformers import AutoModelForCausalLM
 
-    _import_stack()
+    _import_stack(folder)
     base = vm_rss()
     reset_hwm()
     start = time.perf_counter()
@@ -191,7 +204,7 @@ def bench(alias: str, dtype: str, breakdown: bool) -> dict:
     folder = Path(prepared["folder"])
     with tempfile.TemporaryDirectory() as tmp:
         tokens = str(Path(tmp) / "tokens.pt")
-        ours = run_child("headclass", alias, dtype, tokens, str(int(breakdown)))
+        ours = run_child("headclass", alias, str(folder), dtype, tokens, str(int(breakdown)))
         theirs = run_child("transformers", str(folder), dtype, tokens, str(load_config(None).probes.batch_size))
     row = {"model": alias, "dtype": dtype, "weights": weight_bytes(folder, dtype), **prepared, **ours, **theirs}
     if not breakdown:
@@ -234,7 +247,7 @@ def main() -> None:
         if kind == "prepare":
             result = child_prepare(*args)
         elif kind == "headclass":
-            result = child_headclass(args[0], args[1], args[2], bool(int(args[3])))
+            result = child_headclass(args[0], args[1], args[2], args[3], bool(int(args[4])))
         else:
             result = child_transformers(args[0], args[1], args[2], int(args[3]))
         print(json.dumps(result))

@@ -30,7 +30,7 @@ from torch import Tensor
 from headclass.errors import ProbeError, ScoreError
 from headclass.loading.tokens import check_token_ids
 
-__all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name", "check_finite_weights"]
+__all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name", "check_finite_weights", "layer_weight"]
 
 _FROM_TL_MODEL = object()
 
@@ -97,6 +97,23 @@ class _PatternsDone(Exception):
     """Raised by the last requested layer's pattern hook to end the forward pass there."""
 
 
+#: The per-head attention weights :func:`layer_weight` serves one layer at a time.
+HEAD_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
+
+
+def layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
+    """One layer of a per-head weight, ``getattr(model, key)[layer]``, without stacking every layer.
+
+    ``key`` is one of :data:`HEAD_WEIGHTS`: ``[head, d_model, d_head]`` (``W_Q, W_K, W_V``, GQA
+    heads expanded) or ``[head, d_head, d_model]`` (``W_O``). A :class:`HeadModel` builds it from
+    that layer's own parameters, so that scores reading layer after layer never hold a second
+    copy of the attention weights (all four stacked and expanded: 0.3x of SmolLM2's weights,
+    0.12x of Qwen2.5-0.5B's, 0.3x of a Llama-7B's). Other models (test fakes) are indexed.
+    """
+    per_layer = getattr(model, "layer_weight", None)
+    return per_layer(key, layer) if callable(per_layer) else getattr(model, key)[layer]
+
+
 def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
     """Repeat grouped-query key/value heads so that head h uses kv head h // (n_heads / n_kv).
 
@@ -152,20 +169,21 @@ def _check_patterns(checks: dict[int, tuple[Tensor, Tensor]], name: str) -> None
 def check_finite_weights(model: "HeadModelLike") -> None:
     """Raise ScoreError naming the first layer (and head) with a NaN or inf weight.
 
-    The attention weights ``W_Q, W_K, W_V, W_O`` are checked per head; every other parameter
-    of the TransformerLens model (MLPs, norms, embeddings), when there is one, by name. One
-    host sync per tensor. :func:`headclass.load_model` calls it on every model it returns.
+    The attention weights ``W_Q, W_K, W_V, W_O`` are checked per head, a layer at a time
+    (:func:`layer_weight`: no stacked copy); every other parameter of the TransformerLens model
+    (MLPs, norms, embeddings), when there is one, by name. One host sync per tensor.
+    :func:`headclass.load_model` calls it on every model it returns.
     """
     with torch.no_grad():
-        for key in ("W_Q", "W_K", "W_V", "W_O"):
-            weight = getattr(model, key)
-            finite = torch.isfinite(weight).flatten(start_dim=2).all(dim=-1)  # [layer, head]
-            if not bool(finite.all()):
-                layer, head = (int(i) for i in (~finite).nonzero()[0])
-                raise ScoreError(
-                    f"model {model.name!r} has non-finite weights (NaN or inf): {key} of layer "
-                    f"{layer} head {head}. Fix or re-download the checkpoint; no table was made."
-                )
+        for layer in range(model.n_layers):
+            for key in HEAD_WEIGHTS:
+                finite = torch.isfinite(layer_weight(model, key, layer)).flatten(start_dim=1).all(dim=-1)  # [head]
+                if not bool(finite.all()):
+                    head = int((~finite).nonzero()[0, 0])
+                    raise ScoreError(
+                        f"model {model.name!r} has non-finite weights (NaN or inf): {key} of layer "
+                        f"{layer} head {head}. Fix or re-download the checkpoint; no table was made."
+                    )
         tl_model = getattr(model, "tl_model", None)
         named = tl_model.named_parameters() if tl_model is not None and hasattr(tl_model, "named_parameters") else ()
         for pname, param in named:
@@ -338,6 +356,20 @@ class HeadModel:
                         value = _expand_kv(value, self.n_heads)
             self._weights[key] = value
         return self._weights[key]
+
+    def layer_weight(self, key: str, layer: int) -> Tensor:
+        """``getattr(self, key)[layer]`` from that layer's parameters alone (see :func:`layer_weight`).
+
+        A view of the processed parameter where the layout allows (no copy), GQA key/value heads
+        expanded for this layer only; the stacked tensor when it is cached already.
+        """
+        if key not in HEAD_WEIGHTS:
+            raise KeyError(f"layer_weight serves {', '.join(HEAD_WEIGHTS)}, not {key!r}")
+        if key in self._weights:
+            return self._required(key)[layer]
+        with torch.no_grad():
+            value = getattr(self.tl_model.blocks[layer].attn, key).detach()
+        return _expand_kv(value[None], self.n_heads)[0]
 
     def _required(self, key: str) -> Tensor:
         """A weight every TransformerLens model has (only ``W_pos`` may be absent)."""

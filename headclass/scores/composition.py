@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from headclass.errors import ScoreError
-from headclass.loading.head_model import HeadModelLike
+from headclass.loading.head_model import HeadModelLike, layer_weight
 from headclass.scores.weights import _f32, r_factor
 
 __all__ = ["COMPOSITION_KINDS", "composition_scores", "top_k_composition_partners"]
@@ -69,17 +69,17 @@ def _unit(factors: Tensor) -> Tensor:
 
 def _left_factor(model: HeadModelLike, layer: int) -> Tensor:
     """``P = R_V W_O`` ``[head, d_head, d_model]``: ``P^T P = W_OV^T W_OV``, unit norm."""
-    return _unit(r_factor(model.W_V[layer]) @ _f32(model.W_O[layer]))
+    return _unit(r_factor(layer_weight(model, "W_V", layer)) @ _f32(layer_weight(model, "W_O", layer)))
 
 
 def _right_factor(model: HeadModelLike, layer: int, kind: str) -> Tensor:
     """``T`` ``[head, d_model, d_head]`` with ``T T^T = W_B W_B^T`` for the kind, unit norm."""
     if kind == "q":  # W_QK W_QK^T = W_Q (W_K^T W_K) W_Q^T
-        factor = _f32(model.W_Q[layer]) @ r_factor(model.W_K[layer]).mT
+        factor = _f32(layer_weight(model, "W_Q", layer)) @ r_factor(layer_weight(model, "W_K", layer)).mT
     elif kind == "k":  # W_QK^T W_QK = W_K (W_Q^T W_Q) W_K^T
-        factor = _f32(model.W_K[layer]) @ r_factor(model.W_Q[layer]).mT
+        factor = _f32(layer_weight(model, "W_K", layer)) @ r_factor(layer_weight(model, "W_Q", layer)).mT
     else:  # W_OV W_OV^T = W_V (W_O W_O^T) W_V^T
-        factor = _f32(model.W_V[layer]) @ r_factor(model.W_O[layer].mT).mT
+        factor = _f32(layer_weight(model, "W_V", layer)) @ r_factor(layer_weight(model, "W_O", layer).mT).mT
     return _unit(factor)
 
 
@@ -137,7 +137,7 @@ def composition_scores(
     if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
         raise ScoreError(f"The 'memory_bytes' parameter must be a positive int. Got {memory_bytes!r}.")
     n_layers, n_heads, d_model = int(model.n_layers), int(model.n_heads), int(model.d_model)
-    device = model.W_O.device
+    device = layer_weight(model, "W_O", 0).device
     out = torch.zeros(len(kinds), n_layers, n_heads, n_layers, n_heads)
     if n_layers < 2:
         return {kind: out[i] for i, kind in enumerate(kinds)}

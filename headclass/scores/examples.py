@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from headclass.errors import ScoreError
-from headclass.loading.head_model import HeadModelLike
+from headclass.loading.head_model import HeadModelLike, layer_weight
 from headclass.probes import Probe, token_sample
 from headclass.scores.weights import _VOCAB_BLOCK, _f32, _screen_dtype
 
@@ -344,7 +344,10 @@ def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tup
         screen = W_U.to(screen_dtype) if wider else W_U
         out: dict[tuple[int, int], list] = {}
         for layer in range(int(model.n_layers)):
-            written = torch.einsum("sd,hde->hse", x, model.W_V[layer].float()) @ model.W_O[layer].float()
+            written = (
+                torch.einsum("sd,hde->hse", x, layer_weight(model, "W_V", layer).float())
+                @ layer_weight(model, "W_O", layer).float()
+            )
             mean = written @ column_mean  # [head, source]: each logit row's mean, to centre it
             left = written.to(screen_dtype)
             up_v: Optional[Tensor] = None

@@ -82,7 +82,7 @@ from torch import Tensor
 
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ProbeError, ScoreError
-from headclass.loading.head_model import HeadModelLike
+from headclass.loading.head_model import HeadModelLike, layer_weight
 from headclass.probes import ordinary_token_ids, token_sample
 from headclass.scores.patterns import ScoreInfo
 
@@ -338,7 +338,7 @@ def _ov_eigenvalues(model: HeadModelLike, embedding: Tensor, progress: bool = Fa
     unembed_embed = _unembed_embed(model.W_U, embedding)  # [d_model, d_model], once per model
     out = []
     for layer in _layers(model, "OV eigenvalues", progress):
-        small = (_f32(model.W_O[layer]) @ unembed_embed) @ _f32(model.W_V[layer])
+        small = (_f32(layer_weight(model, "W_O", layer)) @ unembed_embed) @ _f32(layer_weight(model, "W_V", layer))
         out.append(torch.linalg.eigvals(small.double()))
     return torch.stack(out)
 
@@ -429,7 +429,7 @@ def _topk_counts(
             open_here = open_heads[layer].nonzero().squeeze(1)
             if not open_here.numel():
                 continue
-            W_V, W_O = _f32(model.W_V[layer]), _f32(model.W_O[layer])
+            W_V, W_O = _f32(layer_weight(model, "W_V", layer)), _f32(layer_weight(model, "W_O", layer))
             for heads in open_here.split(max(1, budget // (end - start))):
                 # [head, token, d_model]: the head's output when it attends to each token
                 projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
@@ -1012,8 +1012,8 @@ def successor_scores(
         hits = torch.zeros(shape, dtype=torch.float64)
         n_items = sum(int(r.numel()) - 1 for r in runs)
         for layer in _layers(model, "successor", progress):
-            W_O = _f32(model.W_O[layer])
-            values = rows @ _f32(model.W_V[layer])  # [head, item, d_head]
+            W_O = _f32(layer_weight(model, "W_O", layer))
+            values = rows @ _f32(layer_weight(model, "W_V", layer))  # [head, item, d_head]
             logits = values @ (W_O @ W_U)  # [head, item, item]
             # the largest logit the head's output could give an item (Cauchy-Schwarz): a row that
             # is only float rounding of a write orthogonal to the items stays a tie
@@ -1050,8 +1050,8 @@ def ov_gain_scores(
         x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # unit RMS rows
         gain = torch.zeros(int(model.n_layers), int(model.n_heads), dtype=torch.float64)
         for layer in _layers(model, "OV gain", progress):
-            values = x @ _f32(model.W_V[layer])  # [head, token, d_head]
-            out = values @ r_factor(_f32(model.W_O[layer]).mT).mT  # same norms as @ W_O
+            values = x @ _f32(layer_weight(model, "W_V", layer))  # [head, token, d_head]
+            out = values @ r_factor(_f32(layer_weight(model, "W_O", layer)).mT).mT  # same norms as @ W_O
             ratio = out.pow(2).sum(-1) / x.pow(2).sum(-1)  # [head, token]
             gain[layer] = ratio.mean(-1).sqrt().double().cpu()
         writing = gain[gain > 0]
@@ -1078,7 +1078,10 @@ def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     n_kv = _n_kv(model)
     return torch.stack(
         [
-            _svdvals(_shared_r_factor(model.W_V[layer], n_kv), r_factor(model.W_O[layer].mT))
+            _svdvals(
+                _shared_r_factor(layer_weight(model, "W_V", layer), n_kv),
+                r_factor(layer_weight(model, "W_O", layer).mT),
+            )
             for layer in _layers(model, "OV spectra", progress)
         ]
     )
@@ -1092,7 +1095,9 @@ def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     n_kv = _n_kv(model)
     return torch.stack(
         [
-            _svdvals(r_factor(model.W_Q[layer]), _shared_r_factor(model.W_K[layer], n_kv))
+            _svdvals(
+                r_factor(layer_weight(model, "W_Q", layer)), _shared_r_factor(layer_weight(model, "W_K", layer), n_kv)
+            )
             for layer in _layers(model, "QK spectra", progress)
         ]
     )
@@ -1187,11 +1192,19 @@ def ov_svd_scores(
     # trace and ||W_OV||^2 in float64: the distances are sqrt(1 - cos^2), which turns a 1e-7
     # rounding of cos^2 into a 3e-4 error near 0
     trace = torch.stack(
-        [(model.W_V[layer].double() * model.W_O[layer].double().mT).sum((-2, -1)) for layer in range(model.n_layers)]
+        [
+            (layer_weight(model, "W_V", layer).double() * layer_weight(model, "W_O", layer).double().mT).sum((-2, -1))
+            for layer in range(model.n_layers)
+        ]
     )
     frobenius_sq = torch.stack(
         [
-            (_shared_r_factor(model.W_V[layer].double(), _n_kv(model)) @ model.W_O[layer].double()).pow(2).sum((-2, -1))
+            (
+                _shared_r_factor(layer_weight(model, "W_V", layer).double(), _n_kv(model))
+                @ layer_weight(model, "W_O", layer).double()
+            )
+            .pow(2)
+            .sum((-2, -1))
             for layer in range(model.n_layers)
         ]
     )
@@ -1255,8 +1268,8 @@ def positional_prev_token_score(model: HeadModelLike, *, first_query: int = 2, p
     step = 128
     out = torch.zeros(model.n_layers, model.n_heads)
     for layer in _layers(model, "positional QK", progress):
-        q_all = positions @ _f32(model.W_Q[layer])  # [head, n_ctx, d_head]
-        k_all = positions @ _f32(model.W_K[layer])
+        q_all = positions @ _f32(layer_weight(model, "W_Q", layer))  # [head, n_ctx, d_head]
+        k_all = positions @ _f32(layer_weight(model, "W_K", layer))
         hits = torch.zeros(model.n_heads, device=positions.device)
         for i0 in range(first_query, n_ctx, step):
             i1 = min(n_ctx, i0 + step)

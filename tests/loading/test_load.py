@@ -104,6 +104,26 @@ def test_gqa_key_value_heads_are_expanded_per_query_head(tiny_llama_dir):
             torch.testing.assert_close(model.W_V[layer, head], norm[:, None] * v_rows.T, atol=1e-5, rtol=1e-5)
 
 
+def test_one_layer_of_head_weights_is_that_layer_of_the_stacked_ones(tiny_gpt2_dir, tiny_llama_dir, tiny_qwen2_dir):
+    # the scores read head weights a layer at a time; no whole stacked copy may differ from them
+    from headclass.loading.head_model import HEAD_WEIGHTS, layer_weight
+
+    for folder in (tiny_gpt2_dir, tiny_llama_dir, tiny_qwen2_dir):
+        model = headclass.load_model(folder)
+        assert not any(key in model._weights for key in HEAD_WEIGHTS), "loading stacked every layer"
+        per_layer = {
+            key: [layer_weight(model, key, layer).clone() for layer in range(model.n_layers)] for key in HEAD_WEIGHTS
+        }
+        assert not any(key in model._weights for key in HEAD_WEIGHTS), "a layer's weight stacked every layer"
+        for key in HEAD_WEIGHTS:
+            stacked = getattr(model, key)
+            for layer in range(model.n_layers):
+                assert torch.equal(per_layer[key][layer], stacked[layer]), (folder.name, key, layer)
+                assert torch.equal(layer_weight(model, key, layer), stacked[layer])  # from the cache now
+    with pytest.raises(KeyError, match="W_E"):
+        model.layer_weight("W_E", 0)
+
+
 def test_model_object_in_memory_loads_and_is_not_modified(tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM
 
