@@ -59,7 +59,7 @@ def save_tiny_gpt2(
     return folder
 
 
-def _gqa_config(n_layer: int, n_head: int, n_kv: int, hidden: int, vocab_size: int) -> dict:
+def _gqa_config(n_layer: int, n_head: int, n_kv: int, hidden: int, vocab_size: int, tied: bool = False) -> dict:
     """The config keys a tiny grouped-query-attention model (Llama, Qwen2) is built from."""
     return dict(
         num_hidden_layers=n_layer,
@@ -72,7 +72,7 @@ def _gqa_config(n_layer: int, n_head: int, n_kv: int, hidden: int, vocab_size: i
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
 
 
@@ -85,18 +85,22 @@ def save_tiny_llama(
     hidden: int = 64,
     vocab_size: int = 128,
     seed: int = 0,
+    tied: bool = False,
 ) -> Path:
-    """Save a randomly initialised Llama with grouped-query attention (``n_kv`` < ``n_head``)."""
+    """Save a randomly initialised Llama with grouped-query attention (``n_kv`` < ``n_head``).
+
+    ``tied``: one matrix for the embedding and the unembedding, as SmolLM2 has."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**_gqa_config(n_layer, n_head, n_kv, hidden, vocab_size))
+    config = LlamaConfig(**_gqa_config(n_layer, n_head, n_kv, hidden, vocab_size, tied))
     model = LlamaForCausalLM(config)
     # Random init leaves RMSNorm weights at 1 and small projections; scale them up so the
     # attention patterns are far from uniform and backend differences would show.
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0 if p.ndim == 2 else 1.0)
+        model.model.norm.weight.copy_(1.0 + 0.3 * torch.randn_like(model.model.norm.weight))  # a fold that shows
     model.save_pretrained(folder)
     return folder
 

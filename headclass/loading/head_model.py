@@ -360,8 +360,9 @@ class HeadModel:
     def layer_weight(self, key: str, layer: int) -> Tensor:
         """``getattr(self, key)[layer]`` from that layer's parameters alone (see :func:`layer_weight`).
 
-        A view of the processed parameter where the layout allows (no copy), GQA key/value heads
-        expanded for this layer only; the stacked tensor when it is cached already.
+        A view of the processed parameter (``W_Q``, ``W_O`` on both backends), grouped-query
+        key/value heads expanded (copied) for this layer only; a view of the stacked tensor
+        when a caller has built that already.
         """
         if key not in HEAD_WEIGHTS:
             raise KeyError(f"layer_weight serves {', '.join(HEAD_WEIGHTS)}, not {key!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import zipfile
 from pathlib import Path
@@ -118,13 +119,21 @@ def test_every_pypi_alias_pins_a_sha256():
 
 
 @pytest.mark.skipif(not BRIDGE, reason="lean weight processing is for the TransformerLens 4 bridge")
-@pytest.mark.parametrize("builder", [save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2], ids=["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize(
+    "builder",
+    [save_tiny_gpt2, save_tiny_llama, functools.partial(save_tiny_llama, tied=True), save_tiny_qwen2],
+    ids=["gpt2", "llama", "llama-tied", "qwen2"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_lean_processing_gives_transformer_lens_own_weights(tmp_path, monkeypatch, builder, dtype):
+    # llama and qwen2: the final norm folds into their own lm_head in place; llama-tied: into a copy
     import headclass.loading.backends as backends
 
     folder = str(builder(tmp_path / "model"))
-    lean = dict(backends.build_tl_model("bridge", folder=folder, dtype=dtype).named_parameters())
+    bridge = backends.build_tl_model("bridge", folder=folder, dtype=dtype)
+    lean = dict(bridge.named_parameters())
+    W_E, W_U = bridge.W_E, bridge.W_U
+    assert (W_E.untyped_storage().data_ptr() == W_U.untyped_storage().data_ptr()) is False  # untied by the fold
     monkeypatch.setattr(backends, "_lean_processing", lambda bridge: contextlib.nullcontext())
     stock = dict(backends.build_tl_model("bridge", folder=folder, dtype=dtype).named_parameters())
     assert lean.keys() == stock.keys()
@@ -135,6 +144,30 @@ def test_lean_processing_gives_transformer_lens_own_weights(tmp_path, monkeypatc
         else:  # the final-norm fold and centring of W_U run in bf16 here: a bf16 rounding or two
             scale = float(stock[key].float().abs().max())
             torch.testing.assert_close(lean[key].float(), stock[key].float(), rtol=2**-7, atol=2**-7 * scale)
+
+
+def test_final_norm_folds_in_place_only_into_an_unembedding_of_its_own():
+    from headclass.loading.backends import _fold_unembed_rms_in_place
+
+    def key(name, adapter):
+        return name
+
+    cfg = dataclasses.make_dataclass("Cfg", [("rmsnorm_uses_offset", bool)])(False)
+    g = torch.rand(8) + 0.5
+    E, U = torch.randn(40, 8), torch.randn(40, 8)
+    own = {"embed.W_E": E.clone(), "unembed.W_U": U.clone(), "ln_final.w": g.clone()}
+    assert _fold_unembed_rms_in_place(own, cfg, key, None)
+    assert torch.equal(own["unembed.W_U"], U * g[None, :]) and torch.equal(own["embed.W_E"], E)  # TL's product
+    assert torch.equal(own["ln_final.w"], torch.ones(8))
+    tied = {"embed.W_E": E, "unembed.W_U": E.view(40, 8), "ln_final.w": g.clone()}  # one storage
+    assert not _fold_unembed_rms_in_place(tied, cfg, key, None)
+    assert torch.equal(tied["embed.W_E"], E) and torch.equal(tied["ln_final.w"], g)  # untouched: TL's copy runs
+    gemma = dataclasses.make_dataclass("Cfg", [("rmsnorm_uses_offset", bool)])(True)  # the scale is 1 + w
+    offset = {"unembed.W_U": U.clone(), "ln_final.w": g.clone()}
+    assert _fold_unembed_rms_in_place(offset, gemma, key, None)
+    assert torch.equal(offset["unembed.W_U"], U * (1.0 + g)[None, :]) and torch.equal(
+        offset["ln_final.w"], torch.zeros(8)
+    )
 
 
 # -- the pattern pass stops at the last pattern ------------------------------------------------
