@@ -366,10 +366,11 @@ class HeadModel:
         """
         if key not in HEAD_WEIGHTS:
             raise KeyError(f"layer_weight serves {', '.join(HEAD_WEIGHTS)}, not {key!r}")
-        if key in self._weights:
+        attn = getattr(self.tl_model.blocks[layer], "attn", None)
+        if key in self._weights or attn is None:  # cached, or a layout only the stacked accessor knows
             return self._required(key)[layer]
         with torch.no_grad():
-            value = getattr(self.tl_model.blocks[layer].attn, key).detach()
+            value = getattr(attn, key).detach()
         return _expand_kv(value[None], self.n_heads)[0]
 
     def _required(self, key: str) -> Tensor:
