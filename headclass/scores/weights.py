@@ -1191,23 +1191,12 @@ def ov_svd_scores(
     qk = qk_singular_values(model, progress=progress) if qk_spectra is None else qk_spectra
     # trace and ||W_OV||^2 in float64: the distances are sqrt(1 - cos^2), which turns a 1e-7
     # rounding of cos^2 into a 3e-4 error near 0
-    trace = torch.stack(
-        [
-            (layer_weight(model, "W_V", layer).double() * layer_weight(model, "W_O", layer).double().mT).sum((-2, -1))
-            for layer in range(model.n_layers)
-        ]
-    )
-    frobenius_sq = torch.stack(
-        [
-            (
-                _shared_r_factor(layer_weight(model, "W_V", layer).double(), _n_kv(model))
-                @ layer_weight(model, "W_O", layer).double()
-            )
-            .pow(2)
-            .sum((-2, -1))
-            for layer in range(model.n_layers)
-        ]
-    )
+    n_kv, traces, squares = _n_kv(model), [], []
+    for layer in range(model.n_layers):  # each layer's weights built once for both
+        W_V, W_O = layer_weight(model, "W_V", layer).double(), layer_weight(model, "W_O", layer).double()
+        traces.append((W_V * W_O.mT).sum((-2, -1)))
+        squares.append((_shared_r_factor(W_V, n_kv) @ W_O).pow(2).sum((-2, -1)))
+    trace, frobenius_sq = torch.stack(traces), torch.stack(squares)
     rank = (ov.double() > _RANK_RTOL * ov.double().amax(-1, keepdim=True)).sum(-1).double()
     norm = frobenius_sq.sqrt()
     median = norm.quantile(0.5, dim=1, keepdim=True)

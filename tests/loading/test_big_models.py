@@ -133,7 +133,7 @@ def test_lean_processing_gives_transformer_lens_own_weights(tmp_path, monkeypatc
     bridge = backends.build_tl_model("bridge", folder=folder, dtype=dtype)
     lean = dict(bridge.named_parameters())
     W_E, W_U = bridge.W_E, bridge.W_U
-    assert (W_E.untyped_storage().data_ptr() == W_U.untyped_storage().data_ptr()) is False  # untied by the fold
+    assert W_E.untyped_storage().data_ptr() != W_U.untyped_storage().data_ptr()  # untied by the fold
     monkeypatch.setattr(backends, "_lean_processing", lambda bridge: contextlib.nullcontext())
     stock = dict(backends.build_tl_model("bridge", folder=folder, dtype=dtype).named_parameters())
     assert lean.keys() == stock.keys()
