@@ -832,3 +832,55 @@ def test_ablation_on_a_trained_toy_model_with_toy_config():
         ["layer", "head", "induction", "ablation_induction_dloss"]
     ]
     assert (t.loc[t["is_induction"], "ablation_induction_dloss"] > 0).all()
+
+
+def _role_by_head(flags, margins, grids, t) -> np.ndarray:
+    """The attention role as the rule states it, one head at a time (the reference)."""
+    from headclass.taxonomy.rules import ATTENTION_ROLES, MIXED, SUBSUMES
+
+    order = list(ATTENTION_ROLES)
+    classes = [c for c in BUDGET_ROLE if c != "first"]
+    out = np.empty(grids["copy_eigen"].shape, dtype=object)
+    for i, j in np.ndindex(out.shape):
+        held = [r for r in order if flags[r][i, j]]
+        specific = [r for r in held if r not in FALLBACK_LABELS]
+        specific = [r for r in specific if not any(r in SUBSUMES.get(p, ()) for p in held)]
+        shares = sorted((np.nan_to_num(grids[f"free_{c}"][i, j], nan=0.0) for c in classes), reverse=True)
+        mix = shares[1] >= t["mixed_min_share"] and shares[0] + shares[1] >= t["mixed_min_total"]
+        margin = {r: np.nan_to_num(margins[r][i, j], nan=-1.0) for r in held}
+        if len(specific) == 1:
+            out[i, j] = specific[0]
+        elif len(specific) >= 2:
+            out[i, j] = MIXED
+        elif held:
+            out[i, j] = max(held, key=lambda r: (margin[r], -order.index(r)))
+        else:
+            out[i, j] = MIXED if mix else UNCLASSIFIED
+    return out
+
+
+def test_vectorised_attention_role_matches_the_rule_head_by_head():
+    # The bootstrap decides every head's role for each replicate at once (_role_of); the table's
+    # role comes from the same function. Both must be the rule applied head by head, ties included
+    # (equal margins: the first role in order; NaN margins count as -1).
+    from headclass.taxonomy.labelling import _attention_roles, _role_of, _role_parts
+    from headclass.taxonomy.rules import ATTENTION_ROLES
+
+    rng = np.random.default_rng(0)
+    t = {"mixed_min_share": 0.2, "mixed_min_total": 0.5}
+    seen = set()
+    for trial in range(200):
+        shape = (4, 6)
+        flags = {r: rng.random(shape) < rng.choice([0.05, 0.2, 0.5]) for r in ATTENTION_ROLES}
+        values = rng.choice([-1.0, 0.0, 0.5], size=shape) if trial % 3 == 0 else rng.normal(size=shape)
+        margins = {r: np.where(rng.random(shape) < 0.1, np.nan, values + 0 * rng.random()) for r in ATTENTION_ROLES}
+        grids = {"copy_eigen": np.zeros(shape)}
+        for c in BUDGET_ROLE:
+            share = rng.choice([0.0, 0.2, 0.25, 0.3], size=shape) if trial % 2 else rng.random(shape) * 0.6
+            grids[f"free_{c}"] = np.where(rng.random(shape) < 0.1, np.nan, share)
+        expected = _role_by_head(flags, margins, grids, t)
+        fast = _role_of(_role_parts(flags, margins, grids, t))
+        assert (fast == expected).all(), trial
+        assert (_attention_roles(flags, margins, grids, t)[0] == expected).all(), trial
+        seen.update(expected.flatten().tolist())
+    assert {"mixed", UNCLASSIFIED, "bos", "diffuse", "induction"} <= seen  # every branch taken

@@ -658,12 +658,16 @@ class _Screen(NamedTuple):
             columns, order = W_U, torch.arange(n_vocab, device=W_U.device)
         else:  # a copy in the screen dtype, columns by falling norm: tight margins block by block
             order = norms.argsort(descending=True)
-            columns = torch.empty(W_U.shape, dtype=dtype, device=W_U.device)
+            # Held as [vocab, d_model] rows (``columns`` is its transposed view, which the matrix
+            # products read as fast): each block is a gather of whole rows along memory, where
+            # gathering columns of the bridge's transposed W_U view took 4x longer (0.5B: 1.8 s).
+            rows = torch.empty(W_U.shape[::-1], dtype=dtype, device=W_U.device)
             step = max(1, _TOPK_BLOCK_BYTES // (8 * int(W_U.shape[0])))  # float32 temporaries: two
             for a in range(0, n_vocab, step):
-                block = W_U[:, order[a : a + step]]
-                columns[:, a : a + step] = block
-                errors[a : a + step] = (block - columns[:, a : a + step].float()).norm(dim=0)
+                block = _unembed_rows(W_U, order[a : a + step])  # [step, d_model] float32
+                rows[a : a + step] = block
+                errors[a : a + step] = (block - rows[a : a + step].float()).norm(dim=1)
+            columns = rows.mT
             norms = norms[order]
         place = torch.empty_like(order)
         place[order] = torch.arange(n_vocab, device=order.device)

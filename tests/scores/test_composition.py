@@ -45,6 +45,12 @@ def test_causal_layout_and_blocking(tmp_path):
     blocked = composition_scores(model, kinds=["K", "v"], memory_bytes=1)
     for kind in ("k", "v"):
         torch.testing.assert_close(blocked[kind], whole[kind], atol=1e-6, rtol=1e-5)
+    # Two later layers per pass against groups of two earlier layers (the last group short):
+    # passes over layers 1-2 and 3, earlier layers [0, 1], then [0, 1] and [2].
+    layer_bytes = model.n_heads * model.d_model * (model.d_model + 1) // 2 * 4
+    grouped = composition_scores(model, kinds=["K", "v"], memory_bytes=int(6.5 * layer_bytes))
+    for kind in ("k", "v"):
+        torch.testing.assert_close(grouped[kind], whole[kind], atol=1e-6, rtol=1e-5)
     later = torch.arange(4)[:, None] < torch.arange(4)[None, :]  # [layer_a, layer_b]
     mask = later[:, None, :, None].expand(4, N_HEADS, 4, N_HEADS)
     for values in whole.values():

@@ -322,13 +322,17 @@ def test_topk_of_rounding_noise_is_a_tie_on_every_screen(monkeypatch, screen):
     assert round(float(scores["copy_suppression_topk"][0, 1]) * vocab) == int(bottom.sum())
 
 
-@pytest.mark.parametrize("pairs", [300, 700])
+@pytest.mark.parametrize(
+    "pairs, layout", [(300, "contiguous"), (700, "contiguous"), (700, "transposed")], ids=["300", "700", "700-view"]
+)
 @pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
-def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen, pairs):
+def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen, pairs, layout):
     """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin
     (with the fused counter, as big vocabularies use it; two layers of 3 heads x 200 tokens,
     ranked in batches of pairs that straddle them: 700 pairs takes both layers at once, 300
-    one head at a time, two per batch)."""
+    one head at a time, two per batch). ``transposed``: ``W_U`` is a transposed view of a
+    ``[vocab, d_model]`` matrix, as the TransformerLens bridge hands it out (the screen's copy
+    gathers its rows)."""
     monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
     monkeypatch.setattr(weights, "_FUSE_MIN_WORK", 0 if screen == torch.bfloat16 else 10**12)
     monkeypatch.setattr(weights, "_TOPK_PAIR_BYTES", 4 * 48 * pairs)
@@ -353,6 +357,9 @@ def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen, pairs):
     W_V = torch.stack([eye, -eye, torch.randn(d, d, generator=g) / d**0.5])  # copy, suppress, random
     W_O = torch.stack([eye, eye, torch.randn(d, d, generator=g) / d**0.5])
     W_V, W_O = torch.stack([W_V, W_V.flip(0)]), torch.stack([W_O, W_O.flip(0)])  # layer 1: reversed
+    if layout == "transposed":
+        W_U = W_U.T.contiguous().T
+        assert W_U.stride(0) == 1
     fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_U)
     scores = topk_copy_scores(fake, top_k=k, tokens=tokens)
     for layer, head in itertools.product(range(2), range(3)):
