@@ -17,6 +17,11 @@ subprocesses run one after the other, never at once:
     cached folder, then a bare forward (``model.model(ids)``: no unembedding, default
     attention kernel, ``torch.no_grad()``) over the very probe batches (a) used.
 
+Where classify's time goes is printed under each row (timers around the stages it calls, each
+over the bare forward): the hooked pattern pass (every pattern score reduced in its hooks), the
+weight scores (the top-k copy scores apart), the head cards' evidence, and labelling with the
+bootstrap.
+
 Peak memory is the kernel's ``VmHWM`` (peak RSS). ``peak/weights`` divides the peak above the
 interpreter's RSS after imports (torch, transformers with the model's modeling module,
 TransformerLens, scipy, torch's compiler: ~0.57 GB, the same for any model of that
@@ -101,6 +106,34 @@ def _import_stack(folder: str) -> None:
 # -- children ----------------------------------------------------------------------------------
 
 
+_STAGES = (
+    ("pattern_pass", "headclass.scores.patterns", "pattern_measurement"),
+    ("weight_scores", "headclass.scores.weights", "weight_scores"),
+    ("topk", "headclass.scores.weights", "_topk_scores"),
+    ("cards", "headclass.scores.examples", "head_evidence"),
+    ("labelling", "headclass.taxonomy.classification", "label_heads"),
+)
+
+
+def _time_stages(seconds: dict) -> None:
+    """Wrap the functions ``classify`` calls for each stage with a timer adding to ``seconds``."""
+    import functools
+    import importlib
+
+    for stage, module_name, name in _STAGES:
+        module = importlib.import_module(module_name)
+        inner = getattr(module, name)
+
+        def timed(*args, _inner=inner, _stage=stage, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                seconds[_stage] = seconds.get(_stage, 0.0) + time.perf_counter() - start
+
+        setattr(module, name, functools.wraps(inner)(timed))
+
+
 def child_prepare(alias: str) -> dict:
     """Fetch and dequantise the alias into the cache (once); report what it cost."""
     from headclass.loading import _dequantised_folder
@@ -156,10 +189,13 @@ def child_headclass(alias: str, folder: str, dtype: str, tokens_out: str, breakd
             out[f"{stage}_peak_above"] = vm_hwm() - before
             out[f"{stage}_rss_before"] = before - base
         return out
+    stages: dict = {}
+    _time_stages(stages)
     reset_hwm()
     start = time.perf_counter()
     headclass.classify(model, progress=False)
     out["classify_s"] = time.perf_counter() - start
+    out.update({f"{stage}_s": value for stage, value in stages.items()})
     out["peak"] = max(vm_hwm(), out["load_peak"] + base) - base
     out["peak_total"] = out["peak"] + base
     return out
@@ -228,6 +264,14 @@ def print_row(row: dict) -> None:
             f" = {row['time_ratio']:.2f} | load {row['load_s']:5.1f} s (peak {row['load_peak'] / GB:.2f} GB)"
             f" vs transformers {row['hf_load_s']:.1f} s"
         )
+        split = ", ".join(
+            f"{stage.replace('_', ' ')} {row[f'{stage}_s']:.1f} s ({row[f'{stage}_s'] / row['forward_s']:.2f}x)"
+            for stage, _, _ in _STAGES
+            if f"{stage}_s" in row
+        )
+        outer = ("pattern_pass", "weight_scores", "cards", "labelling")  # top-k lies within weight_scores
+        rest = row["classify_s"] - sum(row.get(f"{stage}_s", 0.0) for stage in outer)
+        print(f"{'':<20} classify / bare forward, by stage: {split}, the rest {rest:.1f} s")
     else:
         stages = " | ".join(
             f"{s}: +{row[f'{s}_peak_above'] / GB:.2f} GB over {row[f'{s}_rss_before'] / GB:.2f} GB"
