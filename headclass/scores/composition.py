@@ -149,7 +149,8 @@ def composition_scores(
     # Later heads of `per_block` layers (all kinds) stay packed while earlier layers stream by
     # in groups of `per_group` layers; each streamed layer is rebuilt once per block. A group
     # shares one matrix product: one layer's few rows against the whole block read the block
-    # from memory once per layer (SmolLM2: 1.3 s of products, 0.3 s in groups of 8).
+    # from memory once per layer (SmolLM2 within the cards' budget: 1.3 s of products, 0.5 s
+    # in groups of 5).
     per_group = max(1, min(_EARLIER_GROUP, n_layers - 1, memory_bytes // (layer_bytes * (len(kinds) + 1))))
     per_block = max(1, min(n_layers - 1, (memory_bytes - per_group * layer_bytes) // (layer_bytes * len(kinds))))
     blocks = range(1, n_layers, per_block)

@@ -23,7 +23,7 @@ the first label in :data:`PRIORITY`. A head with no label is ``unclassified`` an
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -279,7 +279,7 @@ def _attention_roles(
     roles named for ``mixed``; for ``unclassified`` the largest negative margin).
     """
     parts = _role_parts(flags, margins, grids, t)
-    order, held, marg, specific, n_specific, classes, top2, second, budget_mix = parts
+    order, held, marg, specific, n_specific = parts.order, parts.held, parts.margin, parts.specific, parts.n_specific
     role = _role_of(parts)
     shape = role.shape
     roles = np.full(shape, "", dtype=object)
@@ -290,8 +290,8 @@ def _attention_roles(
             margin[i, j] = marg[specific[:, i, j], i, j].min()
             named = [n for n in named if n not in FALLBACK_LABELS] + [n for n in named if n in FALLBACK_LABELS]
         elif role[i, j] == MIXED:  # step 3: the two largest budget classes
-            named = [BUDGET_ROLE[classes[c]] for c in top2[:, i, j]]
-            share_margin = (second[i, j] - t["mixed_min_share"]) / max(1.0 - t["mixed_min_share"], 1e-12)
+            named = [BUDGET_ROLE[parts.classes[c]] for c in parts.top2[:, i, j]]
+            share_margin = (parts.second[i, j] - t["mixed_min_share"]) / max(1.0 - t["mixed_min_share"], 1e-12)
             margin[i, j] = float(np.clip(share_margin, 0.0, 1.0))
         elif role[i, j] == UNCLASSIFIED:
             margin[i, j] = marg[:, i, j].max()
@@ -303,15 +303,27 @@ def _attention_roles(
     return role, roles, margin
 
 
+class _RoleParts(NamedTuple):
+    """What :func:`_attention_roles` decides from, every head at once."""
+
+    order: list[str]  # the attention roles
+    held: np.ndarray  # [role, layer, head] bool: the role holds
+    margin: np.ndarray  # [role, layer, head]: its margin, NaN as -1
+    specific: np.ndarray  # [role, layer, head] bool: holds, not a fallback, not subsumed
+    n_specific: np.ndarray  # [layer, head]
+    classes: list[str]  # the attention budget's classes (the first position aside)
+    top2: np.ndarray  # [2, layer, head]: the two largest classes
+    second: np.ndarray  # [layer, head]: the second largest share
+    budget_mix: np.ndarray  # [layer, head] bool: step 3's mix of two classes
+
+
 def _role_parts(
     flags: Mapping[str, np.ndarray],
     margins: Mapping[str, np.ndarray],
     grids: Mapping[str, np.ndarray],
     t: Mapping[str, float],
-) -> tuple[Any, ...]:
-    """What :func:`_attention_roles` decides from: the roles in order, which hold ``[role,
-    layer, head]``, their margins (NaN as -1), the specific ones, how many, the budget classes,
-    the two largest per head ``[2, layer, head]``, the second's share and the budget-mix flag."""
+) -> _RoleParts:
+    """The :class:`_RoleParts` of these flags, margins and attention-budget shares."""
     order = [label for label in ATTENTION_ROLES]
     held = np.stack([flags[label] for label in order])  # [role, layer, head]
     marg = np.stack([np.nan_to_num(margins[label], nan=-1.0) for label in order])
@@ -328,20 +340,19 @@ def _role_parts(
     budget_mix = (
         (first >= t["mixed_min_share"]) & (second >= t["mixed_min_share"]) & (first + second >= t["mixed_min_total"])
     )
-    return order, held, marg, specific, n_specific, classes, top2, second, budget_mix
+    return _RoleParts(order, held, marg, specific, n_specific, classes, top2, second, budget_mix)
 
 
-def _role_of(parts: tuple[Any, ...]) -> np.ndarray:
+def _role_of(parts: _RoleParts) -> np.ndarray:
     """The attention role per head (steps 1-4 of :func:`_attention_roles`), for all heads at
-    once: the bootstrap decides it 200 times, where a loop over heads took ~1 s."""
-    order, held, marg, specific, n_specific, _, _, _, budget_mix = parts
-    names = np.array(order, dtype=object)
+    once: the bootstrap decides it 200 times, where a loop over heads took ~1 s (SmolLM2)."""
+    names = np.array(parts.order, dtype=object)
     # step 1: the one specific role; step 2: the held (fallback) role with the largest margin,
     # the first in order on a tie
-    held_best = names[np.where(held, marg, -np.inf).argmax(0)]
+    held_best = names[np.where(parts.held, parts.margin, -np.inf).argmax(0)]
     return np.select(
-        [n_specific == 1, n_specific >= 2, held.any(0), budget_mix],
-        [names[specific.argmax(0)], MIXED, held_best, MIXED],
+        [parts.n_specific == 1, parts.n_specific >= 2, parts.held.any(0), parts.budget_mix],
+        [names[parts.specific.argmax(0)], MIXED, held_best, MIXED],
         default=UNCLASSIFIED,
     ).astype(object)
 
