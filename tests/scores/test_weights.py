@@ -410,8 +410,15 @@ def test_fused_counts_equal_the_eager_ones(monkeypatch, dtype):
     expected = weights._count_beyond_eager(logits, high, low)
     flat = logits.flatten(1)
     assert torch.equal(expected[0], (flat >= high[:, 0]).sum(-1, dtype=torch.int32))
-    assert torch.equal(expected[2].sum(-1), ((flat > low[:, 0]) & (flat < high[:, 0])).sum(-1, dtype=torch.int32))
+    assert torch.equal(expected[1], (flat <= low[:, 0]).sum(-1, dtype=torch.int32))
+    band = (logits > low) & (logits < high)
+    assert torch.equal(expected[2], band.sum(-1, dtype=torch.int32))
     assert int(expected[2].sum()) > 0 and int(expected[1].sum()) > 0
+    # high <= low (the exact screen's "above" and "below" overlap): no band, every tie counted twice
+    crossed = weights._count_beyond_eager(logits, low, high)
+    assert not crossed[2].any()
+    assert torch.equal(crossed[0], (flat >= low[:, 0]).sum(-1, dtype=torch.int32))
+    assert torch.equal(crossed[1], (flat <= high[:, 0]).sum(-1, dtype=torch.int32))
     fused = weights._fused_counter()
     for got, want in zip(fused(logits, high, low), expected):
         assert torch.equal(got.long(), want.long())
