@@ -542,10 +542,11 @@ _FUSE_MIN_WORK = 30_000_000
 def _fused_counter() -> Counter:
     """:func:`_count_beyond_eager` fused by ``torch.compile`` into one pass over the logits.
 
-    The hot loop of the top-k scores is four comparisons and three sums over every logit
-    ranked: eight passes over memory with bool temporaries in eager PyTorch (~3 ns a logit
-    here), one when fused (~20x faster on this CPU). Its outputs are counts only: a compiled
-    elementwise output such as a band mask costs ~1 ns a logit here. Compiling takes a second
+    The hot loop of the top-k scores is three comparisons and their sums over every logit
+    ranked: six passes over memory with bool temporaries in eager PyTorch (~2 ns a logit
+    here; eight before 2026-12-07, ~3 ns), one when fused (~20x faster on this CPU). Its
+    outputs are counts only: a compiled elementwise output such as a band mask costs ~1 ns a
+    logit here. Compiling takes a second
     or two once per process (cached on disk). Where it fails (no C++ compiler...), the eager
     version is used from then on: the counts are the same integers either way (tested).
     """
