@@ -546,9 +546,9 @@ def _fused_counter() -> Counter:
     ranked: six passes over memory with bool temporaries in eager PyTorch (~2 ns a logit
     here; eight before 2026-12-07, ~3 ns), one when fused (~20x faster on this CPU). Its
     outputs are counts only: a compiled elementwise output such as a band mask costs ~1 ns a
-    logit here. Compiling takes a second
-    or two once per process (cached on disk). Where it fails (no C++ compiler...), the eager
-    version is used from then on: the counts are the same integers either way (tested).
+    logit here. Compiling takes a second or two once per process (cached on disk). Where it
+    fails (no C++ compiler...), the eager version is used from then on: the counts are the same
+    integers either way (tested).
     """
     if "count" not in _FUSED:
         try:
