@@ -269,7 +269,7 @@ def print_row(row: dict) -> None:
             for stage, _, _ in _STAGES
             if f"{stage}_s" in row
         )
-        outer = ("pattern_pass", "weight_scores", "cards", "labelling")  # top-k lies within weight_scores
+        outer = [stage for stage, _, _ in _STAGES if stage != "topk"]  # top-k lies within weight_scores
         rest = row["classify_s"] - sum(row.get(f"{stage}_s", 0.0) for stage in outer)
         print(f"{'':<20} classify / bare forward, by stage: {split}, the rest {rest:.1f} s")
     else:

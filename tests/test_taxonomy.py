@@ -872,8 +872,10 @@ def test_vectorised_attention_role_matches_the_rule_head_by_head():
     for trial in range(200):
         shape = (4, 6)
         flags = {r: rng.random(shape) < rng.choice([0.05, 0.2, 0.5]) for r in ATTENTION_ROLES}
-        values = rng.choice([-1.0, 0.0, 0.5], size=shape) if trial % 3 == 0 else rng.normal(size=shape)
-        margins = {r: np.where(rng.random(shape) < 0.1, np.nan, values + 0 * rng.random()) for r in ATTENTION_ROLES}
+        margins = {}
+        for r in ATTENTION_ROLES:  # each role its own margins; few distinct values make ties common
+            values = rng.choice([-1.0, 0.0, 0.5], size=shape) if trial % 3 == 0 else rng.normal(size=shape)
+            margins[r] = np.where(rng.random(shape) < 0.1, np.nan, values)
         grids = {"copy_eigen": np.zeros(shape)}
         for c in BUDGET_ROLE:
             share = rng.choice([0.0, 0.2, 0.25, 0.3], size=shape) if trial % 2 else rng.random(shape) * 0.6

@@ -159,6 +159,7 @@ def composition_scores(
 
         blocks = tqdm(blocks, desc="composition", leave=False)
     with torch.no_grad():
+        left = torch.empty(per_group * n_heads, packer.size, device=device)  # one group of earlier layers
         for b0 in blocks:
             b1 = min(n_layers, b0 + per_block)
             right = torch.empty(len(kinds) * (b1 - b0) * n_heads, packer.size, device=device)
@@ -166,7 +167,6 @@ def composition_scores(
                 packer.pack(
                     _right_factor(model, layer, kind).mT, weighted=False, out=right[i * n_heads : (i + 1) * n_heads]
                 )  # [kind, layer_b, head_b] rows
-            left = torch.empty(per_group * n_heads, packer.size, device=device)
             for g0 in range(0, b1 - 1, per_group):
                 group = range(g0, min(b1 - 1, g0 + per_group))
                 for i, la in enumerate(group):  # [layer_a, head_a] rows
@@ -177,7 +177,8 @@ def composition_scores(
                     lb0 = max(b0, la + 1)  # causal: only la < lb
                     out[:, la, :, lb0:b1] = inner[:, i, :, lb0 - b0 :]
                 del inner
-            del left, right
+            del right
+        del left
     return {kind: out[i].clamp_(max=1.0) for i, kind in enumerate(kinds)}
 
 
