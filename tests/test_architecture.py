@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "headclass._startup": 0,
     "headclass.errors": 0,
     "headclass.atomic": 0,
+    "headclass.heap": 0,
     "headclass.config": 0,
     "headclass.loading": 1,
     "headclass.probes": 2,

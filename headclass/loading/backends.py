@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+
+from headclass.heap import return_freed_memory
 
 __all__ = [
     "transformer_lens_major",
@@ -68,28 +69,6 @@ def available_backends() -> list[str]:
     if transformer_lens_major() >= 4:
         found.sort(key=lambda name: name != "bridge")
     return found
-
-
-def return_freed_memory() -> None:
-    """Have glibc serve allocations >= 1 MiB with their own mappings, returned when freed.
-
-    By default glibc raises its mmap threshold as large blocks are freed, after which freed
-    weight-sized blocks stay in the heap: loading a model (tensors replaced one by one) then
-    shows as resident memory long after it was released. Process-wide, once; no-op elsewhere.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl...)
-        pass
-
-
-_MALLOC_TUNED = False
 
 
 def build_tl_model(

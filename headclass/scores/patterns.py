@@ -170,6 +170,7 @@ import torch
 from torch import Tensor
 
 from headclass.errors import ProbeError, ScoreError
+from headclass.heap import reuse_freed_memory
 from headclass.loading.head_model import HeadModelLike
 from headclass.probes import Probe, default_probes, from_tokens
 
@@ -1182,7 +1183,11 @@ class _Engine:
         device = _model_device(self.model)
         per_probe: list[dict[str, Any]] = []
         n_chunks = sum(math.ceil(p.n_sequences / batch_size) for p in self.probes)
-        with tqdm(total=n_chunks, desc="pattern scores", unit="batch", disable=not progress) as bar:
+        # reuse_freed_memory: each batch allocates the same activations again (headclass.heap)
+        with (
+            reuse_freed_memory(),
+            tqdm(total=n_chunks, desc="pattern scores", unit="batch", disable=not progress) as bar,
+        ):
             for probe in self.probes:
                 active = [n for n in self.names if _feeds(probe, n)]
                 collected: dict[str, Any] = {

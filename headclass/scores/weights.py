@@ -82,6 +82,7 @@ from torch import Tensor
 
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ProbeError, ScoreError
+from headclass.heap import reuse_freed_memory
 from headclass.loading.head_model import HeadModelLike, layer_weight
 from headclass.probes import ordinary_token_ids, token_sample
 from headclass.scores.patterns import ScoreInfo
@@ -422,30 +423,32 @@ def _topk_counts(
     open_heads = torch.ones(shape, dtype=torch.bool)
     budget = max(1, _TOPK_PAIR_BYTES // (4 * int(model.d_model)))
     start = 0
-    for end in _progress(bounds, "top-k copy", progress):
-        own_columns = screen.place[tokens[start:end]]  # the round's tokens, screen columns
-        batch: list[tuple[int, Tensor, Tensor, Tensor]] = []  # layer, heads, projected, own
-        for layer in range(shape[0]):
-            open_here = open_heads[layer].nonzero().squeeze(1)
-            if not open_here.numel():
-                continue
-            W_V, W_O = _f32(layer_weight(model, "W_V", layer)), _f32(layer_weight(model, "W_O", layer))
-            for heads in open_here.split(max(1, budget // (end - start))):
-                # [head, token, d_model]: the head's output when it attends to each token
-                projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
-                own = (projected * own_unembed[:, start:end].mT).sum(-1)
-                batch.append((layer, heads, projected, own))
-                if sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) >= budget:
-                    _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
-                    batch = []
-        if batch:
-            _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
-        ranked[open_heads] = end
-        if stop is not None:
-            open_heads[open_heads.clone()] = ~stop.settled(copies[open_heads], suppressions[open_heads], end)
-        start = end
-        if not open_heads.any():
-            break
+    # the rounds allocate the same blocks again and again: kept in the heap (headclass.heap)
+    with reuse_freed_memory():
+        for end in _progress(bounds, "top-k copy", progress):
+            own_columns = screen.place[tokens[start:end]]  # the round's tokens, screen columns
+            batch: list[tuple[int, Tensor, Tensor, Tensor]] = []  # layer, heads, projected, own
+            for layer in range(shape[0]):
+                open_here = open_heads[layer].nonzero().squeeze(1)
+                if not open_here.numel():
+                    continue
+                W_V, W_O = _f32(layer_weight(model, "W_V", layer)), _f32(layer_weight(model, "W_O", layer))
+                for heads in open_here.split(max(1, budget // (end - start))):
+                    # [head, token, d_model]: the head's output when it attends to each token
+                    projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
+                    own = (projected * own_unembed[:, start:end].mT).sum(-1)
+                    batch.append((layer, heads, projected, own))
+                    if sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) >= budget:
+                        _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
+                        batch = []
+            if batch:
+                _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
+            ranked[open_heads] = end
+            if stop is not None:
+                open_heads[open_heads.clone()] = ~stop.settled(copies[open_heads], suppressions[open_heads], end)
+            start = end
+            if not open_heads.any():
+                break
     return copies, suppressions, ranked
 
 
@@ -621,6 +624,27 @@ def _round_away(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
     return torch.where(short, torch.nextafter(rounded, limit), rounded)
 
 
+class _Scratch:
+    """One buffer that every logits block of a ranking is written into, grown when too small.
+
+    A fresh block per matrix product (up to ``_TOPK_BLOCK_BYTES``) is a fresh mapping that the
+    kernel zero-fills page by page (:mod:`headclass.heap`): 1.8 M page faults, ~15 % of the
+    Qwen2.5-0.5B top-k's time. One buffer reused costs nothing more than the largest block.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Optional[Tensor] = None
+
+    def take(self, rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous ``[rows, columns]`` view of the buffer (its old content is garbage)."""
+        n = rows * columns
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
+            size = max(n, _TOPK_BLOCK_BYTES // 4)  # logits blocks are sized in 4-byte logits
+            buffer = self._buffer = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:n].view(rows, columns)
+
+
 class _Screen(NamedTuple):
     """The unembedding as the top-k ranking reads it, built once per :func:`_topk_counts` call.
 
@@ -632,7 +656,8 @@ class _Screen(NamedTuple):
     ``first`` ``[m]``: random screen columns ranked first, ``first_block``
     their columns, ``in_first`` ``[vocab]`` each column's slot in them (-1: not among them);
     ``error``: :func:`_screen_error` (zeros: the screen is float32, exact); ``counter``:
-    :func:`_count_beyond_eager` or :func:`_fused_counter`.
+    :func:`_count_beyond_eager` or :func:`_fused_counter`; ``logits``: the :class:`_Scratch`
+    the logits blocks are written into.
     """
 
     W_U: Tensor
@@ -646,6 +671,7 @@ class _Screen(NamedTuple):
     in_first: Tensor
     error: tuple[float, float]
     counter: Counter
+    logits: _Scratch
 
     @classmethod
     def build(cls, model: HeadModelLike, generator: torch.Generator) -> "_Screen":
@@ -680,7 +706,8 @@ class _Screen(NamedTuple):
         work = int(model.n_layers) * int(model.n_heads) * n_vocab
         counter = _fused_counter() if work >= _FUSE_MIN_WORK else _count_beyond_eager
         error = _screen_error(int(model.d_model), dtype, W_U.dtype)
-        return cls(W_U, columns, order, place, norms, errors, first, columns[:, first], in_first, error, counter)
+        first_block = columns[:, first]
+        return cls(W_U, columns, order, place, norms, errors, first, first_block, in_first, error, counter, _Scratch())
 
 
 def _top_and_bottom(
@@ -736,7 +763,9 @@ def _top_and_bottom(
         # norm and rounding error; offset [rows]: the own column's place in the block (-1 if
         # absent); skip: block columns ranked already; screen_columns [c]: each block column's
         # screen column, to compare the band in float32 (None: sure counts only)
-        logits = rows_left @ (_f32(block) if exact else block)  # [rows, c], screen dtype
+        right = _f32(block) if exact else block
+        logits = screen.logits.take(rows_left.shape[0], right.shape[1], rows_left.dtype, rows_left.device)
+        torch.matmul(rows_left, right, out=logits)  # [rows, c], screen dtype
         if skip is not None:
             logits.index_fill_(1, skip, math.nan)
         mine = ((offset >= 0) & (offset < logits.shape[1])).nonzero().squeeze(1)
@@ -1019,22 +1048,23 @@ def successor_scores(
         W_U = _f32(model.W_U[:, ids.to(model.W_U.device)])  # [d_model, items]
         hits = torch.zeros(shape, dtype=torch.float64)
         n_items = sum(int(r.numel()) - 1 for r in runs)
-        for layer in _layers(model, "successor", progress):
-            W_O = _f32(layer_weight(model, "W_O", layer))
-            values = rows @ _f32(layer_weight(model, "W_V", layer))  # [head, item, d_head]
-            logits = values @ (W_O @ W_U)  # [head, item, item]
-            # the largest logit the head's output could give an item (Cauchy-Schwarz): a row that
-            # is only float rounding of a write orthogonal to the items stays a tie
-            reach = (values @ W_O).norm(dim=-1) * W_U.norm(dim=0).max()  # [head, item]
-            for run in runs:
-                index = torch.tensor([position[int(t)] for t in run.tolist()], device=logits.device)
-                block = logits[:, index[:-1]][:, :, index]  # [head, i, run]
-                nxt = torch.arange(1, run.numel(), device=logits.device)
-                target = block.gather(2, nxt[None, :, None].expand(block.shape[0], -1, 1))[..., 0]
-                others = block.scatter(2, nxt[None, :, None].expand(block.shape[0], -1, 1), -math.inf)
-                # strictly above, beyond float rounding of equal logits (a tie never succeeds)
-                margin = _TIE_RTOL * torch.maximum(block.abs().amax(-1), reach[:, index[:-1]])
-                hits[layer] += (target > others.amax(-1) + margin).sum(-1).double().cpu()
+        with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
+            for layer in _layers(model, "successor", progress):
+                W_O = _f32(layer_weight(model, "W_O", layer))
+                values = rows @ _f32(layer_weight(model, "W_V", layer))  # [head, item, d_head]
+                logits = values @ (W_O @ W_U)  # [head, item, item]
+                # the largest logit the head's output could give an item (Cauchy-Schwarz): a row that
+                # is only float rounding of a write orthogonal to the items stays a tie
+                reach = (values @ W_O).norm(dim=-1) * W_U.norm(dim=0).max()  # [head, item]
+                for run in runs:
+                    index = torch.tensor([position[int(t)] for t in run.tolist()], device=logits.device)
+                    block = logits[:, index[:-1]][:, :, index]  # [head, i, run]
+                    nxt = torch.arange(1, run.numel(), device=logits.device)
+                    target = block.gather(2, nxt[None, :, None].expand(block.shape[0], -1, 1))[..., 0]
+                    others = block.scatter(2, nxt[None, :, None].expand(block.shape[0], -1, 1), -math.inf)
+                    # strictly above, beyond float rounding of equal logits (a tie never succeeds)
+                    margin = _TIE_RTOL * torch.maximum(block.abs().amax(-1), reach[:, index[:-1]])
+                    hits[layer] += (target > others.amax(-1) + margin).sum(-1).double().cpu()
     fraction = (hits / n_items).float()
     return {"successor": fraction, "successor_se": sampling_error(fraction, n_items)}
 
@@ -1057,11 +1087,12 @@ def ov_gain_scores(
         x = _f32(embedding[tokens.to(embedding.device)])
         x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # unit RMS rows
         gain = torch.zeros(int(model.n_layers), int(model.n_heads), dtype=torch.float64)
-        for layer in _layers(model, "OV gain", progress):
-            values = x @ _f32(layer_weight(model, "W_V", layer))  # [head, token, d_head]
-            out = values @ r_factor(_f32(layer_weight(model, "W_O", layer)).mT).mT  # same norms as @ W_O
-            ratio = out.pow(2).sum(-1) / x.pow(2).sum(-1)  # [head, token]
-            gain[layer] = ratio.mean(-1).sqrt().double().cpu()
+        with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
+            for layer in _layers(model, "OV gain", progress):
+                values = x @ _f32(layer_weight(model, "W_V", layer))  # [head, token, d_head]
+                out = values @ r_factor(_f32(layer_weight(model, "W_O", layer)).mT).mT  # same norms as @ W_O
+                ratio = out.pow(2).sum(-1) / x.pow(2).sum(-1)  # [head, token]
+                gain[layer] = ratio.mean(-1).sqrt().double().cpu()
         writing = gain[gain > 0]
         median = writing.median() if writing.numel() else torch.tensor(math.nan, dtype=torch.float64)
         relative = gain / median if bool(median > 0) else torch.full_like(gain, math.nan)

@@ -437,6 +437,21 @@ def test_fused_counts_equal_the_eager_ones(monkeypatch, dtype):
     assert weights._FUSED["count"] is weights._count_beyond_eager
 
 
+def test_logits_blocks_share_one_buffer_that_grows_when_needed():
+    """_Scratch: every block of a ranking is a view of one buffer (no fresh pages per block),
+    replaced only by a larger request or another dtype."""
+    scratch = weights._Scratch()
+    cpu = torch.device("cpu")
+    first = scratch.take(3, 5, torch.bfloat16, cpu)
+    assert first.shape == (3, 5) and first.is_contiguous() and first.dtype == torch.bfloat16
+    assert first.untyped_storage().nbytes() >= weights._TOPK_BLOCK_BYTES // 2  # a block's worth at once
+    wide = scratch.take(7, 300, torch.bfloat16, cpu)
+    assert wide.data_ptr() == first.data_ptr() and wide.is_contiguous()
+    huge = scratch.take(weights._TOPK_BLOCK_BYTES // 4 // 100 + 1, 100, torch.bfloat16, cpu)
+    assert huge.data_ptr() != first.data_ptr() and huge.shape[1] == 100
+    assert scratch.take(2, 2, torch.float32, cpu).dtype == torch.float32
+
+
 def test_sequential_sample_stops_clear_heads_early(planted, planted_scores):
     """With the default stop rule, clear heads rank ``copy_sample_min`` tokens and keep their side
     of the thresholds; the full-sample fixture's fractions lie in their Wilson intervals."""
