@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from headclass.errors import ScoreError
+from headclass.heap import reuse_freed_memory
 from headclass.loading.head_model import HeadModelLike, layer_weight
 from headclass.scores.weights import _f32, r_factor
 
@@ -158,7 +159,8 @@ def composition_scores(
         from tqdm.auto import tqdm
 
         blocks = tqdm(blocks, desc="composition", leave=False)
-    with torch.no_grad():
+    # reuse_freed_memory: every block allocates the same Gram buffers again (headclass.heap)
+    with torch.no_grad(), reuse_freed_memory():
         left = torch.empty(per_group * n_heads, packer.size, device=device)  # one group of earlier layers
         for b0 in blocks:
             b1 = min(n_layers, b0 + per_block)

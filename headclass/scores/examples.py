@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from headclass.errors import ScoreError
+from headclass.heap import reuse_freed_memory
 from headclass.loading.head_model import HeadModelLike, layer_weight
 from headclass.probes import Probe, token_sample
 from headclass.scores.weights import _VOCAB_BLOCK, _f32, _screen_dtype
@@ -343,39 +344,40 @@ def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tup
         wider = W_U.dtype == torch.float32 and screen_dtype != torch.float32
         screen = W_U.to(screen_dtype) if wider else W_U
         out: dict[tuple[int, int], list] = {}
-        for layer in range(int(model.n_layers)):
-            written = (
-                torch.einsum("sd,hde->hse", x, layer_weight(model, "W_V", layer).float())
-                @ layer_weight(model, "W_O", layer).float()
-            )
-            mean = written @ column_mean  # [head, source]: each logit row's mean, to centre it
-            left = written.to(screen_dtype)
-            up_v: Optional[Tensor] = None
-            up_i: Optional[Tensor] = None
-            down_v: Optional[Tensor] = None
-            down_i: Optional[Tensor] = None
-            for start in range(0, n_vocab, _VOCAB_BLOCK):
-                block = screen[:, start : start + _VOCAB_BLOCK].to(screen_dtype)
-                logits = left @ block  # [head, source, block]
-                block_up = logits.topk(min(pool, logits.shape[-1]), dim=-1)
-                block_down = (-logits).topk(min(pool, logits.shape[-1]), dim=-1)
-                up_v, up_i = _merge_top(up_v, up_i, block_up, start, pool)
-                down_v, down_i = _merge_top(down_v, down_i, block_down, start, pool)
-            assert up_i is not None and down_i is not None
-            up_v, up_i = _exact_top(written, W_U, up_i, k, largest=True)
-            down_v, down_i = _exact_top(written, W_U, down_i, k, largest=False)  # values: -logit
-            # centred: raises by logit - mean, lowers by how far below the mean (positive)
-            up_v, down_v = up_v - mean[..., None], down_v + mean[..., None]
-            up_v, up_i, down_v, down_i = (t.cpu() for t in (up_v, up_i, down_v, down_i))
-            for head in range(int(model.n_heads)):
-                out[layer, head] = [
-                    {
-                        "source": int(src),
-                        "raises": [[int(i), _round(v)] for i, v in zip(up_i[head, s], up_v[head, s])],
-                        "lowers": [[int(i), _round(-v)] for i, v in zip(down_i[head, s], down_v[head, s])],
-                    }
-                    for s, src in enumerate(tokens.tolist())
-                ]
+        with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
+            for layer in range(int(model.n_layers)):
+                written = (
+                    torch.einsum("sd,hde->hse", x, layer_weight(model, "W_V", layer).float())
+                    @ layer_weight(model, "W_O", layer).float()
+                )
+                mean = written @ column_mean  # [head, source]: each logit row's mean, to centre it
+                left = written.to(screen_dtype)
+                up_v: Optional[Tensor] = None
+                up_i: Optional[Tensor] = None
+                down_v: Optional[Tensor] = None
+                down_i: Optional[Tensor] = None
+                for start in range(0, n_vocab, _VOCAB_BLOCK):
+                    block = screen[:, start : start + _VOCAB_BLOCK].to(screen_dtype)
+                    logits = left @ block  # [head, source, block]
+                    block_up = logits.topk(min(pool, logits.shape[-1]), dim=-1)
+                    block_down = (-logits).topk(min(pool, logits.shape[-1]), dim=-1)
+                    up_v, up_i = _merge_top(up_v, up_i, block_up, start, pool)
+                    down_v, down_i = _merge_top(down_v, down_i, block_down, start, pool)
+                assert up_i is not None and down_i is not None
+                up_v, up_i = _exact_top(written, W_U, up_i, k, largest=True)
+                down_v, down_i = _exact_top(written, W_U, down_i, k, largest=False)  # values: -logit
+                # centred: raises by logit - mean, lowers by how far below the mean (positive)
+                up_v, down_v = up_v - mean[..., None], down_v + mean[..., None]
+                up_v, up_i, down_v, down_i = (t.cpu() for t in (up_v, up_i, down_v, down_i))
+                for head in range(int(model.n_heads)):
+                    out[layer, head] = [
+                        {
+                            "source": int(src),
+                            "raises": [[int(i), _round(v)] for i, v in zip(up_i[head, s], up_v[head, s])],
+                            "lowers": [[int(i), _round(-v)] for i, v in zip(down_i[head, s], down_v[head, s])],
+                        }
+                        for s, src in enumerate(tokens.tolist())
+                    ]
     return out, embedding
 
 
