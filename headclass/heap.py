@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 import threading
 from typing import Any, Iterator, Optional
@@ -43,22 +44,19 @@ _TRIM_REUSE = 128 << 20
 _TRIM_DEFAULT = 128 << 10
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"libc": None, "depth": 0}
+_state = {"depth": 0}  # how many reuse_freed_memory contexts are open
 
 
+@functools.cache
 def _libc() -> Optional[Any]:
     """glibc, or None (not Linux, or another C library)."""
-    if _state["libc"] is None:
-        libc: Any = False
-        if sys.platform.startswith("linux"):
-            try:
-                candidate = ctypes.CDLL("libc.so.6")
-            except OSError:  # musl and others
-                candidate = None
-            if all(hasattr(candidate, name) for name in ("mallopt", "malloc_trim")):
-                libc = candidate
-        _state["libc"] = libc
-    return _state["libc"] or None
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and others
+        return None
+    return libc if all(hasattr(libc, name) for name in ("mallopt", "malloc_trim")) else None
 
 
 def return_freed_memory() -> None:
