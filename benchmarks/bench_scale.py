@@ -24,7 +24,7 @@ bootstrap.
 
 Peak memory is the kernel's ``VmHWM`` (peak RSS). ``peak/weights`` divides the peak above the
 interpreter's RSS after imports (torch, transformers with the model's modeling module,
-TransformerLens, scipy, torch's compiler: ~0.57 GB, the same for any model of that
+TransformerLens, scipy: ~0.5 GB, the same for any model of that
 architecture) by the bytes of the model's weights in the dtype used (the tensors of the cached
 ``model.safetensors``, converted to that dtype); the total peak is printed beside it. Goals:
 ``peak/weights <= 1.5``; ``classify/forward <= 1.3`` (classify time, load excluded, over the
@@ -89,11 +89,11 @@ def _import_stack(folder: str) -> None:
 
     That is torch, transformers with the model's own modeling module (Qwen2's alone is ~0.12 GB
     of RSS, imported when the first model of that architecture loads), TransformerLens, and
-    what the scores import: scipy.stats and torch's compiler (the fused top-k counter). Code,
-    not data: the same for any model of that architecture, whatever its size.
+    what the scores import: scipy.stats. Code, not data: the same for any model of that
+    architecture, whatever its size. (Until 2026-12-07 torch's compiler too, for the fused
+    top-k counter; the scores no longer compile anything.)
     """
     import scipy.stats  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
     import transformer_lens  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM
 

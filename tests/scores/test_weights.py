@@ -251,8 +251,11 @@ def test_topk_matches_explicit_logits(tiny_gpt2):
         assert abs(float(scores["copy_suppression_topk"][layer, head]) - suppress) <= 1.01 / len(tokens)
 
 
-def test_topk_with_a_vocabulary_larger_than_one_block():
-    """Rows are dropped once settled, blocks grow: the counts that matter stay exact."""
+@pytest.mark.parametrize("k", [5, 4000])
+def test_topk_with_a_vocabulary_larger_than_one_block(k):
+    """Rows are dropped once settled, blocks grow: the counts that matter stay exact. With
+    ``k = 4000`` (2/3 of the vocabulary) rows stay open on both sides until late, so the columns that
+    later blocks must leave out count on an open side (they are counted and taken off)."""
     d, r, vocab = 32, 8, 6000
     g = torch.Generator().manual_seed(7)
     W_E = torch.randn(vocab, d, generator=g)
@@ -262,15 +265,18 @@ def test_topk_with_a_vocabulary_larger_than_one_block():
     W_O[0, 3] += 0.2 * torch.randn(r, d, generator=g)  # a noisy, partial copier
     fake = fake_model(W_V, W_O, d_vocab=vocab, W_E=W_E, W_U=W_E.T.contiguous())
     tokens = torch.randperm(vocab, generator=g)[:300]
-    scores = topk_copy_scores(fake, top_k=5, tokens=tokens)
+    scores = topk_copy_scores(fake, top_k=k, tokens=tokens)
     for head in range(4):
         logits = W_E[tokens] @ W_V[0, head] @ W_O[0, head] @ W_E.T
         own = logits.gather(1, tokens[:, None])
         others = logits.scatter(1, tokens[:, None], float("nan"))
-        copy = float(((others >= own).sum(1) < 5).float().mean())
-        suppress = float(((others <= own).sum(1) < 5).float().mean())
+        copy = float(((others >= own).sum(1) < k).float().mean())
+        suppress = float(((others <= own).sum(1) < k).float().mean())
         assert abs(float(scores["copy_topk"][0, head]) - copy) <= 1.01 / len(tokens), head
         assert abs(float(scores["copy_suppression_topk"][0, head]) - suppress) <= 1.01 / len(tokens), head
+    if k > 5:  # the random head's tokens fall on both sides of both thresholds
+        assert 0.1 < float(scores["copy_topk"][0, 2]) < 0.9 and 0.1 < float(scores["copy_suppression_topk"][0, 2]) < 0.9
+        return
     # Both paths are exercised: rows kept to the end (copiers) and rows dropped early.
     assert scores["copy_topk"][0, 0] > 0.2 and scores["copy_suppression_topk"][0, 1] > 0.2
     assert scores["copy_topk"][0, 2] < 0.05 and scores["copy_suppression_topk"][0, 0] < 0.05
@@ -328,13 +334,12 @@ def test_topk_of_rounding_noise_is_a_tie_on_every_screen(monkeypatch, screen):
 @pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
 def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen, pairs, layout):
     """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin
-    (with the fused counter, as big vocabularies use it; two layers of 3 heads x 200 tokens,
+    (two layers of 3 heads x 200 tokens,
     ranked in batches of pairs that straddle them: 700 pairs takes both layers at once, 300
     one head at a time, two per batch). ``transposed``: ``W_U`` is a transposed view of a
     ``[vocab, d_model]`` matrix, as the TransformerLens bridge hands it out (the screen's copy
     gathers its rows)."""
     monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
-    monkeypatch.setattr(weights, "_FUSE_MIN_WORK", 0 if screen == torch.bfloat16 else 10**12)
     monkeypatch.setattr(weights, "_TOPK_PAIR_BYTES", 4 * 48 * pairs)
     batches: list[int] = []
     rank_batch = weights._rank_batch
@@ -397,15 +402,21 @@ def test_topk_screen_margin_covers_the_rounding(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_counts_equal_the_eager_ones(monkeypatch, dtype):
-    """torch.compile'd counting gives the eager integers (NaN never counts, ties count); a
-    compiler that fails falls back to eager for good."""
-    monkeypatch.setattr(weights, "_FUSED", {})
+def test_counts_from_chunk_extremes_equal_the_eager_ones(monkeypatch, dtype):
+    """Counting from each chunk's largest and smallest logit gives the eager integers (NaN never
+    counts, ties count, +-inf count on their side, crossed thresholds leave no band), and
+    compares logit by logit only the chunks that a threshold falls inside."""
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(37, 3072, generator=g).round(decimals=1).to(dtype)  # many exact ties
-    logits[:, ::97] = float("nan")
+    logits[::2, 600] = float("nan")  # a row's own column
+    logits[1::4, 2900] = float("nan")
+    logits[:5, 1000:2000] = float("-inf")  # a row's own logit is high: ranked columns at -inf
+    logits[5:9, 1000:2000] = float("inf")
+    logits[9:12, 2000:2500] = 9.0  # chunks wholly above every threshold below
+    logits[12:15, 250:750] = logits[12:15, 5:6]  # chunks wholly tied with high
     high = logits[:, 5:6, None].clone()
     low = high - 0.5
+    logits[15:18, 2500:3000] = (high[15:18, 0] - 0.2).expand(3, 500)  # chunks wholly in the band
     logits = logits[:, :3000].view(37, -1, 250)  # [rows, chunks, chunk] of a wider block, as ranked
     expected = weights._count_beyond_eager(logits, high, low)
     flat = logits.flatten(1)
@@ -419,22 +430,19 @@ def test_fused_counts_equal_the_eager_ones(monkeypatch, dtype):
     assert not crossed[2].any()
     assert torch.equal(crossed[0], (flat >= low[:, 0]).sum(-1, dtype=torch.int32))
     assert torch.equal(crossed[1], (flat <= high[:, 0]).sum(-1, dtype=torch.int32))
-    fused = weights._fused_counter()
-    for got, want in zip(fused(logits, high, low), expected):
-        assert torch.equal(got.long(), want.long())
 
-    def broken(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler")
-
-        return fail
-
-    monkeypatch.setattr(weights, "_FUSED", {})
-    monkeypatch.setattr(torch, "compile", broken)
-    counter = weights._fused_counter()
-    for got, want in zip(counter(logits, high, low), expected):
-        assert torch.equal(got.long(), want.long())
-    assert weights._FUSED["count"] is weights._count_beyond_eager
+    compared: list[int] = []
+    eager = weights._count_beyond_eager
+    monkeypatch.setattr(weights, "_count_beyond_eager", lambda x, *a: compared.append(x.shape[0]) or eager(x, *a))
+    ragged = logits.flatten(1)[:, :70].reshape(37, 1, 70)  # a block's last, narrower chunk
+    for shift in (0.0, 6.0, -6.0):  # own logits mid-row, high in it (top-k pairs), low (bottom-k)
+        for chunks in (logits, ragged):
+            for thresholds in ((high + shift, low + shift), (low + shift, high + shift)):
+                compared.clear()
+                for got, want in zip(weights._count_beyond(chunks, *thresholds), eager(chunks, *thresholds)):
+                    assert torch.equal(got, want)
+                if shift and chunks is logits:  # decided by their extremes but for a few chunks
+                    assert 0 < sum(compared) < 0.25 * 37 * 12
 
 
 def test_logits_blocks_share_one_buffer_that_grows_when_needed():
