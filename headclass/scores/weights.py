@@ -534,6 +534,11 @@ def _count_beyond_eager(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tens
     return above.sum(-1, dtype=torch.int32), less, band
 
 
+# Logits compared one by one at a time by _count_beyond (its gathered copy, the bool masks and
+# their int32 sums: ~8 bytes a logit, 8 MB).
+_DETAIL_LOGITS = 1 << 20
+
+
 def _count_beyond(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_count_beyond_eager`'s counts (the same integers), read mostly from each chunk's
     largest and smallest logit.
@@ -556,8 +561,10 @@ def _count_beyond(logits: Tensor, high: Tensor, low: Tensor) -> tuple[Tensor, Te
     less = all_below.to(torch.int32).mul_(width)
     # a decided chunk is all above, all below or all in the band (none of it where high <= low)
     band = (width - above - less).clamp_min_(0)
-    row, chunk = ((all_above | none_above) & (all_below | none_below)).logical_not_().nonzero().unbind(1)
-    if row.numel():
+    rows, chunks = ((all_above | none_above) & (all_below | none_below)).logical_not_().nonzero().unbind(1)
+    step = max(1, _DETAIL_LOGITS // width)  # gathered chunks at a time: bounded temporaries
+    for at in range(0, rows.numel(), step):
+        row, chunk = rows[at : at + step], chunks[at : at + step]
         more, fewer, between = _count_beyond_eager(logits[row, chunk][:, None], high[row, :, None], low[row, :, None])
         above[row, chunk], less[row, chunk], band[row, chunk] = more, fewer, between[:, 0]
     return above.sum(-1, dtype=torch.int32), less.sum(-1, dtype=torch.int32), band
