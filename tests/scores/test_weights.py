@@ -335,9 +335,9 @@ def test_topk_of_rounding_noise_is_a_tie_on_every_screen(monkeypatch, screen):
 def test_topk_screen_is_exact_even_at_near_ties(monkeypatch, screen, pairs, layout):
     """The bfloat16 screen decides like float32 logits, also where rivals sit within its margin
     (two layers of 3 heads x 200 tokens, ranked in batches of pairs that straddle them: 700
-    pairs takes both layers at once, 300 one head at a time, two per batch). ``transposed``: ``W_U`` is a transposed view of a
-    ``[vocab, d_model]`` matrix, as the TransformerLens bridge hands it out (the screen's copy
-    gathers its rows)."""
+    pairs takes both layers at once, 300 one head at a time, two per batch). ``transposed``:
+    ``W_U`` is a transposed view of a ``[vocab, d_model]`` matrix, as the TransformerLens bridge
+    hands it out (the screen's copy gathers its rows)."""
     monkeypatch.setattr(weights, "_screen_dtype", lambda device: screen)
     monkeypatch.setattr(weights, "_TOPK_PAIR_BYTES", 4 * 48 * pairs)
     batches: list[int] = []
