@@ -388,6 +388,12 @@ def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) 
         raise ScoreError(str(error)) from None
 
 
+# A head still open once it ranked this many times ``first_sample`` tokens ranks the rest in its
+# output space (_OutputSpace). Qwen2.5-0.5B: 13 of its 16 heads near a threshold, 3-4 s of the
+# top-k's 11 s; a head that then settles soon ranks more tokens than it would have.
+_SPACE_FROM = 2
+
+
 def _topk_counts(
     model: HeadModelLike,
     embedding: Tensor,
@@ -449,6 +455,32 @@ def _topk_counts(
             start = end
             if not open_heads.any():
                 break
+            if stop is not None and screen.error[0] and end >= _SPACE_FROM * stop.first and end < n:
+                # Heads still open now are near a threshold and usually take most of the
+                # sample: each ranks the rest at once in its output space, and the rule is
+                # replayed on the running counts (the same stop, the same counts).
+                for layer, head in open_heads.nonzero().tolist():
+                    W_V, W_O = _f32(layer_weight(model, "W_V", layer)), _f32(layer_weight(model, "W_O", layer))
+                    space = _OutputSpace.build(W_O[head], screen)
+                    heads = torch.tensor([head], device=W_V.device)
+                    tops, bottoms = [], []
+                    for a in range(end, n, budget):
+                        b = min(n, a + budget)
+                        projected = ((sources[a:b] @ W_V[heads]) @ W_O[heads])[0]  # as the rounds form it
+                        own = (projected * own_unembed[:, a:b].mT).sum(-1)
+                        top, bottom = _top_and_bottom(projected, own, screen.place[tokens[a:b]], screen, top_k, space)
+                        tops.append(top)
+                        bottoms.append(bottom)
+                    later = torch.tensor([bound for bound in bounds if bound > end])
+                    at = (later - end - 1).to(W_V.device)
+                    copied = copies[layer, head] + torch.cat(tops).long().cumsum(0)[at].cpu()
+                    suppressed = suppressions[layer, head] + torch.cat(bottoms).long().cumsum(0)[at].cpu()
+                    done = stop.settled(copied, suppressed, later)
+                    done[-1] = True  # the whole sample
+                    first_done = int(done.nonzero()[0])
+                    copies[layer, head], suppressions[layer, head] = copied[first_done], suppressed[first_done]
+                    ranked[layer, head] = later[first_done]
+                break
     return copies, suppressions, ranked
 
 
@@ -494,7 +526,7 @@ class _StopRule:
             size *= 2
         return bounds + [n]
 
-    def settled(self, copies: Tensor, suppressions: Tensor, n: int) -> Tensor:
+    def settled(self, copies: Tensor, suppressions: Tensor, n: Union[int, Tensor]) -> Tensor:
         clear = torch.ones(copies.shape, dtype=torch.bool)
         for count, threshold in zip((copies, suppressions), self.thresholds):
             low, high = wilson_interval(count.double() / n, n, self.z)
@@ -596,7 +628,13 @@ def _screen_error(d_model: int, screen: torch.dtype, unembed: torch.dtype) -> tu
 
 
 def _screen_margin(
-    rounding: Tensor, size: Tensor, wmax: Tensor, emax: Tensor, own_abs: Tensor, error: tuple[float, float]
+    rounding: Tensor,
+    size: Tensor,
+    wmax: Tensor,
+    emax: Tensor,
+    own_abs: Tensor,
+    error: tuple[float, float],
+    extra: Union[float, Tensor] = 0.0,
 ) -> Tensor:
     """How far a screened logit near ``own`` can lie from its float32 value, per row.
 
@@ -608,10 +646,11 @@ def _screen_margin(
     ``emax`` = the largest ``|w~_j - w_j|`` of the block, ``wmax`` its largest ``|w_j|``):
     about half the worst case ``u |p|``, so the band the float32 comparisons must settle is
     half as wide. 25 % is added to spare; rounding the logit itself adds ``b (|own| + m)``.
+    ``extra``: a further bound added before the spare (:class:`_OutputSpace`'s residual).
     """
     a, b = error
     u = 2.0**-8
-    inputs = 1.25 * ((1 + u) * rounding * wmax + size * emax) + a * size * wmax
+    inputs = 1.25 * ((1 + u) * rounding * wmax + size * emax + extra) + a * size * wmax
     return inputs + b * (own_abs + inputs)
 
 
@@ -707,12 +746,64 @@ class _Screen(NamedTuple):
         return cls(W_U, columns, order, place, norms, errors, first, first_block, in_first, error, _Scratch())
 
 
+class _OutputSpace(NamedTuple):
+    """One head's output space and the unembedding seen from it: the screen of a head that ranks
+    many tokens (:func:`_topk_counts`).
+
+    A head writes ``p = z W_O`` (``z`` its ``d_head`` values), so ``p`` lies in the row space
+    of ``W_O``. With ``Q`` ``[d_model, d_head]`` an orthonormal basis of it (QR in float64,
+    kept in float32), ``p . w_j = y . (Q^T w_j) + r . w_j`` exactly, for ``y = p Q`` and the
+    residual ``r = p - y Q^T`` (rounding alone, measured in float64). The screen multiplies
+    ``y~`` with ``n~_j = round(Q~^T w~_j)`` (``columns`` ``[d_head, vocab]`` in the screen's
+    dtype and column order): ``d_model / d_head`` times fewer multiply-adds a logit, once
+    ``columns`` is formed, which costs as much as ranking ``d_head`` pairs with the plain screen.
+
+    Its error is :func:`_screen_margin`'s with ``y`` for ``p`` and ``n~`` for ``w~``, plus
+    ``|r| |w_j|`` and the float32 reference sum ``a |p| |w_j|`` (``coordinates``); ``errors``
+    bounds ``|n~_j - Q^T w_j|`` by ``||Q~ - Q||_2 |w_j| + ||Q~||_2 |w~_j - w_j|`` (Cauchy-Schwarz),
+    ``+ (a / 2) || |Q~| ||_2 |w~_j|`` (the float32 sum of the product, one side) ``+ 2^-8 |n~_j|``
+    (its rounding to bfloat16), with 25 % to spare; the norms are computed in float64.
+    """
+
+    basis: Tensor  # Q, [d_model, d_head] float32
+    columns: Tensor  # [d_head, vocab], the screen's dtype and column order
+    norms: Tensor  # |n~_j|, [vocab] float32
+    errors: Tensor  # the bound on |n~_j - Q^T w_j|, [vocab] float32
+    first_block: Tensor  # columns[:, screen.first]
+
+    @classmethod
+    def build(cls, W_O: Tensor, screen: _Screen) -> "_OutputSpace":
+        """The space of a head whose output weights are ``W_O`` ``[d_head, d_model]``."""
+        basis = torch.linalg.qr(W_O.double().T).Q.float()  # [d_model, d_head]
+        rounded = basis.to(screen.columns.dtype)
+        exact = rounded.double()
+        spread = float(torch.linalg.matrix_norm(exact - basis.double(), ord=2))
+        scale = float(torch.linalg.matrix_norm(exact, ord=2))
+        absolute = float(torch.linalg.matrix_norm(exact.abs(), ord=2))
+        columns = rounded.T @ screen.columns  # [d_head, vocab]
+        n_vocab = int(columns.shape[1])
+        norms = torch.cat([_f32(columns[:, a : a + _VOCAB_BLOCK]).norm(dim=0) for a in range(0, n_vocab, _VOCAB_BLOCK)])
+        w, e = screen.norms, screen.errors  # |w_j|, |w~_j - w_j|
+        a = screen.error[0]
+        errors = 1.25 * (spread * w + scale * e + a / 2 * absolute * (w + e)) + 2.0**-8 * norms
+        return cls(basis, columns, norms, errors, columns[:, screen.first])
+
+    def coordinates(self, projected: Tensor, a: float) -> tuple[Tensor, Tensor]:
+        """``y = p Q`` ``[pair, d_head]`` float32 and, per pair, ``|r| + a |p|``, which the
+        margin multiplies by a block's largest ``|w_j|`` (the residual, and the float32 sum of
+        the reference logit; 1e-6 ``|p|`` more for the float64 sums that measure ``r``)."""
+        y = projected @ self.basis
+        residual = (projected.double() - y.double() @ self.basis.double().T).norm(dim=1).float()
+        return y, residual + (a + 1e-6) * projected.norm(dim=1)
+
+
 def _top_and_bottom(
     projected: Tensor,
     own: Tensor,
     own_columns: Tensor,
     screen: _Screen,
     top_k: int,
+    space: Optional["_OutputSpace"] = None,
 ) -> tuple[Tensor, Tensor]:
     """Is each pair's own logit among the ``top_k`` largest (smallest) of the vocabulary?
 
@@ -733,16 +824,30 @@ def _top_and_bottom(
     float32 in the same pass (the counter finds them with its counts), for the pairs still
     open. The first block settles most pairs on sure counts alone (its band is wide where
     ``own`` is mid-vocabulary); the pairs it leaves open rank it again, with its band.
+
+    ``space``: every pair is one head's, whose outputs lie in ``space`` (:class:`_OutputSpace`):
+    the screen multiplies their ``d_head`` coordinates with the unembedding seen from it,
+    ``d_model / d_head`` times fewer multiply-adds a logit, within a margin of its own; the
+    band and the decisions are the same float32 logits. A bfloat16 screen only.
     """
     n_pairs = projected.shape[0]
     n_vocab = screen.columns.shape[1]
     device = projected.device
     error, norms = screen.error, screen.norms
     exact = not error[0]
-    left = projected if exact else projected.to(screen.columns.dtype)
-    size = projected.norm(dim=1)
-    rounding = (projected - left.float()).norm(dim=1)  # |p~ - p|: zeros for an exact screen
-    tie = _TIE_RTOL * size * norms.max()  # [pair]
+    size_p = projected.norm(dim=1)
+    tie = _TIE_RTOL * size_p * norms.max()  # [pair]
+    if space is None:  # the screen's rows are the pairs' outputs
+        rows_in, columns_of, first_block = projected, screen.columns, screen.first_block
+        column_norms, column_errors, beyond = norms, screen.errors, None
+    else:  # their coordinates in the head's output space, and its view of the unembedding
+        assert not exact, "the output space screens in bfloat16 only"
+        rows_in, beyond = space.coordinates(projected, error[0])
+        columns_of, first_block = space.columns, space.first_block
+        column_norms, column_errors = space.norms, space.errors
+    left = rows_in if exact else rows_in.to(columns_of.dtype)
+    size = rows_in.norm(dim=1)
+    rounding = (rows_in - left.float()).norm(dim=1)  # |p~ - p|: zeros for an exact screen
     above = torch.zeros(n_pairs, dtype=torch.int32, device=device)  # float32 logit >= own - tie
     below = torch.zeros_like(above)  # float32 logit <= own + tie
 
@@ -752,12 +857,14 @@ def _top_and_bottom(
         block: Tensor,
         wmax: Tensor,
         emax: Tensor,
+        block_wmax: Tensor,
         offset: Tensor,
         skip: Optional[Tensor],
         screen_columns: Optional[Tensor],
     ) -> None:
         # block [d_model, c]; rows_left = left[rows]; wmax, emax: the block's largest column
-        # norm and rounding error; offset [rows]: the own column's place in the block (-1 if
+        # norm and rounding error (of the output space's view with one); block_wmax: the
+        # largest |w_j| of the block's unembedding columns; offset [rows]: the own column's place in the block (-1 if
         # absent); skip: block columns ranked already; screen_columns [c]: each block column's
         # screen column, to compare the band in float32 (None: sure counts only)
         right = _f32(block) if exact else block
@@ -778,7 +885,8 @@ def _top_and_bottom(
             low = (own[rows] + tie[rows])[:, None, None]
         else:
             own_abs = own[rows].abs() + tie[rows]  # the logits compared lie this far out, at most
-            margin = _screen_margin(rounding[rows], size[rows], wmax, emax, own_abs, error)
+            extra = 0.0 if beyond is None else beyond[rows] * block_wmax
+            margin = _screen_margin(rounding[rows], size[rows], wmax, emax, own_abs, error, extra)
             # Strictly beyond the tie and the margin, in the screen's dtype: surely above
             # (>= high) is surely not below, and the other way; the band between is compared
             # in float32.
@@ -824,15 +932,16 @@ def _top_and_bottom(
             at += chunked.shape[1] * chunked.shape[2]
 
     rows = torch.arange(n_pairs, device=device)
-    first_max, first_error = norms[screen.first].max(), screen.errors[screen.first].max()
+    first_max, first_error = column_norms[screen.first].max(), column_errors[screen.first].max()
+    first_wmax = norms[screen.first].max()
     first_offset = screen.in_first[own_columns]
-    tally(rows, left, screen.first_block, first_max, first_error, first_offset, None, None)
+    tally(rows, left, first_block, first_max, first_error, first_wmax, first_offset, None, None)
     rows = ((above < top_k) | (below < top_k)).nonzero().squeeze(1)
     rows_left = left[rows]
     if not exact and rows.numel():  # the first block again with its band, for the pairs left open
         above[rows] = 0
         below[rows] = 0
-        tally(rows, rows_left, screen.first_block, first_max, first_error, first_offset[rows], None, screen.first)
+        tally(rows, rows_left, first_block, first_max, first_error, first_wmax, first_offset[rows], None, screen.first)
     start = 0
     while start < n_vocab:
         still = (above[rows] < top_k) | (below[rows] < top_k)
@@ -848,9 +957,9 @@ def _top_and_bottom(
         stop = min(n_vocab, start + max(_BAND_CHUNK, width))
         columns = slice(start, stop)
         skip = (screen.in_first[columns] >= 0).nonzero().squeeze(1)
-        block, offset = screen.columns[:, columns], own_columns[rows] - start
-        wmax, emax = norms[columns].max(), screen.errors[columns].max()
-        tally(rows, rows_left, block, wmax, emax, offset, skip, torch.arange(start, stop, device=device))
+        block, offset = columns_of[:, columns], own_columns[rows] - start
+        wmax, emax, block_wmax = column_norms[columns].max(), column_errors[columns].max(), norms[columns].max()
+        tally(rows, rows_left, block, wmax, emax, block_wmax, offset, skip, torch.arange(start, stop, device=device))
         start = stop
     return above < top_k, below < top_k
 
@@ -911,7 +1020,11 @@ def topk_copy_scores(
     ``z`` (:func:`wilson_interval`) of both fractions lies on one side of its threshold. Clear
     heads (most of them) then cost a fraction of the full sample, heads near a threshold get all
     of it; ``copy_topk_n`` says how many tokens each head ranked, and the errors use it. Without
-    ``stop_at`` every head ranks every sampled token.
+    ``stop_at`` every head ranks every sampled token. With a bfloat16 screen, a head still open
+    after ``2 first_sample`` tokens ranks the rest of the sample at once in its own output space
+    (``d_head`` coordinates against ``Q^T W_U``, with a margin of its own: ``_OutputSpace``) and
+    the rule is replayed on its running counts: the same stops and counts, for ``d_model /
+    d_head`` times fewer multiply-adds a logit.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ScoreError(f"The 'top_k' parameter must be an int >= 1. Got {top_k!r}.")

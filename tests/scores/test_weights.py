@@ -446,6 +446,95 @@ def test_counts_from_chunk_extremes_equal_the_eager_ones(monkeypatch, dtype):
                     assert 0 < sum(compared) < 0.25 * 37 * 12
 
 
+@pytest.mark.parametrize("unembed", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, r", [(64, 8), (896, 64)])
+def test_output_space_margin_covers_the_rounding(monkeypatch, unembed, d, r):
+    """Every logit screened in a head's output space lies within the margin _top_and_bottom
+    gives it, column by column (well- and ill-conditioned W_O, float32 or bfloat16 unembedding),
+    and that margin is not a loose worst case."""
+    monkeypatch.setattr(weights, "_screen_dtype", lambda device: torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    vocab = 3000
+    W_U = (torch.randn(d, vocab, generator=g) * torch.rand(1, vocab, generator=g)).to(unembed)
+    for spread in (1.0, 1e-3):  # singular values of W_O over one or three decades
+        u, _, vh = torch.linalg.svd(torch.randn(r, d, generator=g), full_matrices=False)
+        W_O = u @ torch.diag(torch.logspace(0, math.log10(spread), r)) @ vh * 3
+        # The worst case of the basis' rounding: columns along its largest error direction, and
+        # outputs along what that direction meets in the space (the same QR as the build's).
+        basis = torch.linalg.qr(W_O.double().T).Q.float()
+        worst_u, _, worst_v = torch.linalg.svd(basis.bfloat16().double() - basis.double())
+        W_U[:, :40] = (worst_u[:, :1].T * torch.linspace(1, 3, 40)[:, None]).T.to(unembed)
+        fake = fake_model(torch.zeros(1, 1, d, r), W_O[None, None], d_vocab=vocab, W_U=W_U)
+        screen = weights._Screen.build(fake, torch.Generator().manual_seed(0))
+        space = weights._OutputSpace.build(W_O, screen)
+        p = torch.randn(50, r, generator=g) @ W_O  # float32, as the rounds form it
+        p[:20] = (worst_v[:1].float() @ basis.T) * torch.linspace(1, 5, 20)[:, None]
+        y, beyond = space.coordinates(p, screen.error[0])
+        left = y.bfloat16()
+        screened = (left @ space.columns).double()  # [pair, vocab], screen column order
+        columns = screen.W_U.float()[:, screen.order].double()
+        exact = p.double() @ columns
+        reference = (p @ screen.W_U.float()[:, screen.order]).double()  # the float32 logits
+        margin = weights._screen_margin(
+            (y - left.float()).norm(dim=1, keepdim=True),
+            y.norm(dim=1, keepdim=True),
+            space.norms[None],
+            space.errors[None],
+            screened.abs().float(),
+            screen.error,
+            beyond[:, None] * screen.norms[None],
+        ).double()
+        assert ((screened - exact).abs() <= margin).all()
+        assert ((screened - reference).abs() <= margin).all()
+        assert (screened - exact).abs().amax() > 0.05 * margin.amax()  # not vacuous
+        # its parts: the view's columns within their bound (tight on the worst columns), the
+        # residual the one that makes p . w = y . (Q^T w) + r . w
+        view = space.basis.double().T @ columns  # Q^T w_j, exactly enough
+        column_error = (space.columns.double() - view).norm(dim=0)
+        assert (column_error <= space.errors).all()
+        assert (column_error[screen.place[:40]] / space.errors[screen.place[:40]]).amax() > 0.3
+        residual = p.double() - y.double() @ space.basis.double().T
+        assert (residual.norm(dim=1) <= beyond).all()
+        torch.testing.assert_close(y.double() @ view + residual @ columns, exact, rtol=0, atol=1e-9)
+
+
+def test_heads_near_a_threshold_rank_the_rest_in_their_output_space(monkeypatch):
+    """Heads still open after the first rounds rank the rest of the sample in their output
+    space and replay the stop rule: the same counts, stops and scores as ranking round by round
+    with the plain screen, rivals within the bfloat16 margin included."""
+    monkeypatch.setattr(weights, "_screen_dtype", lambda device: torch.bfloat16)
+    d, r, vocab, k = 48, 16, 4000, 5
+    g = torch.Generator().manual_seed(12)
+    basis = torch.linalg.qr(torch.randn(d, r, generator=g)).Q
+    W_E = torch.randn(vocab, d, generator=g) + 3 * torch.randn(vocab, r, generator=g) @ basis.T  # much in it
+    W_U = W_E.T.contiguous()
+    tokens = torch.randperm(vocab, generator=g)[:600]
+    rivals = torch.randperm(vocab, generator=g)
+    rivals = rivals[~torch.isin(rivals, tokens)][: 60 * k].view(60, k)
+    for i, (t, group) in enumerate(zip(tokens[:60].tolist(), rivals)):  # rivals at 2e-4 relative
+        for j, col in enumerate(group.tolist()):
+            W_U[:, col] = W_U[:, t] * (1 + (2e-4 if j < 2 or i >= 30 else -2e-4) * (1 + j))
+    noise = [0.1 * torch.randn(d, r, generator=g) for _ in range(4)]
+    W_V = torch.stack([basis + noise[0], -basis + noise[1], basis + 2 * noise[2], torch.randn(d, r, generator=g)])
+    W_O = torch.stack([basis.T, basis.T, basis.T + noise[3].T, torch.randn(r, d, generator=g)])
+    fake = fake_model(W_V[None], W_O[None], d_vocab=vocab, W_E=W_E, W_U=W_U)
+    whole = topk_copy_scores(fake, top_k=k, tokens=tokens)
+    # thresholds at two heads' own fractions: they stay open long, to the end or a late stop
+    stop_at = (float(whole["copy_topk"][0, 0]) - 0.1, float(whole["copy_suppression_topk"][0, 1]) + 0.02)
+    spaces: list[int] = []
+    build = weights._OutputSpace.build
+    monkeypatch.setattr(weights._OutputSpace, "build", lambda *a: spaces.append(1) or build(*a))
+    fast = topk_copy_scores(fake, top_k=k, tokens=tokens, stop_at=stop_at, first_sample=10)
+    monkeypatch.setattr(weights, "_SPACE_FROM", 10**9)  # every round with the plain screen
+    plain = topk_copy_scores(fake, top_k=k, tokens=tokens, stop_at=stop_at, first_sample=10)
+    assert all(torch.equal(fast[key], plain[key]) for key in plain)
+    ranked = fast["copy_topk_n"][0].tolist()
+    assert len(spaces) == 2 and 20 < ranked[0] < 600 and ranked[1] == 600  # a replayed stop, the end
+    top, bottom = _explicit_topk(W_E, W_V[1], W_O[1], W_U, tokens, k)  # head 1 ranked every token
+    assert round(float(fast["copy_suppression_topk"][0, 1]) * 600) == int(bottom.sum())
+    assert round(float(fast["copy_topk"][0, 1]) * 600) == int(top.sum())
+
+
 def test_logits_blocks_share_one_buffer_that_grows_when_needed():
     """_Scratch: every block of a ranking is a view of one buffer (no fresh pages per block),
     replaced only by a larger request or another dtype."""
