@@ -793,7 +793,14 @@ class _OutputSpace(NamedTuple):
         margin multiplies by a block's largest ``|w_j|`` (the residual, and the float32 sum of
         the reference logit; 1e-6 ``|p|`` more for the float64 sums that measure ``r``)."""
         y = projected @ self.basis
-        residual = (projected.double() - y.double() @ self.basis.double().T).norm(dim=1).float()
+        basis = self.basis.double()
+        step = max(1, (1 << 18) // int(basis.shape[0]))  # float64 rows, 2 MB at a time
+        residual = torch.cat(
+            [
+                (projected[i : i + step].double() - y[i : i + step].double() @ basis.T).norm(dim=1).float()
+                for i in range(0, projected.shape[0], step)
+            ]
+        )
         return y, residual + (a + 1e-6) * projected.norm(dim=1)
 
 
@@ -923,7 +930,9 @@ def _top_and_bottom(
                 i, j = ((part > low[row, 0]) & (part < high[row, 0])).nonzero().unbind(1)
                 pair = rows[row[i]]
                 column = screen.order[screen_columns[at + chunk[i] * chunked.shape[2] + j]]
-                step = max(1, _TOPK_BLOCK_BYTES // (8 * projected.shape[1]))  # two [step, d_model] gathers
+                # two [step, d_model] gathers and their product, 24 MB: the band of a head ranked in its
+                # output space is wider, and whole steps of it cost +0.05 GB on SmolLM2 at 32 MiB
+                step = max(1, _TOPK_BLOCK_BYTES // (16 * projected.shape[1]))
                 for a in range(0, pair.numel(), step):
                     p = pair[a : a + step]
                     logit = (projected[p] * _unembed_rows(screen.W_U, column[a : a + step])).sum(-1)
