@@ -460,13 +460,14 @@ def _topk_counts(
                 # sample: each ranks the rest at once in its output space, and the rule is
                 # replayed on the running counts (the same stop, the same counts).
                 for layer, head in open_heads.nonzero().tolist():
-                    W_V, W_O = _f32(layer_weight(model, "W_V", layer)), _f32(layer_weight(model, "W_O", layer))
-                    space = _OutputSpace.build(W_O[head], screen)
-                    heads = torch.tensor([head], device=W_V.device)
+                    # [1, d_model, d_head] and [1, d_head, d_model]: this head's alone
+                    W_V = _f32(layer_weight(model, "W_V", layer)[head : head + 1])
+                    W_O = _f32(layer_weight(model, "W_O", layer)[head : head + 1])
+                    space = _OutputSpace.build(W_O[0], screen)
                     tops, bottoms = [], []
                     for a in range(end, n, budget):
                         b = min(n, a + budget)
-                        projected = ((sources[a:b] @ W_V[heads]) @ W_O[heads])[0]  # as the rounds form it
+                        projected = ((sources[a:b] @ W_V) @ W_O)[0]  # as the rounds form it
                         own = (projected * own_unembed[:, a:b].mT).sum(-1)
                         top, bottom = _top_and_bottom(projected, own, screen.place[tokens[a:b]], screen, top_k, space)
                         tops.append(top)
