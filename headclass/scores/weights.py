@@ -389,8 +389,8 @@ def copy_token_sample(model: HeadModelLike, sample_size: int, *, seed: int = 0) 
 
 
 # A head still open once it ranked this many times ``first_sample`` tokens ranks the rest in its
-# output space (_OutputSpace). Qwen2.5-0.5B: 13 of its 16 heads near a threshold, 3-4 s of the
-# top-k's 11 s; a head that then settles soon ranks more tokens than it would have.
+# output space (_OutputSpace). Qwen2.5-0.5B: 13 of its 16 heads near a threshold, ~3 s of the
+# top-k's 12 s; a head that then settles soon ranks more tokens than it would have.
 _SPACE_FROM = 2
 
 
@@ -409,7 +409,10 @@ def _topk_counts(
 
     Without ``stop`` every head ranks every token. With it, tokens come in rounds (a seeded
     random order; ``stop.first`` tokens, then doubling) and a head stops after the round where
-    both of its fractions are clear of their thresholds (:meth:`_StopRule.settled`). The pairs
+    both of its fractions are clear of their thresholds (:meth:`_StopRule.settled`). With a
+    bfloat16 screen, heads still open after ``_SPACE_FROM`` times ``stop.first`` tokens rank the
+    rest of the sample at once in their output space, and the rule is replayed on their running
+    counts: where it stops, and the counts there, are the rounds'. The pairs
     of a round are ranked together across layers, up to ``_TOPK_PAIR_BYTES`` of them at a
     time: each ranking reads the whole unembedding, so few rows per read would leave the
     matrix products waiting on memory.
