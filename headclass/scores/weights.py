@@ -443,9 +443,9 @@ def _topk_counts(
                     continue
                 W_V, W_O = _f32(layer_weight(model, "W_V", layer)), _f32(layer_weight(model, "W_O", layer))
                 for heads in open_here.split(max(1, budget // (end - start))):
-                    # [head, token, d_model]: the head's output when it attends to each token
-                    projected = (sources[start:end] @ W_V[heads]) @ W_O[heads]
-                    own = (projected * own_unembed[:, start:end].mT).sum(-1)
+                    projected, own = _head_outputs(
+                        sources[start:end], own_unembed[:, start:end], W_V[heads], W_O[heads]
+                    )
                     batch.append((layer, heads, projected, own))
                     if sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) >= budget:
                         _rank_batch(batch, own_columns, screen, top_k, copies, suppressions)
@@ -463,29 +463,53 @@ def _topk_counts(
                 # sample: each ranks the rest at once in its output space, and the rule is
                 # replayed on the running counts (the same stop, the same counts).
                 for layer, head in open_heads.nonzero().tolist():
-                    # [1, d_model, d_head] and [1, d_head, d_model]: this head's alone
-                    W_V = _f32(layer_weight(model, "W_V", layer)[head : head + 1])
-                    W_O = _f32(layer_weight(model, "W_O", layer)[head : head + 1])
-                    space = _OutputSpace.build(W_O[0], screen)
-                    tops, bottoms = [], []
-                    for a in range(end, n, budget):
-                        b = min(n, a + budget)
-                        projected = ((sources[a:b] @ W_V) @ W_O)[0]  # as the rounds form it
-                        own = (projected * own_unembed[:, a:b].mT).sum(-1)
-                        top, bottom = _top_and_bottom(projected, own, screen.place[tokens[a:b]], screen, top_k, space)
-                        tops.append(top)
-                        bottoms.append(bottom)
-                    later = torch.tensor([bound for bound in bounds if bound > end])
-                    at = (later - end - 1).to(W_V.device)
-                    copied = copies[layer, head] + torch.cat(tops).long().cumsum(0)[at].cpu()
-                    suppressed = suppressions[layer, head] + torch.cat(bottoms).long().cumsum(0)[at].cpu()
-                    done = stop.settled(copied, suppressed, later)
-                    done[-1] = True  # the whole sample
-                    first_done = int(done.nonzero()[0])
-                    copies[layer, head], suppressions[layer, head] = copied[first_done], suppressed[first_done]
-                    ranked[layer, head] = later[first_done]
+                    rest = slice(end, n)
+                    in_top, in_bottom = _rank_in_output_space(
+                        model, layer, head, screen, sources[rest], own_unembed[:, rest], tokens[rest], top_k, budget
+                    )
+                    copies[layer, head], suppressions[layer, head], ranked[layer, head] = stop.replay(
+                        copies[layer, head], suppressions[layer, head], in_top, in_bottom, end, bounds
+                    )
                 break
     return copies, suppressions, ranked
+
+
+def _head_outputs(sources: Tensor, own_unembed: Tensor, W_V: Tensor, W_O: Tensor) -> tuple[Tensor, Tensor]:
+    """What heads write when they attend to each token, ``[head, token, d_model]``, and each
+    one's logit for that token, ``[head, token]``: ``sources`` ``[token, d_model]`` float32,
+    ``own_unembed`` ``[d_model, token]`` the tokens' unembedding columns, ``W_V`` ``[head,
+    d_model, d_head]``, ``W_O`` ``[head, d_head, d_model]``. One formula for the rounds and the
+    output space, so both rank the same float32 logits."""
+    projected = (sources @ W_V) @ W_O
+    return projected, (projected * own_unembed.mT).sum(-1)
+
+
+def _rank_in_output_space(
+    model: HeadModelLike,
+    layer: int,
+    head: int,
+    screen: _Screen,
+    sources: Tensor,
+    own_unembed: Tensor,
+    tokens: Tensor,
+    top_k: int,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """Is each token's own logit among the head's ``top_k`` largest (smallest), ranked in the
+    head's output space (:class:`_OutputSpace`), ``budget`` tokens at a time: two ``[token]``
+    bool tensors, in the order of ``tokens``."""
+    # [1, d_model, d_head] and [1, d_head, d_model]: this head's alone
+    W_V = _f32(layer_weight(model, "W_V", layer)[head : head + 1])
+    W_O = _f32(layer_weight(model, "W_O", layer)[head : head + 1])
+    space = _OutputSpace.build(W_O[0], screen)
+    tops, bottoms = [], []
+    for a in range(0, int(tokens.numel()), budget):
+        b = a + budget
+        projected, own = _head_outputs(sources[a:b], own_unembed[:, a:b], W_V, W_O)
+        top, bottom = _top_and_bottom(projected[0], own[0], screen.place[tokens[a:b]], screen, top_k, space)
+        tops.append(top)
+        bottoms.append(bottom)
+    return torch.cat(tops), torch.cat(bottoms)
 
 
 def _rank_batch(
@@ -536,6 +560,23 @@ class _StopRule:
             low, high = wilson_interval(count.double() / n, n, self.z)
             clear &= (low > threshold) | (high < threshold)
         return clear
+
+    def replay(
+        self, copies: Tensor, suppressions: Tensor, in_top: Tensor, in_bottom: Tensor, start: int, bounds: list[int]
+    ) -> tuple[Tensor, Tensor, int]:
+        """Where the rounds stop a head, and its counts there, from the decisions on every
+        token after the first ``start`` at once: ``copies``, ``suppressions`` its counts
+        after ``start`` tokens, ``in_top``, ``in_bottom`` ``[token]`` the decisions on the
+        next tokens, ``bounds`` the rounds' ends (:meth:`rounds`). The round ending the sample
+        always stops it. Returns ``(copies, suppressions, ranked)``."""
+        later = torch.tensor([bound for bound in bounds if bound > start])
+        at = (later - start - 1).to(in_top.device)
+        copied = copies + in_top.long().cumsum(0)[at].cpu()
+        suppressed = suppressions + in_bottom.long().cumsum(0)[at].cpu()
+        done = self.settled(copied, suppressed, later)
+        done[-1] = True  # the whole sample
+        first = int(done.nonzero()[0])
+        return copied[first], suppressed[first], int(later[first])
 
 
 def wilson_interval(fraction: Tensor, n: Union[int, Tensor], z: float) -> tuple[Tensor, Tensor]:
@@ -814,7 +855,7 @@ def _top_and_bottom(
     own_columns: Tensor,
     screen: _Screen,
     top_k: int,
-    space: Optional["_OutputSpace"] = None,
+    space: Optional[_OutputSpace] = None,
 ) -> tuple[Tensor, Tensor]:
     """Is each pair's own logit among the ``top_k`` largest (smallest) of the vocabulary?
 
@@ -875,9 +916,10 @@ def _top_and_bottom(
     ) -> None:
         # block [d_model, c]; rows_left = left[rows]; wmax, emax: the block's largest column
         # norm and rounding error (of the output space's view with one); block_wmax: the
-        # largest |w_j| of the block's unembedding columns; offset [rows]: the own column's place in the block (-1 if
-        # absent); skip: block columns ranked already; screen_columns [c]: each block column's
-        # screen column, to compare the band in float32 (None: sure counts only)
+        # largest |w_j| of the block's unembedding columns; offset [rows]: the own column's
+        # place in the block (-1 if absent); skip: block columns ranked already;
+        # screen_columns [c]: each block column's screen column, to compare the band in
+        # float32 (None: sure counts only)
         right = _f32(block) if exact else block
         logits = screen.logits.take(rows_left.shape[0], right.shape[1], rows_left.dtype, rows_left.device)
         torch.matmul(rows_left, right, out=logits)  # [rows, c], screen dtype
