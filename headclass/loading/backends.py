@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -470,8 +473,9 @@ def load_folder_model(folder: str, dtype: torch.dtype) -> Any:
     try:
         for path in files:
             with safe_open(str(path), framework="pt", backend="pread") as handle:
+                offsets = _data_offsets(path)
                 for key in handle.keys():
-                    state[key] = _read_tensor(handle, key, dtype)
+                    state[key] = _read_tensor(handle, key, dtype, path, offsets[key])
     except TypeError:  # safetensors without the pread backend
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]  # the class for this config
@@ -484,25 +488,56 @@ def load_folder_model(folder: str, dtype: torch.dtype) -> Any:
 # so the file's dtype (float32) never holds all of it beside the converted copy.
 _READ_BLOCK_BYTES = 1 << 26
 
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-def _read_tensor(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor of a safetensors file in ``dtype`` (floating point only; others as stored)."""
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file (its format: an 8-byte little-endian
+    header length, a JSON header of ``data_offsets`` relative to the end of the header)."""
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    return {key: 8 + length + entry["data_offsets"][0] for key, entry in header.items() if key != "__metadata__"}
+
+
+def _read_tensor(handle: Any, key: str, dtype: torch.dtype, path: Path, offset: int) -> torch.Tensor:
+    """One tensor of a safetensors file in ``dtype`` (floating point only; others as stored).
+
+    A large tensor that changes dtype is read with ``os.preadv`` into one reused block of rows at
+    a time: the ``pread`` backend's slices read the whole tensor for every slice (safetensors
+    0.8: 0.36 s for each 64 MB slice of Qwen-0.5B's 544 MB embedding, 6.5 s of its 11 s load).
+    """
     piece = handle.get_slice(key)
     shape = list(piece.get_shape())
-    stored = piece.get_dtype()
+    stored = _STORED_DTYPES.get(piece.get_dtype())
     size = 1
     for dim in shape:
         size *= dim
-    floating = stored in ("F64", "F32", "F16", "BF16")
-    if not floating or not shape or size * 4 <= _READ_BLOCK_BYTES:
+    if stored is None or stored == dtype or not shape or size * 4 <= _READ_BLOCK_BYTES or sys.byteorder != "little":
         tensor = handle.get_tensor(key)
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
     out = torch.empty(shape, dtype=dtype)
-    rows = max(1, _READ_BLOCK_BYTES // max(1, 4 * (size // shape[0])))
-    for start in range(0, shape[0], rows):
-        stop = min(shape[0], start + rows)  # slices of safetensors do not clip
-        out[start:stop] = piece[start:stop].to(dtype)
+    row = size // shape[0]
+    rows = max(1, _READ_BLOCK_BYTES // max(1, 4 * row))
+    block = torch.empty(rows * row, dtype=stored)
+    row_bytes = row * block.element_size()
+    with open(path, "rb", buffering=0) as file:
+        for start in range(0, shape[0], rows):
+            stop = min(shape[0], start + rows)
+            part = block[: (stop - start) * row]
+            _read_exactly(file.fileno(), part.view(torch.uint8).numpy(), offset + start * row_bytes)
+            out[start:stop] = part.view(stop - start, *shape[1:])
     return out
+
+
+def _read_exactly(fd: int, buffer: Any, offset: int) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}: the safetensors file is truncated")
+        done += got
 
 
 def _folder_config(folder: str) -> Any:
@@ -540,7 +575,14 @@ def _folder_tokenizer(path: str) -> Any:
 
     if not has_tokenizer_files(path):
         return None
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        return None  # a folder saved without a tokenizer: token ids only
+    # TransformerLens reloads a tokenizer that has a BOS token with add_bos_token=True
+    # (get_tokenizer_with_bos: 0.6 s more for Qwen's); asking for it first loads it once.
+    for options in ({"add_bos_token": True}, {}):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **options)
+        except (OSError, ValueError, TypeError):
+            continue
+        if options and tokenizer.bos_token is None:
+            continue  # nothing to prepend: load it as saved
+        return tokenizer
+    return None  # a folder saved without a tokenizer: token ids only

@@ -182,7 +182,16 @@ def test_large_tensors_are_read_and_converted_in_row_blocks(tiny_qwen2_dir, monk
     from headclass.loading import backends, head_model
 
     monkeypatch.setattr(backends, "_READ_BLOCK_BYTES", 4096)  # every matrix in many blocks
+    reads: list[int] = []
+    read_exactly = backends._read_exactly
+
+    def counted(fd, buffer, at):
+        reads.append(at)
+        read_exactly(fd, buffer, at)
+
+    monkeypatch.setattr(backends, "_read_exactly", counted)
     model = backends.load_folder_model(str(tiny_qwen2_dir), torch.bfloat16)
+    assert len(reads) > len(set(model.state_dict())), "the blocks were read with preadv"
     state = model.state_dict()
     stored = load_file(str(next(Path(tiny_qwen2_dir).glob("*.safetensors"))))
     assert stored and all(torch.equal(state[k], v.to(torch.bfloat16)) for k, v in stored.items() if k in state)
