@@ -30,7 +30,15 @@ from torch import Tensor
 from headclass.errors import ProbeError, ScoreError
 from headclass.loading.tokens import check_token_ids
 
-__all__ = ["HeadModel", "HeadModelLike", "PatternCallback", "hook_name", "check_finite_weights", "layer_weight"]
+__all__ = [
+    "HeadModel",
+    "HeadModelLike",
+    "PatternCallback",
+    "hook_name",
+    "check_finite_weights",
+    "layer_weight",
+    "kv_layer_weight",
+]
 
 _FROM_TL_MODEL = object()
 
@@ -112,6 +120,21 @@ def layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
     """
     per_layer = getattr(model, "layer_weight", None)
     return per_layer(key, layer) if callable(per_layer) else getattr(model, key)[layer]
+
+
+def kv_layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
+    """One layer of ``W_K`` or ``W_V`` with grouped-query heads not expanded, ``[kv_head, d_model, d_head]``.
+
+    Query head ``h`` reads key/value head ``h // (n_heads // kv_head)``, as :func:`layer_weight`
+    expands them; a score that computes per key/value head and expands its (small) result does
+    ``n_heads / kv_head`` times less work and copies no weight. Models without grouped-query
+    attention, and other models than :class:`HeadModel` (test fakes), give :func:`layer_weight`'s
+    ``[head, d_model, d_head]``: every head its own group.
+    """
+    if key not in ("W_K", "W_V"):
+        raise KeyError(f"kv_layer_weight serves W_K and W_V, not {key!r}")
+    per_layer = getattr(model, "kv_layer_weight", None)
+    return per_layer(key, layer) if callable(per_layer) else layer_weight(model, key, layer)
 
 
 def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
@@ -372,6 +395,25 @@ class HeadModel:
         with torch.no_grad():
             value = getattr(attn, key).detach()
         return _expand_kv(value[None], self.n_heads)[0]
+
+    def kv_layer_weight(self, key: str, layer: int) -> Tensor:
+        """``W_K`` or ``W_V`` of one layer, grouped-query heads not expanded (see :func:`kv_layer_weight`).
+
+        The bridge's attention holds them so; ``HookedTransformer``'s grouped-query attention
+        keeps them as ``_W_K`` / ``_W_V`` behind properties that expand them.
+        """
+        if key not in ("W_K", "W_V"):
+            raise KeyError(f"kv_layer_weight serves W_K and W_V, not {key!r}")
+        attn = getattr(self.tl_model.blocks[layer], "attn", None)
+        if key in self._weights or attn is None:
+            return self.layer_weight(key, layer)
+        with torch.no_grad():
+            value = getattr(attn, "_" + key, None)
+            value = (getattr(attn, key) if value is None else value).detach()
+        n_kv = value.shape[0]
+        if n_kv == 0 or self.n_heads % n_kv:
+            return self.layer_weight(key, layer)
+        return value
 
     def _required(self, key: str) -> Tensor:
         """A weight every TransformerLens model has (only ``W_pos`` may be absent)."""

@@ -83,7 +83,7 @@ from torch import Tensor
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ProbeError, ScoreError
 from headclass.heap import reuse_freed_memory
-from headclass.loading.head_model import HeadModelLike, layer_weight
+from headclass.loading.head_model import HeadModelLike, kv_layer_weight, layer_weight
 from headclass.probes import ordinary_token_ids, token_sample
 from headclass.scores.patterns import ScoreInfo
 
@@ -265,23 +265,16 @@ def r_factor(weight: Tensor) -> Tensor:
     return torch.linalg.qr(_f32(weight), mode="r")[1]
 
 
-def _shared_r_factor(weight: Tensor, n_kv: int) -> Tensor:
-    """:func:`r_factor` of ``[head, m, n]`` weights whose heads come in ``n_kv`` groups of equal
-    copies (grouped-query keys / values, expanded as :class:`HeadModel` does with
-    ``repeat_interleave``): one QR per group, the same factors. Other counts: per head."""
-    n_heads = weight.shape[0]
-    if n_kv <= 0 or n_kv >= n_heads or n_heads % n_kv:
-        return r_factor(weight)
-    group = n_heads // n_kv
-    firsts = weight[::group]
-    if not torch.equal(weight, firsts.repeat_interleave(group, dim=0)):  # not an expansion after all
-        return r_factor(weight)
-    return r_factor(firsts).repeat_interleave(group, dim=0)
+def _per_group(per_head: Tensor, grouped: Tensor) -> Tensor:
+    """``[head, ...]`` -> ``[kv_head, group, ...]``, to meet ``[kv_head, 1, ...]`` factors of
+    :func:`~headclass.loading.head_model.kv_layer_weight` (query head ``h`` in group ``h // group``)."""
+    return per_head.unflatten(0, (grouped.shape[0], -1))
 
 
-def _n_kv(model: HeadModelLike) -> int:
-    value = getattr(model, "n_key_value_heads", None)
-    return int(value) if isinstance(value, int) else 0
+def _per_head(per_group: Tensor, n_heads: int) -> Tensor:
+    """``[kv_head, ...]`` results -> ``[head, ...]``, repeated as grouped-query heads are expanded."""
+    n_kv = per_group.shape[0]
+    return per_group if n_kv == n_heads else per_group.repeat_interleave(n_heads // n_kv, dim=0)
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -339,8 +332,9 @@ def _ov_eigenvalues(model: HeadModelLike, embedding: Tensor, progress: bool = Fa
     unembed_embed = _unembed_embed(model.W_U, embedding)  # [d_model, d_model], once per model
     out = []
     for layer in _layers(model, "OV eigenvalues", progress):
-        small = (_f32(layer_weight(model, "W_O", layer)) @ unembed_embed) @ _f32(layer_weight(model, "W_V", layer))
-        out.append(torch.linalg.eigvals(small.double()))
+        W_V = _f32(kv_layer_weight(model, "W_V", layer))  # [kv_head, d_model, d_head]
+        small = _per_group(_f32(layer_weight(model, "W_O", layer)) @ unembed_embed, W_V) @ W_V[:, None]
+        out.append(torch.linalg.eigvals(small.flatten(0, 1).double()))
     return torch.stack(out)
 
 
@@ -1225,11 +1219,12 @@ def successor_scores(
         with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
             for layer in _layers(model, "successor", progress):
                 W_O = _f32(layer_weight(model, "W_O", layer))
-                values = rows @ _f32(layer_weight(model, "W_V", layer))  # [head, item, d_head]
-                logits = values @ (W_O @ W_U)  # [head, item, item]
+                values = rows @ _f32(kv_layer_weight(model, "W_V", layer))  # [kv_head, item, d_head]
+                logits = (values[:, None] @ _per_group(W_O @ W_U, values)).flatten(0, 1)  # [head, item, item]
                 # the largest logit the head's output could give an item (Cauchy-Schwarz): a row that
                 # is only float rounding of a write orthogonal to the items stays a tie
-                reach = (values @ W_O).norm(dim=-1) * W_U.norm(dim=0).max()  # [head, item]
+                written = (values[:, None] @ _per_group(W_O, values)).flatten(0, 1)  # [head, item, d_model]
+                reach = written.norm(dim=-1) * W_U.norm(dim=0).max()  # [head, item]
                 for run in runs:
                     index = torch.tensor([position[int(t)] for t in run.tolist()], device=logits.device)
                     block = logits[:, index[:-1]][:, :, index]  # [head, i, run]
@@ -1263,9 +1258,10 @@ def ov_gain_scores(
         gain = torch.zeros(int(model.n_layers), int(model.n_heads), dtype=torch.float64)
         with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
             for layer in _layers(model, "OV gain", progress):
-                values = x @ _f32(layer_weight(model, "W_V", layer))  # [head, token, d_head]
-                out = values @ r_factor(_f32(layer_weight(model, "W_O", layer)).mT).mT  # same norms as @ W_O
-                ratio = out.pow(2).sum(-1) / x.pow(2).sum(-1)  # [head, token]
+                values = x @ _f32(kv_layer_weight(model, "W_V", layer))  # [kv_head, token, d_head]
+                factor = r_factor(_f32(layer_weight(model, "W_O", layer)).mT).mT  # same norms as W_O
+                out = values[:, None] @ _per_group(factor, values)  # [kv_head, group, token, d_head]
+                ratio = out.flatten(0, 1).pow(2).sum(-1) / x.pow(2).sum(-1)  # [head, token]
                 gain[layer] = ratio.mean(-1).sqrt().double().cpu()
         writing = gain[gain > 0]
         median = writing.median() if writing.numel() else torch.tensor(math.nan, dtype=torch.float64)
@@ -1288,11 +1284,11 @@ def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     With ``W_V = Q_V R_V`` and ``W_O^T = Q_O R_O`` (thin QR, :func:`r_factor`),
     ``W_OV = Q_V (R_V R_O^T) Q_O^T``, so its singular values are those of the ``d_head x d_head`` matrix ``R_V R_O^T``.
     """
-    n_kv = _n_kv(model)
+    n_heads = int(model.n_heads)
     return torch.stack(
         [
             _svdvals(
-                _shared_r_factor(layer_weight(model, "W_V", layer), n_kv),
+                _per_head(r_factor(kv_layer_weight(model, "W_V", layer)), n_heads),
                 r_factor(layer_weight(model, "W_O", layer).mT),
             )
             for layer in _layers(model, "OV spectra", progress)
@@ -1305,11 +1301,12 @@ def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
 
     Via ``R_Q R_K^T`` as in :func:`ov_singular_values`. Grouped-query key heads are expanded.
     """
-    n_kv = _n_kv(model)
+    n_heads = int(model.n_heads)
     return torch.stack(
         [
             _svdvals(
-                r_factor(layer_weight(model, "W_Q", layer)), _shared_r_factor(layer_weight(model, "W_K", layer), n_kv)
+                r_factor(layer_weight(model, "W_Q", layer)),
+                _per_head(r_factor(kv_layer_weight(model, "W_K", layer)), n_heads),
             )
             for layer in _layers(model, "QK spectra", progress)
         ]
@@ -1404,11 +1401,11 @@ def ov_svd_scores(
     qk = qk_singular_values(model, progress=progress) if qk_spectra is None else qk_spectra
     # trace and ||W_OV||^2 in float64: the distances are sqrt(1 - cos^2), which turns a 1e-7
     # rounding of cos^2 into a 3e-4 error near 0
-    n_kv, traces, squares = _n_kv(model), [], []
+    n_heads, traces, squares = int(model.n_heads), [], []
     for layer in range(model.n_layers):  # each layer's weights built once for both
-        W_V, W_O = layer_weight(model, "W_V", layer).double(), layer_weight(model, "W_O", layer).double()
-        traces.append((W_V * W_O.mT).sum((-2, -1)))
-        squares.append((_shared_r_factor(W_V, n_kv) @ W_O).pow(2).sum((-2, -1)))
+        W_V, W_O = kv_layer_weight(model, "W_V", layer).double(), layer_weight(model, "W_O", layer).double()
+        traces.append((W_V[:, None] * _per_group(W_O.mT, W_V)).sum((-2, -1)).flatten())
+        squares.append((_per_head(r_factor(W_V), n_heads) @ W_O).pow(2).sum((-2, -1)))
     trace, frobenius_sq = torch.stack(traces), torch.stack(squares)
     rank = (ov.double() > _RANK_RTOL * ov.double().amax(-1, keepdim=True)).sum(-1).double()
     norm = frobenius_sq.sqrt()
@@ -1527,7 +1524,8 @@ def weight_scores(
         writes_nothing_below = options.writes_nothing_below
     writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
     scores: dict[str, Tensor] = {}
-    with torch.no_grad():
+    # reuse_freed_memory: every layer allocates the same blocks again (headclass.heap)
+    with torch.no_grad(), reuse_freed_memory():
         embedding = _embedding(model, options.effective_embedding)
         scores["copy_eigen"] = copy_eigen_score(_ov_eigenvalues(model, embedding, progress))
         if tokens is None:

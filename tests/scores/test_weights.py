@@ -590,17 +590,49 @@ def test_sequential_sample_goes_on_near_a_threshold():
         topk_copy_scores(fake, tokens=tokens, stop_at=(0.5, 0.5), first_sample=0)
 
 
-def test_grouped_query_heads_share_their_qr_factors(tiny_qwen2_dir):
-    """One QR per key/value group gives exactly the per-head factors, hence the same spectra."""
+class _ExpandedOnly:
+    """A model seen only through its expanded per-head weights: no ``kv_layer_weight``."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        if name == "kv_layer_weight":
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+
+def test_grouped_query_scores_are_computed_per_key_value_head(tiny_qwen2_dir):
+    """Key/value weights served unexpanded (one per group) give exactly the scores of the
+    expanded per-head weights, on both TransformerLens generations."""
+    from headclass.loading.head_model import kv_layer_weight, layer_weight
+
     model = headclass.load_model(tiny_qwen2_dir)
-    assert model.n_key_value_heads < model.n_heads
+    n_kv, group = model.n_key_value_heads, model.n_heads // model.n_key_value_heads
+    assert 1 < group
     for layer in range(model.n_layers):
-        for weight in (model.W_K[layer], model.W_V[layer]):
-            assert torch.equal(weights._shared_r_factor(weight, model.n_key_value_heads), weights.r_factor(weight))
+        for key in ("W_K", "W_V"):
+            grouped = kv_layer_weight(model, key, layer)
+            assert grouped.shape == (n_kv, model.d_model, model.d_head)
+            assert torch.equal(grouped.repeat_interleave(group, dim=0), layer_weight(model, key, layer))
+            assert torch.equal(kv_layer_weight(_ExpandedOnly(model), key, layer), layer_weight(model, key, layer))
+    with pytest.raises(KeyError, match="W_K and W_V"):
+        kv_layer_weight(model, "W_Q", 0)
+    expanded = _ExpandedOnly(model)
+    ours, theirs = weight_scores(model), weight_scores(expanded)
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # bit for bit (NaN where the tokenizer holds no ordinal sequence)
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert torch.equal(weights.ov_circuit_eigenvalues(model), weights.ov_circuit_eigenvalues(expanded)), (
+        "eigenvalues per group"
+    )
+    runs = [torch.arange(5, 15), torch.tensor([40, 3, 77, 12])]  # the tiny tokenizer has no ordinals
+    successor = weights.successor_scores(model, sequences=runs)["successor"]
+    assert torch.equal(successor, weights.successor_scores(expanded, sequences=runs)["successor"])
+    assert successor.isfinite().all()
+    for layer in range(model.n_layers):  # the spectra as defined, from the expanded weights
         expected = torch.linalg.svdvals(weights.r_factor(model.W_Q[layer]) @ weights.r_factor(model.W_K[layer]).mT)
         assert torch.equal(qk_singular_values(model)[layer], expected)
-    distinct = torch.randn(6, 10, 4)  # not copies: every head its own QR
-    assert torch.equal(weights._shared_r_factor(distinct, 2), weights.r_factor(distinct))
 
 
 def test_token_sample_is_seeded_and_skips_special_tokens(tiny_gpt2):
