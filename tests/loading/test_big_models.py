@@ -454,3 +454,32 @@ def test_qwen_coder_05b_alias_is_the_real_model():
     with torch.no_grad():
         loss = model.forward(tokens, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
     assert loss[:, 41:].mean() < 0.25 * loss[:, :39].mean()  # in-context copying: a real model
+
+
+def test_finite_check_names_the_first_query_head_of_a_grouped_key_value_head():
+    """The weight check sums each head in float32 (a NaN or inf anywhere makes the sum
+    non-finite) and reads grouped-query key/value heads unexpanded; a finite head whose sum
+    overflows passes."""
+    from types import SimpleNamespace
+
+    from headclass.errors import ScoreError
+    from headclass.loading.head_model import check_finite_weights
+
+    n_layers, n_heads, n_kv, d, h = 2, 6, 2, 8, 4
+    weights = {key: torch.randn(n_layers, n_heads, d, h) for key in ("W_Q", "W_K", "W_V")}
+    weights["W_O"] = torch.randn(n_layers, n_heads, h, d)
+    grouped = {key: torch.randn(n_layers, n_kv, d, h) for key in ("W_K", "W_V")}
+    for key in grouped:
+        weights[key] = grouped[key].repeat_interleave(n_heads // n_kv, dim=1)
+    model = SimpleNamespace(name="fake", n_layers=n_layers, n_heads=n_heads, **weights)
+    model.kv_layer_weight = lambda key, layer: grouped[key][layer]
+    weights["W_Q"][0, 2, 0, 0] = 3e38  # finite, but its head's float32 sum overflows
+    weights["W_Q"][0, 2, 0, 1] = 3e38
+    check_finite_weights(model)
+    grouped["W_V"][1, 1, 3, 2] = float("nan")  # kv head 1 serves query heads 3, 4, 5
+    with pytest.raises(ScoreError, match="W_V of layer 1 head 3"):
+        check_finite_weights(model)
+    grouped["W_V"][1, 1, 3, 2] = 0.0
+    weights["W_O"][1, 4, 0, 0] = float("-inf")
+    with pytest.raises(ScoreError, match="W_O of layer 1 head 4"):
+        check_finite_weights(model)
