@@ -182,16 +182,19 @@ def test_large_tensors_are_read_and_converted_in_row_blocks(tiny_qwen2_dir, monk
     from headclass.loading import backends, head_model
 
     monkeypatch.setattr(backends, "_READ_BLOCK_BYTES", 4096)  # every matrix in many blocks
-    reads: list[int] = []
-    read_exactly = backends._read_exactly
+    dropped: list[tuple[int, int]] = []
+    drop_pages = backends._drop_pages
 
-    def counted(fd, buffer, at):
-        reads.append(at)
-        read_exactly(fd, buffer, at)
+    def counted(mapped, offset, length):
+        dropped.append((offset, length))
+        drop_pages(mapped, offset, length)
 
-    monkeypatch.setattr(backends, "_read_exactly", counted)
+    monkeypatch.setattr(backends, "_drop_pages", counted)
     model = backends.load_folder_model(str(tiny_qwen2_dir), torch.bfloat16)
-    assert len(reads) > len(set(model.state_dict())), "the blocks were read with preadv"
+    assert len(dropped) > len(set(model.state_dict())), "copied in blocks, each block's pages dropped"
+    assert all(0 < length <= 4096 for _, length in dropped)
+    ends = sorted(offset + length for offset, length in dropped)
+    assert len(set(ends)) == len(ends)  # no block copied twice
     state = model.state_dict()
     stored = load_file(str(next(Path(tiny_qwen2_dir).glob("*.safetensors"))))
     assert stored and all(torch.equal(state[k], v.to(torch.bfloat16)) for k, v in stored.items() if k in state)
