@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import mmap
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from headclass.heap import return_freed_memory
+from headclass.loading.sources import safetensors_header
 
 __all__ = [
     "transformer_lens_major",
@@ -466,7 +466,7 @@ def load_folder_model(folder: str, dtype: torch.dtype) -> Any:
 
     files = sorted(Path(folder).glob("*.safetensors"))
     others = [p for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-    headers = [_safetensors_header(path) for path in files]
+    headers = [safetensors_header(path) for path in files]
     known = all(entry["dtype"] in _STORED_DTYPES for header, _ in headers for entry in header.values())
     if not files or others or not known or not hasattr(mmap, "MADV_DONTNEED") or sys.byteorder != "little":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -497,16 +497,6 @@ _STORED_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's tensor entries (``dtype``, ``shape``, ``data_offsets`` relative to the
-    data) and where its data start: the format is an 8-byte little-endian header length, then
-    that many bytes of JSON. ``load_model`` has checked the header against the file's size."""
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(length))
-    return {key: entry for key, entry in header.items() if key != "__metadata__"}, 8 + length
 
 
 def _read_safetensors(

@@ -35,6 +35,7 @@ __all__ = [
     "check_causal_config",
     "read_folder_config",
     "check_weight_file",
+    "safetensors_header",
     "load_gguf",
     "rebuild_from_config",
 ]
@@ -229,40 +230,23 @@ def read_folder_config(folder: Path) -> Any:
     return config
 
 
+_REDO = "re-save the model with save_pretrained or download it again"
+
+
 def check_weight_file(path: Path) -> None:
     """Raise ModelFileError when a weight file is empty, truncated or not a checkpoint.
 
-    Reads only the header: a safetensors file's 8-byte length, JSON header and data extent; a
-    PyTorch file's zip directory (or pickle protocol byte, for the legacy format). The file is
-    never unpickled here (and never with ``weights_only=False``).
+    Reads only the header: a safetensors file's 8-byte length, JSON header and data extent
+    (:func:`safetensors_header`); a PyTorch file's zip directory (or pickle protocol byte, for
+    the legacy format). The file is never unpickled here (and never with ``weights_only=False``).
     """
-    import json
-    import struct
     import zipfile
 
-    size = path.stat().st_size
-    redo = "re-save the model with save_pretrained or download it again"
-    if size == 0:
-        raise ModelFileError(f"weight file {str(path)!r} is empty; {redo}.")
     if path.suffix == ".safetensors":
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            header = handle.read(n) if 0 < n <= size - 8 else b""
-        entries: Any = None
-        try:
-            entries = json.loads(header.decode("utf-8")) if header else None
-            end = max((int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            entries = None
-        if entries is None:
-            raise ModelFileError(f"weight file {str(path)!r} is not a valid safetensors file (bad header); {redo}.")
-        if 8 + n + end != size:
-            raise ModelFileError(
-                f"weight file {str(path)!r} is truncated or corrupt: its header describes "
-                f"{8 + n + end} bytes, the file has {size}; {redo}."
-            )
+        safetensors_header(path)
         return
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"weight file {str(path)!r} is empty; {_REDO}.")
     with open(path, "rb") as handle:
         first = handle.read(2)
     if first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -270,8 +254,43 @@ def check_weight_file(path: Path) -> None:
     if not zipfile.is_zipfile(path):
         raise ModelFileError(
             f"weight file {str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip "
-            f"archive nor a pickle) or is truncated; {redo}."
+            f"archive nor a pickle) or is truncated; {_REDO}."
         )
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's tensors, ``{name: {"dtype", "shape", "data_offsets"}}`` (offsets
+    relative to the data; ``__metadata__`` left out), and the byte where its data start.
+
+    The format: an 8-byte little-endian header length, then that many bytes of JSON, then the
+    data, which must end where the header says. Raises ModelFileError for an empty, truncated
+    or corrupt file.
+    """
+    import json
+    import struct
+
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelFileError(f"weight file {str(path)!r} is empty; {_REDO}.")
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        header = handle.read(n) if 0 < n <= size - 8 else b""
+    tensors: Any = None
+    try:
+        entries: Any = json.loads(header.decode("utf-8")) if header else None
+        tensors = {key: entry for key, entry in entries.items() if key != "__metadata__"}
+        end = max((int(entry["data_offsets"][1]) for entry in tensors.values()), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        tensors = None
+    if tensors is None:
+        raise ModelFileError(f"weight file {str(path)!r} is not a valid safetensors file (bad header); {_REDO}.")
+    if 8 + n + end != size:
+        raise ModelFileError(
+            f"weight file {str(path)!r} is truncated or corrupt: its header describes "
+            f"{8 + n + end} bytes, the file has {size}; {_REDO}."
+        )
+    return tensors, 8 + n
 
 
 def rebuild_from_config(hf_model: Any) -> Any:

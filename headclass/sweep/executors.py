@@ -17,13 +17,13 @@ driver): the tasks import it there.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from headclass.errors import MissingDependencyError
+from headclass.loading.sources import safetensors_header
 from headclass.sweep.spec import Job, SweepSpec
 from headclass.sweep.work import PartResult, one_line, run_job
 
@@ -63,15 +63,11 @@ def estimate_params(job: Job) -> Optional[int]:
     if path.is_dir():
         total = 0
         for file in sorted(path.glob("*.safetensors")):
-            with open(file, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
-            for name, info in header.items():
-                if name != "__metadata__":
-                    count = 1
-                    for dim in info["shape"]:
-                        count *= int(dim)
-                    total += count
+            for info in safetensors_header(file)[0].values():
+                count = 1
+                for dim in info["shape"]:
+                    count *= int(dim)
+                total += count
         if total:
             return total
         weights = sum(p.stat().st_size for p in path.glob("*.bin"))
