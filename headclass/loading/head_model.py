@@ -108,6 +108,9 @@ class _PatternsDone(Exception):
 #: The per-head attention weights :func:`layer_weight` serves one layer at a time.
 HEAD_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
 
+#: Those of them that grouped-query heads share, which :func:`kv_layer_weight` serves unexpanded.
+KV_WEIGHTS = ("W_K", "W_V")
+
 
 def layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
     """One layer of a per-head weight, ``getattr(model, key)[layer]``, without stacking every layer.
@@ -131,7 +134,7 @@ def kv_layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
     attention, and other models than :class:`HeadModel` (test fakes), give :func:`layer_weight`'s
     ``[head, d_model, d_head]``: every head its own group.
     """
-    if key not in ("W_K", "W_V"):
+    if key not in KV_WEIGHTS:
         raise KeyError(f"kv_layer_weight serves W_K and W_V, not {key!r}")
     per_layer = getattr(model, "kv_layer_weight", None)
     return per_layer(key, layer) if callable(per_layer) else layer_weight(model, key, layer)
@@ -200,8 +203,8 @@ def check_finite_weights(model: "HeadModelLike") -> None:
     with torch.no_grad():
         for layer in range(model.n_layers):
             for key in HEAD_WEIGHTS:
-                grouped = key in ("W_K", "W_V")  # grouped-query heads unexpanded: no copy
-                weight = (kv_layer_weight if grouped else layer_weight)(model, key, layer).flatten(start_dim=1)
+                read = kv_layer_weight if key in KV_WEIGHTS else layer_weight  # grouped-query heads unexpanded
+                weight = read(model, key, layer).flatten(start_dim=1)
                 # any NaN / inf makes a head's float32 sum non-finite; only then (or on an
                 # overflowing sum) the exact check: isfinite's bool copy cost 0.8 s of a 1.5B's load
                 finite = torch.isfinite(weight.sum(dim=-1, dtype=torch.float32))  # [head]
@@ -408,7 +411,7 @@ class HeadModel:
         The bridge's attention holds them so; ``HookedTransformer``'s grouped-query attention
         keeps them as ``_W_K`` / ``_W_V`` behind properties that expand them.
         """
-        if key not in ("W_K", "W_V"):
+        if key not in KV_WEIGHTS:
             raise KeyError(f"kv_layer_weight serves W_K and W_V, not {key!r}")
         attn = getattr(self.tl_model.blocks[layer], "attn", None)
         if key in self._weights or attn is None:
