@@ -333,7 +333,10 @@ def _ov_eigenvalues(model: HeadModelLike, embedding: Tensor, progress: bool = Fa
     out = []
     for layer in _layers(model, "OV eigenvalues", progress):
         W_V = _f32(kv_layer_weight(model, "W_V", layer))  # [kv_head, d_model, d_head]
-        small = _per_group(_f32(layer_weight(model, "W_O", layer)) @ unembed_embed, W_V) @ W_V[:, None]
+        # (W_U E) W_V once per key/value group, then each query head's W_O: d_model^2 d_head
+        # multiply-adds per group instead of per head (Qwen2.5-1.5B: 1.1 -> 0.2 s)
+        read = unembed_embed @ W_V  # [kv_head, d_model, d_head]
+        small = _per_group(_f32(layer_weight(model, "W_O", layer)), W_V) @ read[:, None]
         out.append(torch.linalg.eigvals(small.flatten(0, 1).double()))
     return torch.stack(out)
 
@@ -492,8 +495,11 @@ def _rank_in_output_space(
     """Is each token's own logit among the head's ``top_k`` largest (smallest), ranked in the
     head's output space (:class:`_OutputSpace`), ``budget`` tokens at a time: two ``[token]``
     bool tensors, in the order of ``tokens``."""
-    # [1, d_model, d_head] and [1, d_head, d_model]: this head's alone
-    W_V = _f32(layer_weight(model, "W_V", layer)[head : head + 1])
+    # [1, d_model, d_head] and [1, d_head, d_model]: this head's alone (its key/value head's
+    # W_V, not the layer's expanded to every query head)
+    groups = kv_layer_weight(model, "W_V", layer)
+    group = head // (int(model.n_heads) // int(groups.shape[0]))
+    W_V = _f32(groups[group : group + 1])
     W_O = _f32(layer_weight(model, "W_O", layer)[head : head + 1])
     space = _OutputSpace.build(W_O[0], screen)
     tops, bottoms = [], []

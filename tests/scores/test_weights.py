@@ -602,7 +602,7 @@ class _ExpandedOnly:
         return getattr(self._model, name)
 
 
-def test_grouped_query_scores_are_computed_per_key_value_head(tiny_qwen2_dir):
+def test_grouped_query_scores_are_computed_per_key_value_head(tiny_qwen2_dir, monkeypatch):
     """Key/value weights served unexpanded (one per group) give exactly the scores of the
     expanded per-head weights, on both TransformerLens generations."""
     from headclass.loading.head_model import kv_layer_weight, layer_weight
@@ -633,6 +633,21 @@ def test_grouped_query_scores_are_computed_per_key_value_head(tiny_qwen2_dir):
     for layer in range(model.n_layers):  # the spectra as defined, from the expanded weights
         expected = torch.linalg.svdvals(weights.r_factor(model.W_Q[layer]) @ weights.r_factor(model.W_K[layer]).mT)
         assert torch.equal(qk_singular_values(model)[layer], expected)
+    # a head ranked in its output space reads its own key/value head (top half of the
+    # vocabulary: about half the pairs in it, so another head's W_V would show)
+    monkeypatch.setattr(weights, "_screen_dtype", lambda device: torch.bfloat16)
+    screen = weights._Screen.build(model, torch.Generator().manual_seed(0))
+    tokens = weights.copy_token_sample(model, 64)
+    sources, own = model.W_E[tokens].float(), model.W_U[:, tokens].float()
+    half = model.d_vocab // 2
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            ranked = [
+                weights._rank_in_output_space(m, layer, head, screen, sources, own, tokens, half, 16)
+                for m in (model, expanded)
+            ]
+            assert torch.equal(ranked[0][0], ranked[1][0]) and torch.equal(ranked[0][1], ranked[1][1])
+            assert 0 < int(ranked[0][0].sum()) < tokens.numel()
 
 
 def test_token_sample_is_seeded_and_skips_special_tokens(tiny_gpt2):
