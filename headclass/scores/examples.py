@@ -61,7 +61,7 @@ from headclass.errors import ScoreError
 from headclass.heap import reuse_freed_memory
 from headclass.loading.head_model import HeadModelLike, layer_weight
 from headclass.probes import Probe, token_sample
-from headclass.scores.weights import _VOCAB_BLOCK, _f32, _screen_dtype
+from headclass.scores.weights import _VOCAB_BLOCK, _Scratch, _screen_dtype, _unembed_rows
 
 __all__ = [
     "EVIDENCE_VERSION",
@@ -82,6 +82,16 @@ EVIDENCE_VERSION = 1
 #: 10 s on a laptop CPU: GPT-2 small, 1.8e10, and SmolLM2-135M, 3.6e10, are below; GPT-2
 #: medium, 2.3e11, and Qwen2.5-0.5B, 1.4e11, above: their cards say "not computed").
 COMPOSITION_MAX_FLOPS = 5.0e10
+
+# ov_token_effects: bytes of the float32 rows x W_V W_O multiplied with the vocabulary together
+# (every layer of a 7B model: 28 layers x 28 heads x 6 sources x 3584 x 4 = 67 MB; a 70B model's
+# go in chunks), and of one product's logits ([rows, _VOCAB_BLOCK]: 512 rows in bfloat16).
+# Each block of W_U is converted once per chunk of layers, and the products have hundreds of
+# rows instead of one layer's (Qwen2.5-1.5B: 72): token effects 2.8 -> 2.4 s on Qwen2.5-0.5B.
+_EFFECT_ROWS_BYTES = 1 << 27
+_EFFECT_LOGIT_BYTES = 1 << 24
+# _exact_top: bytes of the candidates' gathered float32 unembedding columns at a time.
+_EXACT_BYTES = 1 << 24
 
 
 def head_key(layer: int, head: int) -> str:
@@ -292,25 +302,33 @@ def _source_embedding(model: HeadModelLike, tokens: Tensor) -> tuple[Tensor, str
     return model.W_E[tokens.to(model.W_E.device)].float(), "W_E"
 
 
-def _merge_top(
-    values: Optional[Tensor], index: Optional[Tensor], block: Any, start: int, k: int
-) -> tuple[Tensor, Tensor]:
-    """The running top ``k`` (values, vocabulary ids) merged with a block's (ids from ``start``)."""
+def _merge_top(running: Optional[tuple[Tensor, Tensor]], block: Any, start: int, k: int) -> tuple[Tensor, Tensor]:
+    """The running top ``k`` (values, vocabulary ids; None before the first block) merged with a
+    block's ``topk`` (ids from ``start``)."""
     block_values, block_index = block.values, block.indices + start
-    if values is None or index is None:
+    if running is None:
         return block_values, block_index
-    values, index = torch.cat([values, block_values], -1), torch.cat([index, block_index], -1)
+    values, index = torch.cat([running[0], block_values], -1), torch.cat([running[1], block_index], -1)
     best = values.topk(k, dim=-1)
     return best.values, index.gather(-1, best.indices)
 
 
 def _exact_top(written: Tensor, W_U: Tensor, candidates: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
     """The top ``k`` (or bottom, as negated values) of float32 logits among ``candidates``:
-    ``written`` ``[head, source, d_model]``, ``candidates`` ``[head, source, m]`` vocabulary ids."""
-    columns = _f32(W_U[:, candidates.flatten()]).T.reshape(*candidates.shape, -1)  # [h, s, m, d]
-    logits = (columns * written[..., None, :]).sum(-1)
-    best = (logits if largest else -logits).topk(k, dim=-1)
-    return best.values, candidates.gather(-1, best.indices)
+    ``written`` ``[row, d_model]``, ``candidates`` ``[row, m]`` vocabulary ids. The candidates'
+    unembedding columns are gathered along memory (:func:`~headclass.scores.weights._unembed_rows`),
+    ``_EXACT_BYTES`` of them at a time."""
+    m = int(candidates.shape[1])
+    step = max(1, _EXACT_BYTES // (4 * m * int(written.shape[1])))
+    values, ids = [], []
+    for a in range(0, int(candidates.shape[0]), step):
+        chosen = candidates[a : a + step]
+        columns = _unembed_rows(W_U, chosen.flatten()).view(*chosen.shape, -1)  # [rows, m, d_model]
+        logits = (columns * written[a : a + step, None, :]).sum(-1)
+        best = (logits if largest else -logits).topk(k, dim=-1)
+        values.append(best.values)
+        ids.append(chosen.gather(-1, best.indices))
+    return torch.cat(values), torch.cat(ids)
 
 
 def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tuple[dict[tuple[int, int], list], str]:
@@ -318,10 +336,12 @@ def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tup
 
     Returns ``({(layer, head): [{"source", "raises", "lowers"}, ...]}, embedding)`` with
     ``raises`` / ``lowers`` lists of ``[token id, centred logit]`` (largest effect first) and
-    ``embedding`` ``"effective"`` or ``"W_E"`` (see the module docs). One layer and one block of
-    vocabulary at a time (``[head, source, block]`` logits, the running top ``4 n`` kept), in
-    bfloat16 where the CPU multiplies it in hardware; those candidates are ranked again with
-    float32 logits, which give the values. A half-precision ``W_U`` is never copied to float32.
+    ``embedding`` ``"effective"`` or ``"W_E"`` (see the module docs). The rows ``x W_V W_O``
+    of as many layers as ``_EFFECT_ROWS_BYTES`` holds (every layer, up to 7B models) meet
+    each block of vocabulary together (``[row, block]`` logits, at most ``_EFFECT_LOGIT_BYTES``,
+    the running top ``4 n`` kept), in bfloat16 where the CPU multiplies it in hardware; those
+    candidates are ranked again with float32 logits, which give the values. Each block of
+    ``W_U`` is converted once per such chunk of layers: no copy of the whole is made.
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     with torch.no_grad():
@@ -329,54 +349,75 @@ def ov_token_effects(model: HeadModelLike, tokens: Tensor, *, n: int = 5) -> tup
         x = x - x.mean(-1, keepdim=True)
         x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # unit RMS, like a norm
         W_U = model.W_U  # model dtype: never a float32 copy of the whole
-        n_vocab = int(W_U.shape[1])
+        n_layers, n_heads, n_sources = int(model.n_layers), int(model.n_heads), int(tokens.numel())
+        d_model, n_vocab = int(W_U.shape[0]), int(W_U.shape[1])
         k = min(n, n_vocab)
         pool = min(n_vocab, 4 * k)  # candidates per row from the screen, ranked again exactly
-        column_mean = torch.zeros(W_U.shape[0], dtype=torch.float32, device=W_U.device)
+        column_mean = torch.zeros(d_model, dtype=torch.float32, device=W_U.device)
         for start in range(0, n_vocab, _VOCAB_BLOCK):
             column_mean += W_U[:, start : start + _VOCAB_BLOCK].float().sum(1)
         column_mean /= n_vocab
         # The vocabulary-wide products in the screen's dtype (bfloat16 on CPUs that multiply it
         # in hardware, several times faster); the few candidates of each row are then recomputed
-        # in float32. A float32 W_U gets one bfloat16 copy; a half-precision one is read as it is
-        # (upcast block by block when the screen is float32).
+        # in float32. W_U is read (converted, or upcast for a float32 screen) block by block.
         screen_dtype = _screen_dtype(W_U.device)
-        wider = W_U.dtype == torch.float32 and screen_dtype != torch.float32
-        screen = W_U.to(screen_dtype) if wider else W_U
+        per_chunk = max(1, _EFFECT_ROWS_BYTES // (4 * n_heads * n_sources * d_model))  # layers at a time
         out: dict[tuple[int, int], list] = {}
-        with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
-            for layer in range(int(model.n_layers)):
-                written = (
+        scratch = _Scratch()
+        for first in range(0, n_layers, per_chunk):
+            layers = range(first, min(n_layers, first + per_chunk))
+            written = torch.cat(
+                [
                     torch.einsum("sd,hde->hse", x, layer_weight(model, "W_V", layer).float())
                     @ layer_weight(model, "W_O", layer).float()
-                )
-                mean = written @ column_mean  # [head, source]: each logit row's mean, to centre it
-                left = written.to(screen_dtype)
-                up_v: Optional[Tensor] = None
-                up_i: Optional[Tensor] = None
-                down_v: Optional[Tensor] = None
-                down_i: Optional[Tensor] = None
+                    for layer in layers
+                ]
+            ).flatten(0, 1)  # [layer, head, source] rows, d_model
+            left = written.to(screen_dtype)
+            # rows a product at a time: [rows, _VOCAB_BLOCK] logits of _EFFECT_LOGIT_BYTES
+            # (topk costs less a logit along wide blocks: 0.7 ns at 16384, 1.2 at 4096)
+            step = max(1, _EFFECT_LOGIT_BYTES // (left.element_size() * _VOCAB_BLOCK))
+            spans = [slice(a, a + step) for a in range(0, int(written.shape[0]), step)]
+            ups: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(spans)  # running top, ids
+            downs: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(spans)
+            # The blocks' products reuse their freed memory (headclass.heap); the rows above are
+            # built outside it: layer after layer of kept rows among freed weight copies left
+            # the heap fragmented (+0.1 GB on SmolLM2 and Qwen2.5-0.5B in bfloat16).
+            with reuse_freed_memory():
                 for start in range(0, n_vocab, _VOCAB_BLOCK):
-                    block = screen[:, start : start + _VOCAB_BLOCK].to(screen_dtype)
-                    logits = left @ block  # [head, source, block]
-                    block_up = logits.topk(min(pool, logits.shape[-1]), dim=-1)
-                    block_down = (-logits).topk(min(pool, logits.shape[-1]), dim=-1)
-                    up_v, up_i = _merge_top(up_v, up_i, block_up, start, pool)
-                    down_v, down_i = _merge_top(down_v, down_i, block_down, start, pool)
-                assert up_i is not None and down_i is not None
-                up_v, up_i = _exact_top(written, W_U, up_i, k, largest=True)
-                down_v, down_i = _exact_top(written, W_U, down_i, k, largest=False)  # values: -logit
-                # centred: raises by logit - mean, lowers by how far below the mean (positive)
-                up_v, down_v = up_v - mean[..., None], down_v + mean[..., None]
-                up_v, up_i, down_v, down_i = (t.cpu() for t in (up_v, up_i, down_v, down_i))
-                for head in range(int(model.n_heads)):
+                    block = W_U[:, start : start + _VOCAB_BLOCK].to(screen_dtype)  # converted once
+                    width = int(block.shape[1])
+                    take = min(pool, width)
+                    for i, span in enumerate(spans):
+                        rows = left[span]
+                        # one buffer for every product, negated in place: fresh 16 MB blocks
+                        # each time fragment the heap too (Qwen2.5-1.5B bfloat16: +0.2 GB)
+                        logits = scratch.take(int(rows.shape[0]), width, rows.dtype, rows.device)
+                        torch.matmul(rows, block, out=logits)  # [rows, block]
+                        ups[i] = _merge_top(ups[i], logits.topk(take, dim=-1), start, pool)
+                        downs[i] = _merge_top(downs[i], logits.neg_().topk(take, dim=-1), start, pool)
+            up_i = torch.cat([top[1] for top in ups if top is not None])
+            down_i = torch.cat([top[1] for top in downs if top is not None])
+            mean = written @ column_mean  # [row]: each logit row's mean, to centre it
+            up_v, up_i = _exact_top(written, W_U, up_i, k, largest=True)
+            down_v, down_i = _exact_top(written, W_U, down_i, k, largest=False)  # values: -logit
+            # centred: raises by logit - mean, lowers by how far below the mean (positive)
+            up_v, down_v = up_v - mean[:, None], down_v + mean[:, None]
+            shape = (len(layers), n_heads, n_sources, k)
+            raises_i, raises_v = up_i.view(shape).tolist(), up_v.view(shape).tolist()
+            lowers_i, lowers_v = down_i.view(shape).tolist(), down_v.view(shape).tolist()
+            sources = tokens.tolist()
+            for at, layer in enumerate(layers):
+                for head in range(n_heads):
+                    up = zip(raises_i[at][head], raises_v[at][head])
+                    down = zip(lowers_i[at][head], lowers_v[at][head])
                     out[layer, head] = [
                         {
                             "source": int(src),
-                            "raises": [[int(i), _round(v)] for i, v in zip(up_i[head, s], up_v[head, s])],
-                            "lowers": [[int(i), _round(-v)] for i, v in zip(down_i[head, s], down_v[head, s])],
+                            "raises": [[i, _round(v)] for i, v in zip(*raised)],
+                            "lowers": [[i, _round(-v)] for i, v in zip(*lowered)],
                         }
-                        for s, src in enumerate(tokens.tolist())
+                        for src, raised, lowered in zip(sources, up, down)
                     ]
     return out, embedding
 

@@ -179,3 +179,50 @@ def test_ov_effects_of_a_bfloat16_model_are_float32_ranks_whatever_the_screen(mo
     logits = (x @ model.W_V[0, 1].float() @ model.W_O[0, 1].float()) @ model.W_U.float()
     assert [e["raises"][0][0] for e in effects[0, 1]] == logits.argmax(1).tolist()
     assert [e["lowers"][0][0] for e in effects[0, 1]] == logits.argmin(1).tolist()
+
+
+@pytest.mark.parametrize("screen", [torch.float32, torch.bfloat16])
+def test_ov_effects_ranked_in_chunks_of_layers_and_rows_are_each_heads_own(monkeypatch, screen):
+    """Every layer's rows meet the vocabulary together, in chunks of layers, of rows and of
+    candidates when the byte budgets say so: each head's lists are still the float32 ranks of
+    its own logits, and the chunking changes no token."""
+    from types import SimpleNamespace
+
+    from headclass.scores import examples
+
+    g = torch.Generator().manual_seed(5)
+    d, vocab, layers, heads = 32, 20000, 3, 2  # two vocabulary blocks, the second ragged
+    model = SimpleNamespace(
+        n_layers=layers,
+        n_heads=heads,
+        W_E=torch.randn(vocab, d, generator=g),
+        W_U=torch.randn(d, vocab, generator=g),  # its own contiguous [d_model, vocab] matrix
+        W_V=torch.randn(layers, heads, d, 8, generator=g) / d**0.5,
+        W_O=torch.randn(layers, heads, 8, d, generator=g),
+    )
+    tokens = torch.tensor([3, 1000, 19999])
+    monkeypatch.setattr(examples, "_screen_dtype", lambda device: screen)
+    whole, _ = ov_token_effects(model, tokens, n=4)
+    monkeypatch.setattr(examples, "_EFFECT_ROWS_BYTES", 4 * heads * 3 * d * 2)  # two layers a chunk: [0, 1], [2]
+    monkeypatch.setattr(examples, "_EFFECT_LOGIT_BYTES", 2 * examples._VOCAB_BLOCK * 5)  # 5 rows a product
+    monkeypatch.setattr(examples, "_EXACT_BYTES", 4 * 16 * d * 3)  # 3 rows of 16 candidates at a time
+    chunked, _ = ov_token_effects(model, tokens, n=4)
+    for key, effects in whole.items():  # the same tokens; values up to float32 sums' order
+        for ours, theirs in zip(chunked[key], effects):
+            for kind in ("raises", "lowers"):
+                assert [i for i, _ in ours[kind]] == [i for i, _ in theirs[kind]]
+                assert [v for _, v in ours[kind]] == pytest.approx([v for _, v in theirs[kind]], abs=2e-4)
+    x = model.W_E[tokens]
+    x = x - x.mean(-1, keepdim=True)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    for layer in range(layers):
+        for head in range(heads):
+            logits = (x @ model.W_V[layer, head] @ model.W_O[layer, head]) @ model.W_U  # [source, vocab]
+            centred = logits - logits.mean(-1, keepdim=True)
+            for s, effect in enumerate(chunked[layer, head]):
+                assert effect["source"] == int(tokens[s])
+                up, down = centred[s].topk(4), (-centred[s]).topk(4)
+                assert [i for i, _ in effect["raises"]] == up.indices.tolist()
+                assert [i for i, _ in effect["lowers"]] == down.indices.tolist()
+                assert [v for _, v in effect["raises"]] == pytest.approx(up.values.tolist(), abs=2e-4)
+                assert [v for _, v in effect["lowers"]] == pytest.approx((-down.values).tolist(), abs=2e-4)
