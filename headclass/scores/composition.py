@@ -55,6 +55,9 @@ DEFAULT_MEMORY_BYTES = 1 << 31
 # Earlier layers packed together for one matrix product against a block of later layers.
 _EARLIER_GROUP = 8
 
+# Blocks per side of the Gram matrices' packing (_Packer).
+_PACK_BLOCKS = 8
+
 
 def _check_kinds(kinds: Union[str, Iterable[str]]) -> tuple[str, ...]:
     names = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -88,23 +91,36 @@ def _right_factor(model: HeadModelLike, layer: int, kind: str) -> Tensor:
 
 
 class _Packer:
-    """Packs symmetric Gram matrices ``F^T F`` (``F: [n, r, d]``) into their upper triangles.
+    """Packs symmetric Gram matrices ``F^T F`` (``F: [n, r, d]``) into their upper block triangles.
 
-    ``<G, H>_F = sum_i G_ii H_ii + 2 sum_{i<j} G_ij H_ij``: the left side carries the weights
-    (1 on the diagonal, 2 off it), so a plain dot product of packed vectors is ``<G, H>_F``.
+    ``<G, H>_F = sum_i <G_ii, H_ii> + 2 sum_{i<j} <G_ij, H_ij>`` over ``_PACK_BLOCKS`` x
+    ``_PACK_BLOCKS`` blocks of the ``d x d`` matrix: the left side carries the weights (1 on the
+    diagonal blocks, 2 off them), so a plain dot product of packed vectors is ``<G, H>_F``. The
+    blocks are copied whole, rows of them at a time: ``36/64`` of ``d^2`` numbers against the
+    exact upper triangle's ``d (d + 1) / 2``, whose gather cost 1.5 ns a number (0.44 s of
+    SmolLM2's 2.3 s of composition), for 12 % more multiply-adds in the pair products.
     """
 
     def __init__(self, d: int, device: torch.device):
-        rows, cols = torch.triu_indices(d, d, device=device)
-        self.index = rows * d + cols
-        self.weight = torch.where(rows == cols, 1.0, 2.0).to(device)
-        self.size = self.index.numel()
+        step = -(-d // _PACK_BLOCKS)
+        edges = [(a, min(d, a + step)) for a in range(0, d, step)]
+        self.blocks = [(rows, cols) for i, rows in enumerate(edges) for cols in edges[i:]]
+        self.size = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in self.blocks)
 
     def pack(self, factors: Tensor, *, weighted: bool, out: Optional[Tensor] = None) -> Tensor:
         gram = factors.mT @ factors  # [n, d, d]
-        packed = torch.index_select(gram.flatten(1), 1, self.index, out=out)
+        n = gram.shape[0]
+        packed = torch.empty(n, self.size, dtype=gram.dtype, device=gram.device) if out is None else out
+        at = 0
+        for (r0, r1), (c0, c1) in self.blocks:
+            width = (r1 - r0) * (c1 - c0)
+            part = packed[:, at : at + width]
+            part.view(n, r1 - r0, c1 - c0).copy_(gram[:, r0:r1, c0:c1])
+            if weighted and r0 != c0:
+                part.mul_(2.0)
+            at += width
         del gram
-        return packed.mul_(self.weight) if weighted else packed
+        return packed
 
 
 def composition_scores(
