@@ -329,15 +329,16 @@ def _unembed_embed(W_U: Tensor, embedding: Tensor, block: int = _VOCAB_BLOCK) ->
 def _ov_eigenvalues(model: HeadModelLike, embedding: Tensor, progress: bool = False) -> Tensor:
     # Non-zero eigenvalues of E W_V W_O W_U (vocab x vocab) are those of W_O (W_U E) W_V
     # (d_head x d_head): eig(AB) and eig(BA) share their non-zero part.
-    unembed_embed = _unembed_embed(model.W_U, embedding)  # [d_model, d_model], once per model
     out = []
-    for layer in _layers(model, "OV eigenvalues", progress):
-        W_V = _f32(kv_layer_weight(model, "W_V", layer))  # [kv_head, d_model, d_head]
-        # (W_U E) W_V once per key/value group, then each query head's W_O: d_model^2 d_head
-        # multiply-adds per group instead of per head (Qwen2.5-1.5B: 1.1 -> 0.2 s)
-        read = unembed_embed @ W_V  # [kv_head, d_model, d_head]
-        small = _per_group(_f32(layer_weight(model, "W_O", layer)), W_V) @ read[:, None]
-        out.append(torch.linalg.eigvals(small.flatten(0, 1).double()))
+    with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
+        unembed_embed = _unembed_embed(model.W_U, embedding)  # [d_model, d_model], once per model
+        for layer in _layers(model, "OV eigenvalues", progress):
+            W_V = _f32(kv_layer_weight(model, "W_V", layer))  # [kv_head, d_model, d_head]
+            # (W_U E) W_V once per key/value group, then each query head's W_O: d_model^2 d_head
+            # multiply-adds per group instead of per head (Qwen2.5-1.5B: 1.1 -> 0.2 s)
+            read = unembed_embed @ W_V  # [kv_head, d_model, d_head]
+            small = _per_group(_f32(layer_weight(model, "W_O", layer)), W_V) @ read[:, None]
+            out.append(torch.linalg.eigvals(small.flatten(0, 1).double()))
     return torch.stack(out)
 
 
@@ -1403,19 +1404,20 @@ def ov_svd_scores(
     if writes_nothing_below is None:
         writes_nothing_below = load_config().weights.writes_nothing_below
     writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
-    ov = ov_singular_values(model, progress=progress) if ov_spectra is None else ov_spectra
-    qk = qk_singular_values(model, progress=progress) if qk_spectra is None else qk_spectra
     # trace and ||W_OV||^2 in float64: the distances are sqrt(1 - cos^2), which turns a 1e-7
-    # rounding of cos^2 into a 3e-4 error near 0
-    # Written into tensors made beforehand: a small result kept per layer among the freed float64
-    # copies fragmented the heap that reuse_freed_memory keeps (Qwen2.5-1.5B: +0.67 GB, +0.13 now).
+    # rounding of cos^2 into a 3e-4 error near 0. Written into tensors made beforehand: a small
+    # result kept per layer among the freed float64 copies fragmented the heap that
+    # reuse_freed_memory keeps (Qwen2.5-1.5B: +0.67 GB, +0.07 GB so).
     n_heads, device = int(model.n_heads), layer_weight(model, "W_O", 0).device
     trace = torch.empty(int(model.n_layers), n_heads, dtype=torch.float64, device=device)
     frobenius_sq = torch.empty_like(trace)
-    for layer in range(model.n_layers):  # each layer's weights built once for both
-        W_V, W_O = kv_layer_weight(model, "W_V", layer).double(), layer_weight(model, "W_O", layer).double()
-        trace[layer] = (W_V[:, None] * _per_group(W_O.mT, W_V)).sum((-2, -1)).flatten()
-        frobenius_sq[layer] = (_per_head(r_factor(W_V), n_heads) @ W_O).pow(2).sum((-2, -1))
+    with reuse_freed_memory():  # the same blocks each layer (headclass.heap)
+        ov = ov_singular_values(model, progress=progress) if ov_spectra is None else ov_spectra
+        qk = qk_singular_values(model, progress=progress) if qk_spectra is None else qk_spectra
+        for layer in range(model.n_layers):  # each layer's weights built once for both
+            W_V, W_O = kv_layer_weight(model, "W_V", layer).double(), layer_weight(model, "W_O", layer).double()
+            trace[layer] = (W_V[:, None] * _per_group(W_O.mT, W_V)).sum((-2, -1)).flatten()
+            frobenius_sq[layer] = (_per_head(r_factor(W_V), n_heads) @ W_O).pow(2).sum((-2, -1))
     rank = (ov.double() > _RANK_RTOL * ov.double().amax(-1, keepdim=True)).sum(-1).double()
     norm = frobenius_sq.sqrt()
     median = norm.quantile(0.5, dim=1, keepdim=True)
@@ -1533,13 +1535,12 @@ def weight_scores(
         writes_nothing_below = options.writes_nothing_below
     writes_nothing_below = _check_fraction("writes_nothing_below", writes_nothing_below)
     scores: dict[str, Tensor] = {}
-    # Each stage reuses its own freed blocks (headclass.heap) and gives the heap back when it
-    # ends: one context around them all kept every stage's fragments to the end (Qwen2.5-1.5B
+    # No reuse_freed_memory here: each stage holds its own and gives the heap back when it ends.
+    # One context around them all kept every stage's fragments to the end (Qwen2.5-1.5B
     # bfloat16: peaks from 4.1 to 5.2 GB above the imports, 3.55 GB of weights).
     with torch.no_grad():
         embedding = _embedding(model, options.effective_embedding)
-        with reuse_freed_memory():
-            scores["copy_eigen"] = copy_eigen_score(_ov_eigenvalues(model, embedding, progress))
+        scores["copy_eigen"] = copy_eigen_score(_ov_eigenvalues(model, embedding, progress))
         if tokens is None:
             tokens = copy_token_sample(model, options.copy_sample_size, seed=cfg.probes.seed)
         stop = _StopRule(
@@ -1554,8 +1555,7 @@ def weight_scores(
         )
         gains = ov_gain_scores(model, embedding, tokens, progress=progress)
         del embedding
-        with reuse_freed_memory():
-            scores.update(ov_svd_scores(model, writes_nothing_below=writes_nothing_below, progress=progress))
+        scores.update(ov_svd_scores(model, writes_nothing_below=writes_nothing_below, progress=progress))
         scores.update(gains)
         positions = getattr(model, "W_pos", None)
         if positions is not None and positions.shape[0] > 2:
