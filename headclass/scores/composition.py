@@ -20,9 +20,9 @@ How it is computed (never a ``d_model x d_model`` matrix per pair): with thin QR
 ``||W_OV^A W_B||_F^2 = <G_A, H_B>_F`` where ``G_A = (W_OV^A)^T W_OV^A = P_A^T P_A`` and
 ``H_B = W_B W_B^T = T_B T_B^T`` have the small factors ``P_A = R_V^A W_O^A``
 (``[d_head, d_model]``) and ``T_B`` (``[d_model, d_head]``: ``W_Q R_K^T`` for Q, ``W_K R_Q^T``
-for K, ``W_V R_O^T`` for V). Each head's Gram matrix is built once per pass as a packed upper
-triangle (``d_model (d_model + 1) / 2`` numbers), and all pairs' inner products are then one
-matrix product per block: ``d_model^2`` flops per pair, against ``2 d_model d_head^2`` for
+for K, ``W_V R_O^T`` for V). Each head's Gram matrix is built once per pass, packed as its upper
+block rows (about ``0.56 d_model^2`` numbers, :class:`_Packer`), and all pairs' inner products are then
+matrix products per block: ``d_model^2`` flops per pair, against ``2 d_model d_head^2`` for
 forming each pair's ``d_head x d_head`` product ``P_A T_B`` (5x more for GPT-2 XL).
 
 Examples
@@ -34,15 +34,15 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from headclass.errors import ScoreError
 from headclass.heap import reuse_freed_memory
-from headclass.loading.head_model import HeadModelLike, layer_weight
-from headclass.scores.weights import _f32, r_factor
+from headclass.loading.head_model import HeadModelLike, kv_layer_weight, layer_weight
+from headclass.scores.weights import _f32, _per_head, r_factor
 
 __all__ = ["COMPOSITION_KINDS", "composition_scores", "top_k_composition_partners"]
 
@@ -74,15 +74,21 @@ def _unit(factors: Tensor) -> Tensor:
     return factors / norms[:, None, None]
 
 
+def _kv_r_factor(model: HeadModelLike, key: str, layer: int) -> Tensor:
+    """``R`` of each key/value head's ``W_K`` or ``W_V``, repeated to its query heads: one QR a
+    group (SmolLM2's 9 heads share 3)."""
+    return _per_head(r_factor(kv_layer_weight(model, key, layer)), int(model.n_heads))
+
+
 def _left_factor(model: HeadModelLike, layer: int) -> Tensor:
     """``P = R_V W_O`` ``[head, d_head, d_model]``: ``P^T P = W_OV^T W_OV``, unit norm."""
-    return _unit(r_factor(layer_weight(model, "W_V", layer)) @ _f32(layer_weight(model, "W_O", layer)))
+    return _unit(_kv_r_factor(model, "W_V", layer) @ _f32(layer_weight(model, "W_O", layer)))
 
 
 def _right_factor(model: HeadModelLike, layer: int, kind: str) -> Tensor:
     """``T`` ``[head, d_model, d_head]`` with ``T T^T = W_B W_B^T`` for the kind, unit norm."""
     if kind == "q":  # W_QK W_QK^T = W_Q (W_K^T W_K) W_Q^T
-        factor = _f32(layer_weight(model, "W_Q", layer)) @ r_factor(layer_weight(model, "W_K", layer)).mT
+        factor = _f32(layer_weight(model, "W_Q", layer)) @ _kv_r_factor(model, "W_K", layer).mT
     elif kind == "k":  # W_QK^T W_QK = W_K (W_Q^T W_Q) W_K^T
         factor = _f32(layer_weight(model, "W_K", layer)) @ r_factor(layer_weight(model, "W_Q", layer)).mT
     else:  # W_OV W_OV^T = W_V (W_O W_O^T) W_V^T
@@ -91,36 +97,50 @@ def _right_factor(model: HeadModelLike, layer: int, kind: str) -> Tensor:
 
 
 class _Packer:
-    """Packs symmetric Gram matrices ``F^T F`` (``F: [n, r, d]``) into their upper block triangles.
+    """Symmetric Gram matrices ``F^T F`` (``F: [n, r, d]``) packed as their upper block rows.
 
     ``<G, H>_F = sum_i <G_ii, H_ii> + 2 sum_{i<j} <G_ij, H_ij>`` over ``_PACK_BLOCKS`` x
     ``_PACK_BLOCKS`` blocks of the ``d x d`` matrix: the left side carries the weights (1 on the
-    diagonal blocks, 2 off them), so a plain dot product of packed vectors is ``<G, H>_F``. The
-    blocks are copied whole, rows of them at a time: ``36/64`` of ``d^2`` numbers against the
-    exact upper triangle's ``d (d + 1) / 2``, whose gather cost 1.5 ns a number (0.44 s of
-    SmolLM2's 2.3 s of composition), for 12 % more multiply-adds in the pair products.
+    diagonal blocks, 2 off them), so a plain dot product of packed vectors is ``<G, H>_F``.
+    Block row ``i`` (rows ``r0:r1``, columns ``r0:d``) is one product ``F[:, :, r0:r1]^T
+    F[:, :, r0:]``, written straight into a matrix of its own, a segment ``[rows, (r1 - r0)
+    (d - r0)]``: a layer's rows are contiguous there, so the product needs no copy. The whole
+    Gram matrix with its blocks copied out took twice as long (SmolLM2: 5 -> 2.5 ms a layer)
+    and held an unpacked layer on top. ``36/64`` of ``d^2`` numbers against the exact upper
+    triangle's ``d (d + 1) / 2``, whose gather cost 1.5 ns a number.
     """
 
-    def __init__(self, d: int, device: torch.device):
+    def __init__(self, d: int):
         step = -(-d // _PACK_BLOCKS)
-        edges = [(a, min(d, a + step)) for a in range(0, d, step)]
-        self.blocks = [(rows, cols) for i, rows in enumerate(edges) for cols in edges[i:]]
-        self.size = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in self.blocks)
+        self.edges = [(a, min(d, a + step)) for a in range(0, d, step)]
+        self.widths = [(r1 - r0) * (d - r0) for r0, r1 in self.edges]
+        self.size = sum(self.widths)  # numbers a packed matrix holds
 
-    def pack(self, factors: Tensor, *, weighted: bool, out: Optional[Tensor] = None) -> Tensor:
-        gram = factors.mT @ factors  # [n, d, d]
-        n = gram.shape[0]
-        packed = torch.empty(n, self.size, dtype=gram.dtype, device=gram.device) if out is None else out
-        at = 0
-        for (r0, r1), (c0, c1) in self.blocks:
-            width = (r1 - r0) * (c1 - c0)
-            part = packed[:, at : at + width]
-            part.view(n, r1 - r0, c1 - c0).copy_(gram[:, r0:r1, c0:c1])
-            if weighted and r0 != c0:
-                part.mul_(2.0)
-            at += width
-        del gram
-        return packed
+    def empty(self, rows: int, device: torch.device, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        """Room for ``rows`` packed matrices: the segments ``[rows, width]``, one allocation."""
+        flat = torch.empty(rows * self.size, dtype=dtype, device=device)
+        segments, at = [], 0
+        for width in self.widths:
+            segments.append(flat[at : at + rows * width].view(rows, width))
+            at += rows * width
+        return segments
+
+    def pack(self, factors: Tensor, segments: list[Tensor], at: int, *, weighted: bool) -> None:
+        """Writes the packed ``F^T F`` of ``factors`` ``[n, r, d]`` into rows ``at:at + n``."""
+        n, d = factors.shape[0], factors.shape[2]
+        for (r0, r1), segment in zip(self.edges, segments):
+            part = segment[at : at + n].view(n, r1 - r0, d - r0)
+            torch.matmul(factors[:, :, r0:r1].mT, factors[:, :, r0:], out=part)
+            if weighted:
+                part[:, :, r1 - r0 :].mul_(2.0)
+
+    @staticmethod
+    def inner(left: list[Tensor], right: list[Tensor], rows: int) -> Tensor:
+        """``[rows, right rows]``: the first ``rows`` left matrices dotted with every right one."""
+        out = left[0][:rows] @ right[0].T
+        for left_part, right_part in zip(left[1:], right[1:]):
+            out.addmm_(left_part[:rows], right_part.T)
+        return out
 
 
 def composition_scores(
@@ -140,9 +160,9 @@ def composition_scores(
         Which of ``"q"``, ``"k"``, ``"v"`` to compute (TransformerLens' modes ``Q``, ``K``, ``V``).
     memory_bytes
         Bound on the packed Gram matrices held at once (later heads of a block of layers, plus
-        a group of up to 8 layers of earlier heads); one layer's unpacked Gram matrices (twice
-        a packed layer) come on top while it is being packed. Smaller values mean more passes
-        (earlier layers are rebuilt once per block of later layers), never a different result.
+        a group of up to 8 layers of earlier heads); one layer's factors come on top while it
+        is being packed. Smaller values mean more passes (earlier layers are rebuilt once per
+        block of later layers), never a different result.
     progress
         Show a progress bar over blocks of later layers.
 
@@ -161,7 +181,7 @@ def composition_scores(
     out = torch.zeros(len(kinds), n_layers, n_heads, n_layers, n_heads)
     if n_layers < 2:
         return {kind: out[i] for i, kind in enumerate(kinds)}
-    packer = _Packer(d_model, device)
+    packer = _Packer(d_model)
     layer_bytes = n_heads * packer.size * 4
     # Later heads of `per_block` layers (all kinds) stay packed while earlier layers stream by
     # in groups of `per_group` layers; each streamed layer is rebuilt once per block. A group
@@ -177,19 +197,18 @@ def composition_scores(
         blocks = tqdm(blocks, desc="composition", leave=False)
     # reuse_freed_memory: every block allocates the same Gram buffers again (headclass.heap)
     with torch.no_grad(), reuse_freed_memory():
-        left = torch.empty(per_group * n_heads, packer.size, device=device)  # one group of earlier layers
+        left = packer.empty(per_group * n_heads, device)  # one group of earlier layers
         for b0 in blocks:
             b1 = min(n_layers, b0 + per_block)
-            right = torch.empty(len(kinds) * (b1 - b0) * n_heads, packer.size, device=device)
+            right = packer.empty(len(kinds) * (b1 - b0) * n_heads, device)
             for i, (kind, layer) in enumerate((k, lb) for k in kinds for lb in range(b0, b1)):
-                packer.pack(
-                    _right_factor(model, layer, kind).mT, weighted=False, out=right[i * n_heads : (i + 1) * n_heads]
-                )  # [kind, layer_b, head_b] rows
+                # [kind, layer_b, head_b] rows
+                packer.pack(_right_factor(model, layer, kind).mT, right, i * n_heads, weighted=False)
             for g0 in range(0, b1 - 1, per_group):
                 group = range(g0, min(b1 - 1, g0 + per_group))
                 for i, la in enumerate(group):  # [layer_a, head_a] rows
-                    packer.pack(_left_factor(model, la), weighted=True, out=left[i * n_heads : (i + 1) * n_heads])
-                inner = (left[: len(group) * n_heads] @ right.T).clamp_min_(0.0).sqrt_()
+                    packer.pack(_left_factor(model, la), left, i * n_heads, weighted=True)
+                inner = packer.inner(left, right, len(group) * n_heads).clamp_min_(0.0).sqrt_()
                 inner = inner.view(len(group), n_heads, len(kinds), b1 - b0, n_heads).permute(2, 0, 1, 3, 4).cpu()
                 for i, la in enumerate(group):
                     lb0 = max(b0, la + 1)  # causal: only la < lb

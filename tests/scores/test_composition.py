@@ -49,7 +49,7 @@ def test_causal_layout_and_blocking(tmp_path):
         torch.testing.assert_close(blocked[kind], whole[kind], atol=1e-6, rtol=1e-5)
     # Two later layers per pass against groups of two earlier layers (the last group short):
     # passes over layers 1-2 and 3, earlier layers [0, 1], then [0, 1] and [2].
-    layer_bytes = model.n_heads * _Packer(model.d_model, torch.device("cpu")).size * 4  # one packed layer
+    layer_bytes = model.n_heads * _Packer(model.d_model).size * 4  # one packed layer
     grouped = composition_scores(model, kinds=["K", "v"], memory_bytes=int(6.5 * layer_bytes))
     for kind in ("k", "v"):
         torch.testing.assert_close(grouped[kind], whole[kind], atol=1e-6, rtol=1e-5)
@@ -147,15 +147,19 @@ def test_smollm2_induction_heads_k_compose_with_the_previous_token_head(smollm2)
 
 @pytest.mark.parametrize("d", [1, 5, 37, 64])
 def test_packed_gram_matrices_give_their_frobenius_inner_products(d):
-    """Upper block triangles (ragged blocks when 8 does not divide d): the weighted left packing
-    dotted with the plain right one is <A^T A, B^T B>_F, for every pair at once."""
+    """Upper block rows (ragged blocks when 8 does not divide d): the weighted left packing
+    dotted with the plain right one is <A^T A, B^T B>_F, for every pair at once, wherever the
+    rows were written."""
     from headclass.scores.composition import _Packer
 
     g = torch.Generator().manual_seed(d)
     A = torch.randn(3, 4, d, generator=g, dtype=torch.float64)
     B = torch.randn(2, 4, d, generator=g, dtype=torch.float64)
-    packer = _Packer(d, torch.device("cpu"))
+    packer = _Packer(d)
     expected = torch.einsum("aij,bij->ab", A.mT @ A, B.mT @ B)
-    torch.testing.assert_close(packer.pack(A, weighted=True) @ packer.pack(B, weighted=False).T, expected)
-    out = torch.empty(3, packer.size, dtype=torch.float64)
-    assert packer.pack(A, weighted=True, out=out) is out
+    left, right = packer.empty(5, A.device, A.dtype), packer.empty(3, B.device, B.dtype)
+    packer.pack(A[:2], left, 0, weighted=True)
+    packer.pack(A[2:], left, 2, weighted=True)  # rows written apart, into the same segments
+    packer.pack(B, right, 1, weighted=False)
+    torch.testing.assert_close(packer.inner(left, right, 3)[:, 1:], expected)
+    torch.testing.assert_close(packer.inner(left, right, 2)[:, 1:], expected[:2])
