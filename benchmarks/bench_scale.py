@@ -67,21 +67,15 @@ def reset_hwm() -> None:
 
 
 def weight_bytes(folder: Path, dtype_name: str) -> int:
-    """Bytes of the folder's tensors in ``dtype_name`` (safetensors headers only)."""
+    """Bytes of the folder's tensors in ``dtype_name`` (safetensors headers only), as
+    ``load_model`` sizes them before loading."""
     import torch
-    from safetensors import safe_open
 
-    size = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                n = 1
-                for dim in shape:
-                    n *= dim
-                total += n * size
-    return total
+    from headclass.loading.memory import folder_weight_bytes
+
+    size = folder_weight_bytes(folder, getattr(torch, dtype_name))
+    assert size is not None, f"{folder} has no safetensors files"
+    return size
 
 
 def _import_stack(folder: str) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "MissingDependencyError",
     "ModelFileError",
+    "OutOfMemoryError",
     "ConfigError",
     "ProbeError",
     "ScoreError",
@@ -50,6 +51,11 @@ class MissingDependencyError(HeadclassError, ImportError):
 
 class ModelFileError(HeadclassError, FileNotFoundError):
     """A model file or folder is missing, incomplete or corrupt."""
+
+
+class OutOfMemoryError(HeadclassError, MemoryError):
+    """The model's weights need more memory than this machine has available (checked before
+    loading: :mod:`headclass.loading.memory`)."""
 
 
 class ConfigError(HeadclassError, ValueError):

