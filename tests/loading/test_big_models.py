@@ -146,6 +146,34 @@ def test_lean_processing_gives_transformer_lens_own_weights(tmp_path, monkeypatc
             torch.testing.assert_close(lean[key].float(), stock[key].float(), rtol=2**-7, atol=2**-7 * scale)
 
 
+@pytest.mark.skipif(not BRIDGE, reason="lean weight processing is for the TransformerLens 4 bridge")
+@pytest.mark.parametrize(
+    "builder, in_place",
+    [(save_tiny_qwen2, True), (save_tiny_llama, True), (save_tiny_gpt2, False)],
+    ids=["qwen2", "llama", "gpt2"],
+)
+def test_mlp_norms_fold_in_place_where_plain(tmp_path, monkeypatch, builder, in_place):
+    """Every layer's ln2 scale goes into W_in / W_gate in place for RMSNorm models (the values
+    are TransformerLens' own: test above); GPT-2's LayerNorm biases take TransformerLens' way."""
+    import headclass.loading.backends as backends
+
+    calls = []
+    real = backends._fold_mlp_norm_in_place
+
+    def spy(sd, cfg, layer, *args):
+        gate = sd.get(f"blocks.{layer}.mlp.gate.weight")
+        before = None if gate is None else gate.data_ptr()
+        done = real(sd, cfg, layer, *args)
+        kept = before is not None and sd[f"blocks.{layer}.mlp.gate.weight"].data_ptr() == before
+        calls.append((layer, done, kept))  # kept: the gate's storage itself was scaled
+        return done
+
+    monkeypatch.setattr(backends, "_fold_mlp_norm_in_place", spy)
+    bridge = backends.build_tl_model("bridge", folder=str(builder(tmp_path / "model")))
+    assert [layer for layer, _, _ in calls] == list(range(bridge.cfg.n_layers))
+    assert all(done == kept == in_place for _, done, kept in calls), calls
+
+
 def test_final_norm_folds_in_place_only_into_an_unembedding_of_its_own():
     from headclass.loading.backends import _fold_unembed_rms_in_place
 
