@@ -93,8 +93,10 @@ def load_model(
     Raises
     ------
     ModelNotFoundError, HubUnreachableError, UnsupportedArchitectureError,
-    MissingDependencyError, ModelFileError
-        Each with a one-line message that says what to do.
+    MissingDependencyError, ModelFileError, OutOfMemoryError
+        Each with a one-line message that says what to do. ``OutOfMemoryError``: the weights,
+        sized from their files before any is read, exceed the memory available
+        (:mod:`headclass.loading.memory`; ``HEADCLASS_MEMORY_CHECK=0`` skips the check).
     """
     dtype = _check_dtype(dtype)
     device = _check_device(device, dtype)
