@@ -77,10 +77,11 @@ def available_memory_bytes(
 
 
 def _bytes_in(numel: int, stored: str, dtype: torch.dtype) -> int:
-    # floating-point tensors are converted to the dtype asked for, the others kept as stored
-    if stored in ("F64", "F32", "F16", "BF16"):
+    # floating-point tensors (F64 ... F8_E4M3, BF16) are converted to the dtype asked for, the
+    # others kept as stored (safetensors' dtype names)
+    if stored.startswith(("F", "BF")):
         return numel * torch.empty((), dtype=dtype).element_size()
-    return numel * {"I64": 8, "I32": 4, "I16": 2}.get(stored, 1)
+    return numel * {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2}.get(stored, 1)
 
 
 def _safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:

@@ -64,6 +64,28 @@ def test_folder_weights_are_sized_from_headers_in_the_dtype_asked_for(tiny_qwen2
     assert folder_weight_bytes(tmp_path, torch.float32) is None  # no safetensors: not sized
 
 
+def test_every_stored_dtype_is_sized_as_loading_converts_it(tmp_path):
+    """Floating-point tensors of any width (float8 too) become the dtype asked for; integer and
+    bool buffers stay as stored."""
+    from safetensors.torch import save_file
+
+    stored = {
+        "f64": torch.zeros(3, dtype=torch.float64),
+        "f16": torch.zeros(5, dtype=torch.float16),
+        "bf16": torch.zeros(7, dtype=torch.bfloat16),
+        "f8": torch.zeros(11, dtype=torch.float8_e4m3fn),
+        "i64": torch.zeros(13, dtype=torch.int64),
+        "i32": torch.zeros(17, dtype=torch.int32),
+        "u8": torch.zeros(19, dtype=torch.uint8),
+        "mask": torch.zeros(23, dtype=torch.bool),
+    }
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    floating = 3 + 5 + 7 + 11
+    kept = 13 * 8 + 17 * 4 + 19 + 23
+    assert folder_weight_bytes(tmp_path, torch.float32) == 4 * floating + kept
+    assert folder_weight_bytes(tmp_path, torch.bfloat16) == 2 * floating + kept
+
+
 @pytest.fixture()
 def memory_left(monkeypatch):
     """Set the memory the check sees (bytes); the check is on whatever the environment says."""
