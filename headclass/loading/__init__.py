@@ -115,8 +115,8 @@ def load_model(
     if _is_hf_model(source):
         check_causal_config(source.config, f"model object {type(source).__name__}")
         label = name or getattr(source.config, "_name_or_path", "") or type(source).__name__
-        size = torch.empty((), dtype=dtype).element_size()  # the copy's own bytes
-        check_fits(sum(p.numel() for p in source.parameters()) * size, dtype, f"a copy of model {str(label)!r}")
+        copied = sum(p.numel() for p in source.parameters()) * dtype.itemsize  # the copy's own bytes
+        check_fits(copied, dtype, f"a copy of model {str(label)!r}")
         tl_model = build_tl_model(
             backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer, device=device, dtype=dtype
         )

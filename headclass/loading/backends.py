@@ -411,10 +411,11 @@ def _fold_mlp_norm_in_place(
     shared = [v for v in sd.values() if isinstance(v, torch.Tensor) and id(v) not in mine and v.numel() > 0]
     if len(storages) < len(weights) or any(v.untyped_storage().data_ptr() in storages for v in shared):
         return False  # fused or tied: the product must not reach another tensor
-    scale = 1.0 + g if getattr(cfg, "rmsnorm_uses_offset", False) else g
+    offset = bool(getattr(cfg, "rmsnorm_uses_offset", False))  # Gemma: the scale is 1 + w
+    scale = 1.0 + g if offset else g
     for w in weights:
         w.mul_(scale[None, :] if w.shape[1] == d else scale[:, None])
-    identity = torch.zeros_like(g) if getattr(cfg, "rmsnorm_uses_offset", False) else torch.ones_like(g)
+    identity = torch.zeros_like(g) if offset else torch.ones_like(g)
     for name in {g_key, g_key.replace("ln_2", "ln2") if "ln_2" in g_key else g_key.replace("ln2", "ln_2")}:
         if name in sd:
             sd[name] = identity

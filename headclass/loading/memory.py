@@ -21,6 +21,7 @@ model not cached yet, a system without ``/proc/meminfo``) nothing is checked.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Optional, Union
 import torch
 
 from headclass.errors import HeadclassWarning, OutOfMemoryError
+from headclass.loading.backends import _STORED_DTYPES
 from headclass.loading.sources import safetensors_header
 
 __all__ = [
@@ -76,12 +78,20 @@ def available_memory_bytes(
     return available
 
 
+# safetensors' dtype names that the folder reader does not know (it hands such files to
+# transformers, which converts the floating ones too): the rest are kept as stored
+_OTHER_WIDTHS = {"U16": 2, "U32": 4, "U64": 8}
+
+
 def _bytes_in(numel: int, stored: str, dtype: torch.dtype) -> int:
     # floating-point tensors (F64 ... F8_E4M3, BF16) are converted to the dtype asked for, the
-    # others kept as stored (safetensors' dtype names)
-    if stored.startswith(("F", "BF")):
-        return numel * torch.empty((), dtype=dtype).element_size()
-    return numel * {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2}.get(stored, 1)
+    # others kept as stored, as the folder reader does (backends._STORED_DTYPES)
+    known = _STORED_DTYPES.get(stored)
+    if known is not None and not known.is_floating_point:
+        return numel * known.itemsize
+    if known is not None or stored.startswith(("F", "BF")):
+        return numel * dtype.itemsize
+    return numel * _OTHER_WIDTHS.get(stored, 1)
 
 
 def _safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
@@ -89,10 +99,7 @@ def _safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
     for path in files:
         header, _ = safetensors_header(path)
         for entry in header.values():
-            numel = 1
-            for dim in entry["shape"]:
-                numel *= int(dim)
-            total += _bytes_in(numel, str(entry["dtype"]), dtype)
+            total += _bytes_in(math.prod(int(dim) for dim in entry["shape"]), str(entry["dtype"]), dtype)
     return total
 
 
@@ -132,9 +139,7 @@ def gguf_weight_bytes(path: Union[str, Path], dtype: torch.dtype) -> Optional[in
     try:
         from gguf import GGUFReader
 
-        reader = GGUFReader(str(path))
-        size = torch.empty((), dtype=dtype).element_size()
-        return sum(int(tensor.n_elements) * size for tensor in reader.tensors)
+        return sum(int(tensor.n_elements) * dtype.itemsize for tensor in GGUFReader(str(path)).tensors)
     except Exception:  # the loader itself reports a bad file, with its own message
         return None
 
