@@ -756,6 +756,8 @@ def test_failure_modes_doc_lists_every_message():
         "does not exist either",
         "cannot reach the Hugging Face hub",
         "cannot download '...' from the Hugging Face hub at",
+        "for its weights in float32 alone, and only 24.0 GB of memory is available: try dtype bfloat16",
+        "so it may run out of memory",
         "is empty; re-save the model with save_pretrained or download it again.",
         "is truncated or corrupt: its header describes",
         "is not a valid safetensors file (bad header)",

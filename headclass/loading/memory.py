@@ -2,12 +2,12 @@
 clear line instead of minutes of loading and a process killed without a word.
 
 The weights' bytes in the requested dtype come from the weight files' headers (safetensors
-files of a folder, an alias' dequantised folder or a hub model already in the local cache;
-the tensor table of a GGUF file); the memory left is Linux's ``MemAvailable`` (free memory
-plus the page cache the kernel can drop), lowered to the cgroup's limit where a container has
-one. Loading holds the weights once (:func:`~headclass.loading.backends.load_folder_model`),
-and ``classify`` peaks at 1.14-1.30x the weights on Qwen2.5-Coder 0.5B / 1.5B (docs/scaling.md),
-so:
+files of a folder, of an alias' dequantised folder or of a hub model, read from the local
+cache or, before anything is downloaded, from the hub; the tensor table of a GGUF file); the
+memory left is Linux's ``MemAvailable`` (free memory plus the page cache the kernel can drop),
+lowered to the cgroup's limit where a container has one. Loading holds the weights once
+(:func:`~headclass.loading.backends.load_folder_model`), and ``classify`` peaks at 1.14-1.30x
+the weights on Qwen2.5-Coder 0.5B / 1.5B (docs/scaling.md), so:
 
 * weights larger than the memory available: :class:`~headclass.errors.OutOfMemoryError`,
   before anything is read (the load could not finish);
@@ -15,8 +15,8 @@ so:
   :class:`~headclass.errors.HeadclassWarning`, and the load goes on.
 
 Where a size or the memory available cannot be read (weights in ``*.bin`` files only, a hub
-model not cached yet, a system without ``/proc/meminfo``) nothing is checked.
-``HEADCLASS_MEMORY_CHECK=0`` skips the check (for a machine whose swap or overcommit you trust).
+model not cached while ``HF_HUB_OFFLINE`` is set, a system without ``/proc/meminfo``) nothing
+is checked. ``HEADCLASS_MEMORY_CHECK=0`` skips the check (for a machine whose swap or overcommit you trust).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from headclass.errors import HeadclassWarning, OutOfMemoryError
 from headclass.loading.backends import _STORED_DTYPES
-from headclass.loading.sources import safetensors_header
+from headclass.loading.sources import hub_offline, safetensors_header
 
 __all__ = [
     "CLASSIFY_PEAK",
@@ -111,8 +111,27 @@ def folder_weight_bytes(folder: Union[str, Path], dtype: torch.dtype) -> Optiona
 
 
 def hub_weight_bytes(name: str, dtype: torch.dtype, revision: Optional[str] = None) -> Optional[int]:
-    """:func:`folder_weight_bytes` of a hub model whose safetensors files are all in the local
-    Hugging Face cache (one file, or every shard its index names); ``None`` otherwise."""
+    """Bytes of a hub model's tensors in ``dtype``, before any weight is downloaded.
+
+    From the local Hugging Face cache where its safetensors files all are (one file, or every
+    shard its index names); otherwise, unless ``HF_HUB_OFFLINE`` is set, from the hub itself:
+    ``huggingface_hub.get_safetensors_metadata`` reads each file's header with a ranged request
+    (kilobytes, where the weights of a 7B model are 15 GB). ``None`` where neither answers (a
+    repository without safetensors files, a hub that cannot be reached): the load tells.
+    """
+    cached = _cached_hub_bytes(name, dtype, revision)
+    if cached is not None or hub_offline():
+        return cached
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        counts = get_safetensors_metadata(name, revision=revision).parameter_count  # {"BF16": n, ...}
+    except Exception:  # an answer it cannot read is a model it cannot size: the load will tell
+        return None
+    return sum(_bytes_in(int(numel), str(stored), dtype) for stored, numel in counts.items()) or None
+
+
+def _cached_hub_bytes(name: str, dtype: torch.dtype, revision: Optional[str]) -> Optional[int]:
     try:
         import json
 

@@ -32,6 +32,7 @@ __all__ = [
     "looks_like_path",
     "missing_path_error",
     "check_hub_reachable",
+    "hub_offline",
     "check_causal_config",
     "read_folder_config",
     "check_weight_file",
@@ -111,13 +112,18 @@ def _hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: nothing may be asked of the hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
 def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
     """Fail fast, in one line, when the hub cannot be reached.
 
     ``huggingface_hub`` retries an unreachable host for about half a minute; one short socket
     connect answers the same question at once.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+    if hub_offline():
         raise HubUnreachableError(
             f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {OFFLINE_HINT}"
         )

@@ -220,21 +220,14 @@ def test_a_hub_model_in_the_local_cache_is_sized_and_refused(tmp_path, sharded):
     assert message.startswith("model 'gpt2' needs 0.0 GB for its weights in float32 alone"), message
 
 
-def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monkeypatch):
-    """Qwen2.5-7B's shapes in a sparse file (no disk used): 30.5 GB in float32 on a 24 GB
-    machine is refused from the header alone, with bfloat16's 15.2 GB as the way out."""
-    import json
-    import struct
+# Qwen2.5-7B's shapes (7.62 B parameters): d_model, MLP, vocabulary, layers, key/value width
+_D, _F, _VOCAB, _LAYERS, _KV = 3584, 18944, 152064, 28, 512
 
-    from transformers import Qwen2Config
 
-    d, f, vocab, layers, kv = 3584, 18944, 152064, 28, 512
-    Qwen2Config(
-        hidden_size=d, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=28, num_key_value_heads=4,
-        vocab_size=vocab, tie_word_embeddings=False,
-    ).save_pretrained(tmp_path)  # fmt: skip
-    shapes = {"model.embed_tokens.weight": [vocab, d], "lm_head.weight": [vocab, d], "model.norm.weight": [d]}
-    for i in range(layers):
+def qwen7b_shapes() -> dict[str, list[int]]:
+    d, f, kv = _D, _F, _KV
+    shapes = {"model.embed_tokens.weight": [_VOCAB, d], "lm_head.weight": [_VOCAB, d], "model.norm.weight": [d]}
+    for i in range(_LAYERS):
         block = f"model.layers.{i}."
         shapes.update({block + "self_attn.q_proj.weight": [d, d], block + "self_attn.o_proj.weight": [d, d]})
         shapes.update({block + "self_attn.k_proj.weight": [kv, d], block + "self_attn.v_proj.weight": [kv, d]})
@@ -244,15 +237,37 @@ def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monk
             shapes[block + f"mlp.{name}.weight"] = [f, d]
         shapes[block + "mlp.down_proj.weight"] = [d, f]
         shapes[block + "input_layernorm.weight"] = shapes[block + "post_attention_layernorm.weight"] = [d]
+    return shapes
+
+
+def safetensors_head(shapes: dict[str, list[int]]) -> tuple[bytes, int]:
+    """The bytes a safetensors file of these bfloat16 tensors starts with (its length and JSON
+    header), and the bytes of data that follow them."""
+    import json
+    import struct
+
     header, at = {}, 0
     for key, shape in shapes.items():
         n = 2 * int(torch.tensor(shape).prod())  # stored in bfloat16, as the hub has it
         header[key] = {"dtype": "BF16", "shape": shape, "data_offsets": [at, at + n]}
         at += n
     raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw, at
+
+
+def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monkeypatch):
+    """Qwen2.5-7B's shapes in a sparse file (no disk used): 30.5 GB in float32 on a 24 GB
+    machine is refused from the header alone, with bfloat16's 15.2 GB as the way out."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(
+        hidden_size=_D, intermediate_size=_F, num_hidden_layers=_LAYERS, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=_VOCAB, tie_word_embeddings=False,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    head, n_data = safetensors_head(qwen7b_shapes())
     with open(tmp_path / "model.safetensors", "wb") as file:
-        file.write(struct.pack("<Q", len(raw)) + raw)
-        file.truncate(8 + len(raw) + at)  # sparse: the data are holes
+        file.write(head)
+        file.truncate(len(head) + n_data)  # sparse: the data are holes
     assert 30.4e9 < folder_weight_bytes(tmp_path, torch.float32) < 30.6e9  # Qwen2.5-7B: 7.62 B parameters
 
     def never(*args, **kwargs):
@@ -265,3 +280,112 @@ def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monk
     memory_left(12_000_000_000)
     with pytest.raises(OutOfMemoryError, match=r"needs 15\.2 GB for its weights in bfloat16 alone"):
         headclass.load_model(tmp_path, dtype="bfloat16", name="qwen2.5-7b")
+
+
+def _hub_server(files: dict[str, tuple[bytes, int]], requests: list[tuple[str, str, str]]):
+    """A local stand-in for the hub's file endpoint, ``/<repo>/resolve/<revision>/<file>``:
+    ``files`` maps ``<repo>/<file>`` to (its first bytes, its full length; zeros after them),
+    HEAD and ranged GET as the hub answers them; every request is logged in ``requests`` as
+    (method, path, range)."""
+    import http.server
+    import re
+    import threading
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def answer(self, body: bool) -> None:
+            requests.append((self.command, self.path, self.headers.get("Range", "")))
+            match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", self.path)
+            key = f"{match.group(1)}/{match.group(3)}" if match else ""
+            if key not in files:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, length = files[key]
+            first, last, status = 0, length - 1, 200
+            wanted = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+            if wanted:
+                first, last, status = int(wanted.group(1)), min(length - 1, int(wanted.group(2))), 206
+            self.send_response(status)
+            self.send_header("ETag", '"' + "e" * 40 + '"')
+            self.send_header("X-Repo-Commit", "c" * 40)
+            self.send_header("Content-Length", str(last - first + 1))
+            self.end_headers()
+            if body:
+                chunk = start[first : last + 1]
+                self.wfile.write(chunk + bytes(last + 1 - first - len(chunk)))
+
+        def do_HEAD(self):  # noqa: N802
+            self.answer(body=False)
+
+        def do_GET(self):  # noqa: N802
+            self.answer(body=True)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_hub_model_not_cached_is_sized_from_the_hub_and_refused_before_downloading(tmp_path):
+    """Qwen2.5-7B's shapes on a local stand-in for the hub, in one file and in two shards with
+    their index: ``load_model`` reads the files' headers (ranged requests, kilobytes), refuses
+    in one line, and never asks for a weight; with ``HF_HUB_OFFLINE`` set it asks nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    shapes = qwen7b_shapes()
+    files = {"org/one-file/model.safetensors": safetensors_head(shapes)}
+    keys = list(shapes)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2]}
+    halves["model-00002-of-00002.safetensors"] = keys[len(keys) // 2 :]
+    weight_map = {}
+    for shard, names in halves.items():
+        files[f"org/sharded/{shard}"] = safetensors_head({name: shapes[name] for name in names})
+        weight_map.update(dict.fromkeys(names, shard))
+    index = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    files["org/sharded/model.safetensors.index.json"] = (index, len(index))
+    requests: list[tuple[str, str, str]] = []
+    server = _hub_server(files, requests)
+    code = (
+        "import json, os, torch, headclass, headclass.loading as loading, headclass.loading.memory as memory\n"
+        "def never(*args, **kwargs):\n"
+        "    raise AssertionError('the weights were loaded')\n"
+        "loading.build_tl_model = never\n"
+        "memory.available_memory_bytes = lambda: 24_000_000_000\n"
+        "out = []\n"
+        "for repo in ('org/one-file', 'org/sharded'):\n"
+        "    size = memory.hub_weight_bytes(repo, torch.float32)\n"
+        "    try:\n"
+        "        headclass.load_model(repo)\n"
+        "        out.append([size, 'loaded'])\n"
+        "    except headclass.errors.OutOfMemoryError as error:\n"
+        "        out.append([size, str(error)])\n"
+        "os.environ['HF_HUB_OFFLINE'] = '1'\n"
+        "out.append(memory.hub_weight_bytes('org/offline', torch.float32))\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.pop("HEADCLASS_MEMORY_CHECK", None)
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HOME=str(tmp_path / "hf-home"))
+    try:
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr[-2000:]
+    (one, one_message), (sharded, sharded_message), offline = json.loads(result.stdout.splitlines()[-1])
+    assert 30.4e9 < one == sharded < 30.6e9  # the same 7.62 B parameters, in float32
+    for repo, message in (("org/one-file", one_message), ("org/sharded", sharded_message)):
+        assert message.startswith(f"model {repo!r} needs 30.5 GB for its weights in float32 alone"), message
+        assert "bfloat16 (15.2 GB" in message and "\n" not in message
+    assert offline is None
+    assert not any("offline" in path for _, path, _ in requests)
+    weight_gets = [(path, wanted) for method, path, wanted in requests if method == "GET" and path.endswith("tensors")]
+    assert {path.rsplit("/", 1)[1] for path, _ in weight_gets} == {"model.safetensors", *halves}
+    # the headers only: ranged reads of at most ~100 kB, never a whole weight file
+    assert all(wanted.startswith("bytes=0-") and int(wanted.split("-")[1]) <= 100_000 for _, wanted in weight_gets)
