@@ -368,11 +368,19 @@ def _fold_unembed_rms_in_place(sd: dict, cfg: Any, param_key: Any, adapter: Any)
     offset = bool(getattr(cfg, "rmsnorm_uses_offset", False))  # Gemma: the scale is 1 + w
     scale = 1.0 + g if offset else g
     W_U.mul_(scale[None, :] if W_U.shape[1] == g.shape[0] else scale[:, None])
-    identity = torch.zeros_like(g) if offset else torch.ones_like(g)
-    for key in {g_key, g_key.replace("ln_f", "ln_final") if "ln_f" in g_key else g_key.replace("ln_final", "ln_f")}:
-        if key in sd:
-            sd[key] = identity
+    _set_identity(sd, g_key, torch.zeros_like(g) if offset else torch.ones_like(g), ("ln_final", "ln_f"))
     return True
+
+
+def _set_identity(sd: dict, key: str, identity: torch.Tensor, spellings: tuple[str, str]) -> None:
+    """``sd[key] = identity`` for a folded norm's scale, and the same under the key's other
+    spelling where the state dict has that too (``spellings``: the long and the short one,
+    ``ln_final`` / ``ln_f``, ``ln_2`` / ``ln2``), as TransformerLens' own folds reset both."""
+    long, short = spellings
+    other = key.replace(long, short) if long in key else key.replace(short, long)
+    for name in {key, other}:
+        if name in sd:
+            sd[name] = identity
 
 
 def _fold_mlp_norm_in_place(
@@ -415,10 +423,7 @@ def _fold_mlp_norm_in_place(
     scale = 1.0 + g if offset else g
     for w in weights:
         w.mul_(scale[None, :] if w.shape[1] == d else scale[:, None])
-    identity = torch.zeros_like(g) if offset else torch.ones_like(g)
-    for name in {g_key, g_key.replace("ln_2", "ln2") if "ln_2" in g_key else g_key.replace("ln2", "ln_2")}:
-        if name in sd:
-            sd[name] = identity
+    _set_identity(sd, g_key, torch.zeros_like(g) if offset else torch.ones_like(g), ("ln_2", "ln2"))
     return True
 
 

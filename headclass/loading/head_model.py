@@ -38,6 +38,7 @@ __all__ = [
     "check_finite_weights",
     "layer_weight",
     "kv_layer_weight",
+    "query_heads_per_kv_head",
 ]
 
 _FROM_TL_MODEL = object()
@@ -128,9 +129,9 @@ def layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
 def kv_layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
     """One layer of ``W_K`` or ``W_V`` with grouped-query heads not expanded, ``[kv_head, d_model, d_head]``.
 
-    Query head ``h`` reads key/value head ``h // (n_heads // kv_head)``, as :func:`layer_weight`
-    expands them; a score that computes per key/value head and expands its (small) result does
-    ``n_heads / kv_head`` times less work and copies no weight. Models without grouped-query
+    Query head ``h`` reads key/value head ``h // query_heads_per_kv_head(n_heads, kv_head)``, as
+    :func:`layer_weight` expands them; a score that computes per key/value head and expands its
+    (small) result does ``n_heads / kv_head`` times less work and copies no weight. Models without grouped-query
     attention, and other models than :class:`HeadModel` (test fakes), give :func:`layer_weight`'s
     ``[head, d_model, d_head]``: every head its own group.
     """
@@ -140,18 +141,22 @@ def kv_layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
     return per_layer(key, layer) if callable(per_layer) else layer_weight(model, key, layer)
 
 
+def query_heads_per_kv_head(n_heads: int, n_kv: int) -> int:
+    """Query heads that share one key/value head (1 without grouped-query attention): query
+    head ``h`` reads key/value head ``h // query_heads_per_kv_head(n_heads, n_kv)``."""
+    if n_heads % n_kv:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}")
+    return n_heads // n_kv
+
+
 def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
     """Repeat grouped-query key/value heads so that head h uses kv head h // (n_heads / n_kv).
 
     ``weight``: ``[layer, kv_head, ...]`` -> ``[layer, head, ...]``. Matches the
     ``repeat_interleave`` TransformerLens and Hugging Face use in grouped-query attention.
     """
-    n_kv = weight.shape[1]
-    if n_kv == n_heads:
-        return weight
-    if n_heads % n_kv:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}")
-    return weight.repeat_interleave(n_heads // n_kv, dim=1)
+    group = query_heads_per_kv_head(n_heads, weight.shape[1])
+    return weight if group == 1 else weight.repeat_interleave(group, dim=1)
 
 
 def _pattern_check(pattern: Tensor, sinks: bool = False) -> tuple[Tensor, Tensor]:
@@ -211,7 +216,7 @@ def check_finite_weights(model: "HeadModelLike") -> None:
                 if not bool(finite.all()):
                     finite = torch.isfinite(weight).all(dim=-1)
                 if not bool(finite.all()):
-                    head = int((~finite).nonzero()[0, 0]) * (model.n_heads // weight.shape[0])
+                    head = int((~finite).nonzero()[0, 0]) * query_heads_per_kv_head(model.n_heads, weight.shape[0])
                     raise ScoreError(
                         f"model {model.name!r} has non-finite weights (NaN or inf): {key} of layer "
                         f"{layer} head {head}. Fix or re-download the checkpoint; no table was made."

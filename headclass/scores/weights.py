@@ -83,7 +83,7 @@ from torch import Tensor
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ProbeError, ScoreError
 from headclass.heap import reuse_freed_memory
-from headclass.loading.head_model import HeadModelLike, kv_layer_weight, layer_weight
+from headclass.loading.head_model import HeadModelLike, kv_layer_weight, layer_weight, query_heads_per_kv_head
 from headclass.probes import ordinary_token_ids, token_sample
 from headclass.scores.patterns import ScoreInfo
 
@@ -273,8 +273,8 @@ def _per_group(per_head: Tensor, grouped: Tensor) -> Tensor:
 
 def _per_head(per_group: Tensor, n_heads: int) -> Tensor:
     """``[kv_head, ...]`` results -> ``[head, ...]``, repeated as grouped-query heads are expanded."""
-    n_kv = per_group.shape[0]
-    return per_group if n_kv == n_heads else per_group.repeat_interleave(n_heads // n_kv, dim=0)
+    group = query_heads_per_kv_head(n_heads, per_group.shape[0])
+    return per_group if group == 1 else per_group.repeat_interleave(group, dim=0)
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -499,7 +499,7 @@ def _rank_in_output_space(
     # [1, d_model, d_head] and [1, d_head, d_model]: this head's alone (its key/value head's
     # W_V, not the layer's expanded to every query head)
     groups = kv_layer_weight(model, "W_V", layer)
-    group = head // (int(model.n_heads) // int(groups.shape[0]))
+    group = head // query_heads_per_kv_head(int(model.n_heads), int(groups.shape[0]))
     W_V = _f32(groups[group : group + 1])
     W_O = _f32(layer_weight(model, "W_O", layer)[head : head + 1])
     space = _OutputSpace.build(W_O[0], screen)

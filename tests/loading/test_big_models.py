@@ -188,6 +188,9 @@ def test_final_norm_folds_in_place_only_into_an_unembedding_of_its_own():
     assert _fold_unembed_rms_in_place(own, cfg, key, None)
     assert torch.equal(own["unembed.W_U"], U * g[None, :]) and torch.equal(own["embed.W_E"], E)  # TL's product
     assert torch.equal(own["ln_final.w"], torch.ones(8))
+    both = {"unembed.W_U": U.clone(), "ln_final.w": g.clone(), "ln_f.w": g.clone()}  # two spellings of one norm
+    assert _fold_unembed_rms_in_place(both, cfg, key, None)
+    assert torch.equal(both["ln_final.w"], torch.ones(8)) and torch.equal(both["ln_f.w"], torch.ones(8))
     tied = {"embed.W_E": E, "unembed.W_U": E.view(40, 8), "ln_final.w": g.clone()}  # one storage
     assert not _fold_unembed_rms_in_place(tied, cfg, key, None)
     assert torch.equal(tied["embed.W_E"], E) and torch.equal(tied["ln_final.w"], g)  # untouched: TL's copy runs

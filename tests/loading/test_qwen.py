@@ -55,3 +55,15 @@ def test_qwen2_patterns_equal_transformers_eager_attention(tiny_qwen2_dir):
         assert pattern.shape == (3, 6, 19, 19)
         assert pattern.max() > 0.5  # sharp enough that a wrong head mapping would show
         torch.testing.assert_close(pattern, theirs[layer], atol=1e-5, rtol=0)
+
+
+def test_query_heads_share_key_value_heads_in_equal_groups():
+    import pytest
+
+    from headclass.loading.head_model import query_heads_per_kv_head
+
+    assert query_heads_per_kv_head(6, 2) == 3  # tiny Qwen2: heads 0-2 read kv head 0
+    assert query_heads_per_kv_head(14, 2) == 7  # Qwen2.5-0.5B
+    assert query_heads_per_kv_head(12, 12) == 1  # no grouped-query attention
+    with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_key_value_heads=4"):
+        query_heads_per_kv_head(6, 4)
