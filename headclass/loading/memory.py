@@ -11,7 +11,7 @@ the weights on Qwen2.5-Coder 0.5B / 1.5B (docs/scaling.md), so:
 
 * weights larger than the memory available: :class:`~headclass.errors.OutOfMemoryError`,
   before anything is read (the load could not finish);
-* weights that fit, but not :data:`CLASSIFY_PEAK` times them: a
+* weights that fit, but not classify's peak (:func:`classify_peak_bytes`): a
   :class:`~headclass.errors.HeadclassWarning`, and the load goes on.
 
 Where a size or the memory available cannot be read (weights in ``*.bin`` files only, a hub
@@ -34,17 +34,24 @@ from headclass.loading.backends import _STORED_DTYPES
 from headclass.loading.sources import hub_offline, safetensors_header
 
 __all__ = [
+    "CLASSIFY_FIXED_BYTES",
     "CLASSIFY_PEAK",
     "available_memory_bytes",
     "check_fits",
+    "classify_peak_bytes",
     "folder_weight_bytes",
     "gguf_weight_bytes",
     "hub_weight_bytes",
 ]
 
-#: Classify's peak resident memory over the weights' bytes that the warning assumes: the
-#: largest measured on the Qwen models (1.30x, Qwen2.5-Coder-0.5B bfloat16, RESULTS.md).
+#: Classify's peak resident memory, as the warning assumes it: ``CLASSIFY_PEAK`` times the
+#: weights' bytes plus :data:`CLASSIFY_FIXED_BYTES` (:func:`classify_peak_bytes`). The factor is
+#: the largest measured on the Qwen models (1.30x, Qwen2.5-Coder-0.5B bfloat16, RESULTS.md); the
+#: fixed part is what no model size scales (the tokenizer, Python objects, the heap's free
+#: blocks), the most that SmolLM2's measured peaks lie above 1.3x its weights (1.12 GB float32
+#: at 0.54 GB of weights, docs/scaling.md): a small model's peak is mostly that.
 CLASSIFY_PEAK = 1.3
+CLASSIFY_FIXED_BYTES = 450_000_000
 
 # Environment variable that turns the check off ("0").
 _SWITCH = "HEADCLASS_MEMORY_CHECK"
@@ -163,13 +170,19 @@ def gguf_weight_bytes(path: Union[str, Path], dtype: torch.dtype) -> Optional[in
         return None
 
 
-def check_fits(weight_bytes: Optional[int], dtype: torch.dtype, what: str, *, peak: float = CLASSIFY_PEAK) -> None:
+def classify_peak_bytes(weight_bytes: int) -> int:
+    """Classify's expected peak resident memory for weights of ``weight_bytes`` (above the
+    imports): ``CLASSIFY_PEAK * weight_bytes + CLASSIFY_FIXED_BYTES``."""
+    return int(CLASSIFY_PEAK * weight_bytes) + CLASSIFY_FIXED_BYTES
+
+
+def check_fits(weight_bytes: Optional[int], dtype: torch.dtype, what: str, *, classify: bool = True) -> None:
     """Refuse (or warn about) a model whose weights take ``weight_bytes`` in ``dtype``.
 
     Raises :class:`~headclass.errors.OutOfMemoryError` when the weights alone exceed the memory
-    available; warns when ``peak`` times them does (:data:`CLASSIFY_PEAK`; 1 for a step that
-    holds nothing else, such as dequantising a GGUF file). Nothing when either is unknown or
-    ``HEADCLASS_MEMORY_CHECK=0``.
+    available; with ``classify``, warns when classify's peak (:func:`classify_peak_bytes`) does
+    (``classify=False`` for a step that holds nothing else, such as dequantising a GGUF file).
+    Nothing when either is unknown or ``HEADCLASS_MEMORY_CHECK=0``.
     """
     if weight_bytes is None or os.environ.get(_SWITCH, "").strip() == "0":
         return
@@ -184,11 +197,13 @@ def check_fits(weight_bytes: Optional[int], dtype: torch.dtype, what: str, *, pe
             f"{available / 1e9:.1f} GB of memory is available: {hint + ', ' if hint else ''}free memory "
             f"or use a larger machine ({_SWITCH}=0 skips this check)."
         )
-    if peak * weight_bytes > available:
+    peak = classify_peak_bytes(weight_bytes)
+    if classify and peak > available:
         warnings.warn(
             f"{what} has {weight_bytes / 1e9:.1f} GB of weights in {name}; classify peaks at about "
-            f"{peak}x that ({peak * weight_bytes / 1e9:.1f} GB) and {available / 1e9:.1f} GB of memory is "
-            f"available, so it may run out of memory{': ' + hint if hint else ''}.",
+            f"{CLASSIFY_PEAK}x that plus {CLASSIFY_FIXED_BYTES / 1e9:.2f} GB ({peak / 1e9:.1f} GB) and "
+            f"{available / 1e9:.1f} GB of memory is available, so it may run out of memory"
+            f"{': ' + hint if hint else ''}.",
             HeadclassWarning,
             stacklevel=3,
         )

@@ -18,8 +18,10 @@ from headclass import cli
 from headclass.errors import HeadclassWarning, OutOfMemoryError
 from headclass.loading import memory
 from headclass.loading.memory import (
+    CLASSIFY_FIXED_BYTES,
     CLASSIFY_PEAK,
     available_memory_bytes,
+    classify_peak_bytes,
     folder_weight_bytes,
     gguf_weight_bytes,
 )
@@ -129,11 +131,13 @@ def test_the_check_can_be_turned_off(tiny_llama_dir, memory_left, monkeypatch):
 
 def test_weights_that_fit_but_not_classifys_peak_warn_and_load(tiny_llama_dir, memory_left):
     weights = folder_weight_bytes(tiny_llama_dir, torch.float32)
-    memory_left(int(weights * (1 + CLASSIFY_PEAK) / 2))  # between the weights and the peak
-    with pytest.warns(HeadclassWarning, match=r"may run out of memory: try dtype bfloat16"):
+    peak = classify_peak_bytes(weights)
+    assert peak == int(CLASSIFY_PEAK * weights) + CLASSIFY_FIXED_BYTES  # a tiny model's is mostly fixed
+    memory_left((weights + peak) // 2)  # between the weights and the peak
+    with pytest.warns(HeadclassWarning, match=r"about 1\.3x that plus 0\.45 GB .* may run out of memory: try dtype"):
         model = headclass.load_model(tiny_llama_dir)
     assert model.n_layers == 2
-    memory_left(int(weights * CLASSIFY_PEAK) + 1)  # room for the peak: silent
+    memory_left(peak)  # room for the peak: silent
     with warnings.catch_warnings():
         warnings.simplefilter("error", HeadclassWarning)
         headclass.load_model(tiny_llama_dir)
