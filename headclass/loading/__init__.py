@@ -24,7 +24,14 @@ from headclass.errors import ModelFileError, ModelNotFoundError, OptionError
 from headclass.loading.aliases import ModelAlias, cache_dir, fetch_pypi_gguf, model_aliases
 from headclass.loading.backends import available_backends, build_tl_model, has_tokenizer_files
 from headclass.loading.head_model import HeadModel, HeadModelLike, PatternCallback, check_finite_weights, hook_name
-from headclass.loading.memory import check_fits, folder_weight_bytes, gguf_weight_bytes, hub_weight_bytes
+from headclass.loading.memory import (
+    check_fits,
+    config_weight_bytes,
+    folder_weight_bytes,
+    gguf_weight_bytes,
+    hub_config_weight_bytes,
+    hub_weight_bytes,
+)
 from headclass.loading.sources import (
     check_causal_config,
     hub_errors,
@@ -210,7 +217,10 @@ def _from_hub_revision(hub_name: str, revision: str, *, device, dtype, backend, 
 
 def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind, revision=None) -> HeadModel:
     hub_name = resolve_hub_name(text)
-    check_fits(hub_weight_bytes(hub_name, dtype, revision), dtype, f"model {name!r}")
+    size = hub_weight_bytes(hub_name, dtype, revision)
+    if size is None:  # no safetensors header to read: the config's parameters
+        size = hub_config_weight_bytes(hub_name, dtype, revision)
+    check_fits(size, dtype, f"model {name!r}")
     with hub_errors(hub_name):
         if revision is not None:
             tl_model, tokenizer = _from_hub_revision(
@@ -247,7 +257,8 @@ def _load_alias(alias: ModelAlias, *, device, dtype, backend, name, revision=Non
 
 def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
     config = read_folder_config(path)
-    check_fits(folder_weight_bytes(path, dtype), dtype, f"model {name!r}")
+    size = folder_weight_bytes(path, dtype)
+    check_fits(config_weight_bytes(config, dtype) if size is None else size, dtype, f"model {name!r}")
     folder = str(path.resolve())
     try:
         tl_model = build_tl_model(backend, folder=folder, tokenizer=tokenizer, device=device, dtype=dtype)

@@ -89,6 +89,42 @@ def test_every_stored_dtype_is_sized_as_loading_converts_it(tmp_path):
     assert folder_weight_bytes(tmp_path, torch.bfloat16) == 2 * floating + kept
 
 
+def test_pickled_weights_are_sized_from_the_config_built_on_the_meta_device(tmp_path, monkeypatch):
+    """A folder with ``pytorch_model.bin`` only (no header to read) is sized from its config:
+    the model built on the meta device, its parameters counted (tied ones once)."""
+    from conftest import save_word_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headclass.loading.memory import config_weight_bytes
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, tie_word_embeddings=True, bos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # transformers 5 writes safetensors only: a pickle instead
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    save_word_tokenizer(tmp_path, 128)
+    assert not list(tmp_path.glob("*.safetensors")) and (tmp_path / "pytorch_model.bin").is_file()
+    stored = sum(p.numel() for p in model.parameters())  # the tied matrix once
+    assert stored < sum(t.numel() for t in model.state_dict().values())
+    assert folder_weight_bytes(tmp_path, torch.float32) is None
+    assert config_weight_bytes(config, torch.float32) == 4 * stored
+    assert config_weight_bytes(config, torch.bfloat16) == 2 * stored
+    assert config_weight_bytes(object(), torch.float32) is None  # not a config: not sized
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.delenv("HEADCLASS_MEMORY_CHECK", raising=False)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * stored - 1)
+    monkeypatch.setattr(loading, "build_tl_model", never)
+    with pytest.raises(OutOfMemoryError, match=r"model 'pickled' needs 0\.0 GB for its weights in float32 alone"):
+        headclass.load_model(tmp_path, name="pickled")
+
+
 @pytest.fixture()
 def memory_left(monkeypatch):
     """Set the memory the check sees (bytes); the check is on whatever the environment says."""
@@ -286,6 +322,15 @@ def qwen7b_shapes() -> dict[str, list[int]]:
     return shapes
 
 
+def qwen7b_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=_D, intermediate_size=_F, num_hidden_layers=_LAYERS, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=_VOCAB, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
 def safetensors_head(shapes: dict[str, list[int]]) -> tuple[bytes, int]:
     """The bytes a safetensors file of these bfloat16 tensors starts with (its length and JSON
     header), and the bytes of data that follow them."""
@@ -304,12 +349,7 @@ def safetensors_head(shapes: dict[str, list[int]]) -> tuple[bytes, int]:
 def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monkeypatch):
     """Qwen2.5-7B's shapes in a sparse file (no disk used): 30.5 GB in float32 on a 24 GB
     machine is refused from the header alone, with bfloat16's 15.2 GB as the way out."""
-    from transformers import Qwen2Config
-
-    Qwen2Config(
-        hidden_size=_D, intermediate_size=_F, num_hidden_layers=_LAYERS, num_attention_heads=28, num_key_value_heads=4,
-        vocab_size=_VOCAB, tie_word_embeddings=False,
-    ).save_pretrained(tmp_path)  # fmt: skip
+    qwen7b_config().save_pretrained(tmp_path)
     head, n_data = safetensors_head(qwen7b_shapes())
     with open(tmp_path / "model.safetensors", "wb") as file:
         file.write(head)
@@ -396,6 +436,8 @@ def test_a_hub_model_not_cached_is_sized_from_the_hub_and_refused_before_downloa
         weight_map.update(dict.fromkeys(names, shard))
     index = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
     files["org/sharded/model.safetensors.index.json"] = (index, len(index))
+    config = json.dumps(qwen7b_config().to_dict()).encode()  # and pickled weights: no header to read
+    files["org/bin-only/config.json"] = (config, len(config))
     requests: list[tuple[str, str, str]] = []
     server = _hub_server(files, requests)
     code = (
@@ -405,7 +447,7 @@ def test_a_hub_model_not_cached_is_sized_from_the_hub_and_refused_before_downloa
         "loading.build_tl_model = never\n"
         "memory.available_memory_bytes = lambda: 24_000_000_000\n"
         "out = []\n"
-        "for repo in ('org/one-file', 'org/sharded'):\n"
+        "for repo in ('org/one-file', 'org/sharded', 'org/bin-only'):\n"
         "    size = memory.hub_weight_bytes(repo, torch.float32)\n"
         "    try:\n"
         "        headclass.load_model(repo)\n"
@@ -424,9 +466,13 @@ def test_a_hub_model_not_cached_is_sized_from_the_hub_and_refused_before_downloa
     finally:
         server.shutdown()
     assert result.returncode == 0, result.stderr[-2000:]
-    (one, one_message), (sharded, sharded_message), offline = json.loads(result.stdout.splitlines()[-1])
+    (one, one_message), (sharded, sharded_message), (pickled, pickled_message), offline = json.loads(
+        result.stdout.splitlines()[-1]
+    )
     assert 30.4e9 < one == sharded < 30.6e9  # the same 7.62 B parameters, in float32
-    for repo, message in (("org/one-file", one_message), ("org/sharded", sharded_message)):
+    assert pickled is None  # no safetensors: load_model sizes it from its config.json instead
+    repos = ("org/one-file", one_message), ("org/sharded", sharded_message), ("org/bin-only", pickled_message)
+    for repo, message in repos:
         assert message.startswith(f"model {repo!r} needs 30.5 GB for its weights in float32 alone"), message
         assert "bfloat16 (15.2 GB" in message and "\n" not in message
     assert offline is None
