@@ -113,8 +113,9 @@ def _hf_endpoint() -> str:
 
 
 def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` is set: nothing may be asked of the hub."""
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    """``HF_HUB_OFFLINE`` is on: nothing may be asked of the hub. Read as ``huggingface_hub``
+    reads it (1, true, yes, on, in any case), but now rather than at its import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "TRUE", "YES", "ON"}
 
 
 def check_hub_reachable(name: str, timeout: float = 3.0) -> None:

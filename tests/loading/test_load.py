@@ -201,9 +201,23 @@ def test_unreachable_hub_fails_fast_with_offline_options(monkeypatch):
         assert hint in message
 
 
-def test_hub_offline_flag_is_named(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
+def test_hub_offline_flag_is_named(monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
     with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE is set"):
+        headclass.load_model("EleutherAI/pythia-70m")
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off", "no", ""])
+def test_hub_offline_flag_off_as_huggingface_hub_reads_it(monkeypatch, value):
+    """What huggingface_hub reads as off, headclass does too: the hub is tried (and, here,
+    found unreachable), not reported as switched off."""
+    from headclass.loading.sources import hub_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is False
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(HubUnreachableError, match="cannot reach the Hugging Face hub"):
         headclass.load_model("EleutherAI/pythia-70m")
 
 
