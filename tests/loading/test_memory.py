@@ -157,8 +157,15 @@ def test_a_model_larger_than_the_memory_left_is_refused_before_loading(tiny_llam
 
 
 def test_the_check_can_be_turned_off(tiny_llama_dir, memory_left, monkeypatch):
+    """Off, it does not even size the weights (from the hub that asks the network)."""
     memory_left(1)
     monkeypatch.setenv("HEADCLASS_MEMORY_CHECK", "0")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were sized")
+
+    monkeypatch.setattr(loading, "folder_weight_bytes", never)
+    monkeypatch.setattr(loading, "config_weight_bytes", never)
     with warnings.catch_warnings():
         warnings.simplefilter("error", HeadclassWarning)
         model = headclass.load_model(tiny_llama_dir)
