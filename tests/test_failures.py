@@ -758,6 +758,7 @@ def test_failure_modes_doc_lists_every_message():
         "cannot download '...' from the Hugging Face hub at",
         "for its weights in float32 alone, and only 24.0 GB of memory is available: try dtype bfloat16",
         "so it may run out of memory",
+        "to load with the 'hooked' backend (HookedTransformer holds 3.8-5.5x its float32 weights",
         "is empty; re-save the model with save_pretrained or download it again.",
         "is truncated or corrupt: its header describes",
         "is not a valid safetensors file (bad header)",

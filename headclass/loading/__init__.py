@@ -123,7 +123,7 @@ def load_model(
         check_causal_config(source.config, f"model object {type(source).__name__}")
         label = name or getattr(source.config, "_name_or_path", "") or type(source).__name__
         copied = sum(p.numel() for p in source.parameters()) * dtype.itemsize  # the copy's own bytes
-        check_fits(copied, dtype, f"a copy of model {str(label)!r}")
+        check_fits(copied, dtype, f"a copy of model {str(label)!r}", backend=backend)
         tl_model = build_tl_model(
             backend, hf_model=copy.deepcopy(source), tokenizer=tokenizer, device=device, dtype=dtype
         )
@@ -163,7 +163,7 @@ def load_model(
                 name=name or path.name,
                 source_kind="folder",
             )
-        check_fits(lambda: gguf_weight_bytes(path, dtype), dtype, f"GGUF file {str(path)!r}")
+        check_fits(lambda: gguf_weight_bytes(path, dtype), dtype, f"GGUF file {str(path)!r}", backend=backend)
         hf_model, gguf_tokenizer = load_gguf(path, dtype)
         tokenizer = tokenizer or gguf_tokenizer
         tl_model = build_tl_model(backend, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
@@ -221,6 +221,7 @@ def _load_hub(text: str, *, device, dtype, backend, tokenizer, name, source_kind
         lambda: hub_weight_bytes(hub_name, dtype, revision) or hub_config_weight_bytes(hub_name, dtype, revision),
         dtype,
         f"model {name!r}",
+        backend=backend,
     )
     with hub_errors(hub_name):
         if revision is not None:
@@ -259,7 +260,10 @@ def _load_alias(alias: ModelAlias, *, device, dtype, backend, name, revision=Non
 def _load_folder(path: Path, *, device, dtype, backend, tokenizer, name, source_kind) -> HeadModel:
     config = read_folder_config(path)
     check_fits(  # pickled weights (no safetensors header to read): the config's parameters
-        lambda: folder_weight_bytes(path, dtype) or config_weight_bytes(config, dtype), dtype, f"model {name!r}"
+        lambda: folder_weight_bytes(path, dtype) or config_weight_bytes(config, dtype),
+        dtype,
+        f"model {name!r}",
+        backend=backend,
     )
     folder = str(path.resolve())
     try:

@@ -38,6 +38,8 @@ from headclass.loading.sources import hub_offline, safetensors_header
 __all__ = [
     "CLASSIFY_FIXED_BYTES",
     "CLASSIFY_PEAK",
+    "HOOKED_LOAD_LEAST",
+    "HOOKED_LOAD_MOST",
     "available_memory_bytes",
     "check_fits",
     "config_weight_bytes",
@@ -46,6 +48,7 @@ __all__ = [
     "gguf_weight_bytes",
     "hub_config_weight_bytes",
     "hub_weight_bytes",
+    "load_peak_bytes",
 ]
 
 #: Classify's peak resident memory, as the warning assumes it: ``CLASSIFY_PEAK`` times the
@@ -56,6 +59,16 @@ __all__ = [
 #: at 0.54 GB of weights, docs/scaling.md): a small model's peak is mostly that.
 CLASSIFY_PEAK = 1.3
 CLASSIFY_FIXED_BYTES = 450_000_000
+
+#: HookedTransformer (TransformerLens 2.x/3.x, backend ``"hooked"``) holds the transformers
+#: model, its own initialised parameters, the converted state dict and the processing's copies
+#: at once while it loads: its peak above the imports, in multiples of the weights' float32
+#: bytes whatever the dtype, was 3.89 / 4.40 (Qwen2.5-Coder-0.5B float32 / bfloat16) and 4.66 /
+#: 5.41 (SmolLM2-135M, with its tokenizer; benchmarks/bench_load.py, RESULTS.md). A load is
+#: refused below the least of them (it cannot finish) and warned about below the most. The
+#: bridge (TransformerLens 4) holds the weights once.
+HOOKED_LOAD_LEAST = 3.8
+HOOKED_LOAD_MOST = 5.5
 
 # Environment variable that turns the check off ("0").
 _SWITCH = "HEADCLASS_MEMORY_CHECK"
@@ -201,6 +214,17 @@ def gguf_weight_bytes(path: Union[str, Path], dtype: torch.dtype) -> Optional[in
         return None
 
 
+def load_peak_bytes(weight_bytes: int, dtype: torch.dtype, backend: str) -> tuple[int, int]:
+    """The least and the most resident memory the load itself needs for weights of
+    ``weight_bytes`` in ``dtype``: the weights once with the bridge; with HookedTransformer
+    (``backend="hooked"``) :data:`HOOKED_LOAD_LEAST` and :data:`HOOKED_LOAD_MOST` times their
+    float32 bytes."""
+    if backend == "hooked":
+        float32 = weight_bytes * 4 / dtype.itemsize
+        return int(HOOKED_LOAD_LEAST * float32), int(HOOKED_LOAD_MOST * float32)
+    return weight_bytes, weight_bytes
+
+
 def classify_peak_bytes(weight_bytes: int) -> int:
     """Classify's expected peak resident memory for weights of ``weight_bytes`` (above the
     imports): ``CLASSIFY_PEAK * weight_bytes + CLASSIFY_FIXED_BYTES``."""
@@ -213,12 +237,15 @@ def check_fits(
     what: str,
     *,
     classify: bool = True,
+    backend: str = "bridge",
 ) -> None:
     """Refuse (or warn about) a model whose weights take ``weight_bytes`` in ``dtype``.
 
-    Raises :class:`~headclass.errors.OutOfMemoryError` when the weights alone exceed the memory
-    available; with ``classify``, warns when classify's peak (:func:`classify_peak_bytes`) does
-    (``classify=False`` for a step that holds nothing else, such as dequantising a GGUF file).
+    Raises :class:`~headclass.errors.OutOfMemoryError` when the load itself
+    (:func:`load_peak_bytes`: the weights alone with ``backend="bridge"``, several copies
+    with ``"hooked"``) exceeds the memory available; with ``classify``, warns when classify's
+    peak (:func:`classify_peak_bytes`) does (``classify=False`` for a step that holds nothing
+    else, such as dequantising a GGUF file).
     ``weight_bytes`` may be a function that returns them: it is called only when the check is
     on (sizing from the hub asks the network, from a config builds a model on the meta device).
     Nothing when either is unknown or ``HEADCLASS_MEMORY_CHECK=0``.
@@ -234,17 +261,35 @@ def check_fits(
         return
     name = str(dtype).replace("torch.", "")
     hint = f"try dtype bfloat16 ({weight_bytes / 2e9:.1f} GB of weights)" if dtype == torch.float32 else ""
+    least, most = load_peak_bytes(weight_bytes, dtype, backend)
+    bridge = (
+        f"install TransformerLens >= 4, whose 'bridge' backend holds the weights once ({weight_bytes / 1e9:.1f} GB)"
+    )
     if weight_bytes > available:
         raise OutOfMemoryError(
             f"{what} needs {weight_bytes / 1e9:.1f} GB for its weights in {name} alone, and only "
             f"{available / 1e9:.1f} GB of memory is available: {hint + ', ' if hint else ''}free memory "
             f"or use a larger machine ({_SWITCH}=0 skips this check)."
         )
+    if least > weight_bytes and least > available:
+        raise OutOfMemoryError(
+            f"{what} needs at least {least / 1e9:.1f} GB to load with the 'hooked' backend (HookedTransformer "
+            f"holds {HOOKED_LOAD_LEAST}-{HOOKED_LOAD_MOST}x its float32 weights at once while it processes them), "
+            f"and only {available / 1e9:.1f} GB of memory is available: {bridge}, free memory or use a larger "
+            f"machine ({_SWITCH}=0 skips this check)."
+        )
     peak = classify_peak_bytes(weight_bytes)
+    if most > peak:  # HookedTransformer's load, not classify, sets the peak
+        peak, reason, hint = (
+            most,
+            f"loading it with the 'hooked' backend peaks at up to {HOOKED_LOAD_MOST}x its float32 weights",
+            bridge,
+        )
+    else:
+        reason = f"classify peaks at about {CLASSIFY_PEAK}x that plus {CLASSIFY_FIXED_BYTES / 1e9:.2f} GB"
     if classify and peak > available:
         warnings.warn(
-            f"{what} has {weight_bytes / 1e9:.1f} GB of weights in {name}; classify peaks at about "
-            f"{CLASSIFY_PEAK}x that plus {CLASSIFY_FIXED_BYTES / 1e9:.2f} GB ({peak / 1e9:.1f} GB) and "
+            f"{what} has {weight_bytes / 1e9:.1f} GB of weights in {name}; {reason} ({peak / 1e9:.1f} GB) and "
             f"{available / 1e9:.1f} GB of memory is available, so it may run out of memory"
             f"{': ' + hint if hint else ''}.",
             HeadclassWarning,

@@ -186,6 +186,55 @@ def test_weights_that_fit_but_not_classifys_peak_warn_and_load(tiny_llama_dir, m
         headclass.load_model(tiny_llama_dir)
 
 
+def test_hookedtransformer_loads_are_sized_for_their_copies(memory_left):
+    """TransformerLens 2.x/3.x's HookedTransformer holds 3.9-5.4x the float32 weights while it
+    loads (benchmarks/bench_load.py): refused below the least, warned about below the most,
+    in either dtype; the bridge's thresholds are the weights and classify's peak."""
+    from headclass.loading.memory import (
+        HOOKED_LOAD_LEAST,
+        HOOKED_LOAD_MOST,
+        check_fits,
+        load_peak_bytes,
+    )
+
+    gb = 1_000_000_000
+    assert load_peak_bytes(gb, torch.float32, "bridge") == (gb, gb)
+    assert load_peak_bytes(gb, torch.float32, "hooked") == (int(HOOKED_LOAD_LEAST * gb), int(HOOKED_LOAD_MOST * gb))
+    assert load_peak_bytes(gb, torch.bfloat16, "hooked") == load_peak_bytes(2 * gb, torch.float32, "hooked")
+    memory_left(gb - 1)  # not even the weights: that is said first, whatever the backend
+    with pytest.raises(OutOfMemoryError, match="needs 1.0 GB for its weights in float32 alone"):
+        check_fits(gb, torch.float32, "model 'm'", backend="hooked")
+    memory_left(3 * gb)  # the weights and classify's peak fit, HookedTransformer's load cannot
+    check_fits(gb, torch.float32, "model 'm'", backend="bridge")
+    with pytest.raises(OutOfMemoryError) as caught:
+        check_fits(gb, torch.float32, "model 'm'", backend="hooked")
+    message = str(caught.value)
+    assert message.startswith("model 'm' needs at least 3.8 GB to load with the 'hooked' backend"), message
+    assert "TransformerLens >= 4, whose 'bridge' backend holds the weights once (1.0 GB)" in message
+    with pytest.raises(OutOfMemoryError, match="needs at least 7.6 GB"):  # bfloat16: the same float32 copies
+        check_fits(gb, torch.bfloat16, "model 'm'", backend="hooked")
+    memory_left(5 * gb)  # above the least, below the most
+    with pytest.warns(HeadclassWarning, match=r"'hooked' backend peaks at up to 5\.5x its float32 weights \(5\.5 GB\)"):
+        check_fits(gb, torch.float32, "model 'm'", backend="hooked")
+    memory_left(int(HOOKED_LOAD_MOST * gb))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeadclassWarning)
+        check_fits(gb, torch.float32, "model 'm'", backend="hooked")
+
+
+@pytest.mark.skipif("hooked" not in loading.available_backends(), reason="HookedTransformer: TransformerLens 2.x/3.x")
+def test_load_model_sizes_a_hooked_load_before_loading(tiny_llama_dir, memory_left, monkeypatch):
+    weights = folder_weight_bytes(tiny_llama_dir, torch.float32)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(loading, "build_tl_model", never)
+    memory_left(2 * weights)  # the weights fit twice; HookedTransformer needs 3.8x at least
+    with pytest.raises(OutOfMemoryError, match="to load with the 'hooked' backend"):
+        headclass.load_model(tiny_llama_dir, backend="hooked", name="tiny")
+
+
 def test_a_model_object_is_checked_for_its_copy(tiny_llama_dir, memory_left):
     from transformers import AutoModelForCausalLM
 
