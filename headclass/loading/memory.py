@@ -5,14 +5,17 @@ The weights' bytes in the requested dtype come from the weight files' headers (s
 files of a folder, of an alias' dequantised folder or of a hub model, read from the local
 cache or, before anything is downloaded, from the hub; the tensor table of a GGUF file); the
 memory left is Linux's ``MemAvailable`` (free memory plus the page cache the kernel can drop),
-lowered to the cgroup's limit where a container has one. Loading holds the weights once
-(:func:`~headclass.loading.backends.load_folder_model`), and ``classify`` peaks at 1.14-1.30x
-the weights on Qwen2.5-Coder 0.5B / 1.5B (docs/scaling.md), so:
+lowered to the cgroup's limit where a container has one. Loading with the bridge holds the
+weights once (:func:`~headclass.loading.backends.load_folder_model`), HookedTransformer several
+times (:data:`HOOKED_LOAD_LEAST`), and ``classify`` peaks at 1.14-1.30x the weights on
+Qwen2.5-Coder 0.5B / 1.5B (docs/scaling.md), so:
 
-* weights larger than the memory available: :class:`~headclass.errors.OutOfMemoryError`,
-  before anything is read (the load could not finish);
-* weights that fit, but not classify's peak (:func:`classify_peak_bytes`): a
-  :class:`~headclass.errors.HeadclassWarning`, and the load goes on.
+* weights larger than the memory available, or a HookedTransformer load that surely is:
+  :class:`~headclass.errors.OutOfMemoryError`, before anything is read (the load could not
+  finish);
+* weights that fit, but not the expected peak (:func:`classify_peak_bytes`, or
+  HookedTransformer's load): a :class:`~headclass.errors.HeadclassWarning`, and the load goes
+  on.
 
 Weights in ``*.bin`` files only (pickles: no header) are sized from the model's config instead,
 built on the meta device. Where a size or the memory available cannot be read (a hub model not
