@@ -39,6 +39,7 @@ __all__ = [
     "layer_weight",
     "kv_layer_weight",
     "query_heads_per_kv_head",
+    "expand_kv_heads",
 ]
 
 _FROM_TL_MODEL = object()
@@ -149,14 +150,13 @@ def query_heads_per_kv_head(n_heads: int, n_kv: int) -> int:
     return n_heads // n_kv
 
 
-def _expand_kv(weight: Tensor, n_heads: int) -> Tensor:
-    """Repeat grouped-query key/value heads so that head h uses kv head h // (n_heads / n_kv).
-
-    ``weight``: ``[layer, kv_head, ...]`` -> ``[layer, head, ...]``. Matches the
-    ``repeat_interleave`` TransformerLens and Hugging Face use in grouped-query attention.
-    """
-    group = query_heads_per_kv_head(n_heads, weight.shape[1])
-    return weight if group == 1 else weight.repeat_interleave(group, dim=1)
+def expand_kv_heads(per_kv_head: Tensor, n_heads: int, dim: int = 0) -> Tensor:
+    """Repeat grouped-query key/value heads along ``dim`` so that query head ``h`` gets key/value
+    head ``h // query_heads_per_kv_head(n_heads, n_kv)``: ``[kv_head, ...]`` -> ``[head, ...]``
+    (weights, or a score's per-key/value-head result). Matches the ``repeat_interleave``
+    TransformerLens and Hugging Face use in grouped-query attention; returned as is without it."""
+    group = query_heads_per_kv_head(n_heads, per_kv_head.shape[dim])
+    return per_kv_head if group == 1 else per_kv_head.repeat_interleave(group, dim=dim)
 
 
 def _pattern_check(pattern: Tensor, sinks: bool = False) -> tuple[Tensor, Tensor]:
@@ -390,7 +390,7 @@ class HeadModel:
                 else:
                     value = getattr(self.tl_model, key).detach()
                     if key in ("W_K", "W_V", "b_K", "b_V"):
-                        value = _expand_kv(value, self.n_heads)
+                        value = expand_kv_heads(value, self.n_heads, dim=1)  # [layer, kv_head, ...]
             self._weights[key] = value
         return self._weights[key]
 
@@ -408,7 +408,7 @@ class HeadModel:
             return self._required(key)[layer]
         with torch.no_grad():
             value = getattr(attn, key).detach()
-        return _expand_kv(value[None], self.n_heads)[0]
+        return expand_kv_heads(value, self.n_heads)
 
     def kv_layer_weight(self, key: str, layer: int) -> Tensor:
         """``W_K`` or ``W_V`` of one layer, grouped-query heads not expanded (see :func:`kv_layer_weight`).

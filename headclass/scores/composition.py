@@ -41,8 +41,8 @@ from torch import Tensor
 
 from headclass.errors import ScoreError
 from headclass.heap import reuse_freed_memory
-from headclass.loading.head_model import HeadModelLike, kv_layer_weight, layer_weight
-from headclass.scores.weights import _f32, _per_head, r_factor
+from headclass.loading.head_model import HeadModelLike, expand_kv_heads, kv_layer_weight, layer_weight
+from headclass.scores.weights import _f32, r_factor
 
 __all__ = ["COMPOSITION_KINDS", "composition_scores", "top_k_composition_partners"]
 
@@ -77,7 +77,7 @@ def _unit(factors: Tensor) -> Tensor:
 def _kv_r_factor(model: HeadModelLike, key: str, layer: int) -> Tensor:
     """``R`` of each key/value head's ``W_K`` or ``W_V``, repeated to its query heads: one QR a
     group (SmolLM2's 9 heads share 3)."""
-    return _per_head(r_factor(kv_layer_weight(model, key, layer)), int(model.n_heads))
+    return expand_kv_heads(r_factor(kv_layer_weight(model, key, layer)), int(model.n_heads))
 
 
 def _left_factor(model: HeadModelLike, layer: int) -> Tensor:

@@ -83,7 +83,13 @@ from torch import Tensor
 from headclass.config import HeadclassConfig, load_config
 from headclass.errors import ProbeError, ScoreError
 from headclass.heap import reuse_freed_memory
-from headclass.loading.head_model import HeadModelLike, kv_layer_weight, layer_weight, query_heads_per_kv_head
+from headclass.loading.head_model import (
+    HeadModelLike,
+    expand_kv_heads,
+    kv_layer_weight,
+    layer_weight,
+    query_heads_per_kv_head,
+)
 from headclass.probes import ordinary_token_ids, token_sample
 from headclass.scores.patterns import ScoreInfo
 
@@ -269,12 +275,6 @@ def _per_group(per_head: Tensor, grouped: Tensor) -> Tensor:
     """``[head, ...]`` -> ``[kv_head, group, ...]``, to meet ``[kv_head, 1, ...]`` factors of
     :func:`~headclass.loading.head_model.kv_layer_weight` (query head ``h`` in group ``h // group``)."""
     return per_head.unflatten(0, (grouped.shape[0], -1))
-
-
-def _per_head(per_group: Tensor, n_heads: int) -> Tensor:
-    """``[kv_head, ...]`` results -> ``[head, ...]``, repeated as grouped-query heads are expanded."""
-    group = query_heads_per_kv_head(n_heads, per_group.shape[0])
-    return per_group if group == 1 else per_group.repeat_interleave(group, dim=0)
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -1295,7 +1295,7 @@ def ov_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
     return torch.stack(
         [
             _svdvals(
-                _per_head(r_factor(kv_layer_weight(model, "W_V", layer)), n_heads),
+                expand_kv_heads(r_factor(kv_layer_weight(model, "W_V", layer)), n_heads),
                 r_factor(layer_weight(model, "W_O", layer).mT),
             )
             for layer in _layers(model, "OV spectra", progress)
@@ -1313,7 +1313,7 @@ def qk_singular_values(model: HeadModelLike, *, progress: bool = False) -> Tenso
         [
             _svdvals(
                 r_factor(layer_weight(model, "W_Q", layer)),
-                _per_head(r_factor(kv_layer_weight(model, "W_K", layer)), n_heads),
+                expand_kv_heads(r_factor(kv_layer_weight(model, "W_K", layer)), n_heads),
             )
             for layer in _layers(model, "QK spectra", progress)
         ]
@@ -1417,7 +1417,7 @@ def ov_svd_scores(
         for layer in range(model.n_layers):  # each layer's weights built once for both
             W_V, W_O = kv_layer_weight(model, "W_V", layer).double(), layer_weight(model, "W_O", layer).double()
             trace[layer] = (W_V[:, None] * _per_group(W_O.mT, W_V)).sum((-2, -1)).flatten()
-            frobenius_sq[layer] = (_per_head(r_factor(W_V), n_heads) @ W_O).pow(2).sum((-2, -1))
+            frobenius_sq[layer] = (expand_kv_heads(r_factor(W_V), n_heads) @ W_O).pow(2).sum((-2, -1))
     rank = (ov.double() > _RANK_RTOL * ov.double().amax(-1, keepdim=True)).sum(-1).double()
     norm = frobenius_sq.sqrt()
     median = norm.quantile(0.5, dim=1, keepdim=True)

@@ -60,10 +60,15 @@ def test_qwen2_patterns_equal_transformers_eager_attention(tiny_qwen2_dir):
 def test_query_heads_share_key_value_heads_in_equal_groups():
     import pytest
 
-    from headclass.loading.head_model import query_heads_per_kv_head
+    from headclass.loading.head_model import expand_kv_heads, query_heads_per_kv_head
 
     assert query_heads_per_kv_head(6, 2) == 3  # tiny Qwen2: heads 0-2 read kv head 0
     assert query_heads_per_kv_head(14, 2) == 7  # Qwen2.5-0.5B
     assert query_heads_per_kv_head(12, 12) == 1  # no grouped-query attention
     with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_key_value_heads=4"):
         query_heads_per_kv_head(6, 4)
+    per_kv = torch.tensor([10, 20])
+    assert expand_kv_heads(per_kv, 6).tolist() == [10, 10, 10, 20, 20, 20]
+    stacked = torch.stack([per_kv, per_kv + 1])  # [layer, kv_head]
+    assert expand_kv_heads(stacked, 6, dim=1).tolist() == [[10, 10, 10, 20, 20, 20], [11, 11, 11, 21, 21, 21]]
+    assert expand_kv_heads(stacked, 2, dim=1) is stacked  # no grouping: no copy
