@@ -35,7 +35,7 @@ def child(alias: str, dtype_name: str) -> dict:
     import torch
 
     import headclass
-    from headclass.loading import _check_backend, _dequantised_folder
+    from headclass.loading import _dequantised_folder
     from headclass.loading.aliases import model_aliases
     from headclass.loading.memory import classify_peak_bytes, load_peak_bytes
 
@@ -44,11 +44,11 @@ def child(alias: str, dtype_name: str) -> dict:
     base = vm_rss()
     reset_hwm()
     start = time.perf_counter()
-    headclass.load_model(alias, dtype=dtype_name)
+    model = headclass.load_model(alias, dtype=dtype_name)
     seconds = time.perf_counter() - start
     peak = vm_hwm() - base
     weights = weight_bytes(folder, dtype_name)
-    backend = _check_backend("auto")
+    backend = model.backend  # the interpreter's default: "bridge" on TransformerLens 4, else "hooked"
     return {
         "model": alias,
         "dtype": dtype_name,
