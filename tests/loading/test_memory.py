@@ -89,7 +89,7 @@ def test_every_stored_dtype_is_sized_as_loading_converts_it(tmp_path):
     assert folder_weight_bytes(tmp_path, torch.bfloat16) == 2 * floating + kept
 
 
-def test_pickled_weights_are_sized_from_the_config_built_on_the_meta_device(tmp_path, monkeypatch):
+def test_pickled_weights_are_sized_from_the_config_built_on_the_meta_device(tmp_path, memory_left, never_loaded):
     """A folder with ``pytorch_model.bin`` only (no header to read) is sized from its config:
     the model built on the meta device, its parameters counted (tied ones once)."""
     from conftest import save_word_tokenizer
@@ -114,13 +114,7 @@ def test_pickled_weights_are_sized_from_the_config_built_on_the_meta_device(tmp_
     assert config_weight_bytes(config, torch.float32) == 4 * stored
     assert config_weight_bytes(config, torch.bfloat16) == 2 * stored
     assert config_weight_bytes(object(), torch.float32) is None  # not a config: not sized
-
-    def never(*args, **kwargs):
-        raise AssertionError("the weights were loaded")
-
-    monkeypatch.delenv("HEADCLASS_MEMORY_CHECK", raising=False)
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * stored - 1)
-    monkeypatch.setattr(loading, "build_tl_model", never)
+    memory_left(4 * stored - 1)
     with pytest.raises(OutOfMemoryError, match=r"model 'pickled' needs 0\.0 GB for its weights in float32 alone"):
         headclass.load_model(tmp_path, name="pickled")
 
@@ -136,14 +130,19 @@ def memory_left(monkeypatch):
     return set_to
 
 
-def test_a_model_larger_than_the_memory_left_is_refused_before_loading(tiny_llama_dir, memory_left, monkeypatch):
-    weights = folder_weight_bytes(tiny_llama_dir, torch.float32)
-    memory_left(weights - 1)
+@pytest.fixture()
+def never_loaded(monkeypatch):
+    """Fail the test if any weight is loaded (the check must refuse first)."""
 
     def never(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(loading, "build_tl_model", never)
+
+
+def test_a_model_larger_than_the_memory_left_is_refused_before_loading(tiny_llama_dir, memory_left, never_loaded):
+    weights = folder_weight_bytes(tiny_llama_dir, torch.float32)
+    memory_left(weights - 1)
     with pytest.raises(OutOfMemoryError) as caught:
         headclass.load_model(tiny_llama_dir, name="tiny")
     message = str(caught.value)
@@ -223,13 +222,8 @@ def test_hookedtransformer_loads_are_sized_for_their_copies(memory_left):
 
 
 @pytest.mark.skipif("hooked" not in loading.available_backends(), reason="HookedTransformer: TransformerLens 2.x/3.x")
-def test_load_model_sizes_a_hooked_load_before_loading(tiny_llama_dir, memory_left, monkeypatch):
+def test_load_model_sizes_a_hooked_load_before_loading(tiny_llama_dir, memory_left, never_loaded):
     weights = folder_weight_bytes(tiny_llama_dir, torch.float32)
-
-    def never(*args, **kwargs):
-        raise AssertionError("the weights were loaded")
-
-    monkeypatch.setattr(loading, "build_tl_model", never)
     memory_left(2 * weights)  # the weights fit twice; HookedTransformer needs 3.8x at least
     with pytest.raises(OutOfMemoryError, match="to load with the 'hooked' backend"):
         headclass.load_model(tiny_llama_dir, backend="hooked", name="tiny")
@@ -402,7 +396,7 @@ def safetensors_head(shapes: dict[str, list[int]]) -> tuple[bytes, int]:
     return struct.pack("<Q", len(raw)) + raw, at
 
 
-def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monkeypatch):
+def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, never_loaded):
     """Qwen2.5-7B's shapes in a sparse file (no disk used): 30.5 GB in float32 on a 24 GB
     machine is refused from the header alone, with bfloat16's 15.2 GB as the way out."""
     qwen7b_config().save_pretrained(tmp_path)
@@ -411,11 +405,6 @@ def test_a_7b_folder_is_refused_in_a_second_not_read(tmp_path, memory_left, monk
         file.write(head)
         file.truncate(len(head) + n_data)  # sparse: the data are holes
     assert 30.4e9 < folder_weight_bytes(tmp_path, torch.float32) < 30.6e9  # Qwen2.5-7B: 7.62 B parameters
-
-    def never(*args, **kwargs):
-        raise AssertionError("the weights were loaded")
-
-    monkeypatch.setattr(loading, "build_tl_model", never)
     memory_left(24_000_000_000)
     with pytest.raises(OutOfMemoryError, match=r"needs 30\.5 GB .* float32 alone.* 24\.0 GB .* bfloat16 \(15\.2 GB"):
         headclass.load_model(tmp_path, name="qwen2.5-7b")
