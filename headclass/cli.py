@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def common(sub: argparse.ArgumentParser, out_help: str) -> None:
+    def model_options(sub: argparse.ArgumentParser) -> None:
+        """The options that say how a model is loaded and classified (every command that loads one)."""
         sub.add_argument("--config", metavar="FILE", help="YAML config (only the keys to change)")
-        sub.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=out_help)
         sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         sub.add_argument(
             "--backend",
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             choices=("float32", "float64", "bfloat16", "float16"),
             help="model precision (default: float32)",
         )
+
+    def common(sub: argparse.ArgumentParser, out_help: str) -> None:
+        model_options(sub)
+        sub.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=out_help)
         sub.add_argument(
             "-q",
             "--quiet",
@@ -185,20 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--out", metavar="FILE.html", default=None, help="write the card and pattern to this HTML file"
     )
-    explain.add_argument("--config", metavar="FILE", help="YAML config (only the keys to change)")
-    explain.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    explain.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "bridge", "hooked"),
-        help="TransformerLens backend (default: auto)",
-    )
-    explain.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "float64", "bfloat16", "float16"),
-        help="model precision (default: float32)",
-    )
+    model_options(explain)
     explain.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
     return parser
 
