@@ -264,6 +264,24 @@ OV_RECIPES: dict[str, Callable] = {
 }
 
 
+def blank_gpt2(config, token_embedding: torch.Tensor, position_embedding: torch.Tensor):
+    """A ``GPT2LMHeadModel`` of ``config`` that does nothing but embed: every weight and bias 0,
+    every LayerNorm gain 1, ``wte`` / ``wpe`` set to ``token_embedding`` ``[vocab, d_model]`` and
+    ``position_embedding`` ``[n_ctx, d_model]``. The planted models write their heads into it."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        for name, param in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                param.fill_(1.0)
+        model.transformer.wte.weight.copy_(token_embedding)
+        model.transformer.wpe.weight.copy_(position_embedding)
+    return model
+
+
 def build_planted_gpt2(
     layout: Sequence[Sequence[str]] = ATTENTION_LAYOUT, *, seed: int = 0, gap: float = GAP, ov_layout=None
 ):
@@ -274,7 +292,7 @@ def build_planted_gpt2(
     for a ``previous_token`` head, nothing otherwise). Returns ``(hf_model, roles)`` with
     ``roles`` mapping each recipe name to the list of ``(layer, head)`` that use it.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
     unknown = {r for layer in layout for r in layer} - set(RECIPES)
     if unknown or any(len(layer) != N_HEADS for layer in layout):
@@ -291,17 +309,10 @@ def build_planted_gpt2(
         n_inner=4 * D_MODEL,
         tie_word_embeddings=True,
     )
-    model = GPT2LMHeadModel(config)
     basis = _Basis(D_MODEL, VOCAB, N_CTX, seed)
+    model = blank_gpt2(config, basis.T, basis.P)
     roles: dict[str, list[tuple[int, int]]] = {}
     with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        for name, param in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                param.fill_(1.0)
-        model.transformer.wte.weight.copy_(basis.T)
-        model.transformer.wpe.weight.copy_(basis.P)
         writers = 0  # unit vectors added to the residual stream by earlier previous-token heads
         for layer, recipes in enumerate(layout):
             # LayerNorm maps a residual of squared norm m to norm sqrt(d_model): components

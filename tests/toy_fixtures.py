@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from planted import blank_gpt2
 
 __all__ = ["GPT2_SMALL_LAYOUT", "planted_gpt2_roles_model", "build_planted_roles"]
 
@@ -110,7 +111,7 @@ def build_planted_roles(layout: Mapping[tuple[int, int], str] = GPT2_SMALL_LAYOU
     Heads not in ``layout`` get recipe ``none``. At most one ``previous_token_writer``, and every
     ``induction`` head must come after it.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
     writers = sorted(pos for pos, recipe in layout.items() if recipe == "previous_token_writer")
     inductions = [pos for pos, recipe in layout.items() if recipe == "induction"]
@@ -127,16 +128,9 @@ def build_planted_roles(layout: Mapping[tuple[int, int], str] = GPT2_SMALL_LAYOU
         eos_token_id=0,
         tie_word_embeddings=True,
     )
-    model = GPT2LMHeadModel(config)
     B = _Basis(seed)
+    model = blank_gpt2(config, B.T, B.P)
     with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        for name, param in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                param.fill_(1.0)
-        model.transformer.wte.weight.copy_(B.T)
-        model.transformer.wpe.weight.copy_(B.P)
         norm_sq = 2.0  # squared norm of every residual vector: T + P, then + PT, ...
         for layer in range(N_LAYERS):
             # LayerNorm scales a residual of squared norm m by c = sqrt(d_model / m): q . k
