@@ -265,6 +265,7 @@ def check_fits(
     name = str(dtype).replace("torch.", "")
     hint = f"try dtype bfloat16 ({weight_bytes / 2e9:.1f} GB of weights)" if dtype == torch.float32 else ""
     least, most = load_peak_bytes(weight_bytes, dtype, backend)
+    hooked = backend == "hooked"  # its load holds several copies: its own refusal and warning
     bridge = (
         f"install TransformerLens >= 4, whose 'bridge' backend holds the weights once ({weight_bytes / 1e9:.1f} GB)"
     )
@@ -274,7 +275,7 @@ def check_fits(
             f"{available / 1e9:.1f} GB of memory is available: {hint + ', ' if hint else ''}free memory "
             f"or use a larger machine ({_SWITCH}=0 skips this check)."
         )
-    if least > weight_bytes and least > available:
+    if hooked and least > available:
         raise OutOfMemoryError(
             f"{what} needs at least {least / 1e9:.1f} GB to load with the 'hooked' backend (HookedTransformer "
             f"holds {HOOKED_LOAD_LEAST}-{HOOKED_LOAD_MOST}x its float32 weights at once while it processes them), "
@@ -282,7 +283,7 @@ def check_fits(
             f"machine ({_SWITCH}=0 skips this check)."
         )
     peak = classify_peak_bytes(weight_bytes)
-    if most > peak:  # HookedTransformer's load, not classify, sets the peak
+    if hooked and most > peak:  # HookedTransformer's load, not classify, sets the peak
         peak, reason, hint = (
             most,
             f"loading it with the 'hooked' backend peaks at up to {HOOKED_LOAD_MOST}x its float32 weights",
