@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def model_options(sub: argparse.ArgumentParser) -> None:
-        """The options that say how a model is loaded and classified (every command that loads one)."""
+        """How the model is loaded and classified: classify, compare and explain (demo and sweep fix their own)."""
         sub.add_argument("--config", metavar="FILE", help="YAML config (only the keys to change)")
         sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         sub.add_argument(
